@@ -1,0 +1,48 @@
+"""The protocol every state store implements; ``tests/contract/test_state_contract.py`` checks it."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from typing import Protocol, runtime_checkable
+
+from corral.model import AttemptRecord, RunRecord, TaskRecord, TaskState
+
+
+@runtime_checkable
+class StateStore(Protocol):
+    """Runs, their tasks and the attempts of each task.
+
+    A store must be safe to read while another process writes (a ``status`` while a run goes on).
+    ``create_run`` raises :class:`corral.errors.StateError` if the run id exists already, so a
+    run is never recorded twice.
+    """
+
+    def create_run(self, run: RunRecord, manifest: bytes, tasks: Sequence[TaskRecord]) -> None: ...
+
+    def get_run(self, run_id: str) -> RunRecord:
+        """The run, or StateError naming the run id and how to list runs."""
+        ...
+
+    def list_runs(self, limit: int = 20) -> list[RunRecord]:
+        """Newest first."""
+        ...
+
+    def save_run(self, run: RunRecord) -> None: ...
+
+    def load_manifest(self, run_id: str) -> bytes: ...
+
+    def get_tasks(self, run_id: str, states: Iterable[TaskState] | None = None) -> list[TaskRecord]: ...
+
+    def save_tasks(self, tasks: Sequence[TaskRecord]) -> None:
+        """Upsert whole task records, in as few writes as the store allows."""
+        ...
+
+    def save_attempt(self, attempt: AttemptRecord) -> None:
+        """Insert or replace the attempt (run_id, task_id, attempt)."""
+        ...
+
+    def get_attempts(self, run_id: str, task_id: str) -> list[AttemptRecord]:
+        """Oldest first."""
+        ...
+
+    def close(self) -> None: ...

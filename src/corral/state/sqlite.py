@@ -1,0 +1,249 @@
+"""SQLite state store: one file under ``CORRAL_HOME``, WAL mode, safe to read while a run writes."""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import zlib
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+from corral.errors import StateError
+from corral.model import AttemptRecord, RunRecord, RunState, TaskRecord, TaskState, now
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS runs (
+    run_id TEXT PRIMARY KEY,
+    workflow_name TEXT NOT NULL,
+    backend TEXT NOT NULL,
+    created_at REAL NOT NULL,
+    updated_at REAL NOT NULL,
+    state TEXT NOT NULL,
+    workflow_path TEXT NOT NULL,
+    base_dir TEXT NOT NULL,
+    host TEXT NOT NULL,
+    pid INTEGER,
+    options TEXT NOT NULL,
+    manifest BLOB NOT NULL
+);
+CREATE TABLE IF NOT EXISTS tasks (
+    run_id TEXT NOT NULL,
+    task_id TEXT NOT NULL,
+    stage TEXT NOT NULL,
+    item_key TEXT NOT NULL,
+    item_index INTEGER,
+    state TEXT NOT NULL,
+    attempts INTEGER NOT NULL,
+    exit_code INTEGER,
+    reason TEXT NOT NULL,
+    started_at REAL,
+    ended_at REAL,
+    external_id TEXT NOT NULL,
+    instance_type TEXT NOT NULL,
+    ord INTEGER NOT NULL,
+    PRIMARY KEY (run_id, task_id)
+);
+CREATE INDEX IF NOT EXISTS tasks_by_run ON tasks (run_id, ord);
+CREATE TABLE IF NOT EXISTS attempts (
+    run_id TEXT NOT NULL,
+    task_id TEXT NOT NULL,
+    attempt INTEGER NOT NULL,
+    state TEXT NOT NULL,
+    exit_code INTEGER,
+    reason TEXT NOT NULL,
+    started_at REAL,
+    ended_at REAL,
+    stdout TEXT NOT NULL,
+    stderr TEXT NOT NULL,
+    external_id TEXT NOT NULL,
+    host TEXT NOT NULL,
+    pid INTEGER,
+    instance_type TEXT NOT NULL,
+    PRIMARY KEY (run_id, task_id, attempt)
+);
+"""
+
+_TASK_COLS = (
+    "run_id, task_id, stage, item_key, item_index, state, attempts, exit_code, reason, "
+    "started_at, ended_at, external_id, instance_type"
+)
+_ATTEMPT_COLS = (
+    "run_id, task_id, attempt, state, exit_code, reason, started_at, ended_at, stdout, stderr, "
+    "external_id, host, pid, instance_type"
+)
+_RUN_COLS = "run_id, workflow_name, backend, created_at, updated_at, state, workflow_path, base_dir, host, pid, options"
+
+
+class SqliteStore:
+    """The local state store. One connection per instance; open one per process."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._db = sqlite3.connect(str(self.path), timeout=30.0, isolation_level=None)
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA synchronous=NORMAL")
+            self._db.execute("PRAGMA busy_timeout=30000")
+            self._db.executescript(SCHEMA)
+        except (sqlite3.Error, OSError) as exc:
+            raise StateError(
+                f"cannot open the state database {self.path}: {exc}",
+                "check that CORRAL_HOME points to a writable folder",
+            ) from exc
+
+    # -- runs ---------------------------------------------------------------------------------
+    def create_run(self, run: RunRecord, manifest: bytes, tasks: Sequence[TaskRecord]) -> None:
+        with self._tx():
+            exists = self._db.execute("SELECT 1 FROM runs WHERE run_id=?", (run.run_id,)).fetchone()
+            if exists:
+                raise StateError(f"run {run.run_id} exists already", "use `corral resume` to go on with it")
+            self._db.execute(
+                f"INSERT INTO runs ({_RUN_COLS}, manifest) VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
+                (*_run_row(run), zlib.compress(manifest)),
+            )
+            self._db.executemany(
+                f"INSERT INTO tasks ({_TASK_COLS}, ord) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+                [(*_task_row(t), i) for i, t in enumerate(tasks)],
+            )
+
+    def get_run(self, run_id: str) -> RunRecord:
+        row = self._db.execute(f"SELECT {_RUN_COLS} FROM runs WHERE run_id=?", (run_id,)).fetchone()
+        if row is None:
+            raise StateError(f"no run {run_id!r} in {self.path}", "`corral status --all` lists the runs")
+        return _run_from_row(row)
+
+    def list_runs(self, limit: int = 20) -> list[RunRecord]:
+        rows = self._db.execute(
+            f"SELECT {_RUN_COLS} FROM runs ORDER BY created_at DESC, run_id DESC LIMIT ?", (limit,)
+        ).fetchall()
+        return [_run_from_row(r) for r in rows]
+
+    def save_run(self, run: RunRecord) -> None:
+        run = run.replace(updated_at=now())
+        with self._tx():
+            cur = self._db.execute(
+                "UPDATE runs SET workflow_name=?, backend=?, created_at=?, updated_at=?, state=?, "
+                "workflow_path=?, base_dir=?, host=?, pid=?, options=? WHERE run_id=?",
+                (*_run_row(run)[1:], run.run_id),
+            )
+            if cur.rowcount == 0:
+                raise StateError(f"no run {run.run_id!r} to update", "create the run first")
+
+    def load_manifest(self, run_id: str) -> bytes:
+        row = self._db.execute("SELECT manifest FROM runs WHERE run_id=?", (run_id,)).fetchone()
+        if row is None:
+            raise StateError(f"no run {run_id!r} in {self.path}", "`corral status --all` lists the runs")
+        return zlib.decompress(row[0])
+
+    # -- tasks --------------------------------------------------------------------------------
+    def get_tasks(self, run_id: str, states: Iterable[TaskState] | None = None) -> list[TaskRecord]:
+        sql = f"SELECT {_TASK_COLS} FROM tasks WHERE run_id=?"
+        args: list[Any] = [run_id]
+        if states is not None:
+            wanted = [TaskState(s).value for s in states]
+            sql += f" AND state IN ({','.join('?' * len(wanted))})"
+            args += wanted
+        rows = self._db.execute(sql + " ORDER BY ord", args).fetchall()
+        return [_task_from_row(r) for r in rows]
+
+    def save_tasks(self, tasks: Sequence[TaskRecord]) -> None:
+        if not tasks:
+            return
+        with self._tx():
+            self._db.executemany(
+                "UPDATE tasks SET state=?, attempts=?, exit_code=?, reason=?, started_at=?, ended_at=?, "
+                "external_id=?, instance_type=? WHERE run_id=? AND task_id=?",
+                [
+                    (
+                        t.state.value, t.attempts, t.exit_code, t.reason, t.started_at, t.ended_at,
+                        t.external_id, t.instance_type, t.run_id, t.task_id,
+                    )
+                    for t in tasks
+                ],
+            )
+
+    # -- attempts -----------------------------------------------------------------------------
+    def save_attempt(self, attempt: AttemptRecord) -> None:
+        with self._tx():
+            self._db.execute(
+                f"INSERT OR REPLACE INTO attempts ({_ATTEMPT_COLS}) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+                _attempt_row(attempt),
+            )
+
+    def get_attempts(self, run_id: str, task_id: str) -> list[AttemptRecord]:
+        rows = self._db.execute(
+            f"SELECT {_ATTEMPT_COLS} FROM attempts WHERE run_id=? AND task_id=? ORDER BY attempt",
+            (run_id, task_id),
+        ).fetchall()
+        return [_attempt_from_row(r) for r in rows]
+
+    def integrity_ok(self) -> bool:
+        return self._db.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+
+    def close(self) -> None:
+        self._db.close()
+
+    # -- helpers ------------------------------------------------------------------------------
+    def _tx(self) -> _Transaction:
+        return _Transaction(self._db)
+
+
+class _Transaction:
+    def __init__(self, db: sqlite3.Connection) -> None:
+        self.db = db
+
+    def __enter__(self) -> None:
+        self.db.execute("BEGIN IMMEDIATE")
+
+    def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
+        if exc_type is None:
+            self.db.execute("COMMIT")
+        else:
+            self.db.execute("ROLLBACK")
+
+
+def _run_row(r: RunRecord) -> tuple[Any, ...]:
+    return (
+        r.run_id, r.workflow_name, r.backend, r.created_at, r.updated_at or r.created_at, r.state.value,
+        r.workflow_path, r.base_dir, r.host, r.pid, json.dumps(r.options, sort_keys=True),
+    )
+
+
+def _run_from_row(row: tuple[Any, ...]) -> RunRecord:
+    return RunRecord(
+        run_id=row[0], workflow_name=row[1], backend=row[2], created_at=row[3], updated_at=row[4],
+        state=RunState(row[5]), workflow_path=row[6], base_dir=row[7], host=row[8], pid=row[9],
+        options=json.loads(row[10]),
+    )
+
+
+def _task_row(t: TaskRecord) -> tuple[Any, ...]:
+    return (
+        t.run_id, t.task_id, t.stage, t.item_key, t.item_index, t.state.value, t.attempts, t.exit_code,
+        t.reason, t.started_at, t.ended_at, t.external_id, t.instance_type,
+    )
+
+
+def _task_from_row(row: tuple[Any, ...]) -> TaskRecord:
+    return TaskRecord(
+        run_id=row[0], task_id=row[1], stage=row[2], item_key=row[3], item_index=row[4],
+        state=TaskState(row[5]), attempts=row[6], exit_code=row[7], reason=row[8], started_at=row[9],
+        ended_at=row[10], external_id=row[11], instance_type=row[12],
+    )
+
+
+def _attempt_row(a: AttemptRecord) -> tuple[Any, ...]:
+    return (
+        a.run_id, a.task_id, a.attempt, a.state.value, a.exit_code, a.reason, a.started_at, a.ended_at,
+        a.stdout, a.stderr, a.external_id, a.host, a.pid, a.instance_type,
+    )
+
+
+def _attempt_from_row(row: tuple[Any, ...]) -> AttemptRecord:
+    return AttemptRecord(
+        run_id=row[0], task_id=row[1], attempt=row[2], state=TaskState(row[3]), exit_code=row[4],
+        reason=row[5], started_at=row[6], ended_at=row[7], stdout=row[8], stderr=row[9],
+        external_id=row[10], host=row[11], pid=row[12], instance_type=row[13],
+    )

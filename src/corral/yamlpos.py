@@ -1,0 +1,108 @@
+"""YAML loading that remembers where every key and value came from (line and column)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from corral.errors import SpecError
+
+Path_ = tuple[str | int, ...]
+
+
+@dataclass
+class Located:
+    """A YAML document as plain Python data, plus the position of each path in it."""
+
+    data: Any
+    source: str
+    positions: dict[Path_, tuple[int, int]] = field(default_factory=dict)
+
+    def where(self, path: Path_) -> str:
+        """``file:line:col`` of the closest known position to ``path`` (1-based)."""
+        p = tuple(path)
+        while p and p not in self.positions:
+            p = p[:-1]
+        line, col = self.positions.get(p, (1, 1))
+        return f"{self.source}:{line}:{col}"
+
+
+def load_text(text: str, source: str) -> Located:
+    """Parse one YAML document; syntax errors become SpecError naming file:line:col."""
+    if "\x00" in text:
+        raise SpecError("the file is binary, not YAML", "give the path of a workflow YAML file", where=source)
+    loader = yaml.SafeLoader(text)
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            raise SpecError(
+                "the file is empty", "a workflow needs at least `name`, `items` and `stages`", where=source
+            )
+        located = Located(data=None, source=source)
+        located.data = _build(loader, node, (), located.positions, source)
+        return located
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark or exc.context_mark
+        where = f"{source}:{mark.line + 1}:{mark.column + 1}" if mark else source
+        problem = exc.problem or exc.context or "invalid YAML"
+        raise SpecError(
+            f"YAML syntax error: {problem}", "check indentation, colons and quotes near that place", where=where
+        ) from None
+    except yaml.YAMLError as exc:
+        raise SpecError(f"YAML error: {exc}".splitlines()[0], "check the file's syntax", where=source) from None
+    except RecursionError:
+        raise SpecError("the YAML nests too deeply", "simplify the file", where=source) from None
+    finally:
+        loader.dispose()
+
+
+def load_file(path: str | Path) -> Located:
+    p = Path(path)
+    try:
+        raw = p.read_bytes()
+    except FileNotFoundError:
+        raise SpecError(f"no such file: {p}", "check the path of the workflow file") from None
+    except IsADirectoryError:
+        raise SpecError(f"{p} is a folder, not a workflow file", "give the path of a .yaml file") from None
+    except OSError as exc:
+        raise SpecError(f"cannot read {p}: {exc.strerror}", "check the file's permissions") from None
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        raise SpecError(
+            "the file is not UTF-8 text", "save the workflow as UTF-8 YAML", where=str(p)
+        ) from None
+    return load_text(text, str(p))
+
+
+def _build(
+    loader: yaml.SafeLoader, node: yaml.Node, path: Path_, pos: dict[Path_, tuple[int, int]], source: str
+) -> Any:
+    pos[path] = (node.start_mark.line + 1, node.start_mark.column + 1)
+    if isinstance(node, yaml.MappingNode):
+        loader.flatten_mapping(node)  # resolve `<<: *anchor` merges
+        out: dict[Any, Any] = {}
+        for key_node, value_node in node.value:
+            key = _build(loader, key_node, path + ("<key>",), {}, source)
+            if isinstance(key, (dict, list)):
+                raise SpecError(
+                    "a mapping key must be a plain value",
+                    "write keys as plain words",
+                    where=f"{source}:{key_node.start_mark.line + 1}:{key_node.start_mark.column + 1}",
+                )
+            if key in out:
+                raise SpecError(
+                    f"duplicate key {key!r}",
+                    "each key may appear once in a mapping; remove or merge the repeats",
+                    where=f"{source}:{key_node.start_mark.line + 1}:{key_node.start_mark.column + 1}",
+                )
+            child = path + (key if isinstance(key, (str, int)) else str(key),)
+            out[key] = _build(loader, value_node, child, pos, source)
+            pos[child] = (key_node.start_mark.line + 1, key_node.start_mark.column + 1)
+        return out
+    if isinstance(node, yaml.SequenceNode):
+        return [_build(loader, child, path + (i,), pos, source) for i, child in enumerate(node.value)]
+    return loader.construct_object(node, deep=True)
