@@ -1,0 +1,1 @@
+"""Backends run a plan's tasks somewhere: ``local`` (default) or ``aws`` (AWS Batch)."""
