@@ -59,6 +59,9 @@ class Backend(Protocol):
 
     def cancel(self, run: RunRecord, store: StateStore) -> None: ...
 
-    def logs(self, run: RunRecord, task: TaskRecord, attempt: int | None, follow: bool) -> Iterator[str]:
-        """Lines of the task's output (last attempt unless ``attempt`` is given)."""
+    def logs(
+        self, run: RunRecord, store: StateStore, task: TaskRecord, attempt: int | None, follow: bool
+    ) -> Iterator[str]:
+        """Lines of the task's output (last attempt unless ``attempt`` is given); ``follow``
+        keeps reading until the task reaches a terminal state."""
         ...

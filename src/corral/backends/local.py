@@ -1,0 +1,665 @@
+"""The embedded default backend: a scheduler over host processes (or containers) on this machine.
+
+One scheduler process per run. It starts ready tasks while their ``vcpus``/``memory`` fit the
+machine (and ``--max-parallel``), waits on child exits with pidfds (no polling), records every
+transition in the state store, retries failures, enforces timeouts and explicit memory limits by
+killing the task's whole process group, and fails only what depends on a failed task.
+
+Crash safety: each attempt's pid is recorded when it starts. If the scheduler is killed
+(``kill -9``), ``resume`` kills any orphaned attempt still running, then runs exactly the tasks
+that have not succeeded. Ctrl-C / SIGTERM cancel cleanly: children are killed, states recorded.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import selectors
+import signal
+import socket
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from corral import storage
+from corral.backends.base import RunOptions
+from corral.backends.runtime import container_argv, detect_engine, require_engine
+from corral.errors import BackendError, UsageError
+from corral.model import AttemptRecord, RunRecord, RunState, TaskRecord, TaskState, now
+from corral.plan import Plan, Task
+from corral.state.base import StateStore
+
+KILL_GRACE_S = 5.0
+PROGRESS_EVERY_S = 0.1
+
+
+def machine_vcpus() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover - not Linux
+        return os.cpu_count() or 1
+
+
+def machine_memory_mib() -> int:
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 2**20
+    except (ValueError, OSError, AttributeError):  # pragma: no cover
+        return 8192
+
+
+def run_dir(home: Path, run_id: str) -> Path:
+    return home / "runs" / run_id
+
+
+def workspace_dir(home: Path, run_id: str) -> Path:
+    return run_dir(home, run_id) / "workspace"
+
+
+def process_alive(pid: int | None) -> bool:
+    if not pid:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _proc_has_env(pid: int, needle: bytes) -> bool:
+    try:
+        return needle in Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+    except OSError:
+        return False
+
+
+def group_rss_mib(pgid: int) -> int:
+    """Resident memory of every process in a process group (Linux /proc)."""
+    total = 0
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = Path(entry.path, "stat").read_text()
+            fields = stat[stat.rindex(")") + 2 :].split()
+            if int(fields[2]) == pgid:  # field 5 (pgrp), 0-based after the comm
+                total += int(fields[21]) * os.sysconf("SC_PAGE_SIZE")  # field 24: rss in pages
+        except (OSError, ValueError, IndexError):
+            continue
+    return total // 2**20
+
+
+@dataclass
+class _Running:
+    task: Task
+    record: TaskRecord
+    attempt: AttemptRecord
+    pid: int
+    pidfd: int | None
+    proc: object  # subprocess.Popen
+    deadline: float | None
+    memory_limit_mib: int | None
+    container_name: str | None = None
+    kill_reason: str = ""
+    kill_at: float | None = None  # when to escalate SIGTERM -> SIGKILL
+    outs: list[object] = field(default_factory=list)
+
+
+class LocalBackend:
+    """Runs a plan on this machine; see the module docstring."""
+
+    name = "local"
+
+    def __init__(
+        self,
+        home: Path,
+        *,
+        vcpus: int | None = None,
+        memory_mib: int | None = None,
+        log: object = None,
+    ) -> None:
+        self.home = Path(home)
+        self.vcpus = vcpus or machine_vcpus()
+        self.memory_mib = memory_mib or machine_memory_mib()
+        self._say = log or (lambda msg: print(msg, file=sys.stderr))
+        self._said: set[str] = set()
+
+    # -- Backend protocol ---------------------------------------------------------------------
+    def check(self, plan: Plan) -> None:
+        for s in plan.workflow.stages:
+            r = s.resources
+            if r.vcpus > self.vcpus:
+                self._note(
+                    f"stage {s.name!r} asks for {r.vcpus:g} vCPUs; this machine has {self.vcpus}: "
+                    "it will run with all of them"
+                )
+            if r.memory > self.memory_mib:
+                self._note(
+                    f"stage {s.name!r} asks for {r.memory} MiB; this machine has {self.memory_mib} MiB: "
+                    "it will run when the machine is otherwise idle"
+                )
+            if r.gpus:
+                self._note(f"stage {s.name!r} asks for {r.gpus} GPU(s): the local backend does not reserve GPUs")
+
+    def start(self, plan: Plan, run: RunRecord, store: StateStore, options: RunOptions) -> None:
+        self._execute(plan, run, store, options)
+
+    def resume(self, plan: Plan, run: RunRecord, store: StateStore, options: RunOptions) -> None:
+        if run.pid and run.pid != os.getpid() and run.host == socket.gethostname() and process_alive(run.pid):
+            if run.state == RunState.RUNNING and _proc_has_env(run.pid, f"CORRAL_SCHEDULER={run.run_id}".encode()):
+                raise UsageError(
+                    f"run {run.run_id} is still running (scheduler pid {run.pid})",
+                    f"wait for it, or stop it with `corral cancel {run.run_id}`",
+                )
+        self._reap_orphans(run, store)
+        tasks = store.get_tasks(run.run_id)
+        reset = []
+        for t in tasks:
+            if not t.state.ok:
+                reset.append(t.replace(state=TaskState.PENDING, reason="", exit_code=None, ended_at=None))
+        store.save_tasks(reset)
+        self._execute(plan, run, store, options, first_attempts={t.task_id: t.attempts for t in tasks})
+
+    def refresh(self, run: RunRecord, store: StateStore) -> list[TaskRecord]:
+        """The store is the truth locally; a run whose scheduler died is marked INTERRUPTED."""
+        if run.state == RunState.RUNNING and run.host == socket.gethostname() and not process_alive(run.pid):
+            store.save_run(run.replace(state=RunState.INTERRUPTED, pid=None))
+        return store.get_tasks(run.run_id)
+
+    def cancel(self, run: RunRecord, store: StateStore) -> None:
+        if run.state == RunState.RUNNING and process_alive(run.pid) and run.host == socket.gethostname():
+            if _proc_has_env(run.pid, f"CORRAL_SCHEDULER={run.run_id}".encode()):
+                os.kill(run.pid, signal.SIGTERM)  # the scheduler kills its children and records the states
+                deadline = time.monotonic() + 3 * KILL_GRACE_S
+                while process_alive(run.pid) and time.monotonic() < deadline:
+                    _wait_exit(run.pid, 0.2)
+                if not process_alive(run.pid):
+                    return
+        # No live scheduler: record the cancellation ourselves.
+        self._reap_orphans(run, store)
+        changed = [
+            t.replace(state=TaskState.CANCELLED, reason="cancelled", ended_at=t.ended_at or now())
+            for t in store.get_tasks(run.run_id)
+            if not t.state.terminal
+        ]
+        store.save_tasks(changed)
+        store.save_run(store.get_run(run.run_id).replace(state=RunState.CANCELLED, pid=None))
+
+    def logs(
+        self, run: RunRecord, store: StateStore, task: TaskRecord, attempt: int | None, follow: bool
+    ) -> Iterator[str]:
+        attempts = store.get_attempts(run.run_id, task.task_id)
+        if not attempts:
+            yield f"(task {task.label} has not started yet: {task.state.value})"
+            return
+        chosen = attempts[-1] if attempt is None else next((a for a in attempts if a.attempt == attempt), None)
+        if chosen is None:
+            raise UsageError(
+                f"task {task.label} has no attempt {attempt}",
+                f"it has attempts 1..{attempts[-1].attempt}",
+            )
+        for stream, path in (("stdout", chosen.stdout), ("stderr", chosen.stderr)):
+            yield f"==> {stream} of {task.label}, attempt {chosen.attempt} ({path}) <=="
+            try:
+                with open(path, errors="replace") as fh:
+                    yield from (line.rstrip("\n") for line in fh)
+            except OSError:
+                yield "(no output file)"
+        if follow:
+            yield from self._follow(run, store, task, chosen)
+
+    def _follow(self, run: RunRecord, store: StateStore, task: TaskRecord, attempt: AttemptRecord) -> Iterator[str]:
+        """Follow the attempt's stdout until the task ends (bounded backoff between reads)."""
+        pos = os.path.getsize(attempt.stdout) if os.path.exists(attempt.stdout) else 0
+        delay = 0.1
+        while True:
+            rec = next(t for t in store.get_tasks(run.run_id) if t.task_id == task.task_id)
+            with contextlib.suppress(OSError), open(attempt.stdout, errors="replace") as fh:
+                fh.seek(pos)
+                chunk = fh.read()
+                pos = fh.tell()
+                if chunk:
+                    delay = 0.1
+                    yield from chunk.rstrip("\n").split("\n")
+            if rec.state.terminal or rec.attempts != attempt.attempt:
+                return
+            if attempt.pid:
+                _wait_exit(attempt.pid, delay)
+            delay = min(delay * 2, 2.0)
+
+    # -- internals ----------------------------------------------------------------------------
+    def _note(self, msg: str) -> None:
+        if msg not in self._said:
+            self._said.add(msg)
+            self._say(f"note: {msg}")
+
+    def _reap_orphans(self, run: RunRecord, store: StateStore) -> None:
+        """Kill attempts left running by a dead scheduler and record them as interrupted."""
+        for t in store.get_tasks(run.run_id, [TaskState.RUNNING, TaskState.SUBMITTED]):
+            for a in store.get_attempts(run.run_id, t.task_id):
+                if a.state != TaskState.RUNNING:
+                    continue
+                if a.pid and _proc_has_env(a.pid, f"CORRAL_TASK_ID={t.task_id}".encode()):
+                    with contextlib.suppress(ProcessLookupError, PermissionError):
+                        os.killpg(a.pid, signal.SIGKILL)
+                store.save_attempt(
+                    a.replace(state=TaskState.FAILED, reason="interrupted: the scheduler stopped", ended_at=now())
+                )
+            store.save_tasks([t.replace(state=TaskState.PENDING, reason="interrupted")])
+
+    def _execute(
+        self,
+        plan: Plan,
+        run: RunRecord,
+        store: StateStore,
+        options: RunOptions,
+        first_attempts: dict[str, int] | None = None,
+    ) -> None:
+        Scheduler(self, plan, run, store, options, first_attempts or {}).run()
+
+
+def _wait_exit(pid: int, timeout: float) -> None:
+    try:
+        fd = os.pidfd_open(pid)
+    except (OSError, AttributeError):
+        time.sleep(min(timeout, 0.05))  # bounded poll where pidfds are unavailable
+        return
+    try:
+        sel = selectors.DefaultSelector()
+        sel.register(fd, selectors.EVENT_READ)
+        sel.select(timeout)
+        sel.close()
+    finally:
+        os.close(fd)
+
+
+class Scheduler:
+    """One run's event loop; see LocalBackend."""
+
+    def __init__(
+        self,
+        backend: LocalBackend,
+        plan: Plan,
+        run: RunRecord,
+        store: StateStore,
+        options: RunOptions,
+        first_attempts: dict[str, int],
+    ) -> None:
+        self.b = backend
+        self.plan = plan
+        self.run_rec = run
+        self.store = store
+        self.options = options
+        self.workdir = workspace_dir(backend.home, run.run_id)
+        self.logdir = run_dir(backend.home, run.run_id) / "logs"
+        self.records = {t.task_id: t for t in store.get_tasks(run.run_id)}
+        self.attempts_before = first_attempts  # attempts made before this (re)start
+        self.running: dict[int, _Running] = {}  # by pid
+        self.sel = selectors.DefaultSelector()
+        self.cancelled = False
+        self.free_vcpus = float(backend.vcpus)
+        self.free_mem = backend.memory_mib
+        self.max_parallel = options.max_parallel or backend.vcpus
+        self.dependents = plan.dependents()
+        self.last_progress = 0.0
+        self.requeue: list[str] = []  # failed tasks with retries left
+        self.reserved: dict[int, tuple[float, int]] = {}  # pid -> (vcpus, memory) held
+        self.use_engine = None
+        if options.runtime == "container":
+            self.use_engine = require_engine()
+        elif options.runtime == "auto" and any(s.image for s in plan.workflow.stages):
+            engine, why = detect_engine()
+            self.use_engine = engine
+            if engine is None:
+                backend._note(f"no container engine answered ({why}): stages with an image run on the host")
+
+    # -- main loop ----------------------------------------------------------------------------
+    def run(self) -> None:
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.logdir.mkdir(parents=True, exist_ok=True)
+        os.environ["CORRAL_SCHEDULER"] = self.run_rec.run_id  # lets cancel/resume recognise us
+        self.store.save_run(
+            self.run_rec.replace(state=RunState.RUNNING, pid=os.getpid(), host=socket.gethostname())
+        )
+        rfd, wfd = os.pipe()
+        os.set_blocking(wfd, False)
+        os.set_blocking(rfd, False)
+        self.sel.register(rfd, selectors.EVENT_READ, "signal")
+        old_wakeup = signal.set_wakeup_fd(wfd, warn_on_full_buffer=False)
+        old_handlers = {s: signal.signal(s, self._on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            self._loop(rfd)
+        finally:
+            for s, h in old_handlers.items():
+                signal.signal(s, h)
+            signal.set_wakeup_fd(old_wakeup)
+            os.close(rfd)
+            os.close(wfd)
+            self.sel.close()
+            os.environ.pop("CORRAL_SCHEDULER", None)
+        tasks = list(self.records.values())
+        if self.cancelled:
+            state = RunState.CANCELLED
+        elif all(t.state.ok for t in tasks):
+            state = RunState.SUCCEEDED
+        else:
+            state = RunState.FAILED
+        self.store.save_run(self.store.get_run(self.run_rec.run_id).replace(state=state, pid=None))
+        self._progress(force=True)
+
+    def _on_signal(self, signum: int, frame: object) -> None:
+        self.cancelled = True
+
+    def _loop(self, rfd: int) -> None:
+        order = [t.id for t in self.plan.tasks]
+        waiting = [tid for tid in order if not self.records[tid].state.terminal]
+        while True:
+            if self.cancelled:
+                self._cancel_all(waiting)
+                waiting = []
+            if self.requeue:
+                waiting.extend(self.requeue)
+                self.requeue.clear()
+            waiting = self._launch_ready(waiting)
+            if self.requeue:  # an attempt failed to start and may retry at once
+                continue
+            if not self.running:
+                if waiting:
+                    raise BackendError(
+                        f"{len(waiting)} task(s) can never start on this machine",
+                        "lower their resources or raise --max-parallel",
+                    )
+                break
+            self._progress()
+            timeout = self._next_timeout()
+            for key, _ in self.sel.select(timeout):
+                if key.data == "signal":
+                    with contextlib.suppress(BlockingIOError):
+                        os.read(rfd, 512)
+                    continue
+                self._reap(key.data)
+            if not _HAS_PIDFD:
+                for pid in list(self.running):
+                    self._reap(pid)
+            self._enforce_limits()
+
+    def _next_timeout(self) -> float:
+        t = now()
+        candidates = [1.0 if any(r.memory_limit_mib for r in self.running.values()) else 30.0]
+        for r in self.running.values():
+            if r.kill_at is not None:
+                candidates.append(r.kill_at - t)
+            elif r.deadline is not None:
+                candidates.append(r.deadline - t)
+        if not _HAS_PIDFD:
+            candidates.append(0.05)
+        return max(0.0, min(candidates))
+
+    # -- launching ----------------------------------------------------------------------------
+    def _launch_ready(self, waiting: list[str]) -> list[str]:
+        still: list[str] = []
+        changed: list[TaskRecord] = []
+        for tid in waiting:
+            task = self.plan.by_id[tid]
+            rec = self.records[tid]
+            needs = [self.records[d].state for d in task.needs]
+            if task.always:
+                if not all(s.terminal for s in needs):
+                    still.append(tid)
+                    continue
+            elif any(s.terminal and not s.ok for s in needs):
+                rec = rec.replace(
+                    state=TaskState.UPSTREAM_FAILED, reason="a task it needs did not succeed", ended_at=now()
+                )
+                self.records[tid] = rec
+                changed.append(rec)
+                continue
+            elif not all(s.ok for s in needs):
+                still.append(tid)
+                continue
+            if task.stage.outputs and not self.options.force and storage.outputs_exist(
+                task.paths("outputs", self.run_rec.run_id, str(self.workdir)),
+                task.paths("inputs", self.run_rec.run_id, str(self.workdir)),
+                run_id=self.run_rec.run_id, workdir=str(self.workdir), base_dir=self.plan.workflow.base_dir,
+            ):
+                rec = rec.replace(state=TaskState.SKIPPED, reason="outputs exist", ended_at=now())
+                self.records[tid] = rec
+                changed.append(rec)
+                continue
+            vcpus = min(task.stage.resources.vcpus, float(self.b.vcpus))
+            mem = min(task.stage.resources.memory, self.b.memory_mib)
+            fits = self.free_vcpus >= vcpus - 1e-9 and self.free_mem >= mem
+            if len(self.running) >= self.max_parallel or not (fits or not self.running):
+                still.append(tid)
+                continue
+            self._spawn(task, vcpus, mem)
+        self.store.save_tasks(changed)
+        return still
+
+    def _spawn(self, task: Task, vcpus: float, mem: int) -> None:
+        import subprocess
+
+        run_id = self.run_rec.run_id
+        rec = self.records[task.id]
+        number = rec.attempts + 1
+        base = self.logdir / task.stage.name / f"{task.key}.{task.id[:8]}.{number}"
+        base.parent.mkdir(parents=True, exist_ok=True)
+        out_path, err_path = f"{base}.out", f"{base}.err"
+        workdir = str(self.workdir)
+        env = dict(os.environ)
+        env.pop("CORRAL_SCHEDULER", None)
+        task_env = task.env(run_id, workdir)
+        secret_env = self._secrets(task)
+        env.update(task_env)
+        env.update(secret_env)
+        if task.stage.kind == "transfer":
+            argv, extra = storage.transfer_argv(
+                _render(task, task.stage.source or "", run_id, workdir),
+                _render(task, task.stage.dest or "", run_id, workdir),
+                mode=task.stage.mode, filters=task.stage.filters, run_id=run_id, workdir=workdir,
+                base_dir=self.plan.workflow.base_dir,
+            )
+            env.update(extra)
+        elif task.stage.kind == "cleanup" and task.stage.command is None:
+            argv = [sys.executable, "-c", "import shutil,sys; shutil.rmtree(sys.argv[1], ignore_errors=True)", workdir]
+        else:
+            argv = task.command(run_id, workdir)
+        container_name = None
+        if self.use_engine is not None and task.stage.image and task.stage.kind == "command":
+            container_name = f"corral-{task.id}-{number}"
+            argv = container_argv(
+                self.use_engine, name=container_name, image=task.stage.image, argv=argv,
+                env_names=sorted({*task_env, *secret_env}),
+                mounts=[workdir, str(self.plan.workflow.base_dir)], cwd=str(self.plan.workflow.base_dir),
+                vcpus=vcpus, memory_mib=mem if "memory" in task.stage.resources.model_fields_set else None,
+                gpus=task.stage.resources.gpus,
+            )
+        started = now()
+        out = open(out_path, "wb")  # noqa: SIM115 - closed when the attempt ends
+        err = open(err_path, "wb")  # noqa: SIM115
+        try:
+            proc = subprocess.Popen(
+                argv, cwd=str(self.plan.workflow.base_dir), env=env, stdin=subprocess.DEVNULL,
+                stdout=out, stderr=err, start_new_session=True,
+            )
+        except OSError as exc:
+            out.close()
+            err.close()
+            Path(err_path).write_text(f"corral: cannot start {argv[0]!r}: {exc.strerror}\n")
+            attempt = AttemptRecord(
+                run_id=run_id, task_id=task.id, attempt=number, state=TaskState.FAILED, exit_code=127,
+                reason=f"cannot start {argv[0]!r}: {exc.strerror}", started_at=started, ended_at=now(),
+                stdout=out_path, stderr=err_path, host=socket.gethostname(),
+            )
+            self.store.save_attempt(attempt)
+            self._finish(task, rec.replace(attempts=number, started_at=rec.started_at or started), attempt)
+            return
+        pidfd = None
+        if _HAS_PIDFD:
+            try:
+                pidfd = os.pidfd_open(proc.pid)
+                self.sel.register(pidfd, selectors.EVENT_READ, proc.pid)
+            except OSError:
+                pidfd = None
+        attempt = AttemptRecord(
+            run_id=run_id, task_id=task.id, attempt=number, state=TaskState.RUNNING, started_at=started,
+            stdout=out_path, stderr=err_path, host=socket.gethostname(), pid=proc.pid,
+        )
+        rec = rec.replace(
+            state=TaskState.RUNNING, attempts=number, started_at=rec.started_at or started, reason="",
+            exit_code=None, ended_at=None,
+        )
+        self.records[task.id] = rec
+        self.store.save_attempt(attempt)
+        self.store.save_tasks([rec])
+        explicit_mem = "memory" in task.stage.resources.model_fields_set
+        self.running[proc.pid] = _Running(
+            task=task, record=rec, attempt=attempt, pid=proc.pid, pidfd=pidfd, proc=proc,
+            deadline=started + task.stage.timeout if task.stage.timeout else None,
+            memory_limit_mib=task.stage.resources.memory if explicit_mem and container_name is None else None,
+            container_name=container_name, outs=[out, err],
+        )
+        self.free_vcpus -= vcpus
+        self.free_mem -= mem
+        self.reserved[proc.pid] = (vcpus, mem)
+
+    def _secrets(self, task: Task) -> dict[str, str]:
+        out: dict[str, str] = {}
+        for name, ref in task.stage.secrets.items():
+            source, _, key = ref.partition(":")
+            if source == "env" and key:
+                if key not in os.environ:
+                    raise BackendError(
+                        f"stage {task.stage.name!r}: secret {name} comes from environment variable {key}, which is not set",
+                        f"export {key}=... before running",
+                    )
+                out[name] = os.environ[key]
+            elif source == "file" and key:
+                try:
+                    out[name] = Path(key).expanduser().read_text().strip()
+                except OSError as exc:
+                    raise BackendError(
+                        f"stage {task.stage.name!r}: cannot read secret {name} from {key}: {exc.strerror}",
+                        "check the file named in `secrets:`",
+                    ) from None
+            else:
+                raise BackendError(
+                    f"stage {task.stage.name!r}: secret {name} = {ref!r} cannot be read locally",
+                    "locally, write `env:VARIABLE` or `file:path`; AWS secret names work with --backend aws",
+                )
+        return out
+
+    # -- completion ---------------------------------------------------------------------------
+    def _reap(self, pid: int) -> None:
+        r = self.running.get(pid)
+        if r is None:
+            return
+        code = r.proc.poll()  # type: ignore[attr-defined]
+        if code is None:
+            return
+        del self.running[pid]
+        if r.pidfd is not None:
+            self.sel.unregister(r.pidfd)
+            os.close(r.pidfd)
+        for f in r.outs:
+            f.close()  # type: ignore[attr-defined]
+        vcpus, mem = self.reserved.pop(pid)
+        self.free_vcpus += vcpus
+        self.free_mem += mem
+        # The group may hold children the task left behind: they go with it.
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(pid, signal.SIGKILL)
+        if r.kill_reason:
+            state = TaskState.CANCELLED if r.kill_reason == "cancelled" else TaskState.FAILED
+            reason = r.kill_reason
+        elif code == 0:
+            state, reason = TaskState.SUCCEEDED, ""
+        elif code < 0:
+            state, reason = TaskState.FAILED, f"killed by signal {signal.Signals(-code).name}"
+        else:
+            state, reason = TaskState.FAILED, f"exit code {code}"
+        attempt = r.attempt.replace(state=state, exit_code=code, reason=reason, ended_at=now())
+        self.store.save_attempt(attempt)
+        self._finish(r.task, self.records[r.task.id], attempt)
+
+    def _finish(self, task: Task, rec: TaskRecord, attempt: AttemptRecord) -> None:
+        made_here = rec.attempts - self.attempts_before.get(task.id, 0)
+        retry = (
+            attempt.state == TaskState.FAILED
+            and made_here <= task.stage.retries
+            and not self.cancelled
+        )
+        rec = rec.replace(
+            state=TaskState.PENDING if retry else attempt.state,
+            exit_code=attempt.exit_code,
+            reason=(f"retrying after: {attempt.reason}" if retry else attempt.reason),
+            ended_at=None if retry else attempt.ended_at,
+        )
+        self.records[task.id] = rec
+        self.store.save_tasks([rec])
+        if retry:
+            self.requeue.append(task.id)
+
+    def _enforce_limits(self) -> None:
+        t = now()
+        for r in list(self.running.values()):
+            if r.kill_at is not None:
+                if t >= r.kill_at:
+                    self._signal(r, signal.SIGKILL)
+                    r.kill_at = t + 3600
+                continue
+            if r.deadline is not None and t >= r.deadline:
+                self._kill(r, f"timed out after {r.task.stage.timeout:g}s")
+            elif r.memory_limit_mib:
+                rss = group_rss_mib(r.pid)
+                if rss > r.memory_limit_mib:
+                    self._kill(r, f"memory limit exceeded ({rss} MiB > {r.memory_limit_mib} MiB)")
+
+    def _kill(self, r: _Running, reason: str) -> None:
+        r.kill_reason = reason
+        r.kill_at = now() + KILL_GRACE_S
+        if r.container_name and self.use_engine is not None:
+            import subprocess
+
+            subprocess.run([self.use_engine.path, "kill", r.container_name], capture_output=True, timeout=30)
+        self._signal(r, signal.SIGTERM if "memory" not in reason else signal.SIGKILL)
+
+    @staticmethod
+    def _signal(r: _Running, sig: signal.Signals) -> None:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(r.pid, sig)
+
+    def _cancel_all(self, waiting: list[str]) -> None:
+        for r in self.running.values():
+            if not r.kill_reason:
+                self._kill(r, "cancelled")
+        changed = []
+        for tid in waiting + self.requeue:
+            rec = self.records[tid]
+            if not rec.state.terminal and rec.state != TaskState.RUNNING:
+                rec = rec.replace(state=TaskState.CANCELLED, reason="cancelled", ended_at=now())
+                self.records[tid] = rec
+                changed.append(rec)
+        self.requeue.clear()
+        self.store.save_tasks(changed)
+
+    def _progress(self, force: bool = False) -> None:
+        cb = self.options.progress
+        if cb is None:
+            return
+        t = time.monotonic()
+        if force or t - self.last_progress >= PROGRESS_EVERY_S:
+            self.last_progress = t
+            cb(list(self.records.values()))
+
+
+def _render(task: Task, text: str, run_id: str, workdir: str) -> str:
+    from corral.plan import render
+
+    return render(text, task.values(run_id, workdir))
+
+
+_HAS_PIDFD = hasattr(os, "pidfd_open")
