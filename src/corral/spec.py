@@ -310,10 +310,7 @@ def _loc_path(loc: tuple[Any, ...], raw: Any) -> tuple[str | int, ...]:
     out: list[str | int] = []
     node = raw
     for part in loc:
-        if isinstance(node, dict) and part in node:
-            out.append(part)
-            node = node[part]
-        elif isinstance(node, list) and isinstance(part, int) and 0 <= part < len(node):
+        if isinstance(node, dict) and part in node or isinstance(node, list) and isinstance(part, int) and 0 <= part < len(node):
             out.append(part)
             node = node[part]
         elif isinstance(node, dict) and isinstance(part, str) and part not in node and part in (
@@ -367,9 +364,7 @@ def _unwrap(tp: Any) -> Any:
         models = [a for a in args if isinstance(a, type) and issubclass(a, BaseModel)]
         if models:
             return models[0]
-        if origin in (list, tuple) and args:
-            tp = args[0]
-        elif origin is Annotated:
+        if origin in (list, tuple) and args or origin is Annotated:
             tp = args[0]
         else:
             return tp

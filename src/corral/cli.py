@@ -1,0 +1,384 @@
+"""The ``corral`` command. Ids and ``--json`` go to stdout; everything for people goes to stderr."""
+
+from __future__ import annotations
+
+import importlib
+import json
+import os
+import sys
+import time
+import traceback
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+import click
+from rich.console import Console
+from rich.table import Table
+
+from corral import api
+from corral.backends.base import RunOptions
+from corral.errors import CorralError, UsageError
+from corral.model import RunRecord, TaskRecord, TaskState, summarize
+from corral.units import format_duration, format_size_mib
+
+EXTENSIONS = ["corral.cli_aws", "corral.cli_aws_jobs", "corral.cli_storage", "corral.cli_ops", "corral.cli_recipes"]
+
+err = Console(stderr=True, highlight=False)
+out = Console(highlight=False, soft_wrap=True)
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+STATE_STYLE = {
+    "PENDING": "dim", "SUBMITTED": "cyan", "RUNNING": "blue", "SUCCEEDED": "green", "SKIPPED": "green",
+    "FAILED": "red", "UPSTREAM_FAILED": "yellow", "CANCELLED": "magenta",
+}
+
+
+def backend_option(f: F) -> F:
+    return click.option(
+        "--backend", type=click.Choice(api.BACKENDS), default=None,
+        help="Where the run lives: local (default) or aws (reads the DynamoDB state table).",
+    )(f)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.option("--debug", is_flag=True, help="Show tracebacks for errors.")
+@click.option("--home", type=click.Path(file_okay=False), help="State folder (default: $CORRAL_HOME or the user data dir).")
+@click.version_option(package_name="corral")
+@click.pass_context
+def cli(ctx: click.Context, debug: bool, home: str | None) -> None:
+    """Run one declarative workflow over many items, locally or on AWS Batch."""
+    ctx.ensure_object(dict)
+    ctx.obj["debug"] = debug
+    if home:
+        os.environ["CORRAL_HOME"] = str(Path(home).resolve())
+
+
+# -- helpers ------------------------------------------------------------------------------------
+def _store_for(backend: str | None, run_id: str | None = None) -> Any:
+    store = api.open_store(backend or "local")
+    if run_id and backend is None:
+        try:
+            store.get_run(run_id)
+        except CorralError as exc:
+            raise UsageError(
+                f"no run {run_id!r} in the local state ({api.corral_home()})",
+                "for a run on AWS add --backend aws; `corral status --all` lists local runs",
+            ) from exc
+    return store
+
+
+def _stage_table(tasks: list[TaskRecord], title: str | None = None) -> Table:
+    table = Table(title=title, title_justify="left", show_edge=False, pad_edge=False)
+    table.add_column("stage")
+    states = [s.value for s in TaskState if any(t.state == s for t in tasks)]
+    for s in states:
+        table.add_column(s.lower().replace("_", " "), justify="right", style=STATE_STYLE.get(s, ""))
+    table.add_column("total", justify="right")
+    table.add_column("time (median / max)", justify="right")
+    for stage, per in summarize(tasks).items():
+        durs = sorted(d for t in tasks if t.stage == stage and (d := t.duration) is not None and t.ended_at)
+        dur = f"{format_duration(durs[len(durs) // 2])} / {format_duration(durs[-1])}" if durs else "-"
+        table.add_row(stage, *[str(per.get(s, 0) or "") for s in states], str(sum(per.values())), dur)
+    return table
+
+
+def _failures(tasks: list[TaskRecord], limit: int = 10) -> list[str]:
+    lines = []
+    bad = [t for t in tasks if t.state in (TaskState.FAILED, TaskState.UPSTREAM_FAILED)]
+    for t in bad[:limit]:
+        lines.append(f"  {t.state.value.lower():<15} {t.label}  {t.task_id[:12]}  {t.reason}")
+    if len(bad) > limit:
+        lines.append(f"  … and {len(bad) - limit} more (`corral status RUN --tasks` lists them all)")
+    return lines
+
+
+def _run_json(run: RunRecord, tasks: list[TaskRecord]) -> dict[str, Any]:
+    return {
+        "run_id": run.run_id, "workflow": run.workflow_name, "backend": run.backend, "state": run.state.value,
+        "created_at": run.created_at, "counts": api.counts(tasks),
+        "stages": summarize(tasks),
+        "tasks": [
+            {
+                "task_id": t.task_id, "stage": t.stage, "item": t.item_key, "index": t.item_index,
+                "state": t.state.value, "attempts": t.attempts, "exit_code": t.exit_code, "reason": t.reason,
+                "started_at": t.started_at, "ended_at": t.ended_at, "external_id": t.external_id,
+            }
+            for t in tasks
+        ],
+    }
+
+
+class LiveProgress:
+    """Per-stage progress bars on stderr while a run goes on (only on a terminal)."""
+
+    def __init__(self, stages: list[str]) -> None:
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+        self.enabled = err.is_terminal
+        self.progress = Progress(
+            TextColumn("{task.description:<18}"), BarColumn(), MofNCompleteColumn(),
+            TextColumn("{task.fields[detail]}"), TimeRemainingColumn(), console=err, transient=False,
+        )
+        self.ids = {s: self.progress.add_task(s, total=None, detail="") for s in stages}
+
+    def __enter__(self) -> LiveProgress:
+        if self.enabled:
+            self.progress.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.enabled:
+            self.progress.stop()
+
+    def update(self, tasks: list[TaskRecord]) -> None:
+        if not self.enabled:
+            return
+        for stage, per in summarize(tasks).items():
+            total = sum(per.values())
+            done = sum(n for s, n in per.items() if TaskState(s).terminal)
+            bits = [f"{per[s]} {s.lower()}" for s in ("RUNNING", "FAILED", "UPSTREAM_FAILED", "SKIPPED") if per.get(s)]
+            self.progress.update(self.ids[stage], total=total, completed=done, detail=", ".join(bits))
+
+
+def _report_end(run: RunRecord, tasks: list[TaskRecord]) -> int:
+    err.print(_stage_table(tasks, title=f"run {run.run_id}: {run.state.value.lower()}"))
+    for line in _failures(tasks):
+        err.print(line, markup=False)
+    failed = any(t.state in (TaskState.FAILED, TaskState.UPSTREAM_FAILED) for t in tasks)
+    if failed:
+        err.print(f"hint: `corral logs {run.run_id} <task>` shows a task's output; "
+                  f"`corral resume {run.run_id}` runs what did not succeed", markup=False)
+    return 1 if failed or run.state.value in ("FAILED", "CANCELLED", "INTERRUPTED") else 0
+
+
+# -- commands -----------------------------------------------------------------------------------
+@cli.command()
+@click.argument("workflow", type=click.Path(dir_okay=False))
+@click.option("--backend", type=click.Choice(api.BACKENDS), default="local", show_default=True)
+@click.option("--max-parallel", type=click.IntRange(min=1), help="Local: at most N tasks at once (default: CPUs).")
+@click.option("--runtime", type=click.Choice(["auto", "process", "container"]), default="auto", show_default=True,
+              help="Local: run stages with an image in a container (auto: when an engine answers).")
+@click.option("--force", is_flag=True, help="Run tasks even when their outputs exist.")
+@click.option("--wait/--no-wait", default=None, help="AWS: wait for the run to end (default: return after submitting).")
+@click.option("--json", "as_json", is_flag=True, help="Print the run's final state as JSON on stdout.")
+def run(workflow: str, backend: str, max_parallel: int | None, runtime: str, force: bool,
+        wait: bool | None, as_json: bool) -> None:
+    """Plan WORKFLOW and run it (local) or submit it (aws). Prints the run id."""
+    wf = api.load_workflow(workflow)
+    p = api.plan(wf)
+    err.print(f"corral: {wf.name}: {len(p.items)} items × {len(wf.stages)} stages = {len(p.tasks)} tasks "
+              f"on {backend}", markup=False)
+    live = LiveProgress(p.stage_order)
+    opts = RunOptions(force=force, max_parallel=max_parallel, runtime=runtime,  # type: ignore[arg-type]
+                      wait=bool(wait) if backend == "aws" else True, progress=live.update)
+    store = api.open_store(backend, wf)
+    with live:
+        rec = api.run(wf, backend, store=store, options=opts)
+    tasks = store.get_tasks(rec.run_id)
+    if as_json:
+        out.print_json(json.dumps(_run_json(rec, tasks)))
+    else:
+        out.print(rec.run_id, markup=False)
+    if backend == "aws" and not wait:
+        err.print(f"submitted; follow it with `corral status {rec.run_id} --backend aws --watch`", markup=False)
+        return
+    sys.exit(_report_end(rec, tasks))
+
+
+@cli.command()
+@click.argument("run_id")
+@backend_option
+@click.option("--max-parallel", type=click.IntRange(min=1))
+@click.option("--runtime", type=click.Choice(["auto", "process", "container"]), default="auto")
+@click.option("--force", is_flag=True, help="Run tasks even when their outputs exist.")
+def resume(run_id: str, backend: str | None, max_parallel: int | None, runtime: str, force: bool) -> None:
+    """Go on with RUN_ID: run only what has not succeeded (after a crash, failure or cancel)."""
+    store = _store_for(backend, run_id)
+    rec = store.get_run(run_id)
+    plan = api.load_plan(store, run_id)
+    live = LiveProgress(plan.stage_order)
+    opts = RunOptions(force=force, max_parallel=max_parallel, runtime=runtime, progress=live.update)  # type: ignore[arg-type]
+    todo = [t for t in store.get_tasks(run_id) if not t.state.ok]
+    err.print(f"corral: resuming {run_id}: {len(todo)} task(s) not done", markup=False)
+    with live:
+        rec = api.resume(run_id, store=store, options=opts)
+    out.print(rec.run_id, markup=False)
+    sys.exit(_report_end(rec, store.get_tasks(run_id)))
+
+
+@cli.command()
+@click.argument("run_id", required=False)
+@backend_option
+@click.option("--all", "all_runs", is_flag=True, help="List recent runs instead.")
+@click.option("--tasks", "show_tasks", is_flag=True, help="List every task.")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output on stdout.")
+@click.option("--watch", is_flag=True, help="Refresh until the run ends.")
+@click.option("--interval", type=click.FloatRange(min=0.2), default=2.0, show_default=True, help="Seconds between refreshes with --watch.")
+def status(run_id: str | None, backend: str | None, all_runs: bool, show_tasks: bool, as_json: bool,
+           watch: bool, interval: float) -> None:
+    """Where RUN_ID stands (default: the latest run): stages × states, durations, failures."""
+    store = _store_for(backend, run_id)
+    if all_runs:
+        runs = store.list_runs(limit=50)
+        if as_json:
+            out.print_json(json.dumps([{"run_id": r.run_id, "workflow": r.workflow_name, "backend": r.backend,
+                                        "state": r.state.value, "created_at": r.created_at} for r in runs]))
+            return
+        table = Table(show_edge=False, pad_edge=False)
+        for c in ("run", "workflow", "backend", "state", "started"):
+            table.add_column(c)
+        for r in runs:
+            table.add_row(r.run_id, r.workflow_name, r.backend, r.state.value.lower(),
+                          time.strftime("%Y-%m-%d %H:%M", time.localtime(r.created_at)))
+        err.print(table)
+        return
+    rec = api.resolve_run(store, run_id)
+    be = api.get_backend(rec.backend, run=rec)
+    if watch:
+        from rich.live import Live
+
+        with Live(console=err, auto_refresh=False) as live:
+            while True:
+                tasks = be.refresh(rec, store)
+                rec = store.get_run(rec.run_id)
+                live.update(_stage_table(tasks, title=f"run {rec.run_id}: {rec.state.value.lower()}"), refresh=True)
+                if rec.state.value != "RUNNING" or all(t.state.terminal for t in tasks):
+                    break
+                time.sleep(interval)  # the refresh cadence the user asked for, not a wait for state
+    tasks = be.refresh(rec, store)
+    rec = store.get_run(rec.run_id)
+    if as_json:
+        out.print_json(json.dumps(_run_json(rec, tasks)))
+        return
+    err.print(_stage_table(tasks, title=f"run {rec.run_id} ({rec.workflow_name}, {rec.backend}): {rec.state.value.lower()}"))
+    if show_tasks:
+        table = Table(show_edge=False, pad_edge=False)
+        for c in ("task", "id", "state", "attempts", "time", "reason"):
+            table.add_column(c)
+        for t in tasks:
+            table.add_row(t.label, t.task_id[:12], f"[{STATE_STYLE.get(t.state.value, '')}]{t.state.value.lower()}",
+                          str(t.attempts), format_duration(t.duration), t.reason)
+        err.print(table)
+    else:
+        for line in _failures(tasks):
+            err.print(line, markup=False)
+
+
+@cli.command()
+@click.argument("run_id")
+@click.argument("task")
+@backend_option
+@click.option("--attempt", type=click.IntRange(min=1), help="Which attempt (default: the last).")
+@click.option("-f", "--follow", is_flag=True, help="Keep printing until the task ends.")
+def logs(run_id: str, task: str, backend: str | None, attempt: int | None, follow: bool) -> None:
+    """Output of one TASK of RUN_ID (id, id prefix, or stage[item])."""
+    store = _store_for(backend, run_id)
+    for line in api.logs(run_id, task, attempt=attempt, follow=follow, store=store):
+        click.echo(line)
+
+
+@cli.command()
+@click.argument("run_id")
+@backend_option
+def cancel(run_id: str, backend: str | None) -> None:
+    """Stop RUN_ID: kill (local) or cancel (aws) what runs; nothing more starts."""
+    store = _store_for(backend, run_id)
+    api.cancel(run_id, store=store)
+    tasks = store.get_tasks(run_id)
+    n = sum(1 for t in tasks if t.state == TaskState.CANCELLED)
+    err.print(f"cancelled {run_id}: {n} task(s) cancelled", markup=False)
+    out.print(run_id, markup=False)
+
+
+@cli.command()
+@click.argument("workflow", type=click.Path(dir_okay=False))
+def validate(workflow: str) -> None:
+    """Check WORKFLOW (syntax, fields, items, placeholders, dependencies) without running anything."""
+    wf = api.load_workflow(workflow)
+    p = api.plan(wf)
+    err.print(f"ok: {workflow}: {len(wf.stages)} stages, {len(p.items)} items, {len(p.tasks)} tasks", markup=False)
+
+
+@cli.command()
+@click.argument("workflow", type=click.Path(dir_okay=False))
+@click.option("--tasks", "show_tasks", is_flag=True, help="List every task with its command.")
+@click.option("--json", "as_json", is_flag=True, help="The plan as JSON on stdout.")
+def plan(workflow: str, show_tasks: bool, as_json: bool) -> None:
+    """Show what WORKFLOW would run: stages, items, tasks, dependencies. Nothing runs."""
+    wf = api.load_workflow(workflow)
+    p = api.plan(wf)
+    if as_json:
+        data = {
+            "workflow": wf.name, "items": len(p.items),
+            "stages": [
+                {"name": s.name, "per": s.per, "needs": s.needs, "kind": s.kind, "image": s.image,
+                 "tasks": len(p.stage_tasks(s.name)), "vcpus": s.resources.vcpus,
+                 "memory_mib": s.resources.memory, "gpus": s.resources.gpus, "disk_gib": s.resources.disk,
+                 "retries": s.retries, "timeout_s": s.timeout}
+                for s in (wf.stage(n) for n in p.stage_order)
+            ],
+            "tasks": [
+                {"task_id": t.id, "stage": t.stage.name, "item": t.key, "needs": list(t.needs),
+                 "command": t.command("<run>", "<workdir>")}
+                for t in p.tasks
+            ],
+        }
+        out.print_json(json.dumps(data))
+        return
+    table = Table(title=f"{wf.name}: {len(p.items)} items, {len(p.tasks)} tasks", title_justify="left",
+                  show_edge=False, pad_edge=False)
+    for c in ("stage", "per", "needs", "tasks", "vcpus", "memory", "gpus", "retries", "timeout", "image"):
+        table.add_column(c)
+    for name in p.stage_order:
+        s = wf.stage(name)
+        table.add_row(name, s.per, ", ".join(s.needs) or "-", str(len(p.stage_tasks(name))),
+                      f"{s.resources.vcpus:g}", format_size_mib(s.resources.memory), str(s.resources.gpus),
+                      str(s.retries), format_duration(s.timeout), s.image or "-")
+    err.print(table)
+    if show_tasks:
+        for t in p.tasks:
+            cmd = t.command("<run>", "<workdir>")
+            shown = cmd[2] if cmd[:2] == ["/bin/sh", "-c"] else " ".join(cmd)
+            needs = f"  needs {', '.join(n[:8] for n in t.needs)}" if t.needs else ""
+            out.print(f"{t.id}  {t.label}{needs}\n    {shown}", markup=False)
+
+
+def _load_extensions() -> None:
+    for name in EXTENSIONS:
+        try:
+            mod = importlib.import_module(name)
+        except ModuleNotFoundError as exc:
+            if exc.name == name:
+                continue
+            raise
+        mod.register(cli)
+
+
+def main(argv: list[str] | None = None) -> None:
+    debug = "--debug" in (argv if argv is not None else sys.argv[1:])
+    try:
+        _load_extensions()
+        cli.main(args=argv, prog_name="corral", standalone_mode=False)
+    except CorralError as exc:
+        if debug:
+            traceback.print_exc()
+        print(f"error: {exc.one_line()}", file=sys.stderr)
+        if exc.hint:
+            print(f"hint: {exc.hint}", file=sys.stderr)
+        sys.exit(exc.exit_code)
+    except click.exceptions.Abort:
+        print("aborted", file=sys.stderr)
+        sys.exit(130)
+    except click.ClickException as exc:
+        exc.show()
+        sys.exit(exc.exit_code)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)
+    except SystemExit:
+        raise
+    except BrokenPipeError:
+        sys.exit(0)
+
