@@ -1,0 +1,25 @@
+"""AWS Batch backend: provisioning (``provision``), clients (``client``), ECR images (``ecr``).
+
+The only place boto3 clients are made is :class:`~corral.backends.aws_batch.client.AwsClients`.
+"""
+
+from corral.backends.aws_batch.client import AwsClients, aws_errors
+from corral.backends.aws_batch.provision import (
+    Environment,
+    Needs,
+    ProvisionReport,
+    ensure_environment,
+    needs_for,
+    teardown,
+)
+
+__all__ = [
+    "AwsClients",
+    "Environment",
+    "Needs",
+    "ProvisionReport",
+    "aws_errors",
+    "ensure_environment",
+    "needs_for",
+    "teardown",
+]

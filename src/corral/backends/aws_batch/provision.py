@@ -1,0 +1,183 @@
+"""Provisioning for the AWS Batch backend: what a workflow needs, made idempotently.
+
+``needs_for(plan)`` says what a workflow needs (GPUs, scratch disk, EFS, a bucket, secrets…);
+``ensure_environment(clients, settings, needs)`` finds or makes all of it and returns an
+:class:`Environment` naming every resource the submission code uses; ``teardown`` removes what
+carries corral's tag. Every create is preceded by a describe, so a second call with the same
+needs makes no create, put, tag, attach or update call at all.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from corral.backends.aws_batch.client import AwsClients
+
+if TYPE_CHECKING:  # pragma: no cover
+    from corral.plan import Plan
+    from corral.spec import AwsSettings
+
+MANAGED_TAG = "corral:managed"
+RUN_TAG = "corral:run"
+DEFAULT_TABLE = "corral-state"
+DEFAULT_LOG_GROUP = "/aws/batch/corral"
+
+
+@dataclass
+class Needs:
+    """What a workflow asks of the AWS environment (see :func:`needs_for`)."""
+
+    gpu: bool = False
+    max_disk_gib: int | None = None
+    efs: bool = False
+    bucket: bool = False
+    secrets: list[str] = field(default_factory=list)
+    max_vcpus_per_task: float = 1
+    max_memory_mib: int = 2048
+    # beyond the minimum: used for the job role's policy and for fit checks
+    max_gpus_per_task: int = 0
+    s3_read: list[str] = field(default_factory=list)  # "bucket/prefix" the jobs read
+    s3_write: list[str] = field(default_factory=list)  # "bucket/prefix" the jobs write
+    ecr_repositories: list[str] = field(default_factory=list)  # repositories the jobs pull from
+    run_id: str | None = None  # when set, run-scoped things (EFS access point) carry corral:run
+
+
+@dataclass
+class Environment:
+    region: str
+    account_id: str
+    job_queue: str  # ARN
+    gpu_job_queue: str | None
+    job_role_arn: str
+    execution_role_arn: str
+    log_group: str
+    table_name: str
+    bucket: str | None
+    efs_id: str | None
+    efs_access_point: str | None
+    subnets: list[str]
+    security_groups: list[str]
+    instance_types: list[str]
+    tags: dict[str, str]
+    gpu_instance_types: list[str] = field(default_factory=list)
+    compute_environments: list[str] = field(default_factory=list)  # ARNs, queue order
+    gpu_compute_environments: list[str] = field(default_factory=list)
+    launch_template: str | None = None  # "name:version" sizing the root volume, when one is used
+    root_volume_gib: int | None = None
+    prefix: str = "corral"
+
+
+@dataclass
+class ProvisionReport:
+    created: list[str] = field(default_factory=list)
+    found: list[str] = field(default_factory=list)
+    deleted: list[str] = field(default_factory=list)
+    kept: list[str] = field(default_factory=list)  # e.g. a non-empty bucket teardown left alone
+    updated: list[str] = field(default_factory=list)
+
+    def as_dict(self) -> dict[str, list[str]]:
+        return {
+            "created": list(self.created), "found": list(self.found), "updated": list(self.updated),
+            "deleted": list(self.deleted), "kept": list(self.kept),
+        }
+
+
+_S3_URI = re.compile(r"^s3://([^/{}]+)/?([^{}]*)")
+
+
+def _s3_scope(uri: str) -> str | None:
+    """``s3://bucket/a/b/{x}/c`` → ``bucket/a/b/`` (the fixed part: what a policy may grant)."""
+    m = _S3_URI.match(uri)
+    if not m:
+        return None
+    bucket, path = m.group(1), m.group(2)
+    return f"{bucket}/{path}"
+
+
+def ecr_repository_of(image: str | None) -> str | None:
+    """The ECR repository name an image refers to (``ecr://name:tag`` or an ECR registry URI)."""
+    if not image:
+        return None
+    if image.startswith("ecr://"):
+        rest = image[len("ecr://"):]
+    else:
+        m = re.match(r"^\d{12}\.dkr\.ecr\.[a-z0-9-]+\.amazonaws\.com(?:\.cn)?/(.+)$", image)
+        if not m:
+            return None
+        rest = m.group(1)
+    rest = rest.split("@", 1)[0]
+    if ":" in rest.rsplit("/", 1)[-1]:
+        rest = rest.rsplit(":", 1)[0]
+    return rest or None
+
+
+def needs_for(plan: Plan) -> Needs:
+    """What the plan's stages ask of AWS: GPUs, the largest disk, EFS, a bucket, secrets…"""
+    from corral.plan import template_fields
+
+    wf = plan.workflow
+    settings = wf.aws
+    stages = wf.stages
+    needs = Needs()
+    needs.gpu = any(s.resources.gpus > 0 for s in stages)
+    disks = [s.resources.disk for s in stages if s.resources.disk]
+    needs.max_disk_gib = max(disks) if disks else None
+    needs.efs = bool(settings.efs)
+    needs.max_vcpus_per_task = max((s.resources.vcpus for s in stages), default=1)
+    needs.max_memory_mib = max((s.resources.memory for s in stages), default=2048)
+    needs.max_gpus_per_task = max((s.resources.gpus for s in stages), default=0)
+    secrets: list[str] = []
+    for s in stages:
+        for ref in s.secrets.values():
+            name = ref[len("aws:"):] if ref.startswith("aws:") else ref
+            if not name.startswith("env:") and name not in secrets:
+                secrets.append(name)
+    needs.secrets = secrets
+    uses_workdir = False
+    read: list[str] = []
+    write: list[str] = []
+    repos: list[str] = []
+    for s in stages:
+        texts = [s.command] if isinstance(s.command, str) else list(s.command or [])
+        texts += list(s.env.values()) + s.inputs + s.outputs + [s.source or "", s.dest or ""]
+        if any("workdir" in template_fields(t) for t in texts if t):
+            uses_workdir = True
+        for uri in [*s.inputs, s.source or ""]:
+            scope = _s3_scope(uri)
+            if scope and scope not in read:
+                read.append(scope)
+        for uri in [*s.outputs, s.dest or ""]:
+            scope = _s3_scope(uri)
+            if scope and scope not in write:
+                write.append(scope)
+        repo = ecr_repository_of(s.image)
+        if repo and repo not in repos:
+            repos.append(repo)
+    needs.s3_read, needs.s3_write, needs.ecr_repositories = read, write, repos
+    # The run's workspace lives on EFS when asked for; otherwise in the workflow's bucket.
+    needs.bucket = bool(settings.bucket) or (uses_workdir and not needs.efs)
+    return needs
+
+
+def ensure_environment(
+    clients: AwsClients, settings: AwsSettings, needs: Needs, report: ProvisionReport | None = None
+) -> Environment:
+    """Find or make everything ``needs`` asks for; idempotent (a second call creates nothing)."""
+    from corral.backends.aws_batch.environment import build_environment
+
+    return build_environment(clients, settings, needs, report if report is not None else ProvisionReport())
+
+
+def teardown(
+    clients: AwsClients, *, run_id: str | None = None, everything: bool = False, purge: bool = False
+) -> ProvisionReport:
+    """Remove what corral made: a run's things (``run_id``) or everything tagged (``everything``).
+
+    Only resources tagged ``corral:managed=true`` are touched (and, for a run, ``corral:run=<id>``).
+    A bucket or ECR repository that still holds data is kept (and reported) unless ``purge``.
+    """
+    from corral.backends.aws_batch.teardown import remove
+
+    return remove(clients, run_id=run_id, everything=everything, purge=purge)

@@ -1,0 +1,250 @@
+"""EC2 instance types: what each can hold, what it costs, and whether a stage fits any allowed one.
+
+Pure data and arithmetic, no boto3: the table is ``data/ec2_instances.json``, a dated snapshot
+(``region``, ``date`` in its header) of vCPUs, memory, GPUs and hourly prices. Prices move; point
+``CORRAL_PRICES`` at a file of the same shape to use your own.
+
+``allowed`` lists are what a Batch compute environment's ``instanceTypes`` accept: exact names
+(``c5.2xlarge``), family names (``m5``), or ``optimal`` / ``default_x86_64`` / ``default_arm64``,
+which AWS Batch expands to instance families itself. Since November 2025 ``optimal`` means the
+same as ``default_x86_64`` (m6i, c6i, r6i, c7i); before that it meant c4/m4/r4/c5/m5/r5.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import dataclass
+from functools import lru_cache
+from importlib import resources as importlib_resources
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from corral.errors import PlanError
+
+if TYPE_CHECKING:  # pragma: no cover
+    from corral.plan import Plan
+    from corral.spec import Resources
+
+# What AWS Batch launches for its keyword instance types (see the module docstring).
+BUNDLES: dict[str, tuple[str, ...]] = {
+    "optimal": ("m6i", "c6i", "r6i", "c7i"),
+    "default_x86_64": ("m6i", "c6i", "r6i", "c7i"),
+    "default_arm64": ("m6g", "c6g", "r6g", "c7g"),
+}
+# NVIDIA GPU families that the ECS GPU-optimized AMI (ECS_AL2_NVIDIA) supports, widely available;
+# used for GPU compute environments when the settings name no GPU family themselves.
+DEFAULT_GPU_FAMILIES: tuple[str, ...] = ("g4dn", "g5", "g6")
+
+# The root volume of a Batch-launched ECS instance when no launch template sizes it (GiB).
+DEFAULT_ROOT_VOLUME_GIB = 30
+# gp3's largest volume: the most scratch a single root volume can give.
+MAX_ROOT_VOLUME_GIB = 16 * 1024
+
+
+def ecs_reserved_mib(memory_mib: int) -> int:
+    """Memory the OS, Docker and the ECS agent keep for themselves, which jobs cannot have.
+
+    ECS registers less memory than the instance type's nominal size; AWS Batch's own guidance
+    is to ask a few hundred MiB below it. corral keeps 6% or 256 MiB, whichever is larger.
+    """
+    return max(256, math.ceil(memory_mib * 0.06))
+
+
+@dataclass(frozen=True)
+class InstanceType:
+    name: str
+    vcpus: int
+    memory_mib: int
+    gpus: int
+    gpu_model: str
+    on_demand_usd_hour: float
+    spot_usd_hour: float
+    family: str
+    arch: str = "x86_64"
+
+    @property
+    def usable_memory_mib(self) -> int:
+        return self.memory_mib - ecs_reserved_mib(self.memory_mib)
+
+    def holds(self, vcpus: float, memory_mib: int, gpus: int = 0) -> bool:
+        return vcpus <= self.vcpus and memory_mib <= self.usable_memory_mib and gpus <= self.gpus
+
+    def describe(self) -> str:
+        gpu = f", {self.gpus}× {self.gpu_model or 'GPU'}" if self.gpus else ""
+        return f"{self.name} ({self.vcpus} vCPUs, {self.usable_memory_mib} MiB usable{gpu})"
+
+
+def _prices_path() -> str:
+    return os.environ.get("CORRAL_PRICES", "")
+
+
+def load_instance_types() -> dict[str, InstanceType]:
+    """The instance table: the bundled snapshot, or the file named by ``CORRAL_PRICES``."""
+    return dict(_load(_prices_path()))
+
+
+def table_info() -> dict[str, Any]:
+    """The table's header (region, date, currency, source)."""
+    doc = _read(_prices_path())
+    return {k: v for k, v in doc.items() if k != "instances"}
+
+
+def _read(path: str) -> dict[str, Any]:
+    try:
+        if path:
+            text = Path(path).read_text()
+        else:
+            text = importlib_resources.files("corral").joinpath("data/ec2_instances.json").read_text()
+        doc = json.loads(text)
+    except (OSError, json.JSONDecodeError) as exc:
+        raise PlanError(
+            f"cannot read the instance price table {path or 'data/ec2_instances.json'}: {exc}",
+            "fix or unset CORRAL_PRICES (a JSON file shaped like corral's data/ec2_instances.json)",
+        ) from None
+    if not isinstance(doc, dict) or not isinstance(doc.get("instances"), dict):
+        raise PlanError(
+            f"the instance table {path or 'data/ec2_instances.json'} has no `instances` mapping",
+            "fix or unset CORRAL_PRICES",
+        )
+    return doc
+
+
+@lru_cache(maxsize=4)
+def _load(path: str) -> tuple[tuple[str, InstanceType], ...]:
+    doc = _read(path)
+    fields = doc.get("fields") or [
+        "vcpus", "memory_mib", "gpus", "gpu_model", "on_demand_usd_hour", "spot_usd_hour", "arch",
+    ]
+    out: list[tuple[str, InstanceType]] = []
+    for name, row in doc["instances"].items():
+        rec = dict(zip(fields, row, strict=False)) if isinstance(row, list) else dict(row)
+        try:
+            it = InstanceType(
+                name=name,
+                vcpus=int(rec["vcpus"]),
+                memory_mib=int(rec["memory_mib"]),
+                gpus=int(rec.get("gpus", 0)),
+                gpu_model=str(rec.get("gpu_model", "")),
+                on_demand_usd_hour=float(rec.get("on_demand_usd_hour", 0.0)),
+                spot_usd_hour=float(rec.get("spot_usd_hour", rec.get("on_demand_usd_hour", 0.0))),
+                family=name.split(".", 1)[0],
+                arch=str(rec.get("arch", "x86_64")),
+            )
+        except (KeyError, TypeError, ValueError) as exc:
+            raise PlanError(
+                f"instance table entry {name!r} is malformed ({exc})", "fix or unset CORRAL_PRICES"
+            ) from None
+        out.append((name, it))
+    return tuple(out)
+
+
+def is_gpu_entry(entry: str, table: dict[str, InstanceType] | None = None) -> bool:
+    """Does an ``instanceTypes`` entry (name, family or keyword) launch GPU instances?"""
+    table = table if table is not None else load_instance_types()
+    if entry in BUNDLES:
+        return False
+    return any(t.gpus > 0 for t in _expand_one(entry, table))
+
+
+def _expand_one(entry: str, table: dict[str, InstanceType]) -> list[InstanceType]:
+    if entry in table:
+        return [table[entry]]
+    families = BUNDLES.get(entry, (entry,))
+    return [t for t in table.values() if t.family in families]
+
+
+def expand(allowed: list[str]) -> list[InstanceType]:
+    """The instance types an ``instanceTypes`` list may launch, smallest first.
+
+    Unknown names expand to nothing (the table is a snapshot; AWS may know newer types).
+    """
+    table = load_instance_types()
+    seen: dict[str, InstanceType] = {}
+    for entry in allowed or ["optimal"]:
+        for t in _expand_one(entry.strip(), table):
+            seen[t.name] = t
+    return sorted(seen.values(), key=lambda t: (t.vcpus, t.memory_mib, t.gpus, t.name))
+
+
+def fitting(resources: Resources, allowed: list[str]) -> list[InstanceType]:
+    """Allowed instance types that can hold one task of ``resources``, cheapest first."""
+    return sorted(
+        (t for t in expand(allowed) if t.holds(resources.vcpus, resources.memory, resources.gpus)),
+        key=lambda t: (t.on_demand_usd_hour, t.vcpus, t.name),
+    )
+
+
+def split_allowed(allowed: list[str]) -> tuple[list[str], list[str]]:
+    """(CPU entries, GPU entries) of an ``instanceTypes`` list; defaults fill an empty side."""
+    table = load_instance_types()
+    cpu = [e for e in allowed if not is_gpu_entry(e, table)]
+    gpu = [e for e in allowed if is_gpu_entry(e, table)]
+    return (cpu or ["optimal"]), (gpu or list(DEFAULT_GPU_FAMILIES))
+
+
+def allowed_for(resources: Resources, allowed: list[str]) -> list[str]:
+    """The entries of ``allowed`` a task of these resources is routed to (GPU or CPU environment)."""
+    cpu, gpu = split_allowed(allowed)
+    return gpu if resources.gpus > 0 else cpu
+
+
+def _largest(types: list[InstanceType]) -> str:
+    if not types:
+        return "none known"
+    by_cpu = max(types, key=lambda t: (t.vcpus, t.memory_mib))
+    by_mem = max(types, key=lambda t: (t.memory_mib, t.vcpus))
+    by_gpu = max(types, key=lambda t: (t.gpus, t.memory_mib))
+    parts = [by_cpu.describe()]
+    if by_mem.name != by_cpu.name:
+        parts.append(by_mem.describe())
+    if by_gpu.gpus and by_gpu.name not in (by_cpu.name, by_mem.name):
+        parts.append(by_gpu.describe())
+    return "; ".join(parts)
+
+
+def check_fits(plan: Plan, allowed: list[str]) -> None:
+    """Refuse, before anything is submitted, a stage that no allowed instance type can hold.
+
+    GPU stages are checked against the GPU entries of ``allowed`` (or the default GPU families),
+    others against its CPU entries (or ``optimal``), as the AWS backend routes them. The error
+    names the stage, the file:line of its resources, and the largest instance allowed.
+    """
+    wf = plan.workflow
+    seen: set[str] = set()
+    for stage in wf.stages:
+        if stage.name in seen:
+            continue
+        seen.add(stage.name)
+        r = stage.resources
+        where = wf.stage_where(stage.name, "resources")
+        if r.disk is not None and r.disk > MAX_ROOT_VOLUME_GIB:
+            raise PlanError(
+                f"stage {stage.name!r} asks for {r.disk} GiB of disk; the largest root volume (gp3) is "
+                f"{MAX_ROOT_VOLUME_GIB} GiB",
+                "lower resources.disk, or stream data from S3/EFS instead of staging it on local disk",
+                where=where,
+            )
+        entries = allowed_for(r, allowed)
+        types = expand(entries)
+        if not types:
+            # Only names the snapshot does not know: AWS will judge them; nothing to check here.
+            continue
+        if any(t.holds(r.vcpus, r.memory, r.gpus) for t in types):
+            continue
+        ask = f"{r.vcpus:g} vCPUs, {r.memory} MiB" + (f", {r.gpus} GPUs" if r.gpus else "")
+        pool = "GPU instance types" if r.gpus else "instance types"
+        if r.gpus and not any(t.gpus >= r.gpus for t in types):
+            hint = (f"ask for at most {max(t.gpus for t in types)} GPUs, or allow larger GPU families "
+                    "in aws.instance_types (e.g. p4d, p5)")
+        else:
+            hint = ("lower resources (vcpus/memory), or allow larger instance types in aws.instance_types; "
+                    f"ECS keeps {ecs_reserved_mib(max(t.memory_mib for t in types))} MiB or more of each "
+                    "instance's memory for itself")
+        raise PlanError(
+            f"stage {stage.name!r} asks for {ask}, more than any allowed {pool} holds "
+            f"({', '.join(entries)}); the largest: {_largest(types)}",
+            hint,
+            where=where,
+        )
