@@ -223,8 +223,8 @@ class Workflow(Model):
         """Folder that relative paths (tables, globs, outputs) are read against."""
         return self._base_dir
 
-    def where(self, *path: str | int) -> str:
-        return self._located.where(path) if self._located else self.source
+    def where(self, *path: str | int, key: bool = False) -> str:
+        return self._located.where(path, key=key) if self._located else self.source
 
     def stage_where(self, stage: str, *field: str | int) -> str:
         for i, s in enumerate(self.stages):
@@ -408,7 +408,7 @@ def _spec_error_from(
         return SpecError(
             f"{_dotted(path[:-1], raw) if len(path) > 1 else '(top level)'}: unknown key {key!r}",
             hint,
-            where=located.where(path),
+            where=located.where(path, key=True),
         )
     path = _loc_path(loc, raw)
     if etype == "missing":

@@ -19,11 +19,15 @@ class Located:
 
     data: Any
     source: str
-    positions: dict[Path_, tuple[int, int]] = field(default_factory=dict)
+    positions: dict[Path_, tuple[int, int]] = field(default_factory=dict)  # where each value starts
+    key_positions: dict[Path_, tuple[int, int]] = field(default_factory=dict)  # where each key is written
 
-    def where(self, path: Path_) -> str:
-        """``file:line:col`` of the closest known position to ``path`` (1-based)."""
+    def where(self, path: Path_, *, key: bool = False) -> str:
+        """``file:line:col`` (1-based) of the value at ``path`` (or of its key), else the closest parent."""
         p = tuple(path)
+        if key and p in self.key_positions:
+            line, col = self.key_positions[p]
+            return f"{self.source}:{line}:{col}"
         while p and p not in self.positions:
             p = p[:-1]
         line, col = self.positions.get(p, (1, 1))
@@ -42,7 +46,7 @@ def load_text(text: str, source: str) -> Located:
                 "the file is empty", "a workflow needs at least `name`, `items` and `stages`", where=source
             )
         located = Located(data=None, source=source)
-        located.data = _build(loader, node, (), located.positions, source)
+        located.data = _build(loader, node, (), located, source)
         return located
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark or exc.context_mark
@@ -78,15 +82,14 @@ def load_file(path: str | Path) -> Located:
     return load_text(text, str(p))
 
 
-def _build(
-    loader: yaml.SafeLoader, node: yaml.Node, path: Path_, pos: dict[Path_, tuple[int, int]], source: str
-) -> Any:
-    pos[path] = (node.start_mark.line + 1, node.start_mark.column + 1)
+def _build(loader: yaml.SafeLoader, node: yaml.Node, path: Path_, located: Located | None, source: str) -> Any:
+    if located is not None:
+        located.positions[path] = (node.start_mark.line + 1, node.start_mark.column + 1)
     if isinstance(node, yaml.MappingNode):
         loader.flatten_mapping(node)  # resolve `<<: *anchor` merges
         out: dict[Any, Any] = {}
         for key_node, value_node in node.value:
-            key = _build(loader, key_node, path + ("<key>",), {}, source)
+            key = _build(loader, key_node, path, None, source)
             if isinstance(key, (dict, list)):
                 raise SpecError(
                     "a mapping key must be a plain value",
@@ -100,9 +103,10 @@ def _build(
                     where=f"{source}:{key_node.start_mark.line + 1}:{key_node.start_mark.column + 1}",
                 )
             child = path + (key if isinstance(key, (str, int)) else str(key),)
-            out[key] = _build(loader, value_node, child, pos, source)
-            pos[child] = (key_node.start_mark.line + 1, key_node.start_mark.column + 1)
+            out[key] = _build(loader, value_node, child, located, source)
+            if located is not None:
+                located.key_positions[child] = (key_node.start_mark.line + 1, key_node.start_mark.column + 1)
         return out
     if isinstance(node, yaml.SequenceNode):
-        return [_build(loader, child, path + (i,), pos, source) for i, child in enumerate(node.value)]
+        return [_build(loader, child, path + (i,), located, source) for i, child in enumerate(node.value)]
     return loader.construct_object(node, deep=True)
