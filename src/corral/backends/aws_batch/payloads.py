@@ -1,0 +1,380 @@
+"""Pure functions: a stage or a chunk of tasks → the kwargs of Batch's RegisterJobDefinition / SubmitJob.
+
+Nothing here calls AWS; everything is deterministic, so the same plan gives byte-identical payloads
+(and job definition names) on every machine and on every resume.
+
+Job definitions
+---------------
+One job definition per distinct *runtime* (image, resources, retries, timeout, roles, secrets, EFS
+mount), not per stage and never per job: the per-task parts (command, item fields) travel in the
+SubmitJob container overrides. The definition is named ``corral-<16 hex>`` from a SHA-256 of its
+content (the wrapper script included), so an ACTIVE definition with that name has exactly that
+content and is reused (``describe`` before ``register``).
+
+The item table (how each array child gets its own item)
+--------------------------------------------------------
+An array job of ``n`` children carries, in its container overrides' environment:
+
+``CORRAL_TABLE``
+    ``base64(gzip(rows))`` where ``rows`` is ``n`` lines of UTF-8 text, line ``k`` (0-based) for the
+    child with ``AWS_BATCH_JOB_ARRAY_INDEX=k``. Each line is POSIX shell code of the form::
+
+        export NAME='value' NAME2='value'; set -- 'argv0' 'argv1' ...
+
+    Every value is single-quoted (``'`` written as ``'\\''``); a newline inside a value is written
+    as ``'"$NL"'`` so that every row is exactly one line (the wrapper sets ``NL`` to a newline).
+    The exports are the per-task environment of :meth:`corral.plan.Task.env` that differs between
+    tasks of the stage (item fields as ``NAME`` and ``CORRAL_ITEM_NAME``, ``CORRAL_TASK_ID``,
+    ``CORRAL_ITEM_KEY``, ``CORRAL_ITEM_INDEX``, stage ``env`` values with placeholders); ``set --``
+    gives the task's argv exactly as the local backend runs it (a string command becomes
+    ``/bin/sh -c '<command with shell-quoted values>'``). A padding row (a child whose task has
+    already succeeded, needed only to keep N_TO_N children aligned on resume) is ``set --``.
+``CORRAL_RUN_ID``, ``CORRAL_STAGE``, ``CORRAL_WORKDIR`` and every env value equal for all tasks
+    of the stage are plain override variables.
+
+The job definition's command is ``/bin/sh -c WRAPPER`` (:data:`WRAPPER`): it decodes the table with
+``base64 -d | gzip -dc``, takes line ``AWS_BATCH_JOB_ARRAY_INDEX + 1`` (line 1 for a plain job)
+with ``sed``, ``eval``s it, unsets ``CORRAL_TABLE`` and ``exec``s the argv. It needs only
+``/bin/sh``, ``base64``, ``gzip`` and ``sed`` (coreutils or busybox): no python, corral or aws CLI in
+the image. A gzip+base64 table of 1,000 typical items is about 11 KB; chunks are cut so that every
+SubmitJob payload stays under :data:`PAYLOAD_LIMIT`.
+"""
+
+from __future__ import annotations
+
+import base64
+import gzip
+import hashlib
+import json
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from corral.errors import PlanError
+from corral.plan import Task
+from corral.spec import Stage
+
+PAYLOAD_LIMIT = 30 * 1024  # SubmitJob request body
+PAYLOAD_MARGIN = 2048  # room for dependsOn (≤ 20 entries), tags and the JSON framing
+MAX_ARRAY_SIZE = 10_000
+MAX_DEPENDS_ON = 20
+MIN_TIMEOUT = 60
+MAX_ATTEMPTS = 10
+EFS_VOLUME = "corral-efs"
+EFS_MOUNT = "/mnt/corral"
+TABLE_VAR = "CORRAL_TABLE"
+
+WRAPPER = """set -eu
+NL='
+'
+i=${AWS_BATCH_JOB_ARRAY_INDEX:-0}
+row=$(printf '%s' "$CORRAL_TABLE" | base64 -d | gzip -dc | sed -n "$((i + 1))p")
+unset CORRAL_TABLE
+if [ -z "$row" ]; then echo "corral: no row $i in the item table" >&2; exit 97; fi
+eval "$row"
+if [ "$#" -eq 0 ]; then echo "corral: row $i has nothing to run (already done)" >&2; exit 0; fi
+if [ -n "${CORRAL_WORKDIR:-}" ]; then mkdir -p "$CORRAL_WORKDIR" 2>/dev/null || true; fi
+exec "$@"
+"""
+
+BARRIER_COMMAND = ["/bin/sh", "-c", ":"]
+
+# Per-task environment names: always in the table, even when a stage has a single task.
+PER_TASK_KEYS = ("CORRAL_TASK_ID", "CORRAL_ITEM_KEY", "CORRAL_ITEM_INDEX")
+CONSTANT_KEYS = ("CORRAL_RUN_ID", "CORRAL_STAGE", "CORRAL_WORKDIR")
+
+
+@dataclass(frozen=True)
+class JobContext:
+    """What job definitions need from the provisioned environment (see provision.Environment)."""
+
+    region: str
+    account_id: str
+    partition: str = "aws"
+    job_role_arn: str = ""
+    execution_role_arn: str = ""
+    log_group: str = ""
+    efs_id: str = ""
+    efs_access_point: str = ""
+    tags: Mapping[str, str] = field(default_factory=dict)
+
+    @staticmethod
+    def from_environment(env: Any, partition: str = "aws") -> JobContext:
+        """Build from a ``provision.Environment`` (or anything with the same attributes)."""
+        return JobContext(
+            region=env.region,
+            account_id=env.account_id,
+            partition=partition,
+            job_role_arn=getattr(env, "job_role_arn", "") or "",
+            execution_role_arn=getattr(env, "execution_role_arn", "") or "",
+            log_group=getattr(env, "log_group", "") or "",
+            efs_id=getattr(env, "efs_id", "") or "",
+            efs_access_point=getattr(env, "efs_access_point", "") or "",
+            tags=dict(getattr(env, "tags", {}) or {}),
+        )
+
+
+@dataclass(frozen=True)
+class JobDefinitionSpec:
+    name: str
+    kwargs: dict[str, Any]  # RegisterJobDefinition kwargs
+
+
+# -- shell encoding -------------------------------------------------------------------------------
+def sh_quote(value: str) -> str:
+    """Single-quote for POSIX sh, on one line (newlines become '"$NL"')."""
+    if "\x00" in value:
+        raise PlanError(
+            "a value holds a NUL character, which cannot be passed in an environment variable",
+            "remove NUL bytes from the item fields and stage env",
+        )
+    return "'" + value.replace("'", "'\\''").replace("\n", "'\"$NL\"'") + "'"
+
+
+def workdir_for(run_id: str, ctx: JobContext) -> str:
+    return f"{EFS_MOUNT}/runs/{run_id}" if ctx.efs_id else f"/tmp/corral/{run_id}"
+
+
+def constant_env(tasks: Sequence[Task], run_id: str, workdir: str) -> dict[str, str]:
+    """The env vars whose value is the same for every task of a stage (they go in the overrides)."""
+    if not tasks:
+        return {}
+    first = tasks[0].env(run_id, workdir)
+    same = {k: v for k, v in first.items() if k not in PER_TASK_KEYS and "\x00" not in v}
+    for t in tasks[1:]:
+        env = t.env(run_id, workdir)
+        same = {k: v for k, v in same.items() if env.get(k) == v}
+        if not same:
+            break
+    for k in CONSTANT_KEYS:
+        if k in first:
+            same[k] = first[k]
+    return same
+
+
+def row_for(task: Task, run_id: str, workdir: str, constant: Mapping[str, str]) -> str:
+    """One line of the item table: the task's varying env and its argv."""
+    env = task.env(run_id, workdir)
+    exports = " ".join(f"{k}={sh_quote(v)}" for k, v in env.items() if k not in constant or constant[k] != v)
+    argv = task.command(run_id, workdir)
+    if not argv:
+        raise PlanError(
+            f"stage {task.stage.name!r} has no command to run on AWS Batch",
+            "give the stage a `command` (transfer stages run on the local backend)",
+        )
+    line = (f"export {exports}; " if exports else "") + "set -- " + " ".join(sh_quote(a) for a in argv)
+    assert "\n" not in line
+    return line
+
+
+PADDING_ROW = "set --"
+
+
+def encode_table(rows: Sequence[str]) -> str:
+    data = ("\n".join(rows) + "\n").encode()
+    return base64.b64encode(gzip.compress(data, compresslevel=9, mtime=0)).decode("ascii")
+
+
+def decode_table(blob: str) -> list[str]:
+    """The rows of an encoded table (for tests and `corral` tools; the image uses the wrapper)."""
+    return gzip.decompress(base64.b64decode(blob)).decode().split("\n")[:-1]
+
+
+# -- job definitions ------------------------------------------------------------------------------
+def retry_strategy(retries: int) -> dict[str, Any]:
+    """attempts = retries + 1; retry infrastructure failures, exit on the task's own failure."""
+    attempts = max(1, min(MAX_ATTEMPTS, retries + 1))
+    return {
+        "attempts": attempts,
+        "evaluateOnExit": [
+            {"onStatusReason": "Host EC2*", "action": "RETRY"},  # spot reclaim, instance failure
+            {"onStatusReason": "CannotPullContainerError*", "action": "RETRY"},
+            {"onReason": "CannotPullContainerError*", "action": "RETRY"},
+            {"onExitCode": "*", "action": "EXIT"},  # the command's own failure: `retries` counts them
+            {"onStatusReason": "*", "action": "EXIT"},
+        ]
+        if attempts > 1
+        else [],
+    }
+
+
+def _secret_arn(ref: str, ctx: JobContext) -> str:
+    if ref.startswith("arn:"):
+        return ref
+    if ref.startswith("env:"):
+        raise PlanError(
+            f"secret reference {ref!r} names a local environment variable, which AWS Batch cannot read",
+            "give a Secrets Manager secret name or ARN (or an SSM parameter ARN) for `--backend aws`",
+        )
+    # A partial ARN (no random suffix) is accepted by ECS/Batch for a secret in the job's region.
+    return f"arn:{ctx.partition}:secretsmanager:{ctx.region}:{ctx.account_id}:secret:{ref}"
+
+
+def _content_name(content: Mapping[str, Any]) -> str:
+    digest = hashlib.sha256(json.dumps(content, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+    return f"corral-{digest[:16]}"
+
+
+def job_definition(stage: Stage, ctx: JobContext) -> JobDefinitionSpec:
+    """RegisterJobDefinition kwargs for a stage's runtime, named from a hash of their content."""
+    if not stage.image:
+        raise PlanError(
+            f"stage {stage.name!r} has no image; AWS Batch runs every task in a container",
+            "set `image:` on the stage or in `defaults:`",
+        )
+    res = stage.resources
+    requirements = [
+        {"type": "VCPU", "value": str(max(1, math.ceil(res.vcpus)))},
+        {"type": "MEMORY", "value": str(int(res.memory))},
+    ]
+    if res.gpus:
+        requirements.append({"type": "GPU", "value": str(res.gpus)})
+    container: dict[str, Any] = {
+        "image": stage.image,
+        "command": ["/bin/sh", "-c", WRAPPER],
+        "resourceRequirements": requirements,
+    }
+    if ctx.job_role_arn:
+        container["jobRoleArn"] = ctx.job_role_arn
+    if ctx.execution_role_arn:
+        container["executionRoleArn"] = ctx.execution_role_arn
+    if ctx.log_group:
+        container["logConfiguration"] = {
+            "logDriver": "awslogs",
+            "options": {"awslogs-group": ctx.log_group, "awslogs-stream-prefix": "corral"},
+        }
+    if stage.secrets:
+        container["secrets"] = [
+            {"name": name, "valueFrom": _secret_arn(ref, ctx)} for name, ref in sorted(stage.secrets.items())
+        ]
+    if ctx.efs_id:
+        efs: dict[str, Any] = {"fileSystemId": ctx.efs_id, "transitEncryption": "ENABLED"}
+        if ctx.efs_access_point:
+            efs["authorizationConfig"] = {"accessPointId": ctx.efs_access_point, "iam": "ENABLED"}
+        container["volumes"] = [{"name": EFS_VOLUME, "efsVolumeConfiguration": efs}]
+        container["mountPoints"] = [{"sourceVolume": EFS_VOLUME, "containerPath": EFS_MOUNT}]
+    content: dict[str, Any] = {
+        "type": "container",
+        "platformCapabilities": ["EC2"],
+        "containerProperties": container,
+        "retryStrategy": retry_strategy(stage.retries),
+    }
+    if not content["retryStrategy"]["evaluateOnExit"]:
+        del content["retryStrategy"]["evaluateOnExit"]
+    if stage.timeout:
+        content["timeout"] = {"attemptDurationSeconds": max(MIN_TIMEOUT, math.ceil(stage.timeout))}
+    name = _content_name(content)
+    kwargs = {
+        "jobDefinitionName": name,
+        **content,
+        "tags": {**ctx.tags, "corral:managed": "true"},
+        "propagateTags": True,
+    }
+    return JobDefinitionSpec(name=name, kwargs=kwargs)
+
+
+def barrier_definition(image: str, ctx: JobContext) -> JobDefinitionSpec:
+    """A no-op job definition used to fan in more than 20 dependencies."""
+    content = {
+        "type": "container",
+        "platformCapabilities": ["EC2"],
+        "containerProperties": {
+            "image": image,
+            "command": BARRIER_COMMAND,
+            "resourceRequirements": [{"type": "VCPU", "value": "1"}, {"type": "MEMORY", "value": "128"}],
+            **({"executionRoleArn": ctx.execution_role_arn} if ctx.execution_role_arn else {}),
+        },
+        "retryStrategy": {"attempts": 1},
+    }
+    name = _content_name(content)
+    return JobDefinitionSpec(
+        name=name, kwargs={"jobDefinitionName": name, **content, "tags": {**ctx.tags, "corral:managed": "true"}}
+    )
+
+
+# -- submission -----------------------------------------------------------------------------------
+def submit_kwargs(
+    *,
+    job_name: str,
+    job_queue: str,
+    job_definition: str,
+    size: int,
+    table: str | None,
+    env: Mapping[str, str],
+    depends_on: Sequence[Mapping[str, str]] = (),
+    tags: Mapping[str, str] | None = None,
+) -> dict[str, Any]:
+    """SubmitJob kwargs: a plain job when ``size`` is 1, else an array job of ``size`` children."""
+    environment = [{"name": k, "value": v} for k, v in sorted(env.items())]
+    if table is not None:
+        environment.append({"name": TABLE_VAR, "value": table})
+    kwargs: dict[str, Any] = {
+        "jobName": job_name,
+        "jobQueue": job_queue,
+        "jobDefinition": job_definition,
+        "containerOverrides": {"environment": environment},
+    }
+    if size > 1:
+        kwargs["arrayProperties"] = {"size": size}
+    if depends_on:
+        kwargs["dependsOn"] = [dict(d) for d in depends_on]
+    if tags:
+        kwargs["tags"] = dict(tags)
+        kwargs["propagateTags"] = True
+    return kwargs
+
+
+def payload_size(kwargs: Mapping[str, Any]) -> int:
+    return len(json.dumps(kwargs, separators=(",", ":")).encode())
+
+
+def env_size(env: Mapping[str, str]) -> int:
+    return sum(len(json.dumps({"name": k, "value": v})) + 1 for k, v in env.items())
+
+
+def chunk_bounds(tables: Sequence[Sequence[str]], budget: int) -> list[int]:
+    """Cut ``n`` aligned rows into chunks: sizes such that, for every table, the encoded rows of each
+    chunk take at most ``budget`` bytes and no chunk has more than 10,000 rows. All tables must
+    have the same length; the same cut applies to all (so N_TO_N children stay aligned)."""
+    if not tables:
+        return []
+    n = len(tables[0])
+    assert all(len(t) == n for t in tables)
+
+    def fits(a: int, b: int) -> bool:
+        return all(len(encode_table(t[a:b])) <= budget for t in tables)
+
+    sizes: list[int] = []
+    a = 0
+    guess = MAX_ARRAY_SIZE
+    while a < n:
+        hi = min(n, a + MAX_ARRAY_SIZE)
+        if not fits(a, a + 1):
+            raise PlanError(
+                f"item {a} is too large to pass to AWS Batch (its row is over {budget} bytes compressed)",
+                "keep item fields and env values short; put large data in files the command reads",
+            )
+        if fits(a, hi):
+            b = hi
+        else:
+            # Largest b in (a, hi) that fits, starting from the previous chunk's size.
+            lo = a + 1  # fits
+            top = hi  # does not fit
+            probe = min(top - 1, a + guess)
+            if probe > lo:
+                if fits(a, probe):
+                    lo = probe
+                else:
+                    top = probe
+            while top - lo > 1:
+                mid = (lo + top) // 2
+                if fits(a, mid):
+                    lo = mid
+                else:
+                    top = mid
+            b = lo
+        sizes.append(b - a)
+        guess = b - a
+        a = b
+    return sizes
