@@ -14,15 +14,17 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from corral.backends.aws_batch.client import AwsClients
+from corral.backends.aws_batch.common import MANAGED_TAG, RUN_TAG
+from corral.backends.aws_batch.environment import DEFAULT_LOG_GROUP, DEFAULT_QUEUE, DEFAULT_TABLE, GPU_QUEUE
 
 if TYPE_CHECKING:  # pragma: no cover
     from corral.plan import Plan
     from corral.spec import AwsSettings
 
-MANAGED_TAG = "corral:managed"
-RUN_TAG = "corral:run"
-DEFAULT_TABLE = "corral-state"
-DEFAULT_LOG_GROUP = "/aws/batch/corral"
+__all__ = [
+    "DEFAULT_LOG_GROUP", "DEFAULT_QUEUE", "DEFAULT_TABLE", "GPU_QUEUE", "MANAGED_TAG", "RUN_TAG",
+    "Environment", "Needs", "ProvisionReport", "ensure_environment", "needs_for", "teardown",
+]
 
 
 @dataclass

@@ -1,0 +1,140 @@
+"""``ensure_environment``'s body: the order in which things are found or made.
+
+1. refuse what no allowed instance can hold (before any API call),
+2. account and network (default VPC or the settings' subnets/security groups),
+3. log group, state table, bucket (when needed), EFS (when needed),
+4. IAM: instance role/profile, job role and execution role for exactly these needs,
+5. launch template (when a stage needs more disk than the default root volume),
+6. compute environments (spot first when enabled; GPU ones when needed), then the queues.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from corral.backends.aws_batch import compute, iam, network, storage
+from corral.backends.aws_batch.client import AwsClients
+from corral.backends.aws_batch.common import MANAGED_TAG, NAME, Ctx
+from corral.errors import ProvisionError
+from corral.instances import expand, split_allowed
+
+if TYPE_CHECKING:  # pragma: no cover
+    from corral.backends.aws_batch.provision import Environment, Needs, ProvisionReport
+    from corral.spec import AwsSettings
+
+DEFAULT_TABLE = f"{NAME}-state"
+DEFAULT_LOG_GROUP = f"/aws/batch/{NAME}"
+DEFAULT_QUEUE = NAME
+GPU_QUEUE = f"{NAME}-gpu"
+
+
+def base_tags(settings: AwsSettings) -> dict[str, str]:
+    tags = {str(k): str(v) for k, v in (settings.tags or {}).items()}
+    tags[MANAGED_TAG] = "true"
+    return tags
+
+
+def check_needs_fit(settings: AwsSettings, needs: Needs) -> None:
+    """Refuse needs that no allowed instance type (or the vCPU cap) can ever satisfy."""
+    cpu_entries, gpu_entries = split_allowed(list(settings.instance_types))
+    cpu_types = expand(cpu_entries)
+    if cpu_types and not needs.gpu:
+        if not any(t.vcpus >= needs.max_vcpus_per_task for t in cpu_types):
+            top = max(cpu_types, key=lambda t: t.vcpus)
+            raise ProvisionError(
+                f"a task asks for {needs.max_vcpus_per_task:g} vCPUs; the largest allowed instance "
+                f"({', '.join(cpu_entries)}) is {top.describe()}",
+                "lower resources.vcpus or allow larger instance types in aws.instance_types",
+            )
+        if not any(t.usable_memory_mib >= needs.max_memory_mib for t in cpu_types):
+            top = max(cpu_types, key=lambda t: t.memory_mib)
+            raise ProvisionError(
+                f"a task asks for {needs.max_memory_mib} MiB of memory; the largest allowed instance "
+                f"({', '.join(cpu_entries)}) is {top.describe()}",
+                "lower resources.memory or allow larger instance types in aws.instance_types",
+            )
+    if needs.gpu:
+        gpu_types = expand(gpu_entries)
+        want = max(1, needs.max_gpus_per_task)
+        if gpu_types and not any(t.gpus >= want for t in gpu_types):
+            top = max(gpu_types, key=lambda t: t.gpus)
+            raise ProvisionError(
+                f"a task asks for {want} GPUs; the allowed GPU instances ({', '.join(gpu_entries)}) have at "
+                f"most {top.gpus} ({top.describe()})",
+                "ask for fewer GPUs, or allow larger GPU families in aws.instance_types (e.g. p4d, p5)",
+            )
+    if needs.max_vcpus_per_task > settings.max_vcpus:
+        raise ProvisionError(
+            f"a task asks for {needs.max_vcpus_per_task:g} vCPUs but aws.max_vcpus is {settings.max_vcpus}",
+            "raise aws.max_vcpus (or --max-vcpus), or lower the stage's resources.vcpus",
+        )
+    compute.root_volume_gib(needs.max_disk_gib)  # raises for a disk no root volume can hold
+
+
+def build_environment(clients: AwsClients, settings: AwsSettings, needs: Needs,
+                      report: ProvisionReport) -> Environment:
+    from corral.backends.aws_batch.provision import Environment
+
+    check_needs_fit(settings, needs)
+    ctx = Ctx(clients=clients, report=report, tags=base_tags(settings))
+    account = ctx.account
+    net = network.discover(ctx, list(settings.subnets), list(settings.security_groups))
+
+    log_group = getattr(settings, "log_group", None) or DEFAULT_LOG_GROUP
+    table = getattr(settings, "table", None) or DEFAULT_TABLE
+    storage.ensure_log_group(ctx, log_group)
+    storage.ensure_table(ctx, table)
+    bucket = storage.ensure_bucket(ctx, settings.bucket) if (needs.bucket or settings.bucket) else None
+    efs_id = access_point = None
+    if needs.efs:
+        efs_id, access_point = storage.ensure_efs(ctx, net, run_id=needs.run_id)
+
+    policy_inputs = iam.JobPolicyInputs(
+        table=table, log_group=log_group, bucket=bucket, prefix=settings.prefix,
+        s3_read=tuple(needs.s3_read), s3_write=tuple(needs.s3_write), secrets=tuple(needs.secrets),
+        ecr_repositories=tuple(needs.ecr_repositories), efs_id=efs_id,
+    )
+    profile_arn = iam.ensure_instance_profile(ctx)
+    job_role, exec_role = iam.ensure_job_roles(ctx, policy_inputs)
+
+    size = compute.root_volume_gib(needs.max_disk_gib)
+    template = compute.ensure_launch_template(ctx, size) if size else None
+
+    cpu_entries, gpu_entries = split_allowed(list(settings.instance_types))
+    queue_name = settings.queue or DEFAULT_QUEUE
+    queue_arn = compute.existing_foreign_queue(ctx, queue_name) if settings.queue else None
+    cpu_ces: list[str] = []
+    if queue_arn is None:
+        cpu_ces = _environments(ctx, "", cpu_entries, net, profile_arn, settings, template, None)
+        queue_arn = compute.ensure_queue(ctx, queue_name, cpu_ces)
+    gpu_queue_arn = None
+    gpu_ces: list[str] = []
+    if needs.gpu:
+        gpu_ces = _environments(ctx, "gpu-", gpu_entries, net, profile_arn, settings, template,
+                                compute.GPU_IMAGE_TYPE)
+        gpu_queue_arn = compute.ensure_queue(ctx, GPU_QUEUE, gpu_ces)
+
+    return Environment(
+        region=clients.region, account_id=account, job_queue=queue_arn, gpu_job_queue=gpu_queue_arn,
+        job_role_arn=job_role, execution_role_arn=exec_role, log_group=log_group, table_name=table,
+        bucket=bucket, efs_id=efs_id, efs_access_point=access_point, subnets=list(net.subnets),
+        security_groups=list(net.security_groups), instance_types=cpu_entries, tags=dict(ctx.tags),
+        gpu_instance_types=gpu_entries if needs.gpu else [], compute_environments=cpu_ces,
+        gpu_compute_environments=gpu_ces,
+        launch_template=f"{template['launchTemplateName']}:{template['version']}" if template else None,
+        root_volume_gib=size, prefix=settings.prefix,
+    )
+
+
+def _environments(ctx: Ctx, kind_prefix: str, entries: list[str], net: network.Network, profile_arn: str,
+                  settings: AwsSettings, template: dict[str, str] | None, image_type: str | None) -> list[str]:
+    """Spot (when enabled) then on-demand environments over ``entries``; ARNs in queue order."""
+    kinds = ["spot", "ec2"] if settings.spot else ["ec2"]
+    arns = []
+    for kind in kinds:
+        spec = compute.ComputeSpec(
+            kind=f"{kind_prefix}{kind}", instance_types=entries, network=net, instance_profile=profile_arn,
+            max_vcpus=settings.max_vcpus, launch_template=template, image_type=image_type, tags=ctx.tags,
+        )
+        arns.append(compute.ensure_compute_environment(ctx, spec))
+    return arns

@@ -1,0 +1,273 @@
+"""IAM for Batch: the instance role/profile, a job role and an execution role per workflow's needs.
+
+Every role lives under the path ``/corral/`` and carries ``corral:managed=true``.
+
+- **ECS instance role** ``corral-ecs-instance`` (+ instance profile of the same name), trusted by
+  EC2. It gets one AWS-managed policy, ``service-role/AmazonEC2ContainerServiceforEC2Role``: the
+  narrow standard policy that lets the ECS agent register the instance, pull images and write
+  container logs (it is what the Batch console itself attaches). Nothing else.
+- **Job role** ``corral-job-<hash>``, trusted by ECS tasks of this account: an inline policy that
+  grants only what the workflow uses — object access under its bucket/prefix and the S3 scopes
+  its stages read or write, its DynamoDB table, its log group, its secrets, its EFS file system.
+- **Execution role** ``corral-exec-<hash>``, trusted by ECS tasks of this account: pull from
+  exactly the workflow's ECR repositories, write to its log group, read exactly its secrets.
+  ``ecr:GetAuthorizationToken`` has no resource-level permissions in IAM, so that single action
+  is granted on ``"*"`` (the only wildcard resource; no statement has a wildcard action).
+
+Job and execution roles are named by a hash of their policy, so equal needs share one role,
+different needs get their own, and a found role never needs its policy rewritten.
+
+The Batch **service role**: AWS Batch uses its service-linked role ``AWSServiceRoleForBatch``
+when ``serviceRole`` is left out, and corral leaves it out. :func:`service_linked_role_arn` is
+only called when an endpoint refuses that (moto does: "ServiceRole is required"); it finds or
+creates the same service-linked role and returns its ARN, so no corral-made service role with a
+policy of its own ever exists. Service-linked roles belong to the account; teardown leaves them.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any
+
+from corral.backends.aws_batch.client import aws_errors, is_not_found
+from corral.backends.aws_batch.common import IAM_PATH, NAME, Ctx, content_hash, tag_list
+from corral.errors import ProvisionError
+
+INSTANCE_ROLE = f"{NAME}-ecs-instance"
+INLINE_POLICY = NAME
+ECS_INSTANCE_POLICY = "service-role/AmazonEC2ContainerServiceforEC2Role"
+BATCH_SERVICE = "batch.amazonaws.com"
+
+# What the job role may do with objects under a scope it reads / writes.
+S3_READ_ACTIONS = ["s3:GetObject", "s3:GetObjectTagging"]
+S3_WRITE_ACTIONS = ["s3:GetObject", "s3:PutObject", "s3:PutObjectTagging", "s3:DeleteObject",
+                    "s3:AbortMultipartUpload", "s3:ListMultipartUploadParts"]
+DYNAMODB_ACTIONS = ["dynamodb:GetItem", "dynamodb:PutItem", "dynamodb:UpdateItem", "dynamodb:Query",
+                    "dynamodb:BatchGetItem", "dynamodb:BatchWriteItem", "dynamodb:ConditionCheckItem"]
+LOG_ACTIONS = ["logs:CreateLogStream", "logs:PutLogEvents"]
+ECR_PULL_ACTIONS = ["ecr:BatchCheckLayerAvailability", "ecr:GetDownloadUrlForLayer", "ecr:BatchGetImage"]
+
+
+@dataclass
+class JobPolicyInputs:
+    """Everything the job and execution roles' policies are computed from."""
+
+    table: str
+    log_group: str
+    bucket: str | None = None
+    prefix: str = NAME
+    s3_read: tuple[str, ...] = ()
+    s3_write: tuple[str, ...] = ()
+    secrets: tuple[str, ...] = ()
+    ecr_repositories: tuple[str, ...] = ()
+    efs_id: str | None = None
+
+
+def _doc(statements: list[dict[str, Any]]) -> dict[str, Any]:
+    return {"Version": "2012-10-17", "Statement": statements}
+
+
+def ec2_trust() -> dict[str, Any]:
+    return _doc([{"Effect": "Allow", "Principal": {"Service": "ec2.amazonaws.com"}, "Action": "sts:AssumeRole"}])
+
+
+def ecs_tasks_trust(ctx: Ctx) -> dict[str, Any]:
+    # The conditions stop another account's ECS tasks from assuming the role (confused deputy).
+    return _doc([{
+        "Effect": "Allow",
+        "Principal": {"Service": "ecs-tasks.amazonaws.com"},
+        "Action": "sts:AssumeRole",
+        "Condition": {
+            "StringEquals": {"aws:SourceAccount": ctx.account},
+            "ArnLike": {"aws:SourceArn": ctx.arn("ecs", "*")},
+        },
+    }])
+
+
+def secret_arn(ctx: Ctx, name: str) -> str:
+    """A secret's ARN pattern: Secrets Manager appends ``-`` and 6 random characters to the name."""
+    if name.startswith("arn:"):
+        return name
+    return ctx.arn("secretsmanager", f"secret:{name}-??????")
+
+
+def _split_scope(scope: str) -> tuple[str, str]:
+    bucket, _, prefix = scope.partition("/")
+    return bucket, prefix
+
+
+def _s3_statements(ctx: Ctx, read: list[str], write: list[str]) -> list[dict[str, Any]]:
+    p = ctx.partition
+    out: list[dict[str, Any]] = []
+    if write:
+        out.append({"Sid": "WriteObjects", "Effect": "Allow", "Action": S3_WRITE_ACTIONS,
+                    "Resource": [f"arn:{p}:s3:::{b}/{pre}*" for b, pre in map(_split_scope, write)]})
+    if read:
+        out.append({"Sid": "ReadObjects", "Effect": "Allow", "Action": S3_READ_ACTIONS,
+                    "Resource": [f"arn:{p}:s3:::{b}/{pre}*" for b, pre in map(_split_scope, read)]})
+    # Listing is granted per bucket, limited to the prefixes used.
+    by_bucket: dict[str, list[str]] = {}
+    for scope in [*write, *read]:
+        b, pre = _split_scope(scope)
+        if f"{pre}*" not in by_bucket.setdefault(b, []):
+            by_bucket[b].append(f"{pre}*")
+    for i, (b, prefixes) in enumerate(sorted(by_bucket.items())):
+        stmt: dict[str, Any] = {"Sid": f"List{i}", "Effect": "Allow", "Action": ["s3:ListBucket"],
+                                "Resource": f"arn:{p}:s3:::{b}"}
+        if "*" not in prefixes:
+            stmt["Condition"] = {"StringLike": {"s3:prefix": sorted(prefixes)}}
+        out.append(stmt)
+        out.append({"Sid": f"Locate{i}", "Effect": "Allow", "Action": ["s3:GetBucketLocation"],
+                    "Resource": f"arn:{p}:s3:::{b}"})
+    return out
+
+
+def job_policy(ctx: Ctx, inp: JobPolicyInputs) -> dict[str, Any]:
+    log_group_arn = ctx.arn("logs", f"log-group:{inp.log_group}")
+    statements: list[dict[str, Any]] = [
+        {"Sid": "State", "Effect": "Allow", "Action": DYNAMODB_ACTIONS,
+         "Resource": ctx.arn("dynamodb", f"table/{inp.table}")},
+        {"Sid": "Logs", "Effect": "Allow", "Action": LOG_ACTIONS,
+         "Resource": [f"{log_group_arn}:*", f"{log_group_arn}:log-stream:*"]},
+    ]
+    read = list(inp.s3_read)
+    write = list(inp.s3_write)
+    if inp.bucket:
+        own = f"{inp.bucket}/{inp.prefix.strip('/')}/" if inp.prefix.strip("/") else f"{inp.bucket}/"
+        if own not in write:
+            write.insert(0, own)
+    read = [r for r in read if r not in write]
+    statements += _s3_statements(ctx, read, write)
+    if inp.secrets:
+        statements.append({"Sid": "Secrets", "Effect": "Allow", "Action": ["secretsmanager:GetSecretValue"],
+                           "Resource": [secret_arn(ctx, s) for s in inp.secrets]})
+    if inp.efs_id:
+        statements.append({"Sid": "Workspace", "Effect": "Allow",
+                           "Action": ["elasticfilesystem:ClientMount", "elasticfilesystem:ClientWrite"],
+                           "Resource": ctx.arn("elasticfilesystem", f"file-system/{inp.efs_id}")})
+    return _doc(statements)
+
+
+def execution_policy(ctx: Ctx, inp: JobPolicyInputs) -> dict[str, Any]:
+    log_group_arn = ctx.arn("logs", f"log-group:{inp.log_group}")
+    statements: list[dict[str, Any]] = [
+        {"Sid": "Logs", "Effect": "Allow", "Action": LOG_ACTIONS,
+         "Resource": [f"{log_group_arn}:*", f"{log_group_arn}:log-stream:*"]},
+    ]
+    if inp.ecr_repositories:
+        statements.append({"Sid": "RegistryLogin", "Effect": "Allow", "Action": ["ecr:GetAuthorizationToken"],
+                           "Resource": "*"})  # this action has no resource-level permissions
+        statements.append({"Sid": "PullImages", "Effect": "Allow", "Action": ECR_PULL_ACTIONS,
+                           "Resource": [ctx.arn("ecr", f"repository/{r}") for r in inp.ecr_repositories]})
+    if inp.secrets:
+        statements.append({"Sid": "Secrets", "Effect": "Allow", "Action": ["secretsmanager:GetSecretValue"],
+                           "Resource": [secret_arn(ctx, s) for s in inp.secrets]})
+    return _doc(statements)
+
+
+def _get_role(ctx: Ctx, name: str) -> dict[str, Any] | None:
+    try:
+        return ctx.clients.iam.get_role(RoleName=name)["Role"]
+    except Exception as exc:
+        if is_not_found(exc):
+            return None
+        raise
+
+
+def ensure_role(
+    ctx: Ctx,
+    name: str,
+    trust: dict[str, Any],
+    *,
+    description: str,
+    inline: dict[str, Any] | None = None,
+    managed: list[str] | None = None,
+) -> str:
+    """Find or create a role (path /corral/) with this trust, inline policy and managed policies.
+
+    A found role is checked for its inline and managed policies (a run that stopped half-way
+    is completed); nothing is written when all is in place.
+    """
+    iam = ctx.clients.iam
+    managed_arns = [f"arn:{ctx.partition}:iam::aws:policy/{m}" for m in (managed or [])]
+    with aws_errors(f"set up IAM role {name}"):
+        role = _get_role(ctx, name)
+        if role is None:
+            role = iam.create_role(
+                Path=IAM_PATH, RoleName=name, AssumeRolePolicyDocument=json.dumps(trust),
+                Description=description[:1000], Tags=tag_list(ctx.tags), MaxSessionDuration=3600,
+            )["Role"]
+            ctx.created("role", name)
+            have_inline: set[str] = set()
+            have_managed: set[str] = set()
+        else:
+            ctx.found("role", name)
+            have_inline = set(iam.list_role_policies(RoleName=name)["PolicyNames"]) if inline else set()
+            have_managed = {
+                p["PolicyArn"] for p in iam.list_attached_role_policies(RoleName=name)["AttachedPolicies"]
+            } if managed_arns else set()
+        if inline is not None and INLINE_POLICY not in have_inline:
+            iam.put_role_policy(RoleName=name, PolicyName=INLINE_POLICY, PolicyDocument=json.dumps(inline))
+        for arn in managed_arns:
+            if arn not in have_managed:
+                iam.attach_role_policy(RoleName=name, PolicyArn=arn)
+    return role["Arn"]
+
+
+def ensure_instance_profile(ctx: Ctx) -> str:
+    """The ECS instance role and its instance profile; returns the profile's ARN."""
+    iam = ctx.clients.iam
+    ensure_role(ctx, INSTANCE_ROLE, ec2_trust(), description="corral: ECS container instances of AWS Batch",
+                managed=[ECS_INSTANCE_POLICY])
+    with aws_errors(f"set up instance profile {INSTANCE_ROLE}"):
+        try:
+            profile = iam.get_instance_profile(InstanceProfileName=INSTANCE_ROLE)["InstanceProfile"]
+            ctx.found("instance-profile", INSTANCE_ROLE)
+        except Exception as exc:
+            if not is_not_found(exc):
+                raise
+            profile = iam.create_instance_profile(
+                InstanceProfileName=INSTANCE_ROLE, Path=IAM_PATH, Tags=tag_list(ctx.tags)
+            )["InstanceProfile"]
+            ctx.created("instance-profile", INSTANCE_ROLE)
+        if not any(r["RoleName"] == INSTANCE_ROLE for r in profile.get("Roles", [])):
+            iam.add_role_to_instance_profile(InstanceProfileName=INSTANCE_ROLE, RoleName=INSTANCE_ROLE)
+    return profile["Arn"]
+
+
+def ensure_job_roles(ctx: Ctx, inp: JobPolicyInputs) -> tuple[str, str]:
+    """(job role ARN, execution role ARN), each named by a hash of its trust and policy."""
+    trust = ecs_tasks_trust(ctx)
+    jp = job_policy(ctx, inp)
+    ep = execution_policy(ctx, inp)
+    job = ensure_role(ctx, f"{NAME}-job-{content_hash([trust, jp])}", trust, inline=jp,
+                      description="corral: what the workflow's jobs may reach (bucket, table, logs, secrets)")
+    exe = ensure_role(ctx, f"{NAME}-exec-{content_hash([trust, ep])}", trust, inline=ep,
+                      description="corral: pull the workflow's images, write its logs, read its secrets")
+    return job, exe
+
+
+def service_linked_role_arn(ctx: Ctx) -> str:
+    """The Batch service-linked role's ARN, creating that AWS-defined role if the account lacks it."""
+    iam = ctx.clients.iam
+    prefix = f"/aws-service-role/{BATCH_SERVICE}/"
+    with aws_errors("find the AWS Batch service-linked role"):
+        for page in iam.get_paginator("list_roles").paginate(PathPrefix=prefix):
+            for role in page["Roles"]:
+                ctx.found("service-linked-role", role["RoleName"])
+                return role["Arn"]
+        role = iam.create_service_linked_role(AWSServiceName=BATCH_SERVICE)["Role"]
+        ctx.created("service-linked-role", role["RoleName"])
+        return role["Arn"]
+
+
+def check_policy_is_narrow(doc: dict[str, Any]) -> None:
+    """Refuse a policy with a wildcard action (used by tests and as a guard before writing)."""
+    for stmt in doc.get("Statement", []):
+        actions = stmt.get("Action", [])
+        actions = [actions] if isinstance(actions, str) else actions
+        for a in actions:
+            if a == "*" or a.endswith(":*"):
+                raise ProvisionError(f"policy statement {stmt.get('Sid', '?')} grants {a!r}",
+                                     "this is a bug in corral: please report it")

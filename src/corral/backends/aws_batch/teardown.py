@@ -1,0 +1,298 @@
+"""Removing what corral made, and nothing else.
+
+A resource is removed only when it carries ``corral:managed=true`` (for a run, also
+``corral:run=<id>``). Order matters on AWS: a queue is disabled and deleted before its compute
+environments, a compute environment is gone before its instance profile, mount targets before
+their file system. Each wait is bounded polling. Data is not destroyed by default: a bucket
+with objects or an ECR repository with images is kept (and reported) unless ``purge``. The Batch
+service-linked role belongs to the account and is never removed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from typing import Any
+
+from corral.backends.aws_batch.client import AwsClients, aws_errors, error_code, is_not_found
+from corral.backends.aws_batch.common import IAM_PATH, NAME, RUN_TAG, Ctx, is_managed, tag_dict
+from corral.errors import UsageError
+
+TIMEOUT = 1200.0
+
+
+def remove(clients: AwsClients, *, run_id: str | None = None, everything: bool = False,
+           purge: bool = False) -> Any:
+    from corral.backends.aws_batch.provision import ProvisionReport
+
+    if not everything and not run_id:
+        raise UsageError("nothing to tear down: say which", "use --all, or --run RUN_ID")
+    report = ProvisionReport()
+    ctx = Ctx(clients=clients, report=report, tags={})
+    with aws_errors("tear down corral's AWS resources"):
+        if run_id:
+            _job_definitions(ctx, run_id)
+            _efs_access_points(ctx, run_id)
+            _secrets(ctx, run_id)
+        if everything:
+            _queues(ctx)
+            _compute_environments(ctx)
+            _job_definitions(ctx, None)
+            _launch_templates(ctx)
+            _file_systems(ctx)
+            _secrets(ctx, None)
+            _tables(ctx)
+            _log_groups(ctx)
+            _buckets(ctx, purge)
+            _repositories(ctx, purge)
+            _iam(ctx)
+    return report
+
+
+def _deleted(ctx: Ctx, kind: str, name: str) -> None:
+    ctx.report.deleted.append(f"{kind} {name}")
+
+
+def _kept(ctx: Ctx, kind: str, name: str, why: str) -> None:
+    ctx.report.kept.append(f"{kind} {name} ({why})")
+
+
+def _gone(fn: Callable[[], Any]) -> bool:
+    try:
+        fn()
+    except Exception as exc:
+        if is_not_found(exc):
+            return True
+        raise
+    return False
+
+
+# -- Batch ----------------------------------------------------------------------------------------
+def _managed_queues(ctx: Ctx) -> list[dict[str, Any]]:
+    out = []
+    for page in ctx.clients.batch.get_paginator("describe_job_queues").paginate():
+        out += [q for q in page["jobQueues"] if q.get("status") != "DELETED" and is_managed(q.get("tags"))]
+    return out
+
+
+def _queues(ctx: Ctx) -> None:
+    batch = ctx.clients.batch
+    queues = _managed_queues(ctx)
+    for q in queues:
+        if q.get("state") != "DISABLED":
+            batch.update_job_queue(jobQueue=q["jobQueueArn"], state="DISABLED")
+    for q in queues:
+        arn = q["jobQueueArn"]
+
+        def settled(arn: str = arn) -> bool:
+            cur = batch.describe_job_queues(jobQueues=[arn])["jobQueues"]
+            return not cur or cur[0].get("status") not in ("UPDATING", "CREATING")
+
+        ctx.poller.poll(settled, what=f"job queue {q['jobQueueName']} to be disabled", timeout=TIMEOUT)
+        batch.delete_job_queue(jobQueue=arn)
+    for q in queues:
+        arn = q["jobQueueArn"]
+        ctx.poller.poll(
+            lambda arn=arn: all(x.get("status") == "DELETED"
+                                for x in batch.describe_job_queues(jobQueues=[arn])["jobQueues"]),
+            what=f"job queue {q['jobQueueName']} to be deleted", timeout=TIMEOUT,
+        )
+        _deleted(ctx, "job-queue", q["jobQueueName"])
+
+
+def _compute_environments(ctx: Ctx) -> None:
+    batch = ctx.clients.batch
+    ces = []
+    for page in batch.get_paginator("describe_compute_environments").paginate():
+        ces += [c for c in page["computeEnvironments"]
+                if c.get("status") != "DELETED" and is_managed(c.get("tags"))]
+    for c in ces:
+        if c.get("state") != "DISABLED":
+            batch.update_compute_environment(computeEnvironment=c["computeEnvironmentArn"], state="DISABLED")
+    for c in ces:
+        arn = c["computeEnvironmentArn"]
+
+        def settled(arn: str = arn) -> bool:
+            cur = batch.describe_compute_environments(computeEnvironments=[arn])["computeEnvironments"]
+            return not cur or cur[0].get("status") not in ("UPDATING", "CREATING")
+
+        ctx.poller.poll(settled, what=f"compute environment {c['computeEnvironmentName']} to be disabled",
+                        timeout=TIMEOUT)
+        batch.delete_compute_environment(computeEnvironment=arn)
+    for c in ces:
+        arn = c["computeEnvironmentArn"]
+        ctx.poller.poll(
+            lambda arn=arn: all(x.get("status") == "DELETED" for x in
+                                batch.describe_compute_environments(computeEnvironments=[arn])["computeEnvironments"]),
+            what=f"compute environment {c['computeEnvironmentName']} to be deleted", timeout=TIMEOUT,
+        )
+        _deleted(ctx, "compute-environment", c["computeEnvironmentName"])
+
+
+def _job_definitions(ctx: Ctx, run_id: str | None) -> None:
+    batch = ctx.clients.batch
+    for page in batch.get_paginator("describe_job_definitions").paginate(status="ACTIVE"):
+        for jd in page["jobDefinitions"]:
+            if jd.get("status") == "ACTIVE" and is_managed(jd.get("tags"), run_id):
+                batch.deregister_job_definition(jobDefinition=jd["jobDefinitionArn"])
+                _deleted(ctx, "job-definition", f"{jd['jobDefinitionName']}:{jd['revision']}")
+
+
+def _launch_templates(ctx: Ctx) -> None:
+    ec2 = ctx.clients.ec2
+    for page in ec2.get_paginator("describe_launch_templates").paginate(
+        Filters=[{"Name": "tag:corral:managed", "Values": ["true"]}]
+    ):
+        for lt in page["LaunchTemplates"]:
+            if is_managed(lt.get("Tags")):
+                ec2.delete_launch_template(LaunchTemplateId=lt["LaunchTemplateId"])
+                _deleted(ctx, "launch-template", lt["LaunchTemplateName"])
+
+
+# -- EFS ------------------------------------------------------------------------------------------
+def _efs_access_points(ctx: Ctx, run_id: str | None, fs_id: str | None = None) -> None:
+    efs = ctx.clients.efs
+    fs_ids = [fs_id] if fs_id else [f["FileSystemId"] for f in _managed_file_systems(ctx)]
+    for fid in fs_ids:
+        for page in efs.get_paginator("describe_access_points").paginate(FileSystemId=fid):
+            for ap in page["AccessPoints"]:
+                if is_managed(ap.get("Tags"), run_id):
+                    efs.delete_access_point(AccessPointId=ap["AccessPointId"])
+                    _deleted(ctx, "efs-access-point",
+                             f"{ap['AccessPointId']} (run {tag_dict(ap.get('Tags')).get(RUN_TAG, '-')})")
+
+
+def _managed_file_systems(ctx: Ctx) -> list[dict[str, Any]]:
+    out = []
+    for page in ctx.clients.efs.get_paginator("describe_file_systems").paginate():
+        out += [f for f in page["FileSystems"] if is_managed(f.get("Tags"))
+                and f.get("LifeCycleState") not in ("deleting", "deleted")]
+    return out
+
+
+def _file_systems(ctx: Ctx) -> None:
+    efs = ctx.clients.efs
+    for fs in _managed_file_systems(ctx):
+        fid = fs["FileSystemId"]
+        _efs_access_points(ctx, None, fid)
+        for mt in efs.describe_mount_targets(FileSystemId=fid)["MountTargets"]:
+            efs.delete_mount_target(MountTargetId=mt["MountTargetId"])
+        ctx.poller.poll(lambda fid=fid: not efs.describe_mount_targets(FileSystemId=fid)["MountTargets"],
+                        what=f"mount targets of {fid} to be deleted", timeout=TIMEOUT)
+        efs.delete_file_system(FileSystemId=fid)
+        _deleted(ctx, "efs", f"{fs.get('Name') or fs.get('CreationToken')} ({fid})")
+
+
+# -- other services -------------------------------------------------------------------------------
+def _secrets(ctx: Ctx, run_id: str | None) -> None:
+    sm = ctx.clients.secretsmanager
+    key = RUN_TAG if run_id else "corral:managed"
+    value = run_id or "true"
+    for page in sm.get_paginator("list_secrets").paginate(Filters=[{"Key": "tag-key", "Values": [key]}]):
+        for s in page["SecretList"]:
+            if tag_dict(s.get("Tags")).get(key) == value and is_managed(s.get("Tags")):
+                sm.delete_secret(SecretId=s["ARN"], ForceDeleteWithoutRecovery=True)
+                _deleted(ctx, "secret", s["Name"])
+
+
+def _tables(ctx: Ctx) -> None:
+    ddb = ctx.clients.dynamodb
+    for page in ddb.get_paginator("list_tables").paginate():
+        for name in page["TableNames"]:
+            arn = ddb.describe_table(TableName=name)["Table"]["TableArn"]
+            tags = ddb.list_tags_of_resource(ResourceArn=arn).get("Tags", [])
+            if is_managed(tags):
+                ddb.delete_table(TableName=name)
+                _deleted(ctx, "dynamodb-table", name)
+
+
+def _log_groups(ctx: Ctx) -> None:
+    logs = ctx.clients.logs
+    for page in logs.get_paginator("describe_log_groups").paginate(logGroupNamePrefix=f"/aws/batch/{NAME}"):
+        for g in page["logGroups"]:
+            tags = logs.list_tags_log_group(logGroupName=g["logGroupName"]).get("tags", {})
+            if is_managed(tags):
+                logs.delete_log_group(logGroupName=g["logGroupName"])
+                _deleted(ctx, "log-group", g["logGroupName"])
+
+
+def _chunks(items: list[Any], n: int) -> Iterable[list[Any]]:
+    for i in range(0, len(items), n):
+        yield items[i:i + n]
+
+
+def _buckets(ctx: Ctx, purge: bool) -> None:
+    s3 = ctx.clients.s3
+    for b in s3.list_buckets().get("Buckets", []):
+        name = b["Name"]
+        try:
+            tags = s3.get_bucket_tagging(Bucket=name)["TagSet"]
+        except Exception as exc:
+            if error_code(exc) in ("NoSuchTagSet", "NoSuchTagSetError", "AccessDenied") or is_not_found(exc):
+                continue
+            raise
+        if not is_managed(tags):
+            continue
+        keys = []
+        for page in s3.get_paginator("list_object_versions").paginate(Bucket=name):
+            keys += [{"Key": v["Key"], "VersionId": v["VersionId"]}
+                     for v in page.get("Versions", []) + page.get("DeleteMarkers", [])]
+        if keys and not purge:
+            _kept(ctx, "s3-bucket", name, f"holds {len(keys)} object(s); --purge deletes them")
+            continue
+        for chunk in _chunks(keys, 1000):
+            s3.delete_objects(Bucket=name, Delete={"Objects": chunk, "Quiet": True})
+        s3.delete_bucket(Bucket=name)
+        _deleted(ctx, "s3-bucket", name)
+
+
+def _repositories(ctx: Ctx, purge: bool) -> None:
+    ecr = ctx.clients.ecr
+    for page in ecr.get_paginator("describe_repositories").paginate():
+        for repo in page["repositories"]:
+            tags = ecr.list_tags_for_resource(resourceArn=repo["repositoryArn"]).get("tags", [])
+            if not is_managed(tags):
+                continue
+            name = repo["repositoryName"]
+            images = ecr.list_images(repositoryName=name, maxResults=1).get("imageIds", [])
+            if images and not purge:
+                _kept(ctx, "ecr-repository", name, "holds images; --purge deletes them")
+                continue
+            ecr.delete_repository(repositoryName=name, force=True)
+            _deleted(ctx, "ecr-repository", name)
+
+
+def _profile_managed(iam: Any, prof: dict[str, Any]) -> bool:
+    """An instance profile is corral's when tagged so; where the endpoint returns no tags for
+    profiles (moto), when it sits under /corral/ and holds only corral-managed roles."""
+    tags = iam.get_instance_profile(InstanceProfileName=prof["InstanceProfileName"])["InstanceProfile"].get("Tags")
+    if tags:
+        return is_managed(tags)
+    roles = prof.get("Roles", [])
+    return bool(roles) and all(is_managed(iam.list_role_tags(RoleName=r["RoleName"]).get("Tags")) for r in roles)
+
+
+def _iam(ctx: Ctx) -> None:
+    iam = ctx.clients.iam
+    for page in iam.get_paginator("list_instance_profiles").paginate(PathPrefix=IAM_PATH):
+        for prof in page["InstanceProfiles"]:
+            if not _profile_managed(iam, prof):
+                continue
+            for role in prof.get("Roles", []):
+                iam.remove_role_from_instance_profile(InstanceProfileName=prof["InstanceProfileName"],
+                                                      RoleName=role["RoleName"])
+            iam.delete_instance_profile(InstanceProfileName=prof["InstanceProfileName"])
+            _deleted(ctx, "instance-profile", prof["InstanceProfileName"])
+    for page in iam.get_paginator("list_roles").paginate(PathPrefix=IAM_PATH):
+        for role in page["Roles"]:
+            name = role["RoleName"]
+            tags = iam.list_role_tags(RoleName=name).get("Tags", [])
+            if not is_managed(tags):
+                continue
+            for p in iam.list_instance_profiles_for_role(RoleName=name)["InstanceProfiles"]:
+                iam.remove_role_from_instance_profile(InstanceProfileName=p["InstanceProfileName"], RoleName=name)
+            for p in iam.list_attached_role_policies(RoleName=name)["AttachedPolicies"]:
+                iam.detach_role_policy(RoleName=name, PolicyArn=p["PolicyArn"])
+            for pname in iam.list_role_policies(RoleName=name)["PolicyNames"]:
+                iam.delete_role_policy(RoleName=name, PolicyName=pname)
+            iam.delete_role(RoleName=name)
+            _deleted(ctx, "role", name)
