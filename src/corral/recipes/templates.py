@@ -1,0 +1,143 @@
+"""Starter workflows written by ``corral recipe ...`` (text, so they keep their comments)."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+
+
+def _q(value: str) -> str:
+    """A YAML double-quoted scalar (JSON strings are valid YAML)."""
+    return json.dumps(value)
+
+
+@dataclass
+class NeuroconvStarter:
+    name: str
+    conversion: str  # path of the conversion spec, as the workflow reads it
+    raw: str = "s3://my-bucket/raw"
+    dandiset: str | None = None  # None: no upload stage
+    instance: str = "dandi"
+    dandi_secret: str = "env:DANDI_API_KEY"
+    image: str = "ghcr.io/catalystneuro/neuroconv:latest"
+
+
+def neuroconv_workflow(s: NeuroconvStarter) -> str:
+    upload = ""
+    cleanup_needs = "convert"
+    if s.dandiset:
+        cleanup_needs = "upload"
+        upload = f"""
+  # DANDI: download the dandiset's metadata, organize this session's file into it, upload.
+  - name: upload
+    needs: [convert]
+    image: {_q(s.image)}
+    secrets:
+      DANDI_API_KEY: {_q(s.dandi_secret)}   # on AWS: the name of a Secrets Manager secret
+    retries: 3
+    command: >-
+      set -e;
+      d={{workdir}}/dandi/{{session_id}}; rm -rf "$d"; mkdir -p "$d"; cd "$d";
+      dandi download --download dandiset.yaml DANDI:{s.dandiset}/draft -i {s.instance};
+      cd {s.dandiset};
+      dandi organize --files-mode copy {{workdir}}/nwb/{{session_id}};
+      dandi upload -i {s.instance}
+"""
+    return f"""# Written by `corral recipe neuroconv`: a starting point, edit freely.
+# One chain of tasks per session of {s.conversion}:
+#   fetch (rclone) -> convert (neuroconv CLI) -> {"upload (dandi upload) -> " if s.dandiset else ""}cleanup
+# Before `corral run`: check `from:` below (where each session's raw files are: <raw>/{{source_dir}},
+# where source_dir is the folder holding that session's files in the spec){", and export DANDI_API_KEY" if s.dandiset else ""}.
+name: {s.name}
+defaults:
+  resources: {{vcpus: 2, memory: 8GiB, disk: 100GiB}}
+  retries: 1
+  timeout: 12h
+
+items:
+  neuroconv: {_q(s.conversion)}
+  embed: true        # each item carries its single-session spec (spec_json), so containers need no shared files
+
+stages:
+  - name: fetch
+    from: {_q(s.raw + "/{source_dir}")}
+    to: "workspace://data/{{source_dir}}"
+
+  - name: convert
+    needs: [fetch]
+    image: {_q(s.image)}
+    command: >-
+      set -e;
+      mkdir -p {{workdir}}/specs {{workdir}}/nwb/{{session_id}};
+      printf '%s' "$spec_json" > {{workdir}}/specs/{{session_id}}.json;
+      neuroconv {{workdir}}/specs/{{session_id}}.json
+      --data-folder-path {{workdir}}/data --output-folder-path {{workdir}}/nwb/{{session_id}} --overwrite
+{upload}
+  # Free the scratch space of a session once it is done.
+  - name: cleanup
+    needs: [{cleanup_needs}]
+    command: rm -rf {{workdir}}/data/{{source_dir}} {{workdir}}/nwb/{{session_id}} {{workdir}}/dandi/{{session_id}} {{workdir}}/specs/{{session_id}}.json
+"""
+
+
+@dataclass
+class BidsStarter:
+    name: str
+    dataset: str  # local folder or s3:// URI, as the workflow reads it
+    image: str
+    app: str | None = None  # the app's command (default: the image's name, the BIDS Apps convention)
+    results: str = "derivatives/app"
+    datatypes: list[str] = field(default_factory=list)
+    require: list[str] = field(default_factory=list)
+    gpus: int = 0
+
+
+def bids_workflow(s: BidsStarter) -> str:
+    app = s.app or s.image.rsplit("/", 1)[-1].split(":", 1)[0]
+    filters = ""
+    if s.datatypes:
+        filters += f"\n  datatypes: [{', '.join(s.datatypes)}]"
+    if s.require:
+        filters += f"\n  require: [{', '.join(s.require)}]"
+    gpus = f", gpus: {s.gpus}" if s.gpus else ""
+    return f"""# Written by `corral recipe bids`: a starting point, edit freely.
+# One chain of tasks per scan (subject × session) of {s.dataset}:
+#   pull (the dataset's top-level files + the scan's folder) -> {app} (BIDS App, participant level)
+#   -> push (outputs to {s.results}) -> cleanup
+name: {s.name}
+defaults:
+  resources: {{vcpus: 1, memory: 2GiB}}
+  retries: 1
+  timeout: 2h
+
+items:
+  bids: {_q(s.dataset)}{filters}
+
+stages:
+  # A BIDS App reads a whole dataset: give each scan a small one of its own.
+  - name: pull-top
+    from: {_q(s.dataset)}
+    to: "workspace://scans/{{item}}"
+    filters: ["+ /*.json", "+ /*.tsv", "- *"]
+
+  - name: pull
+    needs: [pull-top]
+    from: "{{uri}}"
+    to: "workspace://scans/{{item}}/{{path}}"
+
+  - name: app
+    needs: [pull]
+    image: {_q(s.image)}
+    resources: {{vcpus: 4, memory: 16GiB{gpus}}}
+    timeout: 24h
+    command: {app} {{workdir}}/scans/{{item}} {{workdir}}/out/{{item}} participant --participant_label {{subject}}
+
+  - name: push
+    needs: [app]
+    from: "workspace://out/{{item}}"
+    to: {_q(s.results)}
+
+  - name: cleanup
+    needs: [push]
+    command: rm -rf {{workdir}}/scans/{{item}} {{workdir}}/out/{{item}}
+"""
