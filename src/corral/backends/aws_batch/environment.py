@@ -87,7 +87,8 @@ def build_environment(clients: AwsClients, settings: AwsSettings, needs: Needs,
     bucket = storage.ensure_bucket(ctx, settings.bucket) if (needs.bucket or settings.bucket) else None
     efs_id = access_point = None
     if needs.efs:
-        efs_id, access_point = storage.ensure_efs(ctx, net, run_id=needs.run_id)
+        efs_id, access_point = storage.ensure_efs(ctx, net, name=needs.efs_name or storage.EFS_WORKSPACE,
+                                                  run_id=needs.run_id)
 
     policy_inputs = iam.JobPolicyInputs(
         table=table, log_group=log_group, bucket=bucket, prefix=settings.prefix,

@@ -44,6 +44,7 @@ class Needs:
     s3_write: list[str] = field(default_factory=list)  # "bucket/prefix" the jobs write
     ecr_repositories: list[str] = field(default_factory=list)  # repositories the jobs pull from
     run_id: str | None = None  # when set, run-scoped things (EFS access point) carry corral:run
+    efs_name: str | None = None  # the EFS CreationToken/Name; None: corral's shared workspace
 
 
 @dataclass
