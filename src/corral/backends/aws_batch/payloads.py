@@ -200,6 +200,8 @@ def retry_strategy(retries: int) -> dict[str, Any]:
 
 
 def _secret_arn(ref: str, ctx: JobContext) -> str:
+    if ref.startswith("aws:"):
+        ref = ref[len("aws:") :]
     if ref.startswith("arn:"):
         return ref
     if ref.startswith("env:"):

@@ -1,0 +1,371 @@
+"""``AwsBatchBackend``: the Backend protocol on AWS Batch (submit, refresh, cancel, logs, resume).
+
+``start`` provisions what the plan needs (``provision.ensure_environment``), records where the run
+lives in ``run.options["aws_batch"]`` (region, queues, log group, round layout) so any machine that
+can read the state table can follow it, then submits array jobs (see ``submit``) and returns (or
+waits, with bounded polling, when ``options.wait``).
+
+``refresh`` costs, for a run of arrays: one DescribeJobs per 100 parents (their ``statusSummary``),
+and only for arrays not all succeeded, one ListJobs (pages of 1,000) per status that has children;
+only the tasks that changed are written back (batched by the store).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+from corral.backends.aws_batch import payloads as pl
+from corral.backends.aws_batch.client import AwsClients
+from corral.backends.aws_batch.logs import LogReader, log_group_of, stream_of
+from corral.backends.aws_batch.submit import (
+    OPTIONS_KEY,
+    BatchApi,
+    Queues,
+    Submitter,
+    TokenBucket,
+    is_job_id,
+    parent_of,
+    reconcile,
+)
+from corral.backends.base import RunOptions
+from corral.errors import BackendError, PlanError, UsageError
+from corral.model import RunRecord, RunState, TaskRecord, TaskState, now
+from corral.plan import Plan
+from corral.spec import AwsSettings
+from corral.state.base import StateStore
+
+CANCEL_REASON = "cancelled by corral"
+_WAITING = {"SUBMITTED", "PENDING", "RUNNABLE", "STARTING"}
+_ORDER = ["FAILED", "RUNNING", "STARTING", "RUNNABLE", "PENDING", "SUBMITTED"]
+RESERVED_ENV_PREFIXES = ("AWS_BATCH_", "ECS_")
+
+
+def task_state_of(status: str, reason: str) -> TaskState:
+    if status == "SUCCEEDED":
+        return TaskState.SUCCEEDED
+    if status == "RUNNING":
+        return TaskState.RUNNING
+    if status == "FAILED":
+        low = reason.lower()
+        if low.startswith(CANCEL_REASON):
+            return TaskState.CANCELLED
+        if "dependent job" in low or "dependency" in low:
+            return TaskState.UPSTREAM_FAILED
+        return TaskState.FAILED
+    return TaskState.SUBMITTED
+
+
+def _seconds(ms: Any) -> float | None:
+    return None if ms in (None, 0) else float(ms) / 1000.0
+
+
+class AwsBatchBackend:
+    name = "aws"
+
+    def __init__(
+        self,
+        clients: AwsClients,
+        settings: AwsSettings | None = None,
+        *,
+        environment: Any = None,
+        ensure_environment: Callable[..., Any] | None = None,
+        bucket: TokenBucket | None = None,
+        sleep: Callable[[float], None] = time.sleep,
+        clock: Callable[[], float] = time.monotonic,
+        settle_polls: int = 2,
+        after_submit: Callable[[str, str], None] | None = None,
+    ) -> None:
+        self.clients = clients
+        self.settings = settings or AwsSettings()
+        self._environment = environment
+        self._ensure = ensure_environment
+        self.sleep = sleep
+        self.clock = clock
+        self.settle_polls = settle_polls
+        self.after_submit = after_submit
+        self._bucket = bucket or TokenBucket(clock=clock, sleep=sleep)
+        self._api: BatchApi | None = None
+
+    @property
+    def api(self) -> BatchApi:
+        if self._api is None:
+            self._api = BatchApi(self.clients.batch, self._bucket)
+        return self._api
+
+    # -- environment --------------------------------------------------------------------------
+    def environment(self, plan: Plan, run_id: str | None = None) -> Any:
+        if self._environment is None:
+            from corral.backends.aws_batch import provision
+
+            needs = provision.needs_for(plan)
+            needs.run_id = run_id
+            ensure = self._ensure or provision.ensure_environment
+            self._environment = ensure(self.clients, self.settings, needs)
+        return self._environment
+
+    def _context(self, env: Any) -> pl.JobContext:
+        return pl.JobContext.from_environment(env, partition=self.clients.partition())
+
+    def _queues(self, run: RunRecord) -> Queues:
+        opts = run.options.get(OPTIONS_KEY, {})
+        if not opts.get("job_queue"):
+            raise BackendError(
+                f"run {run.run_id} has no AWS Batch queue recorded (it was never submitted)",
+                f"`corral resume {run.run_id}` submits it",
+            )
+        return Queues(opts["job_queue"], opts.get("gpu_job_queue"))
+
+    # -- Backend protocol ---------------------------------------------------------------------
+    def check(self, plan: Plan) -> None:
+        wf = plan.workflow
+        for s in wf.stages:
+            if s.kind == "transfer":
+                raise PlanError(
+                    f"stage {s.name!r} is a transfer stage, which the aws backend cannot run yet",
+                    "write it as a command stage with an image that has rclone or the aws CLI",
+                    where=wf.stage_where(s.name),
+                )
+            if not s.image:
+                raise PlanError(
+                    f"stage {s.name!r} has no image; AWS Batch runs every task in a container",
+                    "set `image:` on the stage or in `defaults:` (any image with /bin/sh)",
+                    where=wf.stage_where(s.name),
+                )
+            for name in [*s.env, *s.secrets]:
+                if name.startswith(RESERVED_ENV_PREFIXES):
+                    raise PlanError(
+                        f"stage {s.name!r} sets {name}, a name AWS Batch reserves",
+                        "rename the variable",
+                        where=wf.stage_where(s.name, "env" if name in s.env else "secrets", name),
+                    )
+            for name, ref in s.secrets.items():
+                if ref.startswith("env:"):
+                    raise PlanError(
+                        f"stage {s.name!r} takes secret {name} from a local environment variable ({ref})",
+                        "on AWS give a Secrets Manager secret name or ARN, e.g. `aws:my-secret`",
+                        where=wf.stage_where(s.name, "secrets", name),
+                    )
+        try:
+            from corral.instances import check_fits
+        except ImportError:  # pragma: no cover - provisioning's module
+            return
+        check_fits(plan, list(self.settings.instance_types))
+
+    def start(self, plan: Plan, run: RunRecord, store: StateStore, options: RunOptions) -> None:
+        self.check(plan)
+        env = self.environment(plan, run.run_id)
+        run.options[OPTIONS_KEY] = {
+            "region": env.region,
+            "job_queue": env.job_queue,
+            "gpu_job_queue": getattr(env, "gpu_job_queue", None),
+            "log_group": getattr(env, "log_group", "") or "",
+            "table": getattr(env, "table_name", "") or "",
+        }
+        records = {t.task_id: t for t in store.get_tasks(run.run_id)}
+        to_submit = {tid for tid, t in records.items() if t.state == TaskState.PENDING}
+        self._submitter(env, store).submit_round(plan, run, records, to_submit, 0)
+        if options.wait:
+            self.wait(run, store, options)
+
+    def resume(self, plan: Plan, run: RunRecord, store: StateStore, options: RunOptions) -> None:
+        self.check(plan)
+        env = self.environment(plan, run.run_id)
+        opts = run.options.setdefault(OPTIONS_KEY, {})
+        opts.setdefault("region", env.region)
+        opts["job_queue"] = opts.get("job_queue") or env.job_queue
+        opts["gpu_job_queue"] = opts.get("gpu_job_queue") or getattr(env, "gpu_job_queue", None)
+        opts.setdefault("log_group", getattr(env, "log_group", "") or "")
+        queues = self._queues(run)
+        tasks = self.refresh(run, store)
+        tasks = reconcile(
+            self.api, run, store, tasks, [queues.default, queues.gpu or ""],
+            settle_polls=self.settle_polls, sleep=self.sleep,
+        )
+        if any(t.state != TaskState.PENDING or t.external_id for t in tasks):
+            tasks = self.refresh(run, store)  # adopted jobs may have ended
+        records = {t.task_id: t for t in tasks}
+        to_submit = {
+            t.task_id for t in tasks
+            if t.state in (TaskState.PENDING, TaskState.FAILED, TaskState.UPSTREAM_FAILED, TaskState.CANCELLED)
+        }
+        round_ = int(opts.get("round", -1)) + 1 if "round" in opts else 0
+        if run.state != RunState.RUNNING and to_submit:
+            run.state = RunState.RUNNING
+        self._submitter(env, store).submit_round(plan, run, records, to_submit, round_)
+        if to_submit:
+            store.save_run(run)
+        if options.wait:
+            self.wait(run, store, options)
+
+    def refresh(self, run: RunRecord, store: StateStore) -> list[TaskRecord]:
+        tasks = store.get_tasks(run.run_id)
+        live = [t for t in tasks if not t.state.terminal and is_job_id(t.external_id)]
+        by_parent: dict[str, list[TaskRecord]] = {}
+        for t in live:
+            by_parent.setdefault(parent_of(t.external_id), []).append(t)
+        changed: dict[str, TaskRecord] = {}
+        if by_parent:
+            jobs = self.api.describe_jobs(list(by_parent))
+            for parent, members in by_parent.items():
+                job = jobs.get(parent)
+                if job is None:
+                    continue  # not visible yet (DescribeJobs is eventually consistent after SubmitJob)
+                if "size" in job.get("arrayProperties", {}) and any(":" in t.external_id for t in members):
+                    summaries = self._children(parent, job)
+                    for t in members:
+                        s = summaries.get(t.external_id)
+                        if s is not None:
+                            self._apply(t, s, changed)
+                else:
+                    for t in members:
+                        self._apply(t, job, changed)
+        if changed:
+            store.save_tasks(list(changed.values()))
+            tasks = [changed.get(t.task_id, t) for t in tasks]
+        self._update_run_state(run, store, tasks)
+        return tasks
+
+    def cancel(self, run: RunRecord, store: StateStore) -> None:
+        tasks = store.get_tasks(run.run_id)
+        if OPTIONS_KEY in run.options and run.options[OPTIONS_KEY].get("job_queue"):
+            queues = self._queues(run)
+            tasks = reconcile(
+                self.api, run, store, tasks, [queues.default, queues.gpu or ""],
+                settle_polls=0, sleep=self.sleep,
+            )
+        parents = list(dict.fromkeys(
+            parent_of(t.external_id) for t in tasks if not t.state.terminal and is_job_id(t.external_id)
+        ))
+        for p in parents:
+            # TerminateJob also cancels jobs not started yet; on an array parent it reaches every child.
+            self.api.call("terminate_job", f"cancel job {p}", jobId=p, reason=CANCEL_REASON)
+        t_now = now()
+        cancelled = [
+            t.replace(state=TaskState.CANCELLED, reason=CANCEL_REASON, ended_at=t_now)
+            for t in tasks if not t.state.terminal
+        ]
+        store.save_tasks(cancelled)
+        store.save_run(store.get_run(run.run_id).replace(state=RunState.CANCELLED))
+
+    def logs(
+        self, run: RunRecord, store: StateStore, task: TaskRecord, attempt: int | None, follow: bool
+    ) -> Iterator[str]:
+        if not is_job_id(task.external_id):
+            yield f"(task {task.label} has not been submitted yet: {task.state.value})"
+            return
+        job_id = task.external_id
+        default_group = run.options.get(OPTIONS_KEY, {}).get("log_group", "")
+        job = self.api.describe_jobs([job_id]).get(job_id)
+        if job is None:
+            raise UsageError(
+                f"AWS Batch has no job {job_id} for task {task.label}",
+                "Batch forgets jobs about 7 days after they end; the task's output is gone from it",
+            )
+        n_attempts = len(job.get("attempts") or [])
+        if attempt is not None and not 1 <= attempt <= max(1, n_attempts + (0 if job["status"] in ("SUCCEEDED", "FAILED") else 1)):
+            raise UsageError(
+                f"task {task.label} has {n_attempts} attempt(s), not {attempt}", "leave out --attempt for the last one"
+            )
+        group = log_group_of(job, default_group)
+        reader = LogReader(self.clients.logs, sleep=self.sleep)
+        if not follow:
+            stream = stream_of(job, attempt)
+            if not stream:
+                yield f"(task {task.label} has no output yet: {job['status']})"
+                return
+            lines, _ = reader.read(group, stream)
+            yield from lines
+            return
+
+        state = {"first": True}
+
+        def current() -> tuple[str, bool]:
+            j = job if state.pop("first", False) else self.api.describe_jobs([job_id]).get(job_id, job)
+            return stream_of(j, attempt), j["status"] in ("SUCCEEDED", "FAILED")
+
+        yield from reader.follow(group, current)
+
+    # -- helpers ------------------------------------------------------------------------------
+    def _submitter(self, env: Any, store: StateStore) -> Submitter:
+        return Submitter(
+            self.api, store, self._context(env), Queues(env.job_queue, getattr(env, "gpu_job_queue", None)),
+            tags=dict(self.settings.tags or {}), after_submit=self.after_submit,
+        )
+
+    def _children(self, parent: str, job: dict[str, Any]) -> dict[str, dict[str, Any]]:
+        """Child job id → summary, with as few ListJobs calls as the status summary allows."""
+        size = int(job["arrayProperties"]["size"])
+        summary = job["arrayProperties"].get("statusSummary") or {}
+        out: dict[str, dict[str, Any]] = {}
+        if job.get("status") == "SUCCEEDED" or summary.get("SUCCEEDED", 0) == size:
+            fake = {"status": "SUCCEEDED", "startedAt": job.get("startedAt"), "stoppedAt": job.get("stoppedAt")}
+            return {f"{parent}:{i}": fake for i in range(size)}
+        for status in _ORDER:
+            if summary.get(status, 0) > 0:
+                for s in self.api.list_jobs(f"list {status} children of {parent}", arrayJobId=parent, jobStatus=status):
+                    out[s["jobId"]] = s
+        unlisted = size - len(out)
+        if unlisted and unlisted == summary.get("SUCCEEDED", 0):
+            fake = {"status": "SUCCEEDED", "startedAt": job.get("startedAt"), "stoppedAt": job.get("stoppedAt")}
+            for i in range(size):
+                out.setdefault(f"{parent}:{i}", fake)
+        elif unlisted:
+            # Children moved while we listed: read the succeeded ones too rather than guess.
+            for s in self.api.list_jobs(f"list SUCCEEDED children of {parent}", arrayJobId=parent, jobStatus="SUCCEEDED"):
+                out.setdefault(s["jobId"], s)
+        return out
+
+    @staticmethod
+    def _apply(t: TaskRecord, s: dict[str, Any], changed: dict[str, TaskRecord]) -> None:
+        status = s.get("status", "")
+        reason = s.get("statusReason", "") or ""
+        container = s.get("container") or {}
+        if container.get("reason"):
+            reason = f"{reason}: {container['reason']}" if reason else container["reason"]
+        state = task_state_of(status, reason)
+        exit_code = container.get("exitCode")
+        if s.get("attempts"):
+            attempts = len(s["attempts"])
+        elif state in (TaskState.RUNNING, TaskState.SUCCEEDED, TaskState.FAILED):
+            attempts = max(t.attempts, 1)
+        else:
+            attempts = t.attempts
+        new = t.replace(
+            state=state,
+            reason=reason if state not in (TaskState.SUCCEEDED, TaskState.SUBMITTED, TaskState.RUNNING) else "",
+            exit_code=exit_code if exit_code is not None else t.exit_code,
+            started_at=_seconds(s.get("startedAt")) or t.started_at,
+            ended_at=_seconds(s.get("stoppedAt")) if state.terminal else None,
+            attempts=attempts,
+        )
+        if new != t:
+            changed[t.task_id] = new
+
+    @staticmethod
+    def _update_run_state(run: RunRecord, store: StateStore, tasks: list[TaskRecord]) -> None:
+        if not tasks or run.state != RunState.RUNNING or not all(t.state.terminal for t in tasks):
+            return
+        state = RunState.SUCCEEDED if all(t.state.ok for t in tasks) else RunState.FAILED
+        if any(t.state == TaskState.CANCELLED for t in tasks):
+            state = RunState.CANCELLED
+        run.state = state
+        store.save_run(run)
+
+    def wait(self, run: RunRecord, store: StateStore, options: RunOptions, max_delay: float = 30.0) -> None:
+        """Poll until every task is terminal, with backoff (2 s → ``max_delay``)."""
+        delay = 2.0
+        last: list[tuple[str, str]] | None = None
+        while True:
+            tasks = self.refresh(run, store)
+            snapshot = [(t.task_id, t.state.value) for t in tasks]
+            if snapshot != last:
+                if options.progress is not None:
+                    options.progress(tasks)
+                last = snapshot
+                delay = 2.0
+            if all(t.state.terminal for t in tasks):
+                return
+            self.sleep(delay)
+            delay = min(max_delay, delay * 1.5)

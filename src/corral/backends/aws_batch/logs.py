@@ -1,0 +1,96 @@
+"""A task's output from CloudWatch Logs: the stream Batch names in ``container.logStreamName``.
+
+``read`` pages through ``GetLogEvents`` (from the head, until the forward token stops moving);
+``follow`` keeps polling with a bounded backoff (reset whenever lines arrive) until the job is
+terminal, then drains what is left.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+from corral.backends.aws_batch.client import aws_errors, is_not_found
+
+DEFAULT_LOG_GROUP = "/aws/batch/job"  # where Batch writes when a job definition names no group
+TERMINAL = ("SUCCEEDED", "FAILED")
+
+
+def stream_of(job: dict[str, Any], attempt: int | None) -> str:
+    """The log stream of attempt ``attempt`` (1-based) of a described job, or of its last one."""
+    attempts = job.get("attempts") or []
+    if attempt is not None:
+        if 1 <= attempt <= len(attempts):
+            return str(attempts[attempt - 1].get("container", {}).get("logStreamName", ""))
+        if attempt != len(attempts) + 1:
+            return ""
+    return str(job.get("container", {}).get("logStreamName", "") or "")
+
+
+def log_group_of(job: dict[str, Any], default: str) -> str:
+    options = job.get("container", {}).get("logConfiguration", {}).get("options", {}) or {}
+    return str(options.get("awslogs-group") or default or DEFAULT_LOG_GROUP)
+
+
+class LogReader:
+    def __init__(
+        self,
+        logs_client: Any,
+        *,
+        sleep: Callable[[float], None] = time.sleep,
+        min_delay: float = 0.5,
+        max_delay: float = 5.0,
+    ) -> None:
+        self.client = logs_client
+        self.sleep = sleep
+        self.min_delay = min_delay
+        self.max_delay = max_delay
+
+    def read(self, group: str, stream: str, token: str | None = None) -> tuple[list[str], str | None]:
+        """Every event after ``token`` (from the head if None): (lines, next token)."""
+        lines: list[str] = []
+        while True:
+            kwargs: dict[str, Any] = {"logGroupName": group, "logStreamName": stream}
+            if token:
+                kwargs["nextToken"] = token
+            else:
+                kwargs["startFromHead"] = True
+            try:
+                with aws_errors(f"read log stream {stream}"):
+                    resp = self.client.get_log_events(**kwargs)
+            except Exception as exc:
+                if is_not_found(exc.__cause__ or exc):
+                    return lines, token  # the stream does not exist yet
+                raise
+            lines += [e.get("message", "") for e in resp.get("events", [])]
+            nxt = resp.get("nextForwardToken")
+            if not nxt or nxt == token:
+                return lines, nxt or token
+            token = nxt
+
+    def follow(
+        self, group: str, stream_fn: Callable[[], tuple[str, bool]], deadline: float | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> Iterator[str]:
+        """Lines as they come. ``stream_fn()`` → (stream name, job is terminal)."""
+        token: str | None = None
+        stream = ""
+        delay = self.min_delay
+        while True:
+            new_stream, terminal = stream_fn()
+            if new_stream and new_stream != stream:  # a new attempt writes a new stream
+                stream, token = new_stream, None
+            got: list[str] = []
+            if stream:
+                got, token = self.read(group, stream, token)
+                yield from got
+            if terminal:
+                if stream:
+                    rest, token = self.read(group, stream, token)
+                    yield from rest
+                return
+            if deadline is not None and clock() >= deadline:
+                return
+            delay = self.min_delay if got else min(self.max_delay, delay * 2)
+            self.sleep(delay)

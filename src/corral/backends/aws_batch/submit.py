@@ -1,0 +1,531 @@
+"""Submission: a plan's tasks → few array jobs with N_TO_N dependencies, exactly once.
+
+Layout of one submission *round* (``start`` is round 0, each ``resume`` the next round):
+
+- ``U``: the item indices having some per-item task to submit. Every per-item stage with work in
+  the round becomes one array job per *chunk* of ``U``; all stages share the same cut, so child
+  ``k`` of chunk ``c`` is the same item in every stage and ``convert`` depends on ``fetch``
+  N_TO_N. A child whose task needs no run (it already succeeded; only on resume) gets a padding
+  row that exits 0 at once. Chunks hold ≤ 10,000 items and keep every SubmitJob payload < 30 KiB.
+- a per-run stage is one plain job depending on the whole arrays (or jobs) it needs;
+- more than 20 dependencies are fanned in through no-op barrier jobs (arrays of the same size for
+  array dependents, so N_TO_N alignment is kept).
+
+Exactly once: job names are deterministic (``corral-<run>-<stage>-r<round>[-c<chunk>]``) and the
+intent is in the store *before* any SubmitJob: for round 0 the chunk sizes in the run's options
+(the names and child indices of every task follow from them); for later rounds each task's
+``external_id`` is ``intent:<job name>:<child>:<size>``. Before a round, :func:`reconcile` lists
+the run's jobs by name prefix (ListJobs with a JOB_NAME filter sees every status) and adopts any
+job that was submitted but not recorded (a crash between SubmitJob and the store write), so it is
+never submitted twice.
+
+Every Batch call goes through :class:`BatchApi`: a token bucket keeps under Batch's shared 50 TPS,
+and botocore's adaptive retry mode (``AwsClients``) absorbs throttling errors.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import threading
+import time
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from corral.backends.aws_batch import payloads as pl
+from corral.backends.aws_batch.client import aws_errors
+from corral.errors import BackendError
+from corral.model import RunRecord, TaskRecord, TaskState
+from corral.plan import Plan, Task
+from corral.state.base import StateStore
+
+OPTIONS_KEY = "aws_batch"
+INTENT = "intent:"
+DEFAULT_RATE = 40.0  # calls per second, under Batch's 50 TPS shared by all its APIs
+DESCRIBE_CHUNK = 100
+LIST_PAGE = 1000
+
+
+class TokenBucket:
+    """At most ``rate`` acquisitions per second on average, bursts up to ``burst``."""
+
+    def __init__(
+        self,
+        rate: float = DEFAULT_RATE,
+        burst: float | None = None,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+        sleep: Callable[[float], None] = time.sleep,
+    ) -> None:
+        self.rate = rate
+        self.capacity = burst if burst is not None else max(1.0, rate / 4)
+        self.tokens = self.capacity
+        self.clock = clock
+        self.sleep = sleep
+        self.last = clock()
+        self._lock = threading.Lock()
+
+    def acquire(self, n: float = 1.0) -> float:
+        """Take ``n`` tokens, sleeping as long as needed; returns the time slept."""
+        waited = 0.0
+        with self._lock:
+            while True:
+                t = self.clock()
+                self.tokens = min(self.capacity, self.tokens + (t - self.last) * self.rate)
+                self.last = t
+                if self.tokens >= n:
+                    self.tokens -= n
+                    return waited
+                wait = (n - self.tokens) / self.rate
+                self.sleep(wait)
+                waited += wait
+
+
+class BatchApi:
+    """The Batch calls corral makes, each rate-limited and with botocore errors made corral errors."""
+
+    def __init__(self, client: Any, bucket: TokenBucket | None = None) -> None:
+        self.client = client
+        self.bucket = bucket or TokenBucket()
+
+    def call(self, op: str, action: str, **kwargs: Any) -> dict[str, Any]:
+        self.bucket.acquire()
+        with aws_errors(action):
+            result: dict[str, Any] = getattr(self.client, op)(**kwargs)
+        return result
+
+    def describe_jobs(self, job_ids: Sequence[str]) -> dict[str, dict[str, Any]]:
+        """Jobs by id, in chunks of 100 (DescribeJobs is eventually consistent right after SubmitJob:
+        a missing id is simply absent from the result)."""
+        out: dict[str, dict[str, Any]] = {}
+        ids = list(dict.fromkeys(job_ids))
+        for i in range(0, len(ids), DESCRIBE_CHUNK):
+            resp = self.call("describe_jobs", "describe Batch jobs", jobs=ids[i : i + DESCRIBE_CHUNK])
+            for job in resp.get("jobs", []):
+                out[job["jobId"]] = job
+        return out
+
+    def list_jobs(self, action: str, **kwargs: Any) -> Iterator[dict[str, Any]]:
+        token: str | None = None
+        while True:
+            page = self.call("list_jobs", action, maxResults=LIST_PAGE, **kwargs, **({"nextToken": token} if token else {}))
+            yield from page.get("jobSummaryList", [])
+            token = page.get("nextToken")
+            if not token:
+                return
+
+
+# -- names --------------------------------------------------------------------------------------
+def _safe(text: str, limit: int) -> str:
+    s = re.sub(r"[^A-Za-z0-9_-]", "-", text)
+    if len(s) <= limit:
+        return s
+    return s[: limit - 13] + "-" + hashlib.sha256(text.encode()).hexdigest()[:12]
+
+
+def run_prefix(run_id: str) -> str:
+    return f"corral-{_safe(run_id, 60)}-"
+
+
+def job_name(run_id: str, stage: str, round_: int, chunk: int | None) -> str:
+    name = f"{run_prefix(run_id)}{_safe(stage, 40)}-r{round_}"
+    return name if chunk is None else f"{name}-c{chunk}"
+
+
+def parent_of(external_id: str) -> str:
+    return external_id.split(":", 1)[0]
+
+
+def is_job_id(external_id: str) -> bool:
+    return bool(external_id) and not external_id.startswith(INTENT)
+
+
+def child_id(job_id: str, k: int, size: int) -> str:
+    return f"{job_id}:{k}" if size > 1 else job_id
+
+
+@dataclass(frozen=True)
+class Expected:
+    """Where a task is (or was about to be) submitted: job name, child index, array size."""
+
+    name: str
+    k: int
+    size: int
+
+
+def expected_job(run: RunRecord, task: TaskRecord) -> Expected | None:
+    """The job a task that is not recorded as submitted may nonetheless have been submitted in."""
+    ext = task.external_id
+    if ext.startswith(INTENT):
+        name, k, size = ext[len(INTENT) :].rsplit(":", 2)
+        return Expected(name, int(k), int(size))
+    if ext or task.state != TaskState.PENDING:
+        return None
+    opts = run.options.get(OPTIONS_KEY, {})
+    sizes: list[int] | None = opts.get("round0_chunks")
+    if sizes is None:
+        return None
+    if task.item_index is None:
+        return Expected(job_name(run.run_id, task.stage, 0, None), 0, 1)
+    start = 0
+    for c, n in enumerate(sizes):
+        if task.item_index < start + n:
+            return Expected(job_name(run.run_id, task.stage, 0, c), task.item_index - start, n)
+        start += n
+    return None
+
+
+# -- reconciliation ------------------------------------------------------------------------------
+def find_run_jobs(api: BatchApi, queues: Iterable[str], run_id: str) -> dict[str, list[dict[str, Any]]]:
+    """The run's jobs (parents and plain jobs, every status) by job name."""
+    prefix = run_prefix(run_id)
+    out: dict[str, list[dict[str, Any]]] = {}
+    for q in dict.fromkeys(q for q in queues if q):
+        for job in api.list_jobs(
+            "list the run's Batch jobs", jobQueue=q, filters=[{"name": "JOB_NAME", "values": [prefix + "*"]}]
+        ):
+            if ":" in job["jobId"] or not job["jobName"].startswith(prefix):
+                continue  # array children (moto lists them too) and other runs' jobs
+            out.setdefault(job["jobName"], []).append(job)
+    for jobs in out.values():
+        jobs.sort(key=lambda j: (j.get("createdAt", 0), j["jobId"]))
+    return out
+
+
+def reconcile(
+    api: BatchApi,
+    run: RunRecord,
+    store: StateStore,
+    tasks: list[TaskRecord],
+    queues: Iterable[str],
+    *,
+    settle_polls: int = 2,
+    sleep: Callable[[float], None] = time.sleep,
+) -> list[TaskRecord]:
+    """Adopt jobs submitted but not recorded; return the tasks with those updates (saved)."""
+    expected = {t.task_id: e for t in tasks if (e := expected_job(run, t)) is not None}
+    if not expected:
+        return tasks
+    queues = list(queues)
+    wanted = {e.name for e in expected.values()}
+    found = find_run_jobs(api, queues, run.run_id)
+    delay = 1.0
+    for _ in range(settle_polls):
+        # ListJobs is eventually consistent: a job submitted just before a crash may show late.
+        if wanted <= set(found):
+            break
+        sleep(delay)
+        delay *= 2
+        found = find_run_jobs(api, queues, run.run_id)
+    adopted: list[TaskRecord] = []
+    out: list[TaskRecord] = []
+    for t in tasks:
+        e = expected.get(t.task_id)
+        if e is not None and e.name in found:
+            job = found[e.name][0]
+            t = t.replace(
+                state=TaskState.SUBMITTED, external_id=child_id(job["jobId"], e.k, e.size), reason="",
+                exit_code=None, started_at=None, ended_at=None,
+            )
+            adopted.append(t)
+        out.append(t)
+    store.save_tasks(adopted)
+    return out
+
+
+# -- submission ----------------------------------------------------------------------------------
+@dataclass
+class Queues:
+    default: str
+    gpu: str | None = None
+
+    def for_stage(self, gpus: int) -> str:
+        return self.gpu if gpus and self.gpu else self.default
+
+
+@dataclass
+class RoundResult:
+    submitted: dict[str, str] = field(default_factory=dict)  # job name -> job id
+    barriers: list[str] = field(default_factory=list)
+    chunks: list[int] = field(default_factory=list)
+
+
+class Submitter:
+    """Submits one round of a run's tasks. ``api`` is rate-limited; ``ctx`` shapes job definitions."""
+
+    def __init__(
+        self,
+        api: BatchApi,
+        store: StateStore,
+        ctx: pl.JobContext,
+        queues: Queues,
+        *,
+        tags: Mapping[str, str] | None = None,
+        after_submit: Callable[[str, str], None] | None = None,
+    ) -> None:
+        self.api = api
+        self.store = store
+        self.ctx = ctx
+        self.queues = queues
+        self.tags = dict(tags or {})
+        self.after_submit = after_submit  # test hook: called with (job name, job id)
+        self._defs: dict[str, str] = {}
+
+    # -- job definitions ----------------------------------------------------------------------
+    def definition_arn(self, spec: pl.JobDefinitionSpec) -> str:
+        """Reuse an ACTIVE definition with this (content-hashed) name, else register it."""
+        arn = self._defs.get(spec.name)
+        if arn:
+            return arn
+        found = self.api.call(
+            "describe_job_definitions", f"look up job definition {spec.name}",
+            jobDefinitionName=spec.name, status="ACTIVE",
+        ).get("jobDefinitions", [])
+        if found:
+            arn = max(found, key=lambda d: d.get("revision", 0))["jobDefinitionArn"]
+        else:
+            arn = self.api.call(
+                "register_job_definition", f"register job definition {spec.name}", **spec.kwargs
+            )["jobDefinitionArn"]
+        self._defs[spec.name] = arn
+        return arn
+
+    # -- one round ----------------------------------------------------------------------------
+    def layout(self, plan: Plan, run_id: str, to_submit: set[str]) -> tuple[list[int], list[int], dict[str, list[str]], dict[str, dict[str, str]]]:
+        """(U, chunk sizes, rows per per-item stage, constant env per stage) for these tasks."""
+        workdir = pl.workdir_for(run_id, self.ctx)
+        item_stages = [
+            s for s in plan.stage_order
+            if plan.workflow.stage(s).per == "item" and any(t.id in to_submit for t in plan.stage_tasks(s))
+        ]
+        U = sorted({t.index for t in plan.tasks if t.id in to_submit and t.index is not None})
+        rows: dict[str, list[str]] = {}
+        consts: dict[str, dict[str, str]] = {}
+        for s in plan.stage_order:
+            stage_tasks = plan.stage_tasks(s)
+            consts[s] = pl.constant_env(stage_tasks, run_id, workdir)
+            if s not in item_stages:
+                continue
+            by_index = {t.index: t for t in stage_tasks}
+            rows[s] = [
+                pl.row_for(by_index[j], run_id, workdir, consts[s]) if by_index[j].id in to_submit else pl.PADDING_ROW
+                for j in U
+            ]
+        budget = min(
+            (pl.PAYLOAD_LIMIT - pl.PAYLOAD_MARGIN - pl.env_size(consts[s]) for s in item_stages),
+            default=pl.PAYLOAD_LIMIT - pl.PAYLOAD_MARGIN,
+        )
+        sizes = pl.chunk_bounds([rows[s] for s in item_stages], budget)
+        return U, sizes, rows, consts
+
+    def submit_round(
+        self,
+        plan: Plan,
+        run: RunRecord,
+        records: dict[str, TaskRecord],
+        to_submit: set[str],
+        round_: int,
+    ) -> RoundResult:
+        """Submit ``to_submit`` (task ids) of the run as round ``round_`` and record them."""
+        result = RoundResult()
+        if not to_submit:
+            return result
+        run_id = run.run_id
+        U, sizes, rows, consts = self.layout(plan, run_id, to_submit)
+        result.chunks = sizes
+        starts = [sum(sizes[:c]) for c in range(len(sizes))]
+        workdir = pl.workdir_for(run_id, self.ctx)
+
+        # 1. intent, before any SubmitJob
+        opts = run.options.setdefault(OPTIONS_KEY, {})
+        opts["round"] = round_
+        if round_ == 0:
+            opts["round0_chunks"] = sizes
+            self.store.save_run(run)
+        else:
+            self.store.save_run(run)
+            intents = []
+            for t in plan.tasks:
+                if t.id not in to_submit:
+                    continue
+                if t.index is None:
+                    e = Expected(job_name(run_id, t.stage.name, round_, None), 0, 1)
+                else:
+                    pos = _bisect(U, t.index)
+                    c = _chunk_of(starts, sizes, pos)
+                    e = Expected(job_name(run_id, t.stage.name, round_, c), pos - starts[c], sizes[c])
+                intents.append(
+                    records[t.id].replace(
+                        state=TaskState.PENDING, external_id=f"{INTENT}{e.name}:{e.k}:{e.size}", reason="",
+                        exit_code=None, started_at=None, ended_at=None,
+                    )
+                )
+            self.store.save_tasks(intents)
+
+        # 2. submit, stage by stage in dependency order
+        jobs: dict[tuple[str, int | None], tuple[str, int]] = {}  # (stage, chunk|None) -> (job id, size)
+        tags = {**self.tags, "corral:managed": "true", "corral:run": run_id}
+        for s in plan.stage_order:
+            stage = plan.workflow.stage(s)
+            spec = pl.job_definition(stage, self.ctx)
+            queue = self.queues.for_stage(stage.resources.gpus)
+            done: list[TaskRecord] = []
+            if stage.per == "item":
+                if s not in rows:
+                    continue
+                by_index = {t.index: t for t in plan.stage_tasks(s)}
+                for c, n in enumerate(sizes):
+                    a = starts[c]
+                    members = [by_index[j] for j in U[a : a + n]]
+                    if not any(t.id in to_submit for t in members):
+                        continue
+                    deps = self._deps_item(plan, stage, members, c, n, jobs, records, to_submit)
+                    name = job_name(run_id, s, round_, c)
+                    deps = self._fan_in(deps, n, name, stage.image or "", queue, tags)
+                    kwargs = pl.submit_kwargs(
+                        job_name=name, job_queue=queue, job_definition=self.definition_arn(spec), size=n,
+                        table=pl.encode_table(rows[s][a : a + n]), env=consts[s], depends_on=deps, tags=tags,
+                    )
+                    job_id = self._submit(kwargs)
+                    result.submitted[name] = job_id
+                    jobs[(s, c)] = (job_id, n)
+                    for k, t in enumerate(members):
+                        if t.id in to_submit:
+                            done.append(_submitted(records[t.id], child_id(job_id, k, n)))
+            else:
+                (task,) = plan.stage_tasks(s)
+                if task.id not in to_submit:
+                    continue
+                deps = self._deps_run(plan, stage, jobs, records, to_submit)
+                name = job_name(run_id, s, round_, None)
+                deps = self._fan_in(deps, 1, name, stage.image or "", queue, tags)
+                row = pl.row_for(task, run_id, workdir, consts[s])
+                kwargs = pl.submit_kwargs(
+                    job_name=name, job_queue=queue, job_definition=self.definition_arn(spec), size=1,
+                    table=pl.encode_table([row]), env=consts[s], depends_on=deps, tags=tags,
+                )
+                job_id = self._submit(kwargs)
+                result.submitted[name] = job_id
+                jobs[(s, None)] = (job_id, 1)
+                done.append(_submitted(records[task.id], job_id))
+            # 3. record what was submitted (a crash before this is healed by reconcile())
+            self.store.save_tasks(done)
+            for t in done:
+                records[t.task_id] = t
+        return result
+
+    def _submit(self, kwargs: dict[str, Any]) -> str:
+        size = pl.payload_size(kwargs)
+        if size > pl.PAYLOAD_LIMIT:
+            raise BackendError(
+                f"the SubmitJob request for {kwargs['jobName']} would be {size} bytes (limit {pl.PAYLOAD_LIMIT})",
+                "this is a corral bug: report it with the workflow",
+            )
+        job_id: str = self.api.call("submit_job", f"submit job {kwargs['jobName']}", **kwargs)["jobId"]
+        if self.after_submit is not None:
+            self.after_submit(kwargs["jobName"], job_id)
+        return job_id
+
+    # -- dependencies -------------------------------------------------------------------------
+    def _upstream_live(self, records: dict[str, TaskRecord], task_id: str, to_submit: set[str]) -> str | None:
+        """Job id (parent) to wait for when a needed task is not part of this round; None when done."""
+        rec = records[task_id]
+        if rec.state.ok:
+            return None
+        if not rec.state.terminal and is_job_id(rec.external_id):
+            return parent_of(rec.external_id)
+        raise BackendError(
+            f"task {rec.label} is needed but neither done, running nor being submitted",
+            "run `corral resume` to resubmit it",
+        )
+
+    def _deps_item(
+        self, plan: Plan, stage: Any, members: list[Task], c: int, n: int,
+        jobs: dict[tuple[str, int | None], tuple[str, int]], records: dict[str, TaskRecord], to_submit: set[str],
+    ) -> list[dict[str, str]]:
+        deps: list[dict[str, str]] = []
+        seen: set[str] = set()
+
+        def add(job_id: str, n_to_n: bool) -> None:
+            if job_id not in seen:
+                seen.add(job_id)
+                deps.append({"jobId": job_id, "type": "N_TO_N"} if n_to_n and n > 1 else {"jobId": job_id})
+
+        for need in stage.needs:
+            nstage = plan.workflow.stage(need)
+            key: tuple[str, int | None] = (need, c) if nstage.per == "item" else (need, None)
+            if key in jobs:
+                add(jobs[key][0], nstage.per == "item")
+                continue
+            # Not submitted in this round: wait for whatever of it is still in flight.
+            for t in members:
+                if t.id not in to_submit:
+                    continue
+                for up in t.needs:
+                    if records[up].stage == need and (live := self._upstream_live(records, up, to_submit)):
+                        add(live, False)
+        return deps
+
+    def _deps_run(
+        self, plan: Plan, stage: Any, jobs: dict[tuple[str, int | None], tuple[str, int]],
+        records: dict[str, TaskRecord], to_submit: set[str],
+    ) -> list[dict[str, str]]:
+        deps: list[dict[str, str]] = []
+        seen: set[str] = set()
+        for need in stage.needs:
+            for (s, _c), (job_id, _n) in jobs.items():
+                if s == need and job_id not in seen:
+                    seen.add(job_id)
+                    deps.append({"jobId": job_id})
+            for t in plan.stage_tasks(need):
+                if t.id in to_submit:
+                    continue
+                live = self._upstream_live(records, t.id, to_submit)
+                if live and live not in seen:
+                    seen.add(live)
+                    deps.append({"jobId": live})
+        return deps
+
+    def _fan_in(
+        self, deps: list[dict[str, str]], size: int, name: str, image: str, queue: str, tags: Mapping[str, str]
+    ) -> list[dict[str, str]]:
+        """Collapse more than 20 dependencies through no-op barrier jobs of the same array size."""
+        level = 0
+        while len(deps) > pl.MAX_DEPENDS_ON:
+            spec = pl.barrier_definition(image, self.ctx)
+            arn = self.definition_arn(spec)
+            merged: list[dict[str, str]] = []
+            for g in range(0, len(deps), pl.MAX_DEPENDS_ON):
+                kwargs = pl.submit_kwargs(
+                    job_name=f"{name}-b{level}-{g // pl.MAX_DEPENDS_ON}", job_queue=queue, job_definition=arn,
+                    size=size, table=None, env={}, depends_on=deps[g : g + pl.MAX_DEPENDS_ON], tags=tags,
+                )
+                bid = self._submit(kwargs)
+                merged.append({"jobId": bid, "type": "N_TO_N"} if size > 1 else {"jobId": bid})
+            deps = merged
+            level += 1
+        return deps
+
+
+def _submitted(rec: TaskRecord, external_id: str) -> TaskRecord:
+    return rec.replace(
+        state=TaskState.SUBMITTED, external_id=external_id, reason="", exit_code=None, started_at=None,
+        ended_at=None,
+    )
+
+
+def _bisect(seq: list[int], x: int) -> int:
+    import bisect
+
+    i = bisect.bisect_left(seq, x)
+    assert seq[i] == x
+    return i
+
+
+def _chunk_of(starts: list[int], sizes: list[int], pos: int) -> int:
+    import bisect
+
+    c = bisect.bisect_right(starts, pos) - 1
+    assert starts[c] <= pos < starts[c] + sizes[c]
+    return c

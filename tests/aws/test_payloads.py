@@ -1,0 +1,199 @@
+"""Payloads: the item table and its sh wrapper, job definitions, chunking — and, against moto,
+each submitted array child decoded by the real wrapper under /bin/sh does exactly its item's work."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import pytest
+from test_backend_support import make_environment, record_run
+
+from corral.backends.aws_batch import payloads as pl
+from corral.backends.aws_batch.backend import AwsBatchBackend
+from corral.backends.aws_batch.client import AwsClients
+from corral.backends.base import RunOptions
+from corral.errors import PlanError
+from corral.plan import make_plan
+from corral.spec import loads_workflow
+from corral.state.sqlite import SqliteStore
+
+AWKWARD = [
+    "plain",
+    "with space",
+    "it's quoted \"twice\"",
+    "$HOME and `uname` and $(id)",
+    "ünïcødé ✓ 日本",
+    "new\nline\nand\ttab",
+    "back\\slash '\"'",
+    "-n",
+    "*",
+    "",
+]
+
+WORKFLOW = """
+name: awkward
+defaults:
+  image: busybox
+items: ITEMS
+stages:
+  - name: first
+    command: printf '%s|%s|%s' {label} "$CORRAL_ITEM_KEY" "$GREETING" > "$OUT/first-{n}"
+    env: {GREETING: "hi {label}", CONST: same}
+  - name: second
+    needs: [first]
+    command: ["/bin/sh", "-c", "printf '%s' \\"$1\\" > \\"$OUT/second-$CORRAL_ITEM_INDEX\\"", "sh", "{label}"]
+  - name: total
+    per: run
+    needs: [second]
+    command: echo done > "$OUT/total-{run}"
+"""
+
+
+def _workflow(labels: list[str]) -> Any:
+    import json
+
+    items = json.dumps([{"label": v, "n": i} for i, v in enumerate(labels)])
+    return loads_workflow(WORKFLOW.replace("ITEMS", items))
+
+
+def _run_child(job: dict[str, Any], command: list[str], index: int | None, out: Path) -> subprocess.CompletedProcess:
+    env = {e["name"]: e["value"] for e in job["container"]["environment"]}
+    env.update(PATH=os.environ["PATH"], OUT=str(out))
+    if index is not None:
+        env["AWS_BATCH_JOB_ARRAY_INDEX"] = str(index)
+    env["CORRAL_WORKDIR"] = str(out / "work")
+    return subprocess.run(command, env=env, capture_output=True, text=True, timeout=30)
+
+
+@pytest.mark.aws
+def test_each_child_runs_exactly_its_item(aws: str, tmp_path: Path) -> None:
+    clients = AwsClients()
+    env = make_environment(clients)
+    plan = make_plan(_workflow(AWKWARD))
+    store = SqliteStore(tmp_path / "state.db")
+    run = record_run(store, plan, "run-awk")
+    backend = AwsBatchBackend(clients, environment=env)
+    backend.start(plan, run, store, RunOptions(wait=False))
+
+    tasks = store.get_tasks("run-awk")
+    parents = sorted({t.external_id.split(":")[0] for t in tasks})
+    assert len(parents) == 3  # two arrays and one plain job
+    jobs = clients.batch.describe_jobs(jobs=parents)["jobs"]
+    by_name = {j["jobName"]: j for j in jobs}
+    first = by_name["corral-run-awk-first-r0-c0"]
+    second = by_name["corral-run-awk-second-r0-c0"]
+    total = by_name["corral-run-awk-total-r0"]
+    assert first["arrayProperties"]["size"] == len(AWKWARD) == second["arrayProperties"]["size"]
+    assert second["dependsOn"] == [{"jobId": first["jobId"], "type": "N_TO_N"}]
+    assert total["dependsOn"] == [{"jobId": second["jobId"]}]
+    assert "arrayProperties" not in total or "size" not in total.get("arrayProperties", {})
+
+    # The command comes from the job definition (one definition per runtime, not per job).
+    defs = clients.batch.describe_job_definitions(status="ACTIVE")["jobDefinitions"]
+    assert len(defs) == 1
+    command = defs[0]["containerProperties"]["command"]
+    assert command[:2] == ["/bin/sh", "-c"] and "AWS_BATCH_JOB_ARRAY_INDEX" in command[2]
+
+    for k, label in enumerate(AWKWARD):
+        r1 = _run_child(first, command, k, tmp_path)
+        assert r1.returncode == 0, r1.stderr
+        r2 = _run_child(second, command, k, tmp_path)
+        assert r2.returncode == 0, r2.stderr
+        task = plan.stage_tasks("first")[k]
+        assert (tmp_path / f"first-{k}").read_text() == f"{label}|{task.key}|hi {label}"
+        assert (tmp_path / f"second-{k}").read_text() == label  # child k of both arrays is item k
+    r3 = _run_child(total, command, None, tmp_path)
+    assert r3.returncode == 0, r3.stderr
+    assert (tmp_path / "total-run-awk").read_text() == "done\n"
+    # Nothing else was written: each child did exactly one item's work.
+    assert len(list(tmp_path.glob("first-*"))) == len(AWKWARD)
+    # Constant values travel as plain override variables; per-item ones only in the table.
+    first_env = {e["name"]: e["value"] for e in first["container"]["environment"]}
+    assert first_env["CONST"] == "same" and first_env["CORRAL_STAGE"] == "first"
+    assert "GREETING" not in first_env and "label" not in first_env
+
+
+def test_wrapper_rejects_missing_row_and_skips_padding(tmp_path: Path) -> None:
+    table = pl.encode_table([pl.PADDING_ROW, "export X='1'; set -- /bin/sh -c 'exit 3'"])
+    env = {"PATH": os.environ["PATH"], "CORRAL_TABLE": table}
+    run = lambda i: subprocess.run(  # noqa: E731
+        ["/bin/sh", "-c", pl.WRAPPER], env={**env, "AWS_BATCH_JOB_ARRAY_INDEX": str(i)}, capture_output=True, text=True
+    )
+    assert run(0).returncode == 0
+    assert run(1).returncode == 3
+    missing = run(5)
+    assert missing.returncode == 97 and "no row 5" in missing.stderr
+
+
+def test_sh_quote_round_trips_awkward_values(tmp_path: Path) -> None:
+    for value in AWKWARD:
+        line = f"export V={pl.sh_quote(value)}; set -- /bin/sh -c 'printf %s \"$V\"'"
+        assert "\n" not in line
+        out = subprocess.run(
+            ["/bin/sh", "-c", pl.WRAPPER], capture_output=True,
+            env={"PATH": os.environ["PATH"], "CORRAL_TABLE": pl.encode_table([line])},
+        )
+        assert out.returncode == 0 and out.stdout.decode() == value
+    with pytest.raises(PlanError, match="NUL"):
+        pl.sh_quote("a\x00b")
+
+
+def _ctx() -> pl.JobContext:
+    return pl.JobContext(region="eu-west-1", account_id="111122223333", log_group="/lg",
+                         job_role_arn="arn:role/job", execution_role_arn="arn:role/exec")
+
+
+def test_job_definition_content_naming_and_retry_rules() -> None:
+    wf = loads_workflow(
+        """
+name: jd
+items: [{a: 1}]
+stages:
+  - {name: a, image: img:1, command: "true", retries: 3, timeout: 10s,
+     resources: {vcpus: 1.5, memory: 3GiB, gpus: 1}, secrets: {TOKEN: aws:dandi-key}}
+  - {name: b, image: img:1, command: "false", retries: 3, timeout: 10s,
+     resources: {vcpus: 1.5, memory: 3GiB, gpus: 1}, secrets: {TOKEN: aws:dandi-key}}
+  - {name: c, image: img:1, command: "true"}
+"""
+    )
+    a, b, c = (pl.job_definition(wf.stage(n), _ctx()) for n in "abc")
+    assert a.name == b.name != c.name  # same runtime → one definition; the command is per job
+    kw = a.kwargs
+    cp = kw["containerProperties"]
+    assert cp["resourceRequirements"] == [
+        {"type": "VCPU", "value": "2"}, {"type": "MEMORY", "value": "3072"}, {"type": "GPU", "value": "1"}
+    ]
+    assert kw["timeout"] == {"attemptDurationSeconds": 60}
+    rs = kw["retryStrategy"]
+    assert rs["attempts"] == 4 and len(rs["evaluateOnExit"]) <= 5
+    assert rs["evaluateOnExit"][0] == {"onStatusReason": "Host EC2*", "action": "RETRY"}
+    assert {"onExitCode": "*", "action": "EXIT"} in rs["evaluateOnExit"]
+    assert cp["secrets"] == [
+        {"name": "TOKEN", "valueFrom": "arn:aws:secretsmanager:eu-west-1:111122223333:secret:dandi-key"}
+    ]
+    assert "environment" not in cp
+    assert c.kwargs["retryStrategy"] == {"attempts": 1}
+    assert pl.retry_strategy(50)["attempts"] == 10
+
+
+def test_chunks_respect_payload_and_array_limits() -> None:
+    import random
+
+    rng = random.Random(7)
+    # Incompressible rows force several chunks; every chunk's table stays in budget.
+    rows = ["export X='" + "".join(rng.choice("abcdefghijklmnopqrstuvwxyz0123456789") for _ in range(120)) + "'"
+            for _ in range(2000)]
+    budget = 20_000
+    sizes = pl.chunk_bounds([rows, rows[::-1]], budget)
+    assert sum(sizes) == 2000 and len(sizes) > 3
+    start = 0
+    for n in sizes:
+        assert len(pl.encode_table(rows[start : start + n])) <= budget
+        start += n
+    # Compressible rows: limited by the 10,000 array size.
+    assert pl.chunk_bounds([["set -- true"] * 25_000], budget) == [10_000, 10_000, 5_000]
+    with pytest.raises(PlanError, match="too large"):
+        pl.chunk_bounds([[os.urandom(4000).hex()]], 1000)
