@@ -69,6 +69,23 @@ def process_alive(pid: int | None) -> bool:
     return True
 
 
+def process_start_time(pid: int) -> str:
+    """The kernel's start time of a process (clock ticks since boot): with the pid, an identity."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        return stat[stat.rindex(")") + 2 :].split()[19]
+    except (OSError, ValueError, IndexError):
+        return ""
+
+
+def scheduler_alive(run: RunRecord) -> bool:
+    """Is the scheduler that recorded this run still running (same host, same process)?"""
+    if not run.pid or run.host != socket.gethostname() or not process_alive(run.pid):
+        return False
+    started = run.options.get("scheduler_start", "")
+    return bool(started) and process_start_time(run.pid) == started
+
+
 def _proc_has_env(pid: int, needle: bytes) -> bool:
     try:
         return needle in Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
@@ -148,8 +165,8 @@ class LocalBackend:
         self._execute(plan, run, store, options)
 
     def resume(self, plan: Plan, run: RunRecord, store: StateStore, options: RunOptions) -> None:
-        if run.pid and run.pid != os.getpid() and run.host == socket.gethostname() and process_alive(run.pid):
-            if run.state == RunState.RUNNING and _proc_has_env(run.pid, f"CORRAL_SCHEDULER={run.run_id}".encode()):
+        if run.pid != os.getpid() and scheduler_alive(run):
+            if run.state == RunState.RUNNING:
                 raise UsageError(
                     f"run {run.run_id} is still running (scheduler pid {run.pid})",
                     f"wait for it, or stop it with `corral cancel {run.run_id}`",
@@ -165,19 +182,19 @@ class LocalBackend:
 
     def refresh(self, run: RunRecord, store: StateStore) -> list[TaskRecord]:
         """The store is the truth locally; a run whose scheduler died is marked INTERRUPTED."""
-        if run.state == RunState.RUNNING and run.host == socket.gethostname() and not process_alive(run.pid):
+        if run.state == RunState.RUNNING and run.host == socket.gethostname() and not scheduler_alive(run):
             store.save_run(run.replace(state=RunState.INTERRUPTED, pid=None))
         return store.get_tasks(run.run_id)
 
     def cancel(self, run: RunRecord, store: StateStore) -> None:
-        if run.state == RunState.RUNNING and process_alive(run.pid) and run.host == socket.gethostname():
-            if _proc_has_env(run.pid, f"CORRAL_SCHEDULER={run.run_id}".encode()):
-                os.kill(run.pid, signal.SIGTERM)  # the scheduler kills its children and records the states
-                deadline = time.monotonic() + 3 * KILL_GRACE_S
-                while process_alive(run.pid) and time.monotonic() < deadline:
-                    _wait_exit(run.pid, 0.2)
-                if not process_alive(run.pid):
-                    return
+        if run.state == RunState.RUNNING and scheduler_alive(run):
+            assert run.pid is not None
+            os.kill(run.pid, signal.SIGTERM)  # the scheduler kills its children and records the states
+            deadline = time.monotonic() + 3 * KILL_GRACE_S
+            while process_alive(run.pid) and time.monotonic() < deadline:
+                _wait_exit(run.pid, 0.5)
+            if not process_alive(run.pid):
+                return
         # No live scheduler: record the cancellation ourselves.
         self._reap_orphans(run, store)
         changed = [
@@ -320,9 +337,12 @@ class Scheduler:
     def run(self) -> None:
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.logdir.mkdir(parents=True, exist_ok=True)
-        os.environ["CORRAL_SCHEDULER"] = self.run_rec.run_id  # lets cancel/resume recognise us
+        me = os.getpid()
         self.store.save_run(
-            self.run_rec.replace(state=RunState.RUNNING, pid=os.getpid(), host=socket.gethostname())
+            self.run_rec.replace(
+                state=RunState.RUNNING, pid=me, host=socket.gethostname(),
+                options={**self.run_rec.options, "scheduler_start": process_start_time(me)},
+            )
         )
         rfd, wfd = os.pipe()
         os.set_blocking(wfd, False)
@@ -339,7 +359,6 @@ class Scheduler:
             os.close(rfd)
             os.close(wfd)
             self.sel.close()
-            os.environ.pop("CORRAL_SCHEDULER", None)
         tasks = list(self.records.values())
         if self.cancelled:
             state = RunState.CANCELLED
@@ -450,7 +469,6 @@ class Scheduler:
         out_path, err_path = f"{base}.out", f"{base}.err"
         workdir = str(self.workdir)
         env = dict(os.environ)
-        env.pop("CORRAL_SCHEDULER", None)
         task_env = task.env(run_id, workdir)
         secret_env = self._secrets(task)
         env.update(task_env)
