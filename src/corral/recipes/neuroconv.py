@@ -100,7 +100,7 @@ def _unknown_keys(located: Located, path: tuple[str | int, ...], data: dict[str,
         if key not in allowed:
             close = difflib.get_close_matches(str(key), allowed, n=1)
             hint = f"did you mean `{close[0]}`?" if close else f"{what} keys are: {', '.join(allowed)}"
-            raise SpecError(f"unknown key {key!r} in {what}", hint, where=located.where((*path, key)))
+            raise SpecError(f"unknown key {key!r} in {what}", hint, where=located.where((*path, key), key=True))
 
 
 def validate_conversion_spec(located: Located) -> None:
@@ -156,7 +156,7 @@ def validate_conversion_spec(located: Located) -> None:
                     raise SpecError(
                         f"session {i} of experiment {ename!r} has source_data for {iname!r}, which is not in data_interfaces",
                         f"add `{iname}: <InterfaceClass>` under data_interfaces, or use one of: {', '.join(interfaces)}",
-                        where=located.where((*sp, "source_data", iname)),
+                        where=located.where((*sp, "source_data", iname), key=True),
                     )
                 _expect(located, (*sp, "source_data", iname), src, dict, f"source_data of {iname!r}",
                         "write the interface's arguments, e.g. `file_path: session1/recording.bin`")
