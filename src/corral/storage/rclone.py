@@ -194,8 +194,8 @@ def s3_connection(region: str | None = None, endpoint: str | None = None) -> str
     opts = ["s3", "provider=AWS", "env_auth=true"]
     if region:
         opts.append(f"region={region}")
-    if endpoint:
-        opts.append(f"endpoint={_quote_opt(endpoint)}")
+    if endpoint:  # a custom endpoint (S3-compatible store, test server): path-style addressing
+        opts += [f"endpoint={_quote_opt(endpoint)}", "force_path_style=true"]
     return ":" + ",".join(opts) + ":"
 
 
