@@ -13,6 +13,7 @@ that have not succeeded. Ctrl-C / SIGTERM cancel cleanly: children are killed, s
 from __future__ import annotations
 
 import contextlib
+import heapq
 import os
 import selectors
 import signal
@@ -20,7 +21,7 @@ import socket
 import sys
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from corral import storage
@@ -112,17 +113,16 @@ def group_rss_mib(pgid: int) -> int:
 @dataclass
 class _Running:
     task: Task
-    record: TaskRecord
     attempt: AttemptRecord
     pid: int
     pidfd: int | None
-    proc: object  # subprocess.Popen
     deadline: float | None
     memory_limit_mib: int | None
+    vcpus: float
+    memory_mib: int
     container_name: str | None = None
     kill_reason: str = ""
     kill_at: float | None = None  # when to escalate SIGTERM -> SIGKILL
-    outs: list[object] = field(default_factory=list)
 
 
 class LocalBackend:
@@ -138,7 +138,7 @@ class LocalBackend:
         memory_mib: int | None = None,
         log: object = None,
     ) -> None:
-        self.home = Path(home)
+        self.home = Path(home).absolute()
         self.vcpus = vcpus or machine_vcpus()
         self.memory_mib = memory_mib or machine_memory_mib()
         self._say = log or (lambda msg: print(msg, file=sys.stderr))
@@ -294,7 +294,13 @@ def _wait_exit(pid: int, timeout: float) -> None:
 
 
 class Scheduler:
-    """One run's event loop; see LocalBackend."""
+    """One run's event loop; see LocalBackend.
+
+    Tasks become ready when everything they need has succeeded (a count per task, so each
+    event costs O(dependents)); ready tasks start in plan order while vCPUs, memory and
+    ``max_parallel`` allow. State changes are buffered and written in one transaction per loop
+    turn, always before the loop blocks.
+    """
 
     def __init__(
         self,
@@ -314,16 +320,21 @@ class Scheduler:
         self.logdir = run_dir(backend.home, run.run_id) / "logs"
         self.records = {t.task_id: t for t in store.get_tasks(run.run_id)}
         self.attempts_before = first_attempts  # attempts made before this (re)start
+        self.order = {t.id: i for i, t in enumerate(plan.tasks)}
+        self.dependents = plan.dependents()
         self.running: dict[int, _Running] = {}  # by pid
+        self.ready: list[tuple[int, str]] = []  # heap of (plan order, task id)
+        self.unmet: dict[str, int] = {}  # task id -> needs not yet resolved
         self.sel = selectors.DefaultSelector()
         self.cancelled = False
         self.free_vcpus = float(backend.vcpus)
         self.free_mem = backend.memory_mib
         self.max_parallel = options.max_parallel or backend.vcpus
-        self.dependents = plan.dependents()
         self.last_progress = 0.0
-        self.requeue: list[str] = []  # failed tasks with retries left
-        self.reserved: dict[int, tuple[float, int]] = {}  # pid -> (vcpus, memory) held
+        self.dirty_tasks: dict[str, TaskRecord] = {}
+        self.dirty_attempts: list[AttemptRecord] = []
+        self.made_dirs: set[Path] = set()
+        self.host = socket.gethostname()
         self.use_engine = None
         if options.runtime == "container":
             self.use_engine = require_engine()
@@ -340,7 +351,7 @@ class Scheduler:
         me = os.getpid()
         self.store.save_run(
             self.run_rec.replace(
-                state=RunState.RUNNING, pid=me, host=socket.gethostname(),
+                state=RunState.RUNNING, pid=me, host=self.host,
                 options={**self.run_rec.options, "scheduler_start": process_start_time(me)},
             )
         )
@@ -348,17 +359,22 @@ class Scheduler:
         os.set_blocking(wfd, False)
         os.set_blocking(rfd, False)
         self.sel.register(rfd, selectors.EVENT_READ, "signal")
+        self.devnull = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
         old_wakeup = signal.set_wakeup_fd(wfd, warn_on_full_buffer=False)
         old_handlers = {s: signal.signal(s, self._on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+        old_cwd = os.getcwd()
+        os.chdir(self.plan.workflow.base_dir)  # every task runs in the workflow's folder
         try:
             self._loop(rfd)
         finally:
+            os.chdir(old_cwd)
             for s, h in old_handlers.items():
                 signal.signal(s, h)
             signal.set_wakeup_fd(old_wakeup)
-            os.close(rfd)
-            os.close(wfd)
+            for fd in (rfd, wfd, self.devnull):
+                os.close(fd)
             self.sel.close()
+            self._flush()
         tasks = list(self.records.values())
         if self.cancelled:
             state = RunState.CANCELLED
@@ -373,28 +389,19 @@ class Scheduler:
         self.cancelled = True
 
     def _loop(self, rfd: int) -> None:
-        order = [t.id for t in self.plan.tasks]
-        waiting = [tid for tid in order if not self.records[tid].state.terminal]
+        self._seed()
         while True:
             if self.cancelled:
-                self._cancel_all(waiting)
-                waiting = []
-            if self.requeue:
-                waiting.extend(self.requeue)
-                self.requeue.clear()
-            waiting = self._launch_ready(waiting)
-            if self.requeue:  # an attempt failed to start and may retry at once
-                continue
+                self._cancel_all()
+            else:
+                self._launch_ready()
+            self._flush()
             if not self.running:
-                if waiting:
-                    raise BackendError(
-                        f"{len(waiting)} task(s) can never start on this machine",
-                        "lower their resources or raise --max-parallel",
-                    )
+                if self.ready and not self.cancelled:
+                    continue  # tasks became ready while launching (skips, failed starts)
                 break
             self._progress()
-            timeout = self._next_timeout()
-            for key, _ in self.sel.select(timeout):
+            for key, _ in self.sel.select(self._next_timeout()):
                 if key.data == "signal":
                     with contextlib.suppress(BlockingIOError):
                         os.read(rfd, 512)
@@ -404,6 +411,60 @@ class Scheduler:
                 for pid in list(self.running):
                     self._reap(pid)
             self._enforce_limits()
+        left = [tid for tid, r in self.records.items() if not r.state.terminal]
+        if left and not self.cancelled:
+            raise BackendError(
+                f"{len(left)} task(s) could not be scheduled (first: {self.plan.by_id[left[0]].label})",
+                "this is a bug in corral's local scheduler; `corral resume` retries them",
+            )
+
+    def _seed(self) -> None:
+        for t in self.plan.tasks:
+            rec = self.records[t.id]
+            if rec.state.terminal:
+                continue
+            unmet = 0
+            for d in t.needs:
+                st = self.records[d].state
+                if t.always:
+                    unmet += not st.terminal
+                elif st.terminal and not st.ok:
+                    unmet = -1
+                    break
+                else:
+                    unmet += not st.ok
+            if unmet < 0:
+                self._set(rec.replace(state=TaskState.UPSTREAM_FAILED, reason="a task it needs did not succeed",
+                                      ended_at=now()))
+                self._resolved(t.id)
+            else:
+                self.unmet[t.id] = unmet
+                if unmet == 0:
+                    heapq.heappush(self.ready, (self.order[t.id], t.id))
+
+    def _set(self, rec: TaskRecord) -> None:
+        self.records[rec.task_id] = rec
+        self.dirty_tasks[rec.task_id] = rec
+
+    def _resolved(self, tid: str) -> None:
+        """A task reached a terminal state: release or fail what depends on it."""
+        ok = self.records[tid].state.ok
+        stack = [(tid, ok)]
+        while stack:
+            cur, cur_ok = stack.pop()
+            for dep in self.dependents[cur]:
+                rec = self.records[dep]
+                if rec.state.terminal or dep not in self.unmet:
+                    continue
+                if cur_ok or self.plan.by_id[dep].always:
+                    self.unmet[dep] -= 1
+                    if self.unmet[dep] == 0:
+                        heapq.heappush(self.ready, (self.order[dep], dep))
+                else:
+                    del self.unmet[dep]
+                    self._set(rec.replace(state=TaskState.UPSTREAM_FAILED,
+                                          reason="a task it needs did not succeed", ended_at=now()))
+                    stack.append((dep, False))
 
     def _next_timeout(self) -> float:
         t = now()
@@ -418,131 +479,132 @@ class Scheduler:
         return max(0.0, min(candidates))
 
     # -- launching ----------------------------------------------------------------------------
-    def _launch_ready(self, waiting: list[str]) -> list[str]:
-        still: list[str] = []
-        changed: list[TaskRecord] = []
-        for tid in waiting:
+    def _launch_ready(self) -> None:
+        deferred: list[tuple[int, str]] = []
+        while self.ready and len(self.running) < self.max_parallel:
+            entry = heapq.heappop(self.ready)
+            tid = entry[1]
             task = self.plan.by_id[tid]
             rec = self.records[tid]
-            needs = [self.records[d].state for d in task.needs]
-            if task.always:
-                if not all(s.terminal for s in needs):
-                    still.append(tid)
-                    continue
-            elif any(s.terminal and not s.ok for s in needs):
-                rec = rec.replace(
-                    state=TaskState.UPSTREAM_FAILED, reason="a task it needs did not succeed", ended_at=now()
-                )
-                self.records[tid] = rec
-                changed.append(rec)
-                continue
-            elif not all(s.ok for s in needs):
-                still.append(tid)
-                continue
-            if task.stage.outputs and not self.options.force and storage.outputs_exist(
-                task.paths("outputs", self.run_rec.run_id, str(self.workdir)),
-                task.paths("inputs", self.run_rec.run_id, str(self.workdir)),
-                run_id=self.run_rec.run_id, workdir=str(self.workdir), base_dir=self.plan.workflow.base_dir,
-            ):
-                rec = rec.replace(state=TaskState.SKIPPED, reason="outputs exist", ended_at=now())
-                self.records[tid] = rec
-                changed.append(rec)
+            self.unmet.pop(tid, None)
+            if rec.attempts == self.attempts_before.get(tid, 0) and self._outputs_exist(task):
+                self._set(rec.replace(state=TaskState.SKIPPED, reason="outputs exist", ended_at=now()))
+                self._resolved(tid)
                 continue
             vcpus = min(task.stage.resources.vcpus, float(self.b.vcpus))
             mem = min(task.stage.resources.memory, self.b.memory_mib)
-            fits = self.free_vcpus >= vcpus - 1e-9 and self.free_mem >= mem
-            if len(self.running) >= self.max_parallel or not (fits or not self.running):
-                still.append(tid)
+            if self.running and not (self.free_vcpus >= vcpus - 1e-9 and self.free_mem >= mem):
+                deferred.append(entry)  # does not fit now; smaller tasks behind it may
+                self.unmet[tid] = 0
                 continue
             self._spawn(task, vcpus, mem)
-        self.store.save_tasks(changed)
-        return still
+        for entry in deferred:
+            heapq.heappush(self.ready, entry)
 
-    def _spawn(self, task: Task, vcpus: float, mem: int) -> None:
-        import subprocess
+    def _outputs_exist(self, task: Task) -> bool:
+        if not task.stage.outputs or self.options.force:
+            return False
+        run_id, workdir = self.run_rec.run_id, str(self.workdir)
+        return storage.outputs_exist(
+            task.paths("outputs", run_id, workdir), task.paths("inputs", run_id, workdir),
+            run_id=run_id, workdir=workdir, base_dir=self.plan.workflow.base_dir,
+        )
 
+    def _argv(self, task: Task, workdir: str) -> tuple[list[str], dict[str, str]]:
         run_id = self.run_rec.run_id
-        rec = self.records[task.id]
-        number = rec.attempts + 1
-        base = self.logdir / task.stage.name / f"{task.key}.{task.id[:8]}.{number}"
-        base.parent.mkdir(parents=True, exist_ok=True)
-        out_path, err_path = f"{base}.out", f"{base}.err"
-        workdir = str(self.workdir)
-        env = dict(os.environ)
-        task_env = task.env(run_id, workdir)
-        secret_env = self._secrets(task)
-        env.update(task_env)
-        env.update(secret_env)
         if task.stage.kind == "transfer":
-            argv, extra = storage.transfer_argv(
+            return storage.transfer_argv(
                 _render(task, task.stage.source or "", run_id, workdir),
                 _render(task, task.stage.dest or "", run_id, workdir),
                 mode=task.stage.mode, filters=task.stage.filters, run_id=run_id, workdir=workdir,
                 base_dir=self.plan.workflow.base_dir,
             )
-            env.update(extra)
-        elif task.stage.kind == "cleanup" and task.stage.command is None:
-            argv = [sys.executable, "-c", "import shutil,sys; shutil.rmtree(sys.argv[1], ignore_errors=True)", workdir]
-        else:
-            argv = task.command(run_id, workdir)
-        container_name = None
-        if self.use_engine is not None and task.stage.image and task.stage.kind == "command":
-            container_name = f"corral-{task.id}-{number}"
-            argv = container_argv(
-                self.use_engine, name=container_name, image=task.stage.image, argv=argv,
-                env_names=sorted({*task_env, *secret_env}),
-                mounts=[workdir, str(self.plan.workflow.base_dir)], cwd=str(self.plan.workflow.base_dir),
-                vcpus=vcpus, memory_mib=mem if "memory" in task.stage.resources.model_fields_set else None,
-                gpus=task.stage.resources.gpus,
-            )
+        if task.stage.kind == "cleanup" and task.stage.command is None:
+            code = "import shutil, sys; shutil.rmtree(sys.argv[1], ignore_errors=True)"
+            return [sys.executable, "-c", code, workdir], {}
+        return task.command(run_id, workdir), {}
+
+    def _spawn(self, task: Task, vcpus: float, mem: int) -> None:
+        run_id = self.run_rec.run_id
+        rec = self.records[task.id]
+        number = rec.attempts + 1
+        folder = self.logdir / task.stage.name
+        if folder not in self.made_dirs:
+            folder.mkdir(parents=True, exist_ok=True)
+            self.made_dirs.add(folder)
+        base = f"{folder}/{task.key}.{task.id[:8]}.{number}"
+        out_path, err_path = f"{base}.out", f"{base}.err"
+        workdir = str(self.workdir)
         started = now()
-        out = open(out_path, "wb")  # noqa: SIM115 - closed when the attempt ends
-        err = open(err_path, "wb")  # noqa: SIM115
+        container_name = None
         try:
-            proc = subprocess.Popen(
-                argv, cwd=str(self.plan.workflow.base_dir), env=env, stdin=subprocess.DEVNULL,
-                stdout=out, stderr=err, start_new_session=True,
-            )
-        except OSError as exc:
-            out.close()
-            err.close()
-            Path(err_path).write_text(f"corral: cannot start {argv[0]!r}: {exc.strerror}\n")
+            env = dict(os.environ)
+            task_env = task.env(run_id, workdir)
+            secret_env = self._secrets(task)
+            env.update(task_env)
+            env.update(secret_env)
+            argv, extra = self._argv(task, workdir)
+            env.update(extra)
+            explicit_mem = "memory" in task.stage.resources.model_fields_set
+            if self.use_engine is not None and task.stage.image and task.stage.kind == "command":
+                container_name = f"corral-{task.id}-{number}"
+                argv = container_argv(
+                    self.use_engine, name=container_name, image=task.stage.image, argv=argv,
+                    env_names=sorted({*task_env, *secret_env}),
+                    mounts=[workdir, str(self.plan.workflow.base_dir)], cwd=str(self.plan.workflow.base_dir),
+                    vcpus=vcpus, memory_mib=mem if explicit_mem else None, gpus=task.stage.resources.gpus,
+                )
+            flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC
+            fd_out = os.open(out_path, flags, 0o644)
+            try:
+                fd_err = os.open(err_path, flags, 0o644)
+                try:
+                    pid = os.posix_spawnp(
+                        argv[0], argv, env, setsid=True,
+                        file_actions=[
+                            (os.POSIX_SPAWN_DUP2, self.devnull, 0),
+                            (os.POSIX_SPAWN_DUP2, fd_out, 1),
+                            (os.POSIX_SPAWN_DUP2, fd_err, 2),
+                        ],
+                    )
+                finally:
+                    os.close(fd_err)
+            finally:
+                os.close(fd_out)
+        except (OSError, BackendError) as exc:
+            why = exc.message if isinstance(exc, BackendError) else f"cannot start {argv[0]!r}: {exc.strerror}"
+            with contextlib.suppress(OSError):
+                Path(err_path).write_text(f"corral: {why}\n")
             attempt = AttemptRecord(
                 run_id=run_id, task_id=task.id, attempt=number, state=TaskState.FAILED, exit_code=127,
-                reason=f"cannot start {argv[0]!r}: {exc.strerror}", started_at=started, ended_at=now(),
-                stdout=out_path, stderr=err_path, host=socket.gethostname(),
+                reason=why, started_at=started, ended_at=now(), stdout=out_path, stderr=err_path, host=self.host,
             )
-            self.store.save_attempt(attempt)
-            self._finish(task, rec.replace(attempts=number, started_at=rec.started_at or started), attempt)
+            self.dirty_attempts.append(attempt)
+            self._set(rec.replace(attempts=number, started_at=rec.started_at or started))
+            self._finish(task, attempt, retryable=not isinstance(exc, BackendError))
             return
         pidfd = None
         if _HAS_PIDFD:
             try:
-                pidfd = os.pidfd_open(proc.pid)
-                self.sel.register(pidfd, selectors.EVENT_READ, proc.pid)
+                pidfd = os.pidfd_open(pid)
+                self.sel.register(pidfd, selectors.EVENT_READ, pid)
             except OSError:
                 pidfd = None
         attempt = AttemptRecord(
             run_id=run_id, task_id=task.id, attempt=number, state=TaskState.RUNNING, started_at=started,
-            stdout=out_path, stderr=err_path, host=socket.gethostname(), pid=proc.pid,
+            stdout=out_path, stderr=err_path, host=self.host, pid=pid,
         )
-        rec = rec.replace(
-            state=TaskState.RUNNING, attempts=number, started_at=rec.started_at or started, reason="",
-            exit_code=None, ended_at=None,
-        )
-        self.records[task.id] = rec
-        self.store.save_attempt(attempt)
-        self.store.save_tasks([rec])
-        explicit_mem = "memory" in task.stage.resources.model_fields_set
-        self.running[proc.pid] = _Running(
-            task=task, record=rec, attempt=attempt, pid=proc.pid, pidfd=pidfd, proc=proc,
+        self.dirty_attempts.append(attempt)
+        self._set(rec.replace(state=TaskState.RUNNING, attempts=number, started_at=rec.started_at or started,
+                              reason="", exit_code=None, ended_at=None))
+        self.running[pid] = _Running(
+            task=task, attempt=attempt, pid=pid, pidfd=pidfd,
             deadline=started + task.stage.timeout if task.stage.timeout else None,
             memory_limit_mib=task.stage.resources.memory if explicit_mem and container_name is None else None,
-            container_name=container_name, outs=[out, err],
+            vcpus=vcpus, memory_mib=mem, container_name=container_name,
         )
         self.free_vcpus -= vcpus
         self.free_mem -= mem
-        self.reserved[proc.pid] = (vcpus, mem)
 
     def _secrets(self, task: Task) -> dict[str, str]:
         out: dict[str, str] = {}
@@ -551,7 +613,8 @@ class Scheduler:
             if source == "env" and key:
                 if key not in os.environ:
                     raise BackendError(
-                        f"stage {task.stage.name!r}: secret {name} comes from environment variable {key}, which is not set",
+                        f"stage {task.stage.name!r}: secret {name} comes from environment variable {key}, "
+                        "which is not set",
                         f"export {key}=... before running",
                     )
                 out[name] = os.environ[key]
@@ -575,18 +638,19 @@ class Scheduler:
         r = self.running.get(pid)
         if r is None:
             return
-        code = r.proc.poll()  # type: ignore[attr-defined]
-        if code is None:
+        try:
+            got, status = os.waitpid(pid, os.WNOHANG)
+        except ChildProcessError:
+            got, status = pid, 255 << 8
+        if got == 0:
             return
+        code = os.waitstatus_to_exitcode(status)
         del self.running[pid]
         if r.pidfd is not None:
             self.sel.unregister(r.pidfd)
             os.close(r.pidfd)
-        for f in r.outs:
-            f.close()  # type: ignore[attr-defined]
-        vcpus, mem = self.reserved.pop(pid)
-        self.free_vcpus += vcpus
-        self.free_mem += mem
+        self.free_vcpus += r.vcpus
+        self.free_mem += r.memory_mib
         # The group may hold children the task left behind: they go with it.
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(pid, signal.SIGKILL)
@@ -600,26 +664,26 @@ class Scheduler:
         else:
             state, reason = TaskState.FAILED, f"exit code {code}"
         attempt = r.attempt.replace(state=state, exit_code=code, reason=reason, ended_at=now())
-        self.store.save_attempt(attempt)
-        self._finish(r.task, self.records[r.task.id], attempt)
+        self.dirty_attempts.append(attempt)
+        self._finish(r.task, attempt)
 
-    def _finish(self, task: Task, rec: TaskRecord, attempt: AttemptRecord) -> None:
+    def _finish(self, task: Task, attempt: AttemptRecord, retryable: bool = True) -> None:
+        rec = self.records[task.id]
         made_here = rec.attempts - self.attempts_before.get(task.id, 0)
         retry = (
-            attempt.state == TaskState.FAILED
-            and made_here <= task.stage.retries
-            and not self.cancelled
+            retryable and attempt.state == TaskState.FAILED and made_here <= task.stage.retries and not self.cancelled
         )
-        rec = rec.replace(
+        self._set(rec.replace(
             state=TaskState.PENDING if retry else attempt.state,
             exit_code=attempt.exit_code,
             reason=(f"retrying after: {attempt.reason}" if retry else attempt.reason),
             ended_at=None if retry else attempt.ended_at,
-        )
-        self.records[task.id] = rec
-        self.store.save_tasks([rec])
+        ))
         if retry:
-            self.requeue.append(task.id)
+            self.unmet[task.id] = 0
+            heapq.heappush(self.ready, (self.order[task.id], task.id))
+        else:
+            self._resolved(task.id)
 
     def _enforce_limits(self) -> None:
         t = now()
@@ -650,19 +714,28 @@ class Scheduler:
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(r.pid, sig)
 
-    def _cancel_all(self, waiting: list[str]) -> None:
+    def _cancel_all(self) -> None:
         for r in self.running.values():
             if not r.kill_reason:
                 self._kill(r, "cancelled")
-        changed = []
-        for tid in waiting + self.requeue:
-            rec = self.records[tid]
+        for rec in list(self.records.values()):
             if not rec.state.terminal and rec.state != TaskState.RUNNING:
-                rec = rec.replace(state=TaskState.CANCELLED, reason="cancelled", ended_at=now())
-                self.records[tid] = rec
-                changed.append(rec)
-        self.requeue.clear()
-        self.store.save_tasks(changed)
+                self._set(rec.replace(state=TaskState.CANCELLED, reason="cancelled", ended_at=now()))
+        self.ready.clear()
+        self.unmet.clear()
+
+    def _flush(self) -> None:
+        if not self.dirty_tasks and not self.dirty_attempts:
+            return
+        tasks, attempts = list(self.dirty_tasks.values()), self.dirty_attempts
+        self.dirty_tasks, self.dirty_attempts = {}, []
+        save_batch = getattr(self.store, "save_batch", None)
+        if save_batch is not None:
+            save_batch(tasks, attempts)
+        else:
+            for a in attempts:
+                self.store.save_attempt(a)
+            self.store.save_tasks(tasks)
 
     def _progress(self, force: bool = False) -> None:
         cb = self.options.progress

@@ -152,17 +152,16 @@ class SqliteStore:
         if not tasks:
             return
         with self._tx():
+            self._db.executemany(_UPDATE_TASK, [_task_update_row(t) for t in tasks])
+
+    def save_batch(self, tasks: Sequence[TaskRecord], attempts: Sequence[AttemptRecord]) -> None:
+        """Tasks and attempts in one transaction (the local scheduler's write path)."""
+        with self._tx():
             self._db.executemany(
-                "UPDATE tasks SET state=?, attempts=?, exit_code=?, reason=?, started_at=?, ended_at=?, "
-                "external_id=?, instance_type=? WHERE run_id=? AND task_id=?",
-                [
-                    (
-                        t.state.value, t.attempts, t.exit_code, t.reason, t.started_at, t.ended_at,
-                        t.external_id, t.instance_type, t.run_id, t.task_id,
-                    )
-                    for t in tasks
-                ],
+                f"INSERT OR REPLACE INTO attempts ({_ATTEMPT_COLS}) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+                [_attempt_row(a) for a in attempts],
             )
+            self._db.executemany(_UPDATE_TASK, [_task_update_row(t) for t in tasks])
 
     # -- attempts -----------------------------------------------------------------------------
     def save_attempt(self, attempt: AttemptRecord) -> None:
@@ -202,6 +201,19 @@ class _Transaction:
             self.db.execute("COMMIT")
         else:
             self.db.execute("ROLLBACK")
+
+
+_UPDATE_TASK = (
+    "UPDATE tasks SET state=?, attempts=?, exit_code=?, reason=?, started_at=?, ended_at=?, "
+    "external_id=?, instance_type=? WHERE run_id=? AND task_id=?"
+)
+
+
+def _task_update_row(t: TaskRecord) -> tuple[Any, ...]:
+    return (
+        t.state.value, t.attempts, t.exit_code, t.reason, t.started_at, t.ended_at, t.external_id,
+        t.instance_type, t.run_id, t.task_id,
+    )
 
 
 def _run_row(r: RunRecord) -> tuple[Any, ...]:

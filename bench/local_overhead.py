@@ -1,0 +1,101 @@
+"""Local backend overhead: N no-op tasks through corral vs ``xargs -P2`` running the same commands.
+
+    python bench/local_overhead.py [--tasks 1000] [--rounds 5]
+
+Both sides run ``/bin/sh -c true`` once per task on 2 workers; corral also records every
+transition in SQLite. The ratio is corral's median wall time over xargs's (target ≤ 1.5×), for
+the whole CLI (``corral run``, interpreter start-up included) and for the API call alone.
+Then the peak memory of planning 10,000 tasks (a child process's max RSS).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+
+def make_workflow(folder: Path, n: int) -> Path:
+    (folder / "items.csv").write_text("i\n" + "\n".join(str(i) for i in range(n)) + "\n")
+    wf = folder / "workflow.yaml"
+    wf.write_text("name: bench\nitems: {table: items.csv}\nstages:\n  - {name: noop, command: \"true\"}\n")
+    return wf
+
+
+def timed(argv: list[str], env: dict[str, str], cwd: Path, stdin: str | None = None) -> float:
+    t = time.perf_counter()
+    subprocess.run(argv, env=env, cwd=cwd, input=stdin, text=True, check=True,
+                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    return time.perf_counter() - t
+
+
+API_SNIPPET = """
+import sys, time
+import corral
+from corral.backends.base import RunOptions
+t = time.perf_counter()
+run = corral.run(sys.argv[1], options=RunOptions(max_parallel=2))
+assert run.state.value == "SUCCEEDED", run.state
+print(time.perf_counter() - t)
+"""
+
+PLAN_SNIPPET = """
+import resource, sys
+import corral
+p = corral.plan(sys.argv[1])
+assert len(p.tasks) == int(sys.argv[2]), len(p.tasks)
+print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+"""
+
+BASELINE_SNIPPET = "import resource, yaml, pydantic; print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--tasks", type=int, default=1000)
+    ap.add_argument("--rounds", type=int, default=5)
+    args = ap.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp)
+        wf = make_workflow(folder, args.tasks)
+        xs, cli, api = [], [], []
+        for r in range(args.rounds):
+            env = {**os.environ, "CORRAL_HOME": str(folder / f"home{r}")}
+            xs.append(timed(["xargs", "-P2", "-I{}", "/bin/sh", "-c", "true"], env, folder,
+                            stdin="\n".join(map(str, range(args.tasks))) + "\n"))
+            cli.append(timed([sys.executable, "-m", "corral", "run", str(wf), "--max-parallel", "2"], env, folder))
+            env["CORRAL_HOME"] = str(folder / f"api{r}")
+            out = subprocess.run([sys.executable, "-c", API_SNIPPET, str(wf)], env=env, cwd=folder,
+                                 capture_output=True, text=True, check=True)
+            api.append(float(out.stdout.strip()))
+        base = statistics.median(xs)
+        rows = [
+            ("xargs -P2 (baseline)", base, 1.0),
+            ("corral run (CLI, whole process)", statistics.median(cli), statistics.median(cli) / base),
+            ("corral.run() (API, in process)", statistics.median(api), statistics.median(api) / base),
+        ]
+        print(f"\n{args.tasks} no-op tasks on 2 workers, median of {args.rounds} rounds (target: ≤ 1.5× xargs)")
+        print(f"{'runner':<36} {'seconds':>9} {'ratio':>7}")
+        for name, sec, ratio in rows:
+            print(f"{name:<36} {sec:>9.3f} {ratio:>6.2f}×")
+        big = folder / "big"
+        big.mkdir()
+        wf10k = make_workflow(big, 10_000)
+        peak = subprocess.run([sys.executable, "-c", PLAN_SNIPPET, str(wf10k), "10000"], capture_output=True,
+                              text=True, check=True, cwd=big)
+        floor = subprocess.run([sys.executable, "-c", BASELINE_SNIPPET], capture_output=True, text=True, check=True)
+        print("\npeak memory (max RSS) of planning 10,000 tasks")
+        print(f"{'process':<36} {'MiB':>9}")
+        print(f"{'python + yaml + pydantic imported':<36} {int(floor.stdout) / 1024:>9.1f}")
+        print(f"{'corral.plan() of 10,000 tasks':<36} {int(peak.stdout) / 1024:>9.1f}")
+    del resource
+
+
+if __name__ == "__main__":
+    main()
