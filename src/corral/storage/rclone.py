@@ -191,10 +191,12 @@ def _quote_opt(value: str) -> str:
 
 def s3_connection(region: str | None = None, endpoint: str | None = None) -> str:
     """rclone's on-the-fly S3 remote using the standard AWS credential chain."""
-    opts = ["s3", "provider=AWS", "env_auth=true"]
+    # rclone (1.60) always uses virtual-host addressing for provider=AWS; a custom endpoint (an
+    # S3-compatible store, a test server) gets provider=Other with path-style addressing.
+    opts = ["s3", "provider=Other" if endpoint else "provider=AWS", "env_auth=true"]
     if region:
         opts.append(f"region={region}")
-    if endpoint:  # a custom endpoint (S3-compatible store, test server): path-style addressing
+    if endpoint:
         opts += [f"endpoint={_quote_opt(endpoint)}", "force_path_style=true"]
     return ":" + ",".join(opts) + ":"
 
