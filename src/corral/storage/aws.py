@@ -1,0 +1,163 @@
+"""Transfers and cleanup as AWS Batch jobs: pure functions the AWS backend builds its payloads from.
+
+A transfer task runs the same rclone command line as locally (:func:`corral.storage.rclone.command`)
+inside a container, as the argv :func:`transfer_container_argv` returns::
+
+    /bin/sh -c TRANSFER_SCRIPT corral-transfer copy SRC DST [--filter R ...] --stats 30s ...
+
+The script writes the rclone config from the environment variable ``CORRAL_RCLONE_CONFIG`` to a
+0600 temp file, unsets the variable and runs ``rclone "$@"`` (forwarding SIGTERM). That variable is
+filled by ECS from a Secrets Manager secret listed in the job definition's ``secrets``
+(:func:`secret_env`), so the config is never in a job definition, the overrides, a log or the
+state table. The secret (only the remotes the workflow's transfers use) is made by
+:func:`prepare_rclone_secret` and removed with the run (:mod:`corral.storage.secrets`).
+
+``s3://`` URIs become rclone's on-the-fly S3 remote with ``env_auth`` (the job role's credentials);
+``workspace://x`` becomes ``<workdir>/x`` on the run's EFS workspace. Paths on the submitting
+machine cannot be reached from a job and are refused.
+
+The image: any image with ``/bin/sh`` and **no ENTRYPOINT** (Batch cannot override one; the
+official ``rclone/rclone`` image has ``ENTRYPOINT ["rclone"]`` and so cannot run a wrapped
+command). The default is Alpine from the ECR Public mirror of Docker Official Images; when
+``rclone`` is not in the image the script installs the distribution's package (``apk``/``apt-get``)
+at start — set ``CORRAL_RCLONE_IMAGE`` to an image with rclone preinstalled to skip that.
+"""
+
+from __future__ import annotations
+
+import os
+import shlex
+from pathlib import Path
+from typing import Any
+
+from corral.errors import StorageError
+from corral.storage import rclone
+from corral.storage.secrets import create_secret
+from corral.storage.uri import WORKSPACE, Location, parse, remote_names
+
+CONFIG_ENV = "CORRAL_RCLONE_CONFIG"
+DEFAULT_RCLONE_IMAGE = "public.ecr.aws/docker/library/alpine:3.20"
+
+TRANSFER_SCRIPT = """set -eu
+if ! command -v rclone >/dev/null 2>&1; then
+  echo "corral: rclone is not in this image; installing the distribution's package" >&2
+  if command -v apk >/dev/null 2>&1; then apk add --no-cache --quiet rclone ca-certificates >&2
+  elif command -v apt-get >/dev/null 2>&1; then
+    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq rclone ca-certificates) >&2
+  else
+    echo "corral: error: rclone is not in this image and cannot be installed" >&2
+    echo "corral: hint: use an image with rclone (CORRAL_RCLONE_IMAGE)" >&2
+    exit 127
+  fi
+fi
+umask 077
+conf=$(mktemp "${TMPDIR:-/tmp}/corral-rclone.XXXXXX")
+trap 'rm -f "$conf"' EXIT
+printf '%s\\n' "${CORRAL_RCLONE_CONFIG:-}" > "$conf"
+unset CORRAL_RCLONE_CONFIG
+RCLONE_CONFIG=$conf rclone "$@" &
+pid=$!
+trap 'kill -TERM "$pid" 2>/dev/null || :' TERM INT HUP
+set +e
+wait "$pid"
+rc=$?
+while kill -0 "$pid" 2>/dev/null; do wait "$pid"; rc=$?; done
+exit "$rc"
+"""
+
+CLEANUP_SCRIPT = """set -eu
+d=$1
+root=$2
+case "$d" in "$root"/?*) ;; *) echo "corral: refusing to remove $d: not under $root" >&2; exit 2 ;; esac
+case "$d/" in */../*|*/./*) echo "corral: refusing to remove $d: not a plain path" >&2; exit 2 ;; esac
+rm -rf -- "$d"
+echo "corral: removed workspace $d" >&2
+"""
+
+
+def rclone_image(override: str | None = None) -> str:
+    """The image transfer jobs run in: ``override``, else ``CORRAL_RCLONE_IMAGE``, else the default."""
+    return override or os.environ.get("CORRAL_RCLONE_IMAGE") or DEFAULT_RCLONE_IMAGE
+
+
+def _job_location(uri: str, workdir: str) -> Location:
+    loc = parse(uri, workdir=workdir, base_dir=Path("/nonexistent"))
+    if loc.kind == "local" and not uri.startswith(WORKSPACE):
+        raise StorageError(
+            f"{uri} is a path on this machine, which an AWS Batch job cannot reach",
+            "use s3://bucket/key, workspace://path or an rclone remote (name:path) in transfers on AWS",
+        )
+    return loc
+
+
+def transfer_container_argv(
+    source: str, dest: str, *, mode: str, filters: list[str], workdir: str, region: str | None,
+    endpoint: str | None = None,
+) -> list[str]:
+    """argv of one transfer task in its container (``source``/``dest`` rendered for the task).
+
+    ``workdir`` is the run's workspace inside the container (the EFS mount); ``region`` is the
+    region of the run's S3 buckets; ``endpoint`` is only for S3-compatible stores and tests.
+    """
+    src = _job_location(source, workdir)
+    dst = _job_location(dest, workdir)
+    args = rclone.command(mode, src, dst, filters, s3=rclone.s3_connection(region, endpoint))
+    return ["/bin/sh", "-c", TRANSFER_SCRIPT, "corral-transfer", *args]
+
+
+def transfer_container_command(
+    source: str, dest: str, *, mode: str, filters: list[str], workdir: str, region: str | None,
+    endpoint: str | None = None,
+) -> str:
+    """The same as :func:`transfer_container_argv`, as one shell command line."""
+    return shlex.join(
+        transfer_container_argv(source, dest, mode=mode, filters=filters, workdir=workdir, region=region,
+                                endpoint=endpoint)
+    )
+
+
+def cleanup_container_argv(workdir: str, *, root: str) -> list[str]:
+    """argv of the run's final cleanup job: ``rm -rf`` of ``workdir``, which must be under ``root``
+    (e.g. ``/mnt/corral/runs``); the script refuses anything else."""
+    root = root.rstrip("/")
+    if not root.startswith("/") or not workdir.startswith(root + "/") or ".." in workdir.split("/"):
+        raise StorageError(
+            f"refusing to clean up {workdir}: it is not a run folder under {root}",
+            "a run's workspace is <root>/<run id> on the EFS mount",
+        )
+    return ["/bin/sh", "-c", CLEANUP_SCRIPT, "corral-cleanup", workdir, root]
+
+
+# -- the rclone config secret --------------------------------------------------------------------
+def workflow_remotes(workflow: Any) -> set[str]:
+    """rclone.conf remotes named by the workflow's transfer stages (``from``/``to``)."""
+    uris = [u for s in workflow.stages if s.kind == "transfer" for u in (s.source, s.dest) if u]
+    return remote_names(uris)
+
+
+def rclone_config_text(names: set[str], *, config_path: Path | None = None) -> str:
+    """The rclone.conf holding only ``names`` (and the remotes they refer to)."""
+    src = config_path or rclone.default_config_path()
+    return rclone.render_config(rclone.config_subset(rclone.read_config(src), names, source=src))
+
+
+def prepare_rclone_secret(
+    sm: Any, workflow: Any, run_id: str, *, config_path: Path | None = None, tags: dict[str, str] | None = None,
+    prefix: str = "corral",
+) -> dict[str, str]:
+    """Store the workflow's rclone remotes as the run's secret.
+
+    Returns ``{CONFIG_ENV: secret ARN}`` to add to transfer stages' job-definition ``secrets``
+    (empty when the transfers use no rclone.conf remote: s3:// and workspace:// need none).
+    """
+    names = workflow_remotes(workflow)
+    if not names:
+        return {}
+    arn = create_secret(sm, run_id=run_id, value=rclone_config_text(names, config_path=config_path),
+                        purpose="rclone", prefix=prefix, tags=tags)
+    return {CONFIG_ENV: arn}
+
+
+def secret_env(secrets: dict[str, str]) -> list[dict[str, str]]:
+    """Job-definition ``secrets`` entries: ``[{"name": ENV, "valueFrom": ARN}]``."""
+    return [{"name": k, "valueFrom": v} for k, v in sorted(secrets.items())]

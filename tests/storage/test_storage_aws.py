@@ -1,0 +1,195 @@
+"""The AWS side of data movement, run for real where it can be: the transfer job's command under
+/bin/sh with the real rclone (against local folders and the moto S3), the cleanup job's command,
+and the rclone-config secret in moto's Secrets Manager (tags, idempotence, deletion, canary)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import pytest
+from conftest import RcloneSetup
+from storage_helpers import make_tree, needs_rclone, tree
+
+from corral.errors import ProvisionError, StorageError
+from corral.spec import loads_workflow
+from corral.storage import aws as saws
+from corral.storage import secrets as ssec
+
+
+def _job_env(tmp_path: Path, config_text: str | None) -> dict[str, str]:
+    """What the container would have: PATH, a TMPDIR, the secret as an env var; no CA bundle."""
+    env = {k: v for k, v in os.environ.items() if k != "AWS_CA_BUNDLE"}
+    (tmp_path / "jobtmp").mkdir(exist_ok=True)
+    env["TMPDIR"] = str(tmp_path / "jobtmp")
+    env.pop("RCLONE_CONFIG", None)
+    if config_text is not None:
+        env[saws.CONFIG_ENV] = config_text
+    return env
+
+
+@needs_rclone
+def test_transfer_job_command_runs_rclone_with_the_secret_config(rclone_setup: RcloneSetup, tmp_path: Path) -> None:
+    make_tree(rclone_setup.data, {"raw/s1/a.nwb": "A", "raw/s1/notes.txt": "n"})
+    wf = loads_workflow(
+        "name: w\nitems: [{session: s1}]\nstages:\n"
+        "  - {name: fetch, from: 'vault:x', to: 'workspace://x'}\n"
+        "  - {name: get, from: 'data:raw/{session}', to: 'workspace://{session}/raw', filters: ['+ *.nwb', '- *']}\n"
+    )
+    assert saws.workflow_remotes(wf) == {"vault", "data"}
+    text = saws.rclone_config_text({"data"}, config_path=rclone_setup.conf)
+    assert "[data]" in text and rclone_setup.canary not in text and "[unused]" not in text
+    workdir = tmp_path / "efs" / "runs" / "r1"
+    argv = saws.transfer_container_argv(
+        "data:raw/s1", "workspace://s1/raw", mode="copy", filters=["+ *.nwb", "- *"], workdir=str(workdir),
+        region="us-east-2",
+    )
+    r = subprocess.run(argv, env=_job_env(tmp_path, text), capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert tree(workdir / "s1" / "raw") == {"a.nwb": "A"}
+    assert list((tmp_path / "jobtmp").iterdir()) == []  # the config file is gone
+
+
+@needs_rclone
+def test_transfer_job_command_reads_s3_with_env_auth(bucket: tuple[Any, str], tmp_path: Path) -> None:
+    client, name = bucket
+    client.put_object(Bucket=name, Key="raw/s1/a.bin", Body=b"payload")
+    workdir = tmp_path / "efs" / "runs" / "r1"
+    argv = saws.transfer_container_argv(
+        f"s3://{name}/raw/s1", "workspace://s1", mode="sync", filters=[], workdir=str(workdir),
+        region=os.environ["AWS_REGION"], endpoint=os.environ["AWS_ENDPOINT_URL"],
+    )
+    r = subprocess.run(argv, env=_job_env(tmp_path, None), capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert (workdir / "s1" / "a.bin").read_bytes() == b"payload"
+    # and back up, workspace → S3
+    (workdir / "s1" / "result.txt").write_text("r")
+    argv = saws.transfer_container_argv(
+        "workspace://s1", f"s3://{name}/results/s1", mode="copy", filters=["+ result.txt", "- *"],
+        workdir=str(workdir), region=os.environ["AWS_REGION"], endpoint=os.environ["AWS_ENDPOINT_URL"],
+    )
+    r = subprocess.run(argv, env=_job_env(tmp_path, None), capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    keys = [o["Key"] for o in client.list_objects_v2(Bucket=name, Prefix="results/")["Contents"]]
+    assert keys == ["results/s1/result.txt"]
+
+
+def test_transfer_job_without_rclone_or_package_manager_says_so(tmp_path: Path) -> None:
+    bindir = tmp_path / "bin"
+    bindir.mkdir()
+    for tool in ("mktemp", "rm"):
+        found = shutil.which(tool)
+        assert found
+        (bindir / tool).symlink_to(found)
+    argv = saws.transfer_container_argv(
+        "s3://bkt-1/x", "workspace://x", mode="copy", filters=[], workdir="/mnt/corral/runs/r1", region="us-east-2"
+    )
+    r = subprocess.run(argv, env={"PATH": str(bindir)}, capture_output=True, text=True, timeout=30)
+    assert r.returncode == 127
+    assert "rclone is not in this image" in r.stderr and "CORRAL_RCLONE_IMAGE" in r.stderr
+
+
+def test_transfer_job_refuses_paths_of_the_submitting_machine() -> None:
+    with pytest.raises(StorageError, match="cannot reach") as ei:
+        saws.transfer_container_argv("data/raw", "s3://bkt-1/x", mode="copy", filters=[], workdir="/w", region=None)
+    assert "workspace://" in (ei.value.hint or "")
+
+
+def test_cleanup_job_removes_exactly_the_run_folder(tmp_path: Path) -> None:
+    root = tmp_path / "efs" / "runs"
+    make_tree(root / "r1", {"s1/raw/a": "a", "s2/b": "b"})
+    make_tree(root / "r2", {"s1/raw/a": "other"})
+    r = subprocess.run(saws.cleanup_container_argv(str(root / "r1"), root=str(root)), capture_output=True, text=True,
+                       timeout=30)
+    assert r.returncode == 0, r.stderr
+    assert not (root / "r1").exists() and tree(root / "r2") == {"s1/raw/a": "other"}
+    with pytest.raises(StorageError):
+        saws.cleanup_container_argv(str(root), root=str(root))
+    with pytest.raises(StorageError):
+        saws.cleanup_container_argv(str(root / "r2" / ".." / ".."), root=str(root))
+    # the script checks again, whatever argv it is given
+    evil = ["/bin/sh", "-c", saws.CLEANUP_SCRIPT, "corral-cleanup", str(tmp_path), str(root)]
+    r = subprocess.run(evil, capture_output=True, text=True, timeout=30)
+    assert r.returncode == 2 and "refusing" in r.stderr and (root / "r2").exists()
+
+
+# -- the secret ---------------------------------------------------------------------------------
+def _sm() -> Any:
+    import boto3
+
+    return boto3.client("secretsmanager")
+
+
+def _tags(sm: Any, arn: str) -> dict[str, str]:
+    return {t["Key"]: t["Value"] for t in sm.describe_secret(SecretId=arn).get("Tags", [])}
+
+
+def test_secret_lifecycle(aws: str) -> None:
+    sm = _sm()
+    arn = ssec.create_secret(sm, run_id="r1", value="[a]\ntype = alias\n")
+    assert _tags(sm, arn) == {"corral:managed": "true", "corral:run": "r1"}
+    assert sm.describe_secret(SecretId=arn)["Name"] == "corral/r1/rclone"
+    # a second attempt (resume) updates the value and returns the same secret
+    assert ssec.create_secret(sm, run_id="r1", value="[b]\ntype = alias\n") == arn
+    assert sm.get_secret_value(SecretId=arn)["SecretString"] == "[b]\ntype = alias\n"
+    arn2 = ssec.create_secret(sm, run_id="r2", value="x")
+    sm.create_secret(Name="someone-elses", SecretString="keep")
+    assert ssec.delete_run_secrets(sm, "r1") == ["corral/r1/rclone"]
+    names = {s["Name"] for s in sm.list_secrets()["SecretList"]}
+    assert names == {"corral/r2/rclone", "someone-elses"}
+    assert ssec.delete_managed_secrets(sm) == ["corral/r2/rclone"]
+    assert {s["Name"] for s in sm.list_secrets()["SecretList"]} == {"someone-elses"}
+    del arn2
+
+
+def test_secret_name_taken_by_something_else_is_refused(aws: str) -> None:
+    sm = _sm()
+    sm.create_secret(Name="corral/r1/rclone", SecretString="not ours")
+    with pytest.raises(ProvisionError, match="not made by corral"):
+        ssec.create_secret(sm, run_id="r1", value="x")
+    assert sm.get_secret_value(SecretId="corral/r1/rclone")["SecretString"] == "not ours"
+
+
+def test_reader_policy_and_statement() -> None:
+    pol = json.loads(ssec.reader_policy(["arn:aws:iam::123456789012:role/corral-exec"]))
+    st = pol["Statement"][0]
+    assert st["Effect"] == "Deny" and st["Action"] == "secretsmanager:GetSecretValue"
+    assert st["Condition"]["StringNotEquals"]["aws:PrincipalArn"] == ["arn:aws:iam::123456789012:role/corral-exec"]
+    stmt = ssec.read_statement(["arn:b", "arn:a"])
+    assert stmt["Action"] == ["secretsmanager:GetSecretValue"] and stmt["Resource"] == ["arn:a", "arn:b"]
+
+
+@needs_rclone
+def test_canary_reaches_the_job_only_through_the_secret(rclone_setup: RcloneSetup, aws: str, tmp_path: Path) -> None:
+    """The rclone.conf canary (and its obscured form) is in the Secrets Manager value and nowhere in
+    what a job definition or a container override is built from."""
+    sm = _sm()
+    wf = loads_workflow(
+        "name: w\nitems: [{session: s1}]\nstages:\n"
+        "  - {name: fetch, from: 'vault:raw/{session}', to: 'workspace://{session}'}\n"
+    )
+    secrets = saws.prepare_rclone_secret(sm, wf, "r1", config_path=rclone_setup.conf)
+    assert list(secrets) == [saws.CONFIG_ENV]
+    value = sm.get_secret_value(SecretId=secrets[saws.CONFIG_ENV])["SecretString"]
+    assert rclone_setup.obscured in value and "[unused]" not in value and rclone_setup.canary not in value
+    job_parts = {
+        "image": saws.rclone_image(),
+        "secrets": saws.secret_env(secrets),
+        "command": saws.transfer_container_argv(
+            "vault:raw/s1", "workspace://s1", mode="copy", filters=[], workdir="/mnt/corral/runs/r1",
+            region="us-east-2",
+        ),
+        "cleanup": saws.cleanup_container_argv("/mnt/corral/runs/r1", root="/mnt/corral/runs"),
+    }
+    blob = json.dumps(job_parts)
+    for secret in (rclone_setup.canary, rclone_setup.obscured):
+        assert secret not in blob
+    assert job_parts["secrets"] == [{"name": "CORRAL_RCLONE_CONFIG", "valueFrom": secrets[saws.CONFIG_ENV]}]
+    # a workflow whose transfers need no rclone.conf remote makes no secret
+    plain = loads_workflow("name: w\nstages:\n  - {name: up, per: run, from: 'workspace://x', to: 's3://bkt-1/x'}\n")
+    assert saws.prepare_rclone_secret(sm, plain, "r2", config_path=rclone_setup.conf) == {}
+    assert ssec.delete_run_secrets(sm, "r1") == ["corral/r1/rclone"]
