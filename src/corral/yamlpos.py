@@ -38,8 +38,9 @@ def load_text(text: str, source: str) -> Located:
     """Parse one YAML document; syntax errors become SpecError naming file:line:col."""
     if "\x00" in text:
         raise SpecError("the file is binary, not YAML", "give the path of a workflow YAML file", where=source)
-    loader = yaml.SafeLoader(text)
+    loader: yaml.SafeLoader | None = None
     try:
+        loader = yaml.SafeLoader(text)
         node = loader.get_single_node()
         if node is None:
             raise SpecError(
@@ -55,12 +56,21 @@ def load_text(text: str, source: str) -> Located:
         raise SpecError(
             f"YAML syntax error: {problem}", "check indentation, colons and quotes near that place", where=where
         ) from None
+    except yaml.reader.ReaderError as exc:
+        line = text.count("\n", 0, exc.position) + 1
+        col = exc.position - (text.rfind("\n", 0, exc.position) + 1) + 1
+        raise SpecError(
+            f"character {exc.character!r} is not allowed in YAML",
+            "remove control characters from the file (tabs and newlines are fine)",
+            where=f"{source}:{line}:{col}",
+        ) from None
     except yaml.YAMLError as exc:
         raise SpecError(f"YAML error: {exc}".splitlines()[0], "check the file's syntax", where=source) from None
     except RecursionError:
         raise SpecError("the YAML nests too deeply", "simplify the file", where=source) from None
     finally:
-        loader.dispose()
+        if loader is not None:
+            loader.dispose()
 
 
 def load_file(path: str | Path) -> Located:
