@@ -1,0 +1,198 @@
+"""Operating commands: ``corral doctor``, ``corral report``, ``corral cost``.
+
+Loaded by ``corral.cli`` (its ``EXTENSIONS``); ``register(cli)`` adds the commands.
+Ids, paths and ``--json`` go to stdout; everything for people goes to stderr.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import click
+from rich.console import Console
+from rich.table import Table
+
+from corral import api
+from corral.errors import CorralError, UsageError
+
+err = Console(stderr=True, highlight=False)
+out = Console(highlight=False, soft_wrap=True)
+
+LEVEL_STYLE = {"ok": "green", "info": "cyan", "warn": "yellow", "error": "red"}
+
+
+def _backend_option(f: Any) -> Any:
+    return click.option("--backend", type=click.Choice(api.BACKENDS), default=None,
+                        help="Where the run lives: local (default) or aws (DynamoDB state table).")(f)
+
+
+def _open_store(backend: str | None, run_id: str | None) -> Any:
+    store = api.open_store(backend or "local")
+    if run_id:
+        try:
+            store.get_run(run_id)
+        except CorralError as exc:
+            hint = ("for a run on AWS add --backend aws; `corral status --all` lists local runs"
+                    if backend is None else "`corral status --all --backend aws` lists runs")
+            raise UsageError(f"no run {run_id!r} in the {backend or 'local'} state", hint) from exc
+    return store
+
+
+def print_findings(findings: list[Any]) -> None:
+    """One line per finding on stderr (``level  check  message``), its fix indented below."""
+    for f in findings:
+        tag = click.style(f"{f.level:<5}", fg=LEVEL_STYLE.get(f.level), bold=f.level == "error")
+        click.echo(f"{tag} {f.check:<13} {f.message}", err=True)
+        if f.fix and f.level != "ok":
+            click.echo(f"{'':<19} fix: {f.fix}", err=True)
+
+
+def estimate_table(est: Any) -> Table:
+    from corral.cost import usd
+    from corral.units import format_duration
+
+    pricing = "spot" if est.spot else "on-demand"
+    table = Table(title=f"{est.workflow}: estimated AWS Batch cost ({pricing}, {est.region} prices of "
+                        f"{est.prices_date})", title_justify="left", show_edge=False, pad_edge=False)
+    table.add_column("stage")
+    table.add_column("tasks", justify="right")
+    table.add_column("instance (tasks on it)")
+    table.add_column("time per task")
+    table.add_column("per task", justify="right")
+    table.add_column("stage total", justify="right")
+    for s in est.stages:
+        inst = f"{s.instance_type} ({s.tasks_per_instance})" if s.instance_type else "[red]none fits[/]"
+        src = s.duration_source.split(" ", 1)[0]
+        table.add_row(s.stage, str(s.tasks), inst, f"{format_duration(s.duration_s)} ({src})", usd(s.usd_per_task),
+                      usd(s.usd))
+    per_item = f", {usd(est.per_item_usd)} per item" if est.per_item_usd is not None else ""
+    table.caption = f"total {usd(est.total_usd)}{per_item}"
+    table.caption_justify = "left"
+    return table
+
+
+def register(cli: click.Group) -> None:
+    @cli.command()
+    @click.argument("run_id", required=False)
+    @_backend_option
+    @click.option("-w", "--workflow", type=click.Path(dir_okay=False),
+                  help="AWS: also check that this workflow's stages fit the environments.")
+    @click.option("--region", help="AWS region (default: the run's, the workflow's, or AWS_REGION).")
+    @click.option("--profile", help="AWS profile.")
+    @click.option("--runnable-after", default="30m", show_default=True,
+                  help="AWS: report jobs RUNNABLE for longer than this.")
+    @click.option("--json", "as_json", is_flag=True, help="Findings as JSON on stdout.")
+    def doctor(run_id: str | None, backend: str | None, workflow: str | None, region: str | None,
+               profile: str | None, runnable_after: str, as_json: bool) -> None:
+        """Check this machine (and AWS with --backend aws) and explain what is wrong, each with a fix.
+
+        With RUN_ID, also why its tasks failed or wait (memory, image pulls, timeouts, stuck jobs)."""
+        from corral import doctor as dr
+        from corral.units import parse_duration
+
+        try:
+            after_s = parse_duration(runnable_after)
+        except ValueError as exc:
+            raise UsageError(f"--runnable-after {runnable_after!r}: {exc}", "write e.g. 30m or 2h") from None
+        findings = dr.local_checks(api.corral_home())
+        store = run = plan = tasks = None
+        if run_id or backend == "aws":
+            store = _open_store(backend, run_id)
+        if run_id:
+            run = store.get_run(run_id)
+            try:
+                plan = api.load_plan(store, run_id)
+            except CorralError:
+                plan = None
+            tasks = store.get_tasks(run_id)
+            if run.backend == "local":
+                findings += dr.run_checks(store, run, plan)
+        if workflow:
+            wf = api.load_workflow(workflow)
+            plan = api.plan(wf)
+        if backend == "aws" or (run is not None and run.backend == "aws"):
+            from corral.backends.aws_batch.client import AwsClients
+            from corral.spec import AwsSettings
+
+            if plan is not None:
+                settings = plan.workflow.aws
+            elif run is not None:
+                settings = AwsSettings(**run.options.get("aws", {}))
+            else:
+                settings = AwsSettings()
+            try:
+                clients = AwsClients(region=region or settings.region, profile=profile or settings.profile)
+            except CorralError as exc:
+                findings.append(dr.Finding("aws-credentials", "error", exc.one_line(), exc.hint or ""))
+            else:
+                findings += dr.aws_checks(clients, settings, plan=plan, run=run, tasks=tasks,
+                                          runnable_after_s=after_s)
+        if as_json:
+            out.print_json(json.dumps({"worst": dr.worst(findings), "findings": [f.to_dict() for f in findings]}))
+        else:
+            print_findings(findings)
+        sys.exit(1 if dr.worst(findings) == "error" else 0)
+
+    @cli.command()
+    @click.argument("run_id")
+    @click.option("-o", "--output", "output", type=click.Path(dir_okay=False), default=None,
+                  help="Where to write the HTML file (default: report-<run>.html).")
+    @_backend_option
+    @click.option("--no-logs", is_flag=True, help="Leave out failed tasks' log excerpts (no log reads).")
+    def report(run_id: str, output: str | None, backend: str | None, no_logs: bool) -> None:
+        """Write one self-contained HTML file about RUN_ID: summary, stages, timeline, failures, cost."""
+        from corral.report import write_report
+
+        store = _open_store(backend, run_id)
+        rec = store.get_run(run_id)
+        be = None if no_logs else api.get_backend(rec.backend, run=rec)
+        path = Path(output or f"report-{run_id}.html")
+        data = write_report(store, run_id, path, backend=be)
+        from corral.report import bars
+
+        err.print(f"report of {run_id}: {len(data.tasks)} tasks, {len(bars(data))} attempts → {path}", markup=False)
+        out.print(str(path), markup=False)
+
+    @cli.command()
+    @click.argument("workflow", type=click.Path(dir_okay=False))
+    @click.option("--spot/--on-demand", default=None, help="Price on spot or on-demand (default: aws.spot).")
+    @click.option("--duration", "durations", multiple=True, metavar="STAGE=TIME",
+                  help="How long one task of STAGE takes, e.g. --duration sort=90m (repeatable).")
+    @click.option("--default-duration", default="1h", show_default=True,
+                  help="For stages with no --duration and no earlier run.")
+    @click.option("--backend", type=click.Choice(api.BACKENDS), default="local", show_default=True,
+                  help="Which state store to read earlier runs' durations from.")
+    @click.option("--json", "as_json", is_flag=True, help="The estimate as JSON on stdout.")
+    def cost(workflow: str, spot: bool | None, durations: tuple[str, ...], default_duration: str, backend: str,
+             as_json: bool) -> None:
+        """Estimate what WORKFLOW costs on AWS Batch: per stage and in total, from resources, prices and durations."""
+        from corral.cost import estimate_plan, parse_durations
+        from corral.units import parse_duration
+
+        wf = api.load_workflow(workflow)
+        p = api.plan(wf)
+        given = parse_durations(durations, p.stage_order)
+        try:
+            default_s = parse_duration(default_duration)
+        except ValueError as exc:
+            raise UsageError(f"--default-duration {default_duration!r}: {exc}", "write e.g. 30m or 2h") from None
+        store = None
+        try:
+            store = api.open_store(backend, wf) if (backend == "aws" or (api.corral_home() / "state.db").exists()) \
+                else None
+        except CorralError as exc:
+            err.print(f"note: earlier durations not read ({exc.one_line()})", markup=False)
+        est = estimate_plan(p, spot=spot, durations=given, store=store, default_duration_s=default_s)
+        if as_json:
+            out.print_json(json.dumps(est.to_dict()))
+            return
+        err.print(estimate_table(est))
+        for a in est.assumptions:
+            err.print(f"  note: {a}", markup=False)
+        for s in est.stages:
+            if s.note:
+                err.print(f"  [yellow]warning[/]: stage {s.stage}: ", end="")
+                err.print(s.note, markup=False)

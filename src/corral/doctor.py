@@ -1,0 +1,603 @@
+"""``corral doctor [RUN]``: checks that explain what is wrong, each finding with a fix.
+
+Locally: container engine, free disk under ``CORRAL_HOME``, rclone, the state database's
+integrity, runs whose scheduler died (with the resume command). For a run: failed tasks killed
+for memory (exit 137, ``OutOfMemoryError``, corral's memory limit), image pulls that failed,
+timeouts and spot reclaims, grouped per stage.
+
+On AWS (``--backend aws``): credentials and region; each compute environment's state, status
+(with ``statusReason`` when INVALID) and ``maxvCpus`` against the largest task; whether each
+stage fits an instance type its environment may launch; queues DISABLED, INVALID or without
+environments; jobs RUNNABLE longer than a threshold with the likely reason; EFS file systems
+without a mount target in a subnet the environments use.
+
+Checks only read (describe/list/get calls); nothing is changed.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
+
+from corral.errors import CorralError
+from corral.model import RunRecord, RunState, TaskRecord, TaskState
+
+if TYPE_CHECKING:  # pragma: no cover
+    from corral.backends.aws_batch.client import AwsClients
+    from corral.plan import Plan
+    from corral.spec import AwsSettings, Resources
+    from corral.state.base import StateStore
+
+Level = Literal["ok", "info", "warn", "error"]
+LEVELS: tuple[Level, ...] = ("ok", "info", "warn", "error")
+
+MIN_FREE_GIB = 5.0
+LOW_FREE_GIB = 1.0
+RUNNABLE_AFTER_S = 30 * 60  # a job RUNNABLE longer than this is reported as stuck
+
+
+@dataclass
+class Finding:
+    check: str  # short id: engine, disk, rclone, state-db, interrupted, oom, image-pull, ce, queue, fit, runnable, efs…
+    level: Level
+    message: str
+    fix: str = ""
+    subject: str = ""  # what it is about: a run id, stage, queue or compute environment name
+
+    def to_dict(self) -> dict[str, str]:
+        return asdict(self)
+
+
+def worst(findings: Iterable[Finding]) -> Level:
+    return max((f.level for f in findings), key=LEVELS.index, default="ok")
+
+
+# -- local ------------------------------------------------------------------------------------
+def _existing_parent(path: Path) -> Path:
+    p = path.absolute()
+    while not p.exists() and p != p.parent:
+        p = p.parent
+    return p
+
+
+def check_engine(detect: Callable[[], tuple[Any, str]] | None = None) -> Finding:
+    if detect is None:
+        from corral.backends.runtime import detect_engine
+
+        detect = detect_engine
+    engine, why = detect()
+    if engine is not None:
+        return Finding("engine", "ok", f"container engine {engine.name} answers ({engine.path})")
+    return Finding(
+        "engine", "info",
+        f"no container engine answers ({why}): locally, stages with an image run as host processes",
+        "install and start Docker or Podman to run stages in their images (`--runtime container`); "
+        "otherwise the commands must exist on this machine",
+    )
+
+
+def check_disk(home: Path, *, disk_usage: Callable[[str], Any] = shutil.disk_usage,
+               min_free_gib: float = MIN_FREE_GIB) -> Finding:
+    where = _existing_parent(home)
+    usage = disk_usage(str(where))
+    free_gib = usage.free / 2**30
+    pct = 100.0 * usage.free / usage.total if usage.total else 0.0
+    msg = f"{free_gib:.1f} GiB free ({pct:.0f}%) on the disk of {home}"
+    if free_gib < LOW_FREE_GIB:
+        return Finding("disk", "error", msg, "free space there, or point CORRAL_HOME (--home) at a larger disk: "
+                       "run workspaces and logs live under it", str(home))
+    if free_gib < min_free_gib:
+        return Finding("disk", "warn", msg, "free space or move CORRAL_HOME (--home) to a larger disk; "
+                       "`corral` keeps each run's workspace and logs under runs/", str(home))
+    return Finding("disk", "ok", msg, subject=str(home))
+
+
+def check_rclone(which: Callable[[str], str | None] = shutil.which) -> Finding:
+    explicit = os.environ.get("CORRAL_RCLONE")
+    if explicit:
+        if os.path.isfile(explicit) and os.access(explicit, os.X_OK):
+            return Finding("rclone", "ok", f"rclone from CORRAL_RCLONE ({explicit})")
+        return Finding("rclone", "error", f"CORRAL_RCLONE={explicit} is not an executable file",
+                       "point CORRAL_RCLONE at the rclone binary, or unset it to use the one on PATH")
+    found = which("rclone")
+    if found:
+        return Finding("rclone", "ok", f"rclone found ({found})")
+    return Finding("rclone", "warn", "rclone is not installed: transfer stages and rclone remotes cannot run here",
+                   "install it (`sudo apt install rclone`, `brew install rclone`, or https://rclone.org/install/); "
+                   "s3:// and local paths need it too for transfer stages")
+
+
+def check_state_db(home: Path) -> Finding:
+    path = home / "state.db"
+    if not path.exists():
+        return Finding("state-db", "ok", f"no state database yet ({path}); the first run creates it")
+    try:
+        from corral.state.sqlite import SqliteStore
+
+        store = SqliteStore(path)
+        try:
+            ok = store.integrity_ok()
+        finally:
+            store.close()
+    except (CorralError, Exception) as exc:  # a file that is not a database at all lands here
+        return Finding("state-db", "error", f"the state database {path} cannot be opened: {exc}",
+                       f"move it aside (`mv {path} {path}.broken`); corral starts a new one "
+                       "(the runs recorded in it are no longer listed)", str(path))
+    if not ok:
+        return Finding("state-db", "error", f"the state database {path} fails SQLite's integrity check",
+                       f"recover it: `sqlite3 {path} .recover | sqlite3 {path}.new` then move "
+                       f"{path}.new over it (keep a copy of the old file)", str(path))
+    return Finding("state-db", "ok", f"state database {path} passes the integrity check")
+
+
+def check_interrupted(store: StateStore, *, limit: int = 50) -> list[Finding]:
+    """Local runs whose scheduler is gone while they still read RUNNING (or already INTERRUPTED)."""
+    from corral.backends.local import scheduler_alive
+
+    out = []
+    host = socket.gethostname()
+    for run in store.list_runs(limit=limit):
+        if run.backend != "local":
+            continue
+        if run.state == RunState.INTERRUPTED or (
+            run.state == RunState.RUNNING and run.host == host and not scheduler_alive(run)
+        ):
+            out.append(Finding(
+                "interrupted", "warn",
+                f"run {run.run_id} ({run.workflow_name}) stopped without finishing: its scheduler is gone",
+                f"`corral resume {run.run_id}` goes on with what did not succeed "
+                f"(or `corral cancel {run.run_id}` to close it)",
+                run.run_id,
+            ))
+        elif run.state == RunState.RUNNING and run.host != host:
+            out.append(Finding("interrupted", "info",
+                               f"run {run.run_id} reads RUNNING on host {run.host}; it can only be checked there",
+                               f"run `corral doctor` on {run.host}", run.run_id))
+    return out
+
+
+def local_checks(home: Path, *, store: StateStore | None = None,
+                 detect: Callable[[], tuple[Any, str]] | None = None,
+                 which: Callable[[str], str | None] = shutil.which,
+                 disk_usage: Callable[[str], Any] = shutil.disk_usage) -> list[Finding]:
+    findings = [check_engine(detect), check_disk(home, disk_usage=disk_usage), check_rclone(which)]
+    db = check_state_db(home)
+    findings.append(db)
+    if db.level != "error" and (home / "state.db").exists():
+        own = store is None
+        if store is None:
+            from corral.state.sqlite import SqliteStore
+
+            store = SqliteStore(home / "state.db")
+        try:
+            findings += check_interrupted(store)
+        finally:
+            if own:
+                store.close()
+    return findings
+
+
+# -- failed tasks -----------------------------------------------------------------------------
+_OOM = ("outofmemoryerror", "out of memory", "oomkilled", "memory limit exceeded", "container killed due to memory")
+_PULL = ("cannotpullcontainer", "pull access denied", "manifest unknown", "manifest for", "imagepull",
+         "cannotpullimagemanifest", "repository does not exist", "no basic auth credentials")
+_TIMEOUT = ("timed out", "job attempt duration exceeded timeout", "timeout")
+_SPOT = ("host ec2", "spot")
+
+
+def classify_failure(t: TaskRecord) -> str | None:
+    """``oom``, ``image-pull``, ``timeout``, ``spot`` or None, from a failed task's reason and exit code."""
+    low = (t.reason or "").lower()
+    if any(k in low for k in _PULL):
+        return "image-pull"
+    if t.exit_code == 137 or any(k in low for k in _OOM):
+        return "oom"
+    if any(k in low for k in _TIMEOUT):
+        return "timeout"
+    if any(k in low for k in _SPOT):
+        return "spot"
+    return None
+
+
+def failure_checks(plan: Plan | None, tasks: Sequence[TaskRecord], run_id: str) -> list[Finding]:
+    """Failed tasks grouped by stage and cause, each group with what to change."""
+    groups: dict[tuple[str, str], list[TaskRecord]] = {}
+    for t in tasks:
+        if t.state != TaskState.FAILED:
+            continue
+        kind = classify_failure(t)
+        if kind:
+            groups.setdefault((t.stage, kind), []).append(t)
+    out = []
+    for (stage, kind), members in groups.items():
+        res = None
+        image = None
+        timeout = None
+        if plan is not None:
+            try:
+                s = plan.workflow.stage(stage)
+                res, image, timeout = s.resources, s.image, s.timeout
+            except KeyError:
+                pass
+        sample = members[0]
+        labels = ", ".join(m.label for m in members[:3]) + (f" and {len(members) - 3} more" if len(members) > 3 else "")
+        if kind == "oom":
+            have = f"{res.memory} MiB" if res is not None else "its memory"
+            out.append(Finding(
+                "oom", "error",
+                f"{len(members)} task(s) of stage {stage!r} were killed for memory ({labels}): "
+                f"{sample.reason or f'exit code {sample.exit_code}'}",
+                f"raise resources.memory of stage {stage!r} (now {have}; try "
+                f"{(res.memory * 2) if res is not None else 'twice as much'} MiB), then `corral resume {run_id}`",
+                stage,
+            ))
+        elif kind == "image-pull":
+            out.append(Finding(
+                "image-pull", "error",
+                f"{len(members)} task(s) of stage {stage!r} could not pull image {image or '?'}: {sample.reason}",
+                "check the image name and tag (`docker pull` it); for ECR images push them with "
+                "`corral aws image push` and let corral grant the execution role access; private registries "
+                "need repositoryCredentials",
+                stage,
+            ))
+        elif kind == "timeout":
+            out.append(Finding(
+                "timeout", "warn",
+                f"{len(members)} task(s) of stage {stage!r} hit the timeout"
+                + (f" ({timeout:g}s)" if timeout else "") + f": {labels}",
+                f"raise `timeout:` of stage {stage!r}, then `corral resume {run_id}`",
+                stage,
+            ))
+        else:
+            out.append(Finding(
+                "spot", "warn",
+                f"{len(members)} task(s) of stage {stage!r} lost their spot instance: {sample.reason}",
+                "raise `retries:` (spot reclaims are retried), allow more instance types, or set aws.spot: false",
+                stage,
+            ))
+    return out
+
+
+def run_checks(store: StateStore, run: RunRecord, plan: Plan | None) -> list[Finding]:
+    tasks = store.get_tasks(run.run_id)
+    out = failure_checks(plan, tasks, run.run_id)
+    if run.state == RunState.INTERRUPTED:
+        out.append(Finding("interrupted", "warn", f"run {run.run_id} was interrupted (its scheduler stopped)",
+                           f"`corral resume {run.run_id}`", run.run_id))
+    failed = [t for t in tasks if t.state == TaskState.FAILED]
+    explained = {t.task_id for t in failed if classify_failure(t)}
+    other = [t for t in failed if t.task_id not in explained]
+    if other:
+        out.append(Finding(
+            "failed", "warn",
+            f"{len(other)} task(s) failed for other reasons, e.g. {other[0].label}: {other[0].reason or 'failed'}",
+            f"`corral logs {run.run_id} {other[0].task_id[:12]}` shows its output; "
+            f"`corral report {run.run_id} -o report.html` gathers all failures",
+            run.run_id,
+        ))
+    if not out:
+        out.append(Finding("run", "ok", f"run {run.run_id}: {run.state.value.lower()}, nothing to report",
+                           subject=run.run_id))
+    return out
+
+
+# -- AWS --------------------------------------------------------------------------------------
+def _task_size(job: dict[str, Any]) -> tuple[float, int, int]:
+    """(vcpus, memory MiB, gpus) a described Batch job asks for."""
+    c = job.get("container") or {}
+    vcpus, mem, gpus = float(c.get("vcpus") or 0), int(c.get("memory") or 0), 0
+    for r in c.get("resourceRequirements") or []:
+        kind, value = r.get("type"), r.get("value", "0")
+        if kind == "VCPU":
+            vcpus = float(value)
+        elif kind == "MEMORY":
+            mem = int(float(value))
+        elif kind == "GPU":
+            gpus = int(value)
+    return vcpus, mem, gpus
+
+
+def _types_hold(entries: Sequence[str], vcpus: float, mem: int, gpus: int) -> tuple[bool, bool]:
+    """(some allowed type holds it, the table knows any of the entries)."""
+    from corral.instances import expand
+
+    types = expand(list(entries))
+    return any(t.holds(vcpus, mem, gpus) for t in types), bool(types)
+
+
+def runnable_reason(job: dict[str, Any], ces: Sequence[dict[str, Any]]) -> tuple[str, str]:
+    """The likeliest reason a job stays RUNNABLE, and its fix, from the environments behind its queue."""
+    vcpus, mem, gpus = _task_size(job)
+    ask = f"{vcpus:g} vCPUs, {mem} MiB" + (f", {gpus} GPUs" if gpus else "")
+    if not ces:
+        return ("its queue has no compute environment", "attach one: `corral aws setup workflow.yaml` makes them")
+    usable = [c for c in ces if c.get("state") == "ENABLED" and c.get("status") == "VALID"]
+    for c in ces:
+        if c.get("status") == "INVALID":
+            return (f"compute environment {c.get('computeEnvironmentName')} is INVALID: {c.get('statusReason', '')}",
+                    "fix what the reason names (often the service role, instance role or subnets), then "
+                    "`corral aws setup` again")
+    if not usable:
+        return ("every compute environment behind its queue is DISABLED",
+                "enable one: `aws batch update-compute-environment --compute-environment NAME --state ENABLED`")
+    fits = []
+    for c in usable:
+        cr = c.get("computeResources") or {}
+        held, known = _types_hold(cr.get("instanceTypes") or ["optimal"], vcpus, mem, gpus)
+        if (held or not known) and vcpus <= float(cr.get("maxvCpus") or 0):
+            fits.append(c)
+    if not fits:
+        c = usable[0]
+        cr = c.get("computeResources") or {}
+        if vcpus > float(cr.get("maxvCpus") or 0):
+            return (f"it asks for {ask}, more than maxvCpus {cr.get('maxvCpus')} of {c.get('computeEnvironmentName')}",
+                    f"raise aws.max_vcpus to at least {vcpus:g} and run `corral aws setup` again")
+        return (f"no instance type its compute environments may launch ({', '.join(cr.get('instanceTypes') or [])}) "
+                f"holds {ask}",
+                "allow larger instance types in aws.instance_types (then `corral aws setup`), or lower the "
+                "stage's resources")
+    full = [c for c in fits if int((c.get("computeResources") or {}).get("desiredvCpus") or 0)
+            + vcpus > int((c.get("computeResources") or {}).get("maxvCpus") or 0)]
+    if len(full) == len(fits):
+        c = fits[0]
+        cr = c.get("computeResources") or {}
+        return (f"the vCPU limit is reached: {cr.get('desiredvCpus')} of maxvCpus {cr.get('maxvCpus')} in use "
+                f"in {c.get('computeEnvironmentName')}; it waits for others to finish",
+                "wait, or raise aws.max_vcpus (and the account's EC2 vCPU quota) and run `corral aws setup`")
+    if all((c.get("computeResources") or {}).get("type") in ("SPOT", "FARGATE_SPOT") for c in fits):
+        return ("spot capacity: the environments that can hold it are SPOT-only and EC2 has not given instances",
+                "allow more instance types, or add on-demand capacity (aws.spot: false keeps an on-demand "
+                "environment behind the queue)")
+    return ("EC2 has not launched an instance: likely the account's vCPU quota for these instance families, "
+            "or no capacity for them in the subnets' zones",
+            "check Service Quotas (EC2 'Running On-Demand Standard instances' / 'G and VT instances'), "
+            "allow more instance types or subnets in more zones")
+
+
+def _ce_index(batch: Any) -> dict[str, dict[str, Any]]:
+    out: dict[str, dict[str, Any]] = {}
+    for page in batch.get_paginator("describe_compute_environments").paginate():
+        for c in page.get("computeEnvironments", []):
+            out[c["computeEnvironmentArn"]] = c
+            out[c["computeEnvironmentName"]] = c
+    return out
+
+
+def _queues(batch: Any) -> list[dict[str, Any]]:
+    out = []
+    for page in batch.get_paginator("describe_job_queues").paginate():
+        out += page.get("jobQueues", [])
+    return out
+
+
+def _managed(tags: Any) -> bool:
+    from corral.backends.aws_batch.common import is_managed
+
+    return is_managed(tags)
+
+
+def aws_checks(
+    clients: AwsClients,
+    settings: AwsSettings,
+    *,
+    plan: Plan | None = None,
+    run: RunRecord | None = None,
+    tasks: Sequence[TaskRecord] | None = None,
+    runnable_after_s: float = RUNNABLE_AFTER_S,
+    clock: Callable[[], float] = time.time,
+) -> list[Finding]:
+    """Read-only checks of the AWS side (see the module docstring)."""
+    from corral.backends.aws_batch.client import aws_errors
+    from corral.backends.aws_batch.environment import DEFAULT_QUEUE, GPU_QUEUE
+    from corral.errors import CredentialsError
+
+    out: list[Finding] = []
+    try:
+        account = clients.account_id()
+    except CredentialsError as exc:
+        return [Finding("aws-credentials", "error", exc.one_line(), exc.hint or "", clients.region)]
+    except CorralError as exc:
+        return [Finding("aws-credentials", "error", exc.one_line(), exc.hint or "", clients.region)]
+    out.append(Finding("aws-credentials", "ok", f"credentials for account {account}, region {clients.region}",
+                       subject=clients.region))
+    batch = clients.batch
+    with aws_errors("describe AWS Batch queues and compute environments"):
+        ces = _ce_index(batch)
+        queues = _queues(batch)
+    opts = (run.options.get("aws_batch", {}) if run is not None else {}) or {}
+    wanted = {settings.queue or DEFAULT_QUEUE}
+    gpu_needed = plan is not None and any(s.resources.gpus > 0 for s in plan.workflow.stages)
+    if gpu_needed:
+        wanted.add(GPU_QUEUE)
+    for key in ("job_queue", "gpu_job_queue"):
+        if opts.get(key):
+            wanted.add(str(opts[key]).rsplit("/", 1)[-1])
+    by_name = {q["jobQueueName"]: q for q in queues if q.get("status") != "DELETED"}
+    considered = [q for n, q in by_name.items() if n in wanted or _managed(q.get("tags"))]
+
+    # -- queues
+    for name in sorted(wanted - set(by_name)):
+        out.append(Finding("queue", "warn" if plan is None else "error", f"job queue {name} does not exist",
+                           "`corral aws setup workflow.yaml` makes it (so does `corral run --backend aws`)", name))
+    queue_ces: dict[str, list[dict[str, Any]]] = {}
+    for q in considered:
+        name = q["jobQueueName"]
+        order = sorted(q.get("computeEnvironmentOrder") or [], key=lambda o: o.get("order", 0))
+        queue_ces[name] = [ces[o["computeEnvironment"]] for o in order if o.get("computeEnvironment") in ces]
+        if q.get("state") == "DISABLED":
+            out.append(Finding("queue", "error", f"job queue {name} is DISABLED: jobs submitted to it never start",
+                               f"`aws batch update-job-queue --job-queue {name} --state ENABLED`", name))
+        elif q.get("status") == "INVALID":
+            out.append(Finding("queue", "error", f"job queue {name} is INVALID: {q.get('statusReason', '')}",
+                               "fix what the reason names, or run `corral aws setup` again", name))
+        elif not order:
+            out.append(Finding("queue", "error", f"job queue {name} has no compute environment",
+                               "run `corral aws setup` again, or attach one with "
+                               f"`aws batch update-job-queue --job-queue {name} --compute-environment-order ...`",
+                               name))
+        else:
+            out.append(Finding("queue", "ok", f"job queue {name} is enabled with {len(order)} compute environment(s)",
+                               subject=name))
+
+    # -- compute environments
+    seen: set[str] = set()
+    stages = list(plan.workflow.stages) if plan is not None else []
+    biggest = max((s.resources.vcpus for s in stages), default=0.0)
+    for qname, envs in queue_ces.items():
+        for c in envs:
+            cname = c["computeEnvironmentName"]
+            if cname in seen:
+                continue
+            seen.add(cname)
+            cr = c.get("computeResources") or {}
+            gpu_q = qname == GPU_QUEUE or (opts.get("gpu_job_queue") or "").endswith("/" + qname)
+            if c.get("status") == "INVALID":
+                out.append(Finding("ce", "error",
+                                   f"compute environment {cname} is INVALID: {c.get('statusReason', '(no reason given)')}",
+                                   "fix what the reason names (service role, instance profile, subnets, launch "
+                                   "template), then `corral aws setup` again", cname))
+            if c.get("state") == "DISABLED":
+                out.append(Finding("ce", "error", f"compute environment {cname} is DISABLED: it launches no instance",
+                                   f"`aws batch update-compute-environment --compute-environment {cname} --state ENABLED`",
+                                   cname))
+            maxv = int(cr.get("maxvCpus") or 0)
+            relevant = [s for s in stages if (s.resources.gpus > 0) == gpu_q] if stages else []
+            need = max((s.resources.vcpus for s in relevant), default=biggest if not gpu_q else 0.0)
+            if need and maxv and need > maxv:
+                s_name = next((s.name for s in relevant if s.resources.vcpus == need), "?")
+                out.append(Finding(
+                    "ce", "error",
+                    f"compute environment {cname} has maxvCpus {maxv}, less than the {need:g} vCPUs stage "
+                    f"{s_name!r} asks for: its jobs stay RUNNABLE",
+                    f"raise aws.max_vcpus to at least {need:g} and run `corral aws setup`, or "
+                    f"`aws batch update-compute-environment --compute-environment {cname} "
+                    f"--compute-resources maxvCpus={max(int(need), 1)}`",
+                    cname))
+            elif c.get("status") == "VALID" and c.get("state") == "ENABLED":
+                out.append(Finding("ce", "ok", f"compute environment {cname}: enabled, valid, maxvCpus {maxv}, "
+                                   f"{cr.get('type', '?')} {', '.join(cr.get('instanceTypes') or [])}", subject=cname))
+            # -- stage fit against the types this environment may launch
+            for s in relevant:
+                out += _fit(s.name, s.resources, cname, cr.get("instanceTypes") or ["optimal"])
+
+    # -- stages with no environment at all: judge them against the workflow's allowed types
+    if stages and not queue_ces:
+        from corral.instances import allowed_for
+
+        for s in stages:
+            out += _fit(s.name, s.resources, "aws.instance_types",
+                        allowed_for(s.resources, list(settings.instance_types)))
+
+    # -- stuck jobs
+    out += _runnable(clients, queue_ces, run, tasks, runnable_after_s, clock)
+
+    # -- failed tasks (reasons recorded by refresh)
+    if run is not None and tasks is not None:
+        out += failure_checks(plan, tasks, run.run_id)
+
+    # -- EFS mount targets
+    out += _efs(clients, settings, [c for envs in queue_ces.values() for c in envs])
+    return out
+
+
+def _fit(stage: str, r: Resources, where: str, entries: Sequence[str]) -> list[Finding]:
+    held, known = _types_hold(entries, r.vcpus, r.memory, r.gpus)
+    ask = f"{r.vcpus:g} vCPUs, {r.memory} MiB" + (f", {r.gpus} GPUs" if r.gpus else "")
+    if held:
+        return []
+    if not known:
+        return [Finding("fit", "info", f"stage {stage!r} ({ask}): instance types {', '.join(entries)} of {where} "
+                        "are not in corral's table; AWS will judge", "", stage)]
+    from corral.instances import expand
+
+    top = max(expand(list(entries)), key=lambda t: (t.vcpus, t.memory_mib))
+    return [Finding(
+        "fit", "error",
+        f"stage {stage!r} asks for {ask}; no instance type {where} may launch holds it "
+        f"({', '.join(entries)}; the largest: {top.describe()}): its jobs would stay RUNNABLE",
+        "lower the stage's resources, or allow larger instance types in aws.instance_types and run "
+        "`corral aws setup` again",
+        stage,
+    )]
+
+
+def _runnable(clients: AwsClients, queue_ces: dict[str, list[dict[str, Any]]], run: RunRecord | None,
+              tasks: Sequence[TaskRecord] | None, after_s: float, clock: Callable[[], float]) -> list[Finding]:
+    from corral.backends.aws_batch.client import aws_errors
+
+    batch = clients.batch
+    t_now = clock()
+    stuck: list[tuple[dict[str, Any], str, int]] = []  # (job, queue name, how many RUNNABLE)
+    with aws_errors("list RUNNABLE jobs"):
+        if run is not None and tasks is not None:
+            from corral.backends.aws_batch.submit import is_job_id, parent_of
+
+            parents = list(dict.fromkeys(parent_of(t.external_id) for t in tasks
+                                         if not t.state.terminal and is_job_id(t.external_id)))
+            for i in range(0, len(parents), 100):
+                for job in batch.describe_jobs(jobs=parents[i:i + 100]).get("jobs", []):
+                    summary = (job.get("arrayProperties") or {}).get("statusSummary") or {}
+                    n = int(summary.get("RUNNABLE", 0)) or (1 if job.get("status") == "RUNNABLE" else 0)
+                    if n:
+                        stuck.append((job, str(job.get("jobQueue", "")).rsplit("/", 1)[-1], n))
+        else:
+            for qname in queue_ces:
+                for page in batch.get_paginator("list_jobs").paginate(jobQueue=qname, jobStatus="RUNNABLE"):
+                    ids = [s["jobId"] for s in page.get("jobSummaryList", [])
+                           if (t_now - (s.get("createdAt") or 0) / 1000.0) > after_s]
+                    for i in range(0, len(ids), 100):
+                        for job in batch.describe_jobs(jobs=ids[i:i + 100]).get("jobs", []):
+                            stuck.append((job, qname, 1))
+    out = []
+    for job, qname, n in stuck:
+        since = (job.get("createdAt") or 0) / 1000.0
+        waited = t_now - since if since else 0.0
+        if waited <= after_s:
+            continue
+        why, fix = runnable_reason(job, queue_ces.get(qname, []))
+        out.append(Finding(
+            "runnable", "error",
+            f"job {job.get('jobName', '')} ({job.get('jobId')}) has {n} task(s) RUNNABLE for "
+            f"{waited / 60:.0f} min in queue {qname}: {why}",
+            fix, job.get("jobId", ""),
+        ))
+    return out
+
+
+def _efs(clients: AwsClients, settings: AwsSettings, envs: Sequence[dict[str, Any]]) -> list[Finding]:
+    from corral.backends.aws_batch.client import aws_errors
+
+    subnets = sorted({s for c in envs for s in (c.get("computeResources") or {}).get("subnets") or []})
+    out: list[Finding] = []
+    if not subnets:
+        return out
+    efs = clients.efs
+    with aws_errors("describe EFS file systems"):
+        systems = [f for page in efs.get_paginator("describe_file_systems").paginate()
+                   for f in page.get("FileSystems", []) if _managed(f.get("Tags"))]
+        for fs in systems:
+            fs_id = fs["FileSystemId"]
+            targets = efs.describe_mount_targets(FileSystemId=fs_id).get("MountTargets", [])
+            have = {t["SubnetId"] for t in targets}
+            missing = [s for s in subnets if s not in have]
+            if missing:
+                out.append(Finding(
+                    "efs", "error",
+                    f"EFS {fs_id} has no mount target in subnet(s) {', '.join(missing)} that the compute "
+                    "environments launch into: tasks there cannot mount the workspace",
+                    f"`aws efs create-mount-target --file-system-id {fs_id} --subnet-id {missing[0]} "
+                    "--security-groups <the environments' group>` for each, or run `corral aws setup` again",
+                    fs_id,
+                ))
+            else:
+                out.append(Finding("efs", "ok", f"EFS {fs_id} has a mount target in every subnet used", subject=fs_id))
+    if settings.efs and not systems:
+        out.append(Finding("efs", "warn", "aws.efs is on but no corral EFS file system exists yet",
+                           "`corral aws setup workflow.yaml` makes it", ""))
+    return out
