@@ -234,7 +234,7 @@ def check_fits(plan: Plan, allowed: list[str]) -> None:
         if any(t.holds(r.vcpus, r.memory, r.gpus) for t in types):
             continue
         ask = f"{r.vcpus:g} vCPUs, {r.memory} MiB" + (f", {r.gpus} GPUs" if r.gpus else "")
-        pool = "GPU instance types" if r.gpus else "instance types"
+        pool = "GPU instance type" if r.gpus else "instance type"
         if r.gpus and not any(t.gpus >= r.gpus for t in types):
             hint = (f"ask for at most {max(t.gpus for t in types)} GPUs, or allow larger GPU families "
                     "in aws.instance_types (e.g. p4d, p5)")
@@ -243,7 +243,7 @@ def check_fits(plan: Plan, allowed: list[str]) -> None:
                     f"ECS keeps {ecs_reserved_mib(max(t.memory_mib for t in types))} MiB or more of each "
                     "instance's memory for itself")
         raise PlanError(
-            f"stage {stage.name!r} asks for {ask}, more than any allowed {pool} holds "
+            f"stage {stage.name!r} asks for {ask}, more than any allowed {pool} can hold "
             f"({', '.join(entries)}); the largest: {_largest(types)}",
             hint,
             where=where,
