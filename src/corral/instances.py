@@ -100,7 +100,8 @@ def _read(path: str) -> dict[str, Any]:
         doc = json.loads(text)
     except (OSError, json.JSONDecodeError) as exc:
         raise PlanError(
-            f"cannot read the instance price table {path or 'data/ec2_instances.json'}: {exc}",
+            f"cannot read the instance price table {path + ' (CORRAL_PRICES)' if path else 'data/ec2_instances.json'}:"
+            f" {exc.__class__.__name__}: {exc}",
             "fix or unset CORRAL_PRICES (a JSON file shaped like corral's data/ec2_instances.json)",
         ) from None
     if not isinstance(doc, dict) or not isinstance(doc.get("instances"), dict):
