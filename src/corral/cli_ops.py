@@ -99,9 +99,8 @@ def register(cli: click.Group) -> None:
             raise UsageError(f"--runnable-after {runnable_after!r}: {exc}", "write e.g. 30m or 2h") from None
         findings = dr.local_checks(api.corral_home())
         store = run = plan = tasks = None
-        if run_id or backend == "aws":
-            store = _open_store(backend, run_id)
         if run_id:
+            store = _open_store(backend, run_id)
             run = store.get_run(run_id)
             try:
                 plan = api.load_plan(store, run_id)

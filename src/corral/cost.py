@@ -409,6 +409,8 @@ def usd(value: float | None) -> str:
     """$ amounts: four decimals below a dollar (cents of cents matter per task), two above."""
     if value is None:
         return "-"
+    if 0 < abs(value) < 0.00005:
+        return "<$0.0001"
     return f"${value:,.4f}" if abs(value) < 1 else f"${value:,.2f}"
 
 
