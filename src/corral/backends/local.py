@@ -61,6 +61,7 @@ def workspace_dir(home: Path, run_id: str) -> Path:
 
 
 def process_alive(pid: int | None) -> bool:
+    """Running (a zombie, exited but not yet reaped by its parent, counts as gone)."""
     if not pid:
         return False
     try:
@@ -68,8 +69,12 @@ def process_alive(pid: int | None) -> bool:
     except ProcessLookupError:
         return False
     except PermissionError:
+        pass
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        return stat[stat.rindex(")") + 2] not in "ZX"
+    except (OSError, ValueError, IndexError):
         return True
-    return True
 
 
 def process_start_time(pid: int) -> str:
