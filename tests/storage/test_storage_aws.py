@@ -128,7 +128,7 @@ def _tags(sm: Any, arn: str) -> dict[str, str]:
     return {t["Key"]: t["Value"] for t in sm.describe_secret(SecretId=arn).get("Tags", [])}
 
 
-def test_secret_lifecycle(aws: str) -> None:
+def test_secret_lifecycle(aws_light: str) -> None:
     sm = _sm()
     arn = ssec.create_secret(sm, run_id="r1", value="[a]\ntype = alias\n")
     assert _tags(sm, arn) == {"corral:managed": "true", "corral:run": "r1"}
@@ -143,15 +143,17 @@ def test_secret_lifecycle(aws: str) -> None:
     assert names == {"corral/r2/rclone", "someone-elses"}
     assert ssec.delete_managed_secrets(sm) == ["corral/r2/rclone"]
     assert {s["Name"] for s in sm.list_secrets()["SecretList"]} == {"someone-elses"}
+    sm.delete_secret(SecretId="someone-elses", ForceDeleteWithoutRecovery=True)
     del arn2
 
 
-def test_secret_name_taken_by_something_else_is_refused(aws: str) -> None:
+def test_secret_name_taken_by_something_else_is_refused(aws_light: str) -> None:
     sm = _sm()
     sm.create_secret(Name="corral/r1/rclone", SecretString="not ours")
     with pytest.raises(ProvisionError, match="not made by corral"):
         ssec.create_secret(sm, run_id="r1", value="x")
     assert sm.get_secret_value(SecretId="corral/r1/rclone")["SecretString"] == "not ours"
+    sm.delete_secret(SecretId="corral/r1/rclone", ForceDeleteWithoutRecovery=True)
 
 
 def test_reader_policy_and_statement() -> None:
@@ -164,7 +166,9 @@ def test_reader_policy_and_statement() -> None:
 
 
 @needs_rclone
-def test_canary_reaches_the_job_only_through_the_secret(rclone_setup: RcloneSetup, aws: str, tmp_path: Path) -> None:
+def test_canary_reaches_the_job_only_through_the_secret(
+    rclone_setup: RcloneSetup, aws_light: str, tmp_path: Path
+) -> None:
     """The rclone.conf canary (and its obscured form) is in the Secrets Manager value and nowhere in
     what a job definition or a container override is built from."""
     sm = _sm()

@@ -96,7 +96,7 @@ def test_push_and_pull_s3_multipart(bucket: tuple[Any, str], tmp_path: Path) -> 
     assert (tmp_path / "back" / "big.bin").read_bytes() == (tmp_path / "results" / "big.bin").read_bytes()
 
 
-def test_push_pull_errors_are_one_line_with_a_hint(aws: str, tmp_path: Path) -> None:
+def test_push_pull_errors_are_one_line_with_a_hint(aws_light: str, tmp_path: Path) -> None:
     r = _corral(["pull", "s3://no-such-bucket-x/k", "x"], tmp_path)
     assert r.returncode == 1
     assert r.stderr.startswith("error: ") and "s3://no-such-bucket-x/k" in r.stderr and "\nhint: " in r.stderr
