@@ -72,6 +72,7 @@ def test_irregular_tree_gives_one_item_per_subject_and_session(tmp_path: Path) -
         ("  require: [anat, dwi]\n  datatypes: [dwi]\n",
          [("0025864", "1", "dwi"), ("0025864", "2", "dwi"), ("0025866", "", "dwi")]),
         ("  datatypes: anat\n  where: {session: ''}\n", [("0025866", "", "anat")]),
+        ("  require_session: true\n  subjects: [25866, 25867]\n", [("0025867", "1", "dwi")]),
     ],
 )
 def test_filters(tmp_path: Path, extra: str, expected: list[tuple[str, str, str]]) -> None:
@@ -156,13 +157,15 @@ def test_m2g_example_plans_against_s3(aws: str) -> None:
     upload_dataset("corral-example-bids", "HNU1", extra_runs=0)
     wf = load_workflow(EXAMPLE / "workflow.yaml")
     plan = make_plan(wf)
-    assert plan.keys == ["0025864_1", "0025864_2", "0025866_"]  # scans with both anat and dwi
+    assert plan.keys == ["0025864_1", "0025864_2"]  # scans with anat, dwi and a session
     m2g = plan.stage_tasks("m2g")
     assert {t.stage.resources.vcpus for t in m2g} == {4}
     assert m2g[0].stage.image == "neurodata/m2g:latest"
-    cmd = m2g[2].command("r", "/w")[2]
-    assert "--participant_label 0025866" in cmd and '${session:+--session_label "$session"}' in cmd
-    assert m2g[2].env("r", "/w")["session"] == ""
+    # arguments for the image's ENTRYPOINT (m2g), not a shell command
+    assert m2g[1].command("r", "/w") == [
+        "--participant_label", "0025864", "--session_label", "2", "--pipeline", "dwi", "--parcellation", "AAL_",
+        "--voxelsize", "2mm", "/w/scans/0025864_2", "/w/out/0025864_2",
+    ]
     pull = plan.stage_tasks("pull")[0]
     assert pull.paths("inputs", "r", "/w") == []
     assert pull.stage.source == "{uri}" and pull.item["uri"] == "s3://corral-example-bids/HNU1/sub-0025864/ses-1"
@@ -196,7 +199,12 @@ def test_recipe_bids_writes_a_bids_app_starter(tmp_path: Path) -> None:
     assert [s.name for s in wf.stages] == ["pull-top", "pull", "app", "push", "cleanup"]
     assert wf.stage("app").resources.gpus == 1 and wf.stage("pull").resources.gpus == 0
     plan = make_plan(wf)
-    cmd = plan.stage_tasks("app")[0].command("r", "/w")[2]
-    assert cmd.startswith("mriqc /w/scans/0025864_1 /w/out/0025864_1 participant --participant_label 0025864")
+    # BIDS Apps start from their image's ENTRYPOINT: the command is the app's arguments
+    assert plan.stage_tasks("app")[0].command("r", "/w") == [
+        "/w/scans/0025864_1", "/w/out/0025864_1", "participant", "--participant_label", "0025864",
+    ]
     assert plan.stage_tasks("push")[0].stage.dest == "s3://out/mriqc"
+    r = run_cli("recipe", "bids", "ds", "--image", "ghcr.io/lab/qc:1", "--app", "qc-run", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert "command: qc-run {workdir}/scans/{item} {workdir}/out/{item} participant --participant_label {subject}" in r.stdout
     assert run_cli("recipe", "bids", "ds", "--image", "x/app", "--datatype", "dwl", cwd=tmp_path).returncode == 2

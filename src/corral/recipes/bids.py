@@ -6,6 +6,7 @@
       sessions: [test]                      # "ses-" prefix optional
       datatypes: [dwi, anat]                # keep only these datatypes' files; drop scans with none
       require: [dwi, anat]                  # drop scans that lack any of these datatypes
+      require_session: true                 # drop subjects without ses-* folders
       anonymous: true                       # s3: unsigned requests (public buckets such as OpenNeuro)
 
 Subjects without ``ses-*`` folders give one item with an empty ``session``. Item fields:
@@ -39,7 +40,7 @@ from corral.sources import Item, SourceContext, _check_unknown, _filter, registe
 DATATYPES = (
     "anat", "func", "dwi", "fmap", "perf", "eeg", "meg", "ieeg", "beh", "pet", "micr", "nirs", "motion", "mrs",
 )
-KEYS = {"bids", "subjects", "sessions", "datatypes", "require", "anonymous", "where"}
+KEYS = {"bids", "subjects", "sessions", "datatypes", "require", "require_session", "anonymous", "where"}
 
 
 @dataclass
@@ -169,6 +170,10 @@ def bids_source(spec: dict[str, Any], ctx: SourceContext) -> list[Item]:
     anonymous = spec.get("anonymous", False)
     if not isinstance(anonymous, bool):
         raise ctx.error("`anonymous` is true or false", "anonymous: true reads public buckets without credentials", "anonymous")
+    require_session = spec.get("require_session", False)
+    if not isinstance(require_session, bool):
+        raise ctx.error("`require_session` is true or false", "require_session: true drops subjects without sessions",
+                        "require_session")
 
     if root.startswith("s3://"):
         bucket, prefix = split_s3(root)
@@ -215,6 +220,8 @@ def bids_source(spec: dict[str, Any], ctx: SourceContext) -> list[Item]:
         if subjects is not None and not _matches(subject, subjects):
             continue
         if sessions is not None and not _matches(session, sessions):
+            continue
+        if require_session and not session:
             continue
         if require and not all(scan.files.get(d) for d in require):
             continue

@@ -85,7 +85,7 @@ class BidsStarter:
     name: str
     dataset: str  # local folder or s3:// URI, as the workflow reads it
     image: str
-    app: str | None = None  # the app's command (default: the image's name, the BIDS Apps convention)
+    app: str | None = None  # the app's command; None: the image's ENTRYPOINT is the app (BIDS Apps convention)
     results: str = "derivatives/app"
     datatypes: list[str] = field(default_factory=list)
     require: list[str] = field(default_factory=list)
@@ -94,6 +94,15 @@ class BidsStarter:
 
 def bids_workflow(s: BidsStarter) -> str:
     app = s.app or s.image.rsplit("/", 1)[-1].split(":", 1)[0]
+    if s.app:
+        command = f"command: {s.app} {{workdir}}/scans/{{item}} {{workdir}}/out/{{item}} participant --participant_label {{subject}}"
+    else:
+        # BIDS Apps images start the app from their ENTRYPOINT: a list command is its arguments
+        # (AWS Batch cannot replace an image's entrypoint; a container engine passes them the same way).
+        command = (
+            "# the image's ENTRYPOINT is the app: these are its arguments (BIDS Apps command line)\n"
+            '    command: ["{workdir}/scans/{item}", "{workdir}/out/{item}", participant, --participant_label, "{subject}"]'
+        )
     filters = ""
     if s.datatypes:
         filters += f"\n  datatypes: [{', '.join(s.datatypes)}]"
@@ -130,7 +139,7 @@ stages:
     image: {_q(s.image)}
     resources: {{vcpus: 4, memory: 16GiB{gpus}}}
     timeout: 24h
-    command: {app} {{workdir}}/scans/{{item}} {{workdir}}/out/{{item}} participant --participant_label {{subject}}
+    {command}
 
   - name: push
     needs: [app]
