@@ -28,9 +28,9 @@ def test_cloud_sweep_is_recordings_times_sorters_with_gpus_on_the_sort_stage() -
     gpus = {name: {t.stage.resources.gpus for t in plan.stage_tasks(name)} for name in plan.stage_order}
     assert gpus == {"fetch": {0}, "sort": {1}, "push": {0}, "cleanup": {0}}
     sort = plan.stage_tasks("sort")
-    assert {t.stage.image for t in sort} == {"spikeinterface/kilosort4-base:latest"}
+    assert {t.stage.image for t in sort} == {"ghcr.io/my-lab/ks4-sweep:1"}
     argv = sort[1].command("run1", "/scratch")
-    assert argv[2] == ("python si_tasks.py sort /scratch/rec-a-ks4-th8/recording kilosort4 "
+    assert argv[2] == ("python /opt/sweep/si_tasks.py sort /scratch/rec-a-ks4-th8/recording kilosort4 "
                        "/scratch/rec-a-ks4-th8/out --params '{\"Th_universal\": 8, \"Th_learned\": 7}'")
     push = plan.stage_tasks("push")
     assert [t.item["recording"] + "/" + t.item["label"] for t in push][:2] == ["rec-a/ks4-default", "rec-a/ks4-th8"]
