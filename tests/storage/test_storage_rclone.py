@@ -210,3 +210,17 @@ def test_check_stage_refuses_unknown_remote_before_running(rclone_setup: RcloneS
     with pytest.raises(StorageError) as ei:
         storage.check_stage(bad, rclone_config=rclone_setup.conf)
     assert ei.value.message.startswith("stage 'fetch': rclone remote 'gdrive'")
+
+
+def test_check_workflow_checks_inputs_and_outputs_of_every_stage(rclone_setup: RcloneSetup) -> None:
+    from corral.spec import loads_workflow
+
+    wf = loads_workflow(
+        "name: w\nitems: [{s: a}]\nstages:\n"
+        "  - {name: ok, command: 'true', outputs: ['data:out/{s}', 's3://{s}-bucket/x', 'workspace://{s}']}\n"
+        "  - {name: bad, command: 'true', inputs: ['https://example.org/{s}']}\n"
+    )
+    storage.check_stage(wf.stages[0], rclone_config=rclone_setup.conf)
+    with pytest.raises(StorageError) as ei:
+        storage.check_workflow(wf, rclone_config=rclone_setup.conf)
+    assert ei.value.message.startswith("stage 'bad': https://")

@@ -27,7 +27,7 @@ from corral.storage.local import cleanup_argv, cleanup_workspace, path_times, pr
 from corral.storage.uri import Location, parse, remote_names
 
 __all__ = [
-    "Location", "check_stage", "cleanup_argv", "cleanup_workspace", "outputs_exist", "parse",
+    "Location", "check_stage", "check_workflow", "cleanup_argv", "cleanup_workspace", "outputs_exist", "parse",
     "prepare_workspace", "remote_names", "resolve_uri", "transfer_argv", "uri_times",
 ]
 
@@ -126,24 +126,35 @@ class _Dummy(dict):  # type: ignore[type-arg]
 
 
 def check_stage(stage: Any, *, rclone_config: Path | None = None) -> None:
-    """Refuse a transfer stage that can never run here (checked before anything starts).
+    """Refuse, before anything starts, a stage whose data locations can never work here.
 
-    Raises :class:`StorageError` naming the stage. ``stage`` is a :class:`corral.spec.Stage`.
+    Checks every stage's ``inputs``/``outputs`` and a transfer's ``from``/``to``: the URI's shape,
+    the rclone binary (transfers, remote URIs), the remotes in rclone.conf, the filters. Raises
+    :class:`StorageError` naming the stage. ``stage`` is a :class:`corral.spec.Stage`.
     """
     from corral.plan import render
     from corral.storage import rclone
 
-    if stage.kind != "transfer":
-        return
+    uris = list(stage.inputs) + list(stage.outputs)
+    if stage.kind == "transfer":
+        uris += [u for u in (stage.source, stage.dest) if u]
     try:
-        rclone.find_rclone()
-        rclone.check_filters(list(stage.filters))
-        uris = [render(u, _Dummy()) for u in (stage.source, stage.dest) if u]
-        for u in uris:
+        rendered = [render(u, _Dummy()) for u in uris]
+        for u in rendered:
             parse(u, workdir="/", base_dir=Path("/"))
-        names = remote_names(uris)
+        names = remote_names(rendered)
+        if stage.kind == "transfer":
+            rclone.check_filters(list(stage.filters))
+        if stage.kind == "transfer" or names:
+            rclone.find_rclone()
         if names:
             config = rclone_config or rclone.default_config_path()
             rclone.config_subset(rclone.read_config(config), names, source=config)
     except StorageError as exc:
         raise StorageError(f"stage {stage.name!r}: {exc.message}", exc.hint, where=exc.where) from None
+
+
+def check_workflow(workflow: Any, *, rclone_config: Path | None = None) -> None:
+    """:func:`check_stage` for every stage of a :class:`corral.spec.Workflow`."""
+    for stage in workflow.stages:
+        check_stage(stage, rclone_config=rclone_config)
