@@ -197,3 +197,34 @@ def test_canary_reaches_the_job_only_through_the_secret(
     plain = loads_workflow("name: w\nstages:\n  - {name: up, per: run, from: 'workspace://x', to: 's3://bkt-1/x'}\n")
     assert saws.prepare_rclone_secret(sm, plain, "r2", config_path=rclone_setup.conf) == {}
     assert ssec.delete_run_secrets(sm, "r1") == ["corral/r1/rclone"]
+
+
+@needs_rclone
+def test_local_source_is_staged_to_s3_once_then_transferred_by_the_job(bucket: tuple[Any, str], tmp_path: Path) -> None:
+    from corral.storage.s3 import CountingProgress
+
+    client, name = bucket
+    raw = make_tree(tmp_path / "raw" / "s1", {"a.nwb": "A" * 100, "sub/b.nwb": "B" * 50})
+    first = CountingProgress()
+    uri = saws.stage_local_source(client, raw, bucket=name, prefix="corral", run_id="r1", progress=first)
+    assert uri == saws.staged_uri(raw, bucket=name, prefix="corral", run_id="r1")
+    assert uri.startswith(f"s3://{name}/corral/staged/r1/") and uri.endswith("/s1")
+    assert first.total == 150
+    again = CountingProgress()
+    assert saws.stage_local_source(client, raw, bucket=name, prefix="corral", run_id="r1", progress=again) == uri
+    assert again.total == 0  # resumed: nothing sent twice
+    (raw / "a.nwb").write_text("changed")
+    changed = CountingProgress()
+    saws.stage_local_source(client, raw, bucket=name, prefix="corral", run_id="r1", progress=changed)
+    assert changed.total == len("changed")
+
+    workdir = tmp_path / "efs" / "runs" / "r1"
+    argv = saws.transfer_container_argv(
+        uri, "workspace://s1/raw", mode="copy", filters=[], workdir=str(workdir),
+        region=os.environ["AWS_REGION"], endpoint=os.environ["AWS_ENDPOINT_URL"],
+    )
+    r = subprocess.run(argv, env=_job_env(tmp_path, None), capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert tree(workdir / "s1" / "raw") == {"a.nwb": "changed", "sub/b.nwb": "B" * 50}
+    assert saws.delete_staged(client, bucket=name, prefix="corral", run_id="r1") == 2
+    assert client.list_objects_v2(Bucket=name).get("KeyCount", 0) == 0

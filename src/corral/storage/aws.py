@@ -25,6 +25,7 @@ at start — set ``CORRAL_RCLONE_IMAGE`` to an image with rclone preinstalled to
 
 from __future__ import annotations
 
+import hashlib
 import os
 import shlex
 from pathlib import Path
@@ -126,6 +127,44 @@ def cleanup_container_argv(workdir: str, *, root: str) -> list[str]:
             "a run's workspace is <root>/<run id> on the EFS mount",
         )
     return ["/bin/sh", "-c", CLEANUP_SCRIPT, "corral-cleanup", workdir, root]
+
+
+# -- local sources, staged to S3 ------------------------------------------------------------------
+def staged_uri(local_path: str | Path, *, bucket: str, prefix: str, run_id: str) -> str:
+    """Where a local file or folder is staged for a run's jobs (the same path gives the same URI)."""
+    p = Path(local_path).resolve()
+    digest = hashlib.sha256(str(p).encode()).hexdigest()[:12]
+    return f"s3://{bucket}/{'/'.join(x for x in (prefix.strip('/'), 'staged', run_id, digest) if x)}/{p.name}"
+
+
+def stage_local_source(
+    s3: Any, local_path: str | Path, *, bucket: str, prefix: str, run_id: str, progress: Any = None,
+) -> str:
+    """Upload a local transfer source (file or folder) for the run's jobs; return its s3:// URI.
+
+    Resumable: files already staged unchanged (same size and mtime) are not sent again. A folder
+    becomes a prefix, a file an object, so ``rclone copy`` from the URI does what it did locally.
+    """
+    from corral.storage import s3 as s3mod
+
+    p = Path(local_path)
+    if not p.exists():
+        raise StorageError(f"{p}: no such file or folder to stage for AWS", "check the transfer's `from:` path")
+    uri = staged_uri(p, bucket=bucket, prefix=prefix, run_id=run_id)
+    loc = parse(uri)
+    s3mod.upload(s3, p, loc.bucket, loc.path, progress=progress, skip_unchanged=True)
+    return uri
+
+
+def delete_staged(s3: Any, *, bucket: str, prefix: str, run_id: str) -> int:
+    """Remove what :func:`stage_local_source` uploaded for the run; the number of objects removed."""
+    from corral.storage import s3 as s3mod
+
+    root = "/".join(x for x in (prefix.strip("/"), "staged", run_id) if x) + "/"
+    keys = [o["Key"] for o in s3mod.list_objects(s3, bucket, root)]
+    for i in range(0, len(keys), 1000):
+        s3.delete_objects(Bucket=bucket, Delete={"Objects": [{"Key": k} for k in keys[i : i + 1000]], "Quiet": True})
+    return len(keys)
 
 
 # -- the rclone config secret --------------------------------------------------------------------

@@ -121,12 +121,26 @@ def _walk_files(root: Path) -> Iterator[Path]:
 
 
 # -- transfers ----------------------------------------------------------------------------------
+MTIME_META = "corral-mtime"
+
+
+def _unchanged(client: Any, bucket: str, key: str, path: Path) -> bool:
+    obj = head(client, bucket, key)
+    if obj is None:
+        return False
+    st = path.stat()
+    return int(obj.get("ContentLength", -1)) == st.st_size and obj.get("Metadata", {}).get(MTIME_META) == f"{st.st_mtime:.6f}"
+
+
 def upload(
     client: Any, local: Path, bucket: str, key: str, *, config: Any = None, progress: Progress | None = None,
+    skip_unchanged: bool = False,
 ) -> list[str]:
     """Upload a file to ``key`` (into ``key/`` when it ends with /), or a folder's files under ``key/``.
 
-    Returns the keys written.
+    Each object records the file's mtime (metadata ``corral-mtime``); with ``skip_unchanged`` a file
+    whose object has the same size and mtime is not sent again (resumed staging). Returns the keys
+    written or found unchanged.
     """
     from boto3.s3.transfer import ProgressCallbackInvoker, create_transfer_manager
 
@@ -138,15 +152,23 @@ def upload(
         pairs = [(local, _join(key, local.name) if (not key or key.endswith("/")) else key)]
     else:
         raise StorageError(f"{local}: no such file or folder to upload", "check the path")
+    kept: list[str] = []
+    if skip_unchanged:
+        kept = [k for p, k in pairs if _unchanged(client, bucket, k, p)]
+        pairs = [(p, k) for p, k in pairs if k not in set(kept)]
     total = sum(p.stat().st_size for p, _ in pairs)
     if progress:
         progress.add_total(total)
     biggest = max((p.stat().st_size for p, _ in pairs), default=0)
     config.multipart_chunksize = _chunk_for(biggest, config.multipart_chunksize)
     subscribers = [ProgressCallbackInvoker(progress.advance)] if progress else None
-    done: list[str] = []
+    done: list[str] = list(kept)
     with create_transfer_manager(client, config) as tm:
-        futures = [(k, tm.upload(str(p), bucket, k, subscribers=subscribers)) for p, k in pairs]
+        futures = [
+            (k, tm.upload(str(p), bucket, k, extra_args={"Metadata": {MTIME_META: f"{p.stat().st_mtime:.6f}"}},
+                          subscribers=subscribers))
+            for p, k in pairs
+        ]
         for k, fut in futures:
             try:
                 fut.result()
