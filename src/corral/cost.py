@@ -45,7 +45,7 @@ from typing import TYPE_CHECKING, Any
 
 from corral.errors import UsageError
 from corral.instances import InstanceType, allowed_for, expand, load_instance_types, table_info
-from corral.model import AttemptRecord, TaskRecord, TaskState, now
+from corral.model import AttemptRecord, RunRecord, TaskRecord, TaskState, now
 from corral.units import parse_duration
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -300,9 +300,15 @@ class RunCost:
         return d
 
 
-def attempts_of(store: StateStore, run_id: str, tasks: Sequence[TaskRecord]) -> dict[str, list[AttemptRecord]]:
+def attempts_of(store: StateStore, run_id: str, tasks: Sequence[TaskRecord], *, per_task_reads: bool = True
+                ) -> dict[str, list[AttemptRecord]]:
     """Each task's recorded attempts; a task that ran without attempt records (the AWS backend
-    keeps only the task's start/end) gets one attempt made from its task record."""
+    keeps only the task's start/end) gets one attempt made from its task record.
+
+    A store with ``get_run_attempts(run_id)`` is read once; otherwise one ``get_attempts`` per
+    task that started, unless ``per_task_reads`` is False (a remote store and a run whose backend
+    records no attempts: thousands of queries for nothing).
+    """
     bulk = getattr(store, "get_run_attempts", None)
     recorded: dict[str, list[AttemptRecord]] = {}
     if callable(bulk):
@@ -312,8 +318,10 @@ def attempts_of(store: StateStore, run_id: str, tasks: Sequence[TaskRecord]) -> 
     for t in tasks:
         if callable(bulk):
             got = sorted(recorded.get(t.task_id, []), key=lambda a: a.attempt)
+        elif per_task_reads and (t.attempts or t.started_at):
+            got = store.get_attempts(run_id, t.task_id)
         else:
-            got = store.get_attempts(run_id, t.task_id) if (t.attempts or t.started_at) else []
+            got = []
         if not got and t.started_at is not None:
             got = [AttemptRecord(
                 run_id=run_id, task_id=t.task_id, attempt=max(1, t.attempts),
@@ -401,7 +409,14 @@ def run_cost(store: StateStore, run_id: str, *, spot: bool | None = None, tasks:
     tasks = list(tasks) if tasks is not None else store.get_tasks(run_id)
     if spot is None:
         spot = bool(run.options.get("aws", {}).get("spot", plan.workflow.aws.spot))
-    return actual_cost(plan, tasks, attempts_of(store, run_id, tasks), run_id=run_id, spot=spot)
+    attempts = attempts_of(store, run_id, tasks, per_task_reads=reads_attempts(run))
+    return actual_cost(plan, tasks, attempts, run_id=run_id, spot=spot)
+
+
+def reads_attempts(run: RunRecord) -> bool:
+    """Whether reading attempts task by task is worth it: the local backend records them; the AWS
+    backend (so far) records a task's start/end and external id only."""
+    return run.backend == "local"
 
 
 # -- text -------------------------------------------------------------------------------------

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from corral.cost import RunCost, actual_cost, attempts_of, usd
+from corral.cost import RunCost, actual_cost, attempts_of, reads_attempts, usd
 from corral.errors import CorralError
 from corral.model import AttemptRecord, RunRecord, TaskRecord, TaskState, now, summarize
 from corral.units import format_duration
@@ -304,7 +304,7 @@ def collect(
     run = store.get_run(run_id)
     tasks = backend.refresh(run, store) if (backend is not None and refresh) else store.get_tasks(run_id)
     run = store.get_run(run_id)
-    attempts = attempts_of(store, run_id, tasks)
+    attempts = attempts_of(store, run_id, tasks, per_task_reads=reads_attempts(run))
     cost: RunCost | None = None
     try:
         plan = plan or PlanCls.from_manifest(store.load_manifest(run_id))
