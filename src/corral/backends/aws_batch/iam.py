@@ -92,6 +92,19 @@ def secret_arn(ctx: Ctx, name: str) -> str:
     return ctx.arn("secretsmanager", f"secret:{name}-??????")
 
 
+def _secret_statements(ctx: Ctx, secrets: tuple[str, ...]) -> list[dict[str, Any]]:
+    """Read exactly these secrets: Secrets Manager names/ARNs, and SSM parameter ARNs."""
+    params = [s for s in secrets if s.startswith("arn:") and ":ssm:" in s]
+    names = [s for s in secrets if s not in params]
+    out: list[dict[str, Any]] = []
+    if names:
+        out.append({"Sid": "Secrets", "Effect": "Allow", "Action": ["secretsmanager:GetSecretValue"],
+                    "Resource": [secret_arn(ctx, s) for s in names]})
+    if params:
+        out.append({"Sid": "Parameters", "Effect": "Allow", "Action": ["ssm:GetParameters"], "Resource": params})
+    return out
+
+
 def _split_scope(scope: str) -> tuple[str, str]:
     bucket, _, prefix = scope.partition("/")
     return bucket, prefix
@@ -139,9 +152,7 @@ def job_policy(ctx: Ctx, inp: JobPolicyInputs) -> dict[str, Any]:
             write.insert(0, own)
     read = [r for r in read if r not in write]
     statements += _s3_statements(ctx, read, write)
-    if inp.secrets:
-        statements.append({"Sid": "Secrets", "Effect": "Allow", "Action": ["secretsmanager:GetSecretValue"],
-                           "Resource": [secret_arn(ctx, s) for s in inp.secrets]})
+    statements += _secret_statements(ctx, inp.secrets)
     if inp.efs_id:
         statements.append({"Sid": "Workspace", "Effect": "Allow",
                            "Action": ["elasticfilesystem:ClientMount", "elasticfilesystem:ClientWrite"],
@@ -160,9 +171,7 @@ def execution_policy(ctx: Ctx, inp: JobPolicyInputs) -> dict[str, Any]:
                            "Resource": "*"})  # this action has no resource-level permissions
         statements.append({"Sid": "PullImages", "Effect": "Allow", "Action": ECR_PULL_ACTIONS,
                            "Resource": [ctx.arn("ecr", f"repository/{r}") for r in inp.ecr_repositories]})
-    if inp.secrets:
-        statements.append({"Sid": "Secrets", "Effect": "Allow", "Action": ["secretsmanager:GetSecretValue"],
-                           "Resource": [secret_arn(ctx, s) for s in inp.secrets]})
+    statements += _secret_statements(ctx, inp.secrets)
     return _doc(statements)
 
 
