@@ -228,3 +228,37 @@ def test_local_source_is_staged_to_s3_once_then_transferred_by_the_job(bucket: t
     assert tree(workdir / "s1" / "raw") == {"a.nwb": "changed", "sub/b.nwb": "B" * 50}
     assert saws.delete_staged(client, bucket=name, prefix="corral", run_id="r1") == 2
     assert client.list_objects_v2(Bucket=name).get("KeyCount", 0) == 0
+
+
+def test_transfer_job_forwards_sigterm_to_rclone_and_removes_its_config(tmp_path: Path) -> None:
+    """Batch stops a job with SIGTERM to the container's first process (the sh script)."""
+    import signal
+    import time
+
+    bindir = tmp_path / "bin"
+    bindir.mkdir()
+    started = tmp_path / "started"
+    fake = bindir / "rclone"
+    fake.write_text(f'#!/bin/sh\ncp "$RCLONE_CONFIG" "{tmp_path}/seen.conf"\necho $$ > "{started}"\nexec sleep 60\n')
+    fake.chmod(0o755)
+    env = _job_env(tmp_path, "[x]\ntype = alias\nremote = /nowhere\n")
+    env["PATH"] = f"{bindir}:{env['PATH']}"
+    argv = saws.transfer_container_argv(
+        "workspace://a", "workspace://b", mode="copy", filters=[], workdir="/mnt/corral/runs/r1", region=None
+    )
+    proc = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 30
+    while not (started.exists() and started.read_text().strip()) and time.monotonic() < deadline:
+        time.sleep(0.02)  # bounded poll on a file the child writes
+    rclone_pid = int(started.read_text())
+    assert (tmp_path / "seen.conf").read_text().strip() == "[x]\ntype = alias\nremote = /nowhere"
+    assert len(list((tmp_path / "jobtmp").iterdir())) == 1
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=30) == 128 + signal.SIGTERM
+    try:
+        os.kill(rclone_pid, 0)
+        alive = True
+    except ProcessLookupError:
+        alive = False
+    assert not alive
+    assert list((tmp_path / "jobtmp").iterdir()) == []
