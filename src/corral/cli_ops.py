@@ -195,3 +195,96 @@ def register(cli: click.Group) -> None:
             if s.note:
                 err.print(f"  [yellow]warning[/]: stage {s.stage}: ", end="")
                 err.print(s.note, markup=False)
+
+
+# -- live status (for `corral status --watch`) ------------------------------------------------------
+WAITING = ("PENDING", "SUBMITTED")
+
+
+def status_view(run: Any, tasks: list[Any], *, cost: Any = None, max_failures: int = 5) -> Any:
+    """A rich renderable: one row per stage with a progress bar and counts, then the first failures
+    with their reasons, then the cost so far (``cost``: a :class:`corral.cost.RunCost`)."""
+    import statistics
+
+    from rich.console import Group
+    from rich.progress_bar import ProgressBar
+    from rich.text import Text
+
+    from corral.cost import cost_line
+    from corral.model import TaskState, summarize
+    from corral.units import format_duration
+
+    table = Table(title=f"run {run.run_id} ({run.workflow_name}, {run.backend}): {run.state.value.lower()}",
+                  title_justify="left", show_edge=False, pad_edge=False)
+    table.add_column("stage")
+    table.add_column("progress", width=24)
+    table.add_column("done", justify="right")
+    table.add_column("running", justify="right", style="blue")
+    table.add_column("waiting", justify="right", style="cyan")
+    table.add_column("failed", justify="right", style="red")
+    table.add_column("upstream", justify="right", style="yellow")
+    table.add_column("time (median / max)", justify="right")
+    for stage, per in summarize(tasks).items():
+        total = sum(per.values())
+        done = sum(n for s, n in per.items() if TaskState(s).terminal)
+        durs = sorted(t.ended_at - t.started_at for t in tasks
+                      if t.stage == stage and t.started_at is not None and t.ended_at is not None)
+        dur = f"{format_duration(statistics.median(durs))} / {format_duration(durs[-1])}" if durs else "-"
+        bad = per.get("FAILED", 0) + per.get("CANCELLED", 0)
+        bar = ProgressBar(total=max(total, 1), completed=done, width=24,
+                          complete_style="red" if bad else "green", finished_style="red" if bad else "green")
+        table.add_row(stage, bar, f"{done}/{total}", str(per.get("RUNNING", 0) or ""),
+                      str(sum(per.get(s, 0) for s in WAITING) or ""), str(per.get("FAILED", 0) or ""),
+                      str(per.get("UPSTREAM_FAILED", 0) or ""), dur)
+    parts: list[Any] = [table]
+    failed = [t for t in tasks if t.state == TaskState.FAILED]
+    for t in failed[:max_failures]:
+        parts.append(Text(f"  failed  {t.label}  {t.task_id[:12]}  {t.reason}", style="red"))
+    if len(failed) > max_failures:
+        parts.append(Text(f"  … and {len(failed) - max_failures} more failed", style="red"))
+    if cost is not None:
+        parts.append(Text("  " + cost_line(cost), style="dim"))
+    return Group(*parts)
+
+
+def watch_run(backend: Any, run: Any, store: Any, *, console: Console | None = None, interval: float = 2.0,
+              max_interval: float | None = None, show_cost: bool = True, sleep: Any = None) -> tuple[Any, list[Any]]:
+    """Refresh and redraw ``status_view`` until the run ends; returns the last (run, tasks).
+
+    One ``backend.refresh`` per turn (on AWS: a DescribeJobs per 100 array parents, ListJobs only
+    for arrays still moving). While nothing changes the wait between turns grows by half up to
+    ``max_interval`` (default 10 × ``interval``, at most 60 s); any change brings it back to
+    ``interval``. The cost is recomputed only when something changed.
+    """
+    import time
+
+    from rich.live import Live
+
+    from corral.cost import run_cost
+
+    console = console or err
+    pause = sleep or time.sleep
+    ceiling = max_interval if max_interval is not None else min(60.0, 10 * interval)
+    delay = interval
+    last: list[tuple[str, str, int]] | None = None
+    cost = None
+    with Live(console=console, auto_refresh=False, transient=False) as live:
+        while True:
+            tasks = backend.refresh(run, store)
+            run = store.get_run(run.run_id)
+            snapshot = [(t.task_id, t.state.value, t.attempts) for t in tasks]
+            changed = snapshot != last
+            if changed:
+                delay = interval
+                if show_cost:
+                    try:
+                        cost = run_cost(store, run.run_id, tasks=tasks)
+                    except CorralError:
+                        cost = None
+            last = snapshot
+            live.update(status_view(run, tasks, cost=cost), refresh=True)
+            if run.state.value != "RUNNING" or all(t.state.terminal for t in tasks):
+                return run, tasks
+            if not changed:
+                delay = min(ceiling, delay * 1.5)
+            pause(delay)  # the refresh cadence, backing off while nothing moves
