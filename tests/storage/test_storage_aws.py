@@ -193,6 +193,15 @@ def test_canary_reaches_the_job_only_through_the_secret(
     for secret in (rclone_setup.canary, rclone_setup.obscured):
         assert secret not in blob
     assert job_parts["secrets"] == [{"name": "CORRAL_RCLONE_CONFIG", "valueFrom": secrets[saws.CONFIG_ENV]}]
+    # the job definition the AWS backend's payload builder makes from the transfer stage
+    from corral.backends.aws_batch.payloads import JobContext, job_definition
+
+    ctx = JobContext(region="us-east-2", account_id="123456789012", execution_role_arn="arn:aws:iam::1:role/x")
+    jd = job_definition(saws.job_stage(wf.stage("fetch"), secrets=secrets), ctx)
+    jd_blob = json.dumps(jd.kwargs)
+    assert secrets[saws.CONFIG_ENV] in jd_blob
+    for secret in (rclone_setup.canary, rclone_setup.obscured):
+        assert secret not in jd_blob
     # a workflow whose transfers need no rclone.conf remote makes no secret
     plain = loads_workflow("name: w\nstages:\n  - {name: up, per: run, from: 'workspace://x', to: 's3://bkt-1/x'}\n")
     assert saws.prepare_rclone_secret(sm, plain, "r2", config_path=rclone_setup.conf) == {}
@@ -262,3 +271,51 @@ def test_transfer_job_forwards_sigterm_to_rclone_and_removes_its_config(tmp_path
         alive = False
     assert not alive
     assert list((tmp_path / "jobtmp").iterdir()) == []
+
+
+def test_task_argv_and_job_stage_for_the_aws_payloads(tmp_path: Path) -> None:
+    from functools import partial
+
+    from corral.plan import make_plan
+
+    wf = loads_workflow(
+        "name: w\nitems: [{session: s1}, {session: s2}]\n"
+        "defaults: {image: 'python:3.11-slim'}\n"
+        "stages:\n"
+        "  - {name: fetch, from: 'raw/{session}', to: 'workspace://{session}/raw', filters: ['+ *.nwb', '- *']}\n"
+        "  - {name: work, needs: [fetch], command: 'ls {workdir}/{session}'}\n"
+        "  - {name: tidy, kind: cleanup, per: run, needs: [work]}\n",
+        base_dir=tmp_path,
+    )
+    plan = make_plan(wf)
+    fetch = plan.stage_tasks("fetch")[1]
+    staged: list[str] = []
+
+    def fake_stage(path: str, *, bucket: str) -> str:
+        staged.append(path)
+        return f"s3://{bucket}/staged/{Path(path).name}"
+
+    argv = saws.task_argv(
+        fetch, run_id="r1", workdir="/mnt/corral/runs/r1", region="us-east-2", workspace_root="/mnt/corral/runs",
+        stage_local=partial(fake_stage, bucket="bkt-1"), base_dir=tmp_path,
+    )
+    assert staged == [str(tmp_path / "raw" / "s2")]
+    assert argv[:4] == ["/bin/sh", "-c", saws.TRANSFER_SCRIPT, "corral-transfer"]
+    assert argv[4:9] == ["copy", ":s3,provider=AWS,env_auth=true,region=us-east-2:bkt-1/staged/s2",
+                         "/mnt/corral/runs/r1/s2/raw", "--filter", "+ *.nwb"]
+    with pytest.raises(StorageError, match="cannot reach"):
+        saws.task_argv(fetch, run_id="r1", workdir="/mnt/corral/runs/r1", region=None,
+                       workspace_root="/mnt/corral/runs")
+    tidy = plan.stage_tasks("tidy")[0]
+    assert saws.task_argv(tidy, run_id="r1", workdir="/mnt/corral/runs/r1", region=None,
+                          workspace_root="/mnt/corral/runs")[3:] == ["corral-cleanup", "/mnt/corral/runs/r1",
+                                                                     "/mnt/corral/runs"]
+    work = plan.stage_tasks("work")[0]
+    assert saws.task_argv(work, run_id="r1", workdir="/w", region=None, workspace_root="/") == work.command("r1", "/w")
+
+    arn = "arn:aws:secretsmanager:us-east-2:123456789012:secret:corral/r1/rclone-AbCdEf"
+    js = saws.job_stage(wf.stage("fetch"), secrets={saws.CONFIG_ENV: arn})
+    assert js.image == saws.rclone_image() and js.secrets == {saws.CONFIG_ENV: arn}
+    assert wf.stage("fetch").image == "python:3.11-slim"  # the workflow's stage is not changed
+    assert saws.job_stage(wf.stage("tidy")).image == saws.rclone_image()
+    assert saws.job_stage(wf.stage("work")) is wf.stage("work")

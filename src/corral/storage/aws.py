@@ -129,6 +129,48 @@ def cleanup_container_argv(workdir: str, *, root: str) -> list[str]:
     return ["/bin/sh", "-c", CLEANUP_SCRIPT, "corral-cleanup", workdir, root]
 
 
+# -- whole tasks and stages (what the AWS backend's payload builder needs) --------------------------
+def job_stage(stage: Any, *, secrets: dict[str, str] | None = None, image: str | None = None) -> Any:
+    """A copy of a transfer stage (or a cleanup stage without a command) as its job definition
+    should be built: in the rclone image (:func:`rclone_image`: ``image``, else ``CORRAL_RCLONE_IMAGE``,
+    else the default — a ``defaults: image:`` meant for command stages is not used), with the
+    rclone-config secret (``{CONFIG_ENV: ARN}`` from :func:`prepare_rclone_secret`) added to its
+    ``secrets``. Other stages are returned unchanged."""
+    if stage.kind not in ("transfer", "cleanup") or (stage.kind == "cleanup" and stage.command is not None):
+        return stage
+    extra = dict(secrets or {}) if stage.kind == "transfer" else {}
+    return stage.model_copy(update={"image": rclone_image(image), "secrets": {**stage.secrets, **extra}})
+
+
+def task_argv(
+    task: Any, *, run_id: str, workdir: str, region: str | None, workspace_root: str,
+    endpoint: str | None = None, stage_local: Any = None, base_dir: Path | None = None,
+) -> list[str]:
+    """argv of a transfer task, or of a cleanup task without a command, in its AWS job.
+
+    ``stage_local(path) -> s3 URI`` (e.g. a partial of :func:`stage_local_source`) is called for a
+    transfer whose ``from:`` is a path on this machine (relative paths are read against
+    ``base_dir``, the workflow's folder); without it such a transfer is refused.
+    Any other task: ``task.command(run_id, workdir)``.
+    """
+    from corral.plan import render
+
+    stage = task.stage
+    if stage.kind == "cleanup" and stage.command is None:
+        return cleanup_container_argv(workdir, root=workspace_root)
+    if stage.kind != "transfer":
+        return list(task.command(run_id, workdir))
+    values = task.values(run_id, workdir)
+    source = render(stage.source or "", values)
+    dest = render(stage.dest or "", values)
+    if stage_local is not None and not source.startswith(WORKSPACE):
+        loc = parse(source, base_dir=base_dir or Path.cwd())
+        if loc.kind == "local":
+            source = stage_local(loc.path)
+    return transfer_container_argv(source, dest, mode=stage.mode, filters=list(stage.filters), workdir=workdir,
+                                   region=region, endpoint=endpoint)
+
+
 # -- local sources, staged to S3 ------------------------------------------------------------------
 def staged_uri(local_path: str | Path, *, bucket: str, prefix: str, run_id: str) -> str:
     """Where a local file or folder is staged for a run's jobs (the same path gives the same URI)."""
