@@ -10,13 +10,14 @@ reasons, log lines, stage names) is HTML-escaped: log text is untrusted.
 from __future__ import annotations
 
 import collections
+import contextlib
 import html
 import statistics
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from corral.cost import RunCost, actual_cost, attempts_of, reads_attempts, usd
 from corral.errors import CorralError
@@ -283,6 +284,96 @@ def render(data: ReportData) -> str:
 
 
 # -- gathering --------------------------------------------------------------------------------
+def _ms(v: Any) -> float | None:
+    return None if v in (None, 0) else float(v) / 1000.0
+
+
+def ecs_instance_types(ecs: Any, container_instance_arns: Iterable[str],
+                       clusters: Sequence[str] = ()) -> dict[str, str]:
+    """Container instance ARN → EC2 instance type (the ``ecs.instance-type`` attribute), in calls of
+    100 per cluster. ARNs of the new format name their cluster; others are tried against
+    ``clusters`` (the compute environments' ``ecsClusterArn``). Anything unreadable is left out."""
+    by_cluster: dict[str, list[str]] = {}
+    for arn in dict.fromkeys(a for a in container_instance_arns if a.startswith("arn:") and ":container-instance/" in a):
+        parts = arn.split(":container-instance/", 1)[1].split("/")
+        for cluster in ([parts[0]] if len(parts) == 2 else list(clusters)):
+            by_cluster.setdefault(cluster, []).append(arn)
+    out: dict[str, str] = {}
+    for cluster, arns in by_cluster.items():
+        todo = [a for a in arns if a not in out]
+        for i in range(0, len(todo), 100):
+            try:
+                resp = ecs.describe_container_instances(cluster=cluster, containerInstances=todo[i:i + 100])
+            except Exception:  # noqa: BLE001 - an instance type is a nicety: the cost falls back to the estimate
+                continue
+            for ci in resp.get("containerInstances", []):
+                for attr in ci.get("attributes", []):
+                    if attr.get("name") == "ecs.instance-type" and attr.get("value"):
+                        out[ci["containerInstanceArn"]] = attr["value"]
+    return out
+
+
+def batch_attempts(
+    run_id: str,
+    tasks: Sequence[TaskRecord],
+    describe_jobs: Callable[[list[str]], Mapping[str, dict[str, Any]]],
+    ecs: Any = None,
+    clusters: Sequence[str] = (),
+) -> dict[str, list[AttemptRecord]]:
+    """Every attempt of every started task of an AWS run, from DescribeJobs (chunks of 100 in
+    ``describe_jobs``) — Batch keeps each attempt's start, stop, exit code, reason and log stream —
+    with the instance type of each attempt from ECS where it can be read."""
+    started = [t for t in tasks if t.external_id and t.started_at is not None]
+    jobs = describe_jobs([t.external_id for t in started]) if started else {}
+    arns = [(a.get("container") or {}).get("containerInstanceArn", "")
+            for j in jobs.values() for a in j.get("attempts") or []]
+    arns += [(j.get("container") or {}).get("containerInstanceArn", "") for j in jobs.values()]
+    types = ecs_instance_types(ecs, [a for a in arns if a], clusters) if ecs is not None else {}
+    out: dict[str, list[AttemptRecord]] = {}
+    for t in started:
+        job = jobs.get(t.external_id)
+        if job is None:
+            continue
+        recs: list[AttemptRecord] = []
+        tries = job.get("attempts") or []
+        for i, a in enumerate(tries):
+            c = a.get("container") or {}
+            last = i == len(tries) - 1
+            state = t.state if (last and t.state.terminal and job.get("status") in ("SUCCEEDED", "FAILED")) \
+                else TaskState.FAILED
+            reason = a.get("statusReason", "") or ""
+            if c.get("reason"):
+                reason = f"{reason}: {c['reason']}" if reason else c["reason"]
+            recs.append(AttemptRecord(
+                run_id=run_id, task_id=t.task_id, attempt=i + 1, state=state, exit_code=c.get("exitCode"),
+                reason=reason, started_at=_ms(a.get("startedAt")), ended_at=_ms(a.get("stoppedAt")),
+                stdout=c.get("logStreamName", "") or "", external_id=t.external_id,
+                instance_type=types.get(c.get("containerInstanceArn", ""), ""),
+            ))
+        if job.get("status") in ("RUNNING", "STARTING") and job.get("startedAt"):
+            c = job.get("container") or {}
+            recs.append(AttemptRecord(
+                run_id=run_id, task_id=t.task_id, attempt=len(recs) + 1, state=TaskState.RUNNING,
+                started_at=_ms(job.get("startedAt")), stdout=c.get("logStreamName", "") or "",
+                external_id=t.external_id, instance_type=types.get(c.get("containerInstanceArn", ""), ""),
+            ))
+        if recs:
+            out[t.task_id] = recs
+    return out
+
+
+def _aws_attempts(backend: Any, run_id: str, tasks: Sequence[TaskRecord]) -> dict[str, list[AttemptRecord]]:
+    """batch_attempts through an AwsBatchBackend (its paced DescribeJobs, its clients' ECS)."""
+    ecs = backend.clients.client("ecs")
+    clusters: list[str] = []
+    try:
+        for page in backend.clients.batch.get_paginator("describe_compute_environments").paginate():
+            clusters += [c["ecsClusterArn"] for c in page.get("computeEnvironments", []) if c.get("ecsClusterArn")]
+    except Exception:  # noqa: BLE001 - only used to find old-format container instance ARNs
+        clusters = []
+    return batch_attempts(run_id, tasks, backend.api.describe_jobs, ecs, clusters)
+
+
 def tail_logs(lines: Iterable[str], n: int = LOG_LINES) -> list[str]:
     return list(collections.deque(lines, maxlen=n))
 
@@ -305,6 +396,10 @@ def collect(
     tasks = backend.refresh(run, store) if (backend is not None and refresh) else store.get_tasks(run_id)
     run = store.get_run(run_id)
     attempts = attempts_of(store, run_id, tasks, per_task_reads=reads_attempts(run))
+    if backend is not None and getattr(backend, "name", "") == "aws" and hasattr(backend, "api"):
+        # Batch forgets jobs ~7 days after they end: then the task records' times remain.
+        with contextlib.suppress(CorralError):
+            attempts.update(_aws_attempts(backend, run_id, tasks))
     cost: RunCost | None = None
     try:
         plan = plan or PlanCls.from_manifest(store.load_manifest(run_id))
