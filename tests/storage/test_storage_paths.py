@@ -160,13 +160,18 @@ def test_cleanup_argv_runs_as_a_child(tmp_path: Path) -> None:
     assert not ws.exists() and other_ws.exists() and (outside / "keep.txt").exists()
 
 
-@pytest.mark.parametrize("which", ["root", "home", "corral_home", "parent_of_cwd", "relative", "empty"])
+@pytest.mark.parametrize(
+    "which", ["root", "home", "corral_home", "corral_runs", "parent_of_cwd", "relative", "empty", "parent_of_workspaces"]
+)
 def test_cleanup_refuses_paths_that_are_not_a_run_workspace(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, which: str
 ) -> None:
     monkeypatch.chdir(tmp_path)
     (tmp_path / "sub").mkdir()
+    storage.prepare_workspace(tmp_path / "elsewhere" / "r1" / "workspace")
     target = {
+        "corral_runs": str(Path(os.environ["CORRAL_HOME"]) / "runs"),
+        "parent_of_workspaces": str(tmp_path / "elsewhere"),
         "root": "/",
         "home": str(Path.home()),
         "corral_home": os.environ["CORRAL_HOME"],
@@ -177,7 +182,7 @@ def test_cleanup_refuses_paths_that_are_not_a_run_workspace(
     with pytest.raises(StorageError) as ei:
         storage.cleanup_workspace(target)
     assert ei.value.hint
-    assert (tmp_path / "sub").exists()
+    assert (tmp_path / "sub").exists() and (tmp_path / "elsewhere" / "r1" / "workspace").exists()
 
 
 def test_cleanup_refuses_a_symlinked_workspace(tmp_path: Path) -> None:

@@ -64,6 +64,15 @@ def _refuse(path: Path, why: str) -> StorageError:
     )
 
 
+def _corral_home() -> Path:
+    env = os.environ.get("CORRAL_HOME")
+    if env:
+        return Path(env).expanduser().resolve()
+    import platformdirs
+
+    return Path(platformdirs.user_data_dir("corral", appauthor=False)).resolve()
+
+
 def check_removable(workdir: str | Path) -> Path:
     """The workspace path, after checks that it cannot be something else than a run's folder."""
     if not str(workdir).strip():
@@ -77,12 +86,13 @@ def check_removable(workdir: str | Path) -> Path:
     protected = [Path("/"), Path.home().resolve()]
     with contextlib.suppress(OSError):
         protected.append(Path.cwd().resolve())
-    home = os.environ.get("CORRAL_HOME")
-    if home:
-        protected.append(Path(home).expanduser().resolve())
+    home = _corral_home()
+    protected += [home, home / "runs"]
     for d in protected:
         if resolved == d or d.is_relative_to(resolved):
             raise _refuse(p, f"it is {d} or one of its parents")
+    if resolved.is_dir() and (any(resolved.glob(f"*/{MARKER}")) or any(resolved.glob(f"*/*/{MARKER}"))):
+        raise _refuse(p, "it holds other run workspaces")
     if len(resolved.parts) < 3:
         raise _refuse(p, "it is a top-level folder")
     return resolved
