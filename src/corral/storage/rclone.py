@@ -168,8 +168,9 @@ def _sweep_stale(d: Path) -> None:
 @contextlib.contextmanager
 def temp_config(names: Iterable[str], *, config_path: Path | None = None) -> Iterator[Path]:
     """A private (0600) copy of only the named remotes, deleted on exit."""
+    wanted = sorted(set(names))
     src = config_path or default_config_path()
-    text = render_config(config_subset(read_config(src), names, source=src))
+    text = render_config(config_subset(read_config(src), wanted, source=src)) if wanted else ""
     d = _private_dir()
     _sweep_stale(d)
     fd, name = tempfile.mkstemp(prefix=f"{os.getpid()}-", suffix=".conf", dir=d)
