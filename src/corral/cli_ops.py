@@ -106,7 +106,11 @@ def register(cli: click.Group) -> None:
                 plan = api.load_plan(store, run_id)
             except CorralError:
                 plan = None
-            tasks = store.get_tasks(run_id)
+            if run.backend == "aws":  # bring reasons and states up to date (as `status` does)
+                tasks = api.get_backend("aws", run=run).refresh(run, store)
+                run = store.get_run(run_id)
+            else:
+                tasks = store.get_tasks(run_id)
             if run.backend == "local":
                 findings += dr.run_checks(store, run, plan)
         if workflow:
