@@ -16,6 +16,7 @@ Checks only read (describe/list/get calls); nothing is changed.
 
 from __future__ import annotations
 
+import math
 import os
 import shutil
 import socket
@@ -31,7 +32,7 @@ from corral.model import RunRecord, RunState, TaskRecord, TaskState
 if TYPE_CHECKING:  # pragma: no cover
     from corral.backends.aws_batch.client import AwsClients
     from corral.plan import Plan
-    from corral.spec import AwsSettings, Resources
+    from corral.spec import AwsSettings, Resources, Stage
     from corral.state.base import StateStore
 
 Level = Literal["ok", "info", "warn", "error"]
@@ -448,43 +449,14 @@ def aws_checks(
     # -- compute environments
     seen: set[str] = set()
     stages = list(plan.workflow.stages) if plan is not None else []
-    biggest = max((s.resources.vcpus for s in stages), default=0.0)
     for qname, envs in queue_ces.items():
         for c in envs:
             cname = c["computeEnvironmentName"]
             if cname in seen:
                 continue
             seen.add(cname)
-            cr = c.get("computeResources") or {}
             gpu_q = qname == GPU_QUEUE or (opts.get("gpu_job_queue") or "").endswith("/" + qname)
-            if c.get("status") == "INVALID":
-                out.append(Finding("ce", "error",
-                                   f"compute environment {cname} is INVALID: {c.get('statusReason', '(no reason given)')}",
-                                   "fix what the reason names (service role, instance profile, subnets, launch "
-                                   "template), then `corral aws setup` again", cname))
-            if c.get("state") == "DISABLED":
-                out.append(Finding("ce", "error", f"compute environment {cname} is DISABLED: it launches no instance",
-                                   f"`aws batch update-compute-environment --compute-environment {cname} --state ENABLED`",
-                                   cname))
-            maxv = int(cr.get("maxvCpus") or 0)
-            relevant = [s for s in stages if (s.resources.gpus > 0) == gpu_q] if stages else []
-            need = max((s.resources.vcpus for s in relevant), default=biggest if not gpu_q else 0.0)
-            if need and maxv and need > maxv:
-                s_name = next((s.name for s in relevant if s.resources.vcpus == need), "?")
-                out.append(Finding(
-                    "ce", "error",
-                    f"compute environment {cname} has maxvCpus {maxv}, less than the {need:g} vCPUs stage "
-                    f"{s_name!r} asks for: its jobs stay RUNNABLE",
-                    f"raise aws.max_vcpus to at least {need:g} and run `corral aws setup`, or "
-                    f"`aws batch update-compute-environment --compute-environment {cname} "
-                    f"--compute-resources maxvCpus={max(int(need), 1)}`",
-                    cname))
-            elif c.get("status") == "VALID" and c.get("state") == "ENABLED":
-                out.append(Finding("ce", "ok", f"compute environment {cname}: enabled, valid, maxvCpus {maxv}, "
-                                   f"{cr.get('type', '?')} {', '.join(cr.get('instanceTypes') or [])}", subject=cname))
-            # -- stage fit against the types this environment may launch
-            for s in relevant:
-                out += _fit(s.name, s.resources, cname, cr.get("instanceTypes") or ["optimal"])
+            out += compute_environment_findings(c, stages, gpu=gpu_q)
 
     # -- stages with no environment at all: judge them against the workflow's allowed types
     if stages and not queue_ces:
@@ -503,6 +475,42 @@ def aws_checks(
 
     # -- EFS mount targets
     out += _efs(clients, settings, [c for envs in queue_ces.values() for c in envs])
+    return out
+
+
+def compute_environment_findings(c: dict[str, Any], stages: Sequence[Stage], *, gpu: bool) -> list[Finding]:
+    """A described compute environment judged on its own and against the stages routed to it
+    (GPU stages to the GPU queue's environments, the others to the default queue's)."""
+    out: list[Finding] = []
+    cname = c["computeEnvironmentName"]
+    cr = c.get("computeResources") or {}
+    if c.get("status") == "INVALID":
+        out.append(Finding("ce", "error",
+                           f"compute environment {cname} is INVALID: {c.get('statusReason') or '(no reason given)'}",
+                           "fix what the reason names (service role, instance profile, subnets, launch "
+                           "template), then `corral aws setup` again", cname))
+    if c.get("state") == "DISABLED":
+        out.append(Finding("ce", "error", f"compute environment {cname} is DISABLED: it launches no instance",
+                           f"`aws batch update-compute-environment --compute-environment {cname} --state ENABLED`",
+                           cname))
+    maxv = int(cr.get("maxvCpus") or 0)
+    relevant = [s for s in stages if (s.resources.gpus > 0) == gpu]
+    need = max((s.resources.vcpus for s in relevant), default=0.0)
+    if need and maxv and need > maxv:
+        s_name = next(s.name for s in relevant if s.resources.vcpus == need)
+        out.append(Finding(
+            "ce", "error",
+            f"compute environment {cname} has maxvCpus {maxv}, less than the {need:g} vCPUs stage "
+            f"{s_name!r} asks for: its jobs stay RUNNABLE",
+            f"raise aws.max_vcpus to at least {need:g} and run `corral aws setup`, or "
+            f"`aws batch update-compute-environment --compute-environment {cname} "
+            f"--compute-resources maxvCpus={max(math.ceil(need), 1)}`",
+            cname))
+    elif not out:
+        out.append(Finding("ce", "ok", f"compute environment {cname}: enabled, valid, maxvCpus {maxv}, "
+                           f"{cr.get('type', '?')} {', '.join(cr.get('instanceTypes') or [])}", subject=cname))
+    for s in relevant:
+        out += _fit(s.name, s.resources, cname, cr.get("instanceTypes") or ["optimal"])
     return out
 
 
@@ -547,13 +555,22 @@ def _runnable(clients: AwsClients, queue_ces: dict[str, list[dict[str, Any]]], r
                     if n:
                         stuck.append((job, str(job.get("jobQueue", "")).rsplit("/", 1)[-1], n))
         else:
+            # ListJobs on a queue lists array parents, not children: a parent whose children wait
+            # reads PENDING (or RUNNING) with RUNNABLE counts in its statusSummary.
             for qname in queue_ces:
-                for page in batch.get_paginator("list_jobs").paginate(jobQueue=qname, jobStatus="RUNNABLE"):
-                    ids = [s["jobId"] for s in page.get("jobSummaryList", [])
-                           if (t_now - (s.get("createdAt") or 0) / 1000.0) > after_s]
-                    for i in range(0, len(ids), 100):
-                        for job in batch.describe_jobs(jobs=ids[i:i + 100]).get("jobs", []):
-                            stuck.append((job, qname, 1))
+                ids: list[str] = []
+                for status in ("RUNNABLE", "PENDING", "RUNNING"):
+                    for page in batch.get_paginator("list_jobs").paginate(jobQueue=qname, jobStatus=status):
+                        ids += [s["jobId"] for s in page.get("jobSummaryList", [])
+                                if (t_now - (s.get("createdAt") or 0) / 1000.0) > after_s
+                                and (status == "RUNNABLE" or "arrayProperties" in s)]
+                ids = list(dict.fromkeys(ids))
+                for i in range(0, len(ids), 100):
+                    for job in batch.describe_jobs(jobs=ids[i:i + 100]).get("jobs", []):
+                        summary = (job.get("arrayProperties") or {}).get("statusSummary") or {}
+                        n = int(summary.get("RUNNABLE", 0)) or (1 if job.get("status") == "RUNNABLE" else 0)
+                        if n:
+                            stuck.append((job, qname, n))
     out = []
     for job, qname, n in stuck:
         since = (job.get("createdAt") or 0) / 1000.0
@@ -563,8 +580,8 @@ def _runnable(clients: AwsClients, queue_ces: dict[str, list[dict[str, Any]]], r
         why, fix = runnable_reason(job, queue_ces.get(qname, []))
         out.append(Finding(
             "runnable", "error",
-            f"job {job.get('jobName', '')} ({job.get('jobId')}) has {n} task(s) RUNNABLE for "
-            f"{waited / 60:.0f} min in queue {qname}: {why}",
+            f"job {job.get('jobName', '')} ({job.get('jobId')}) in queue {qname}: {n} task(s) still RUNNABLE, "
+            f"submitted {waited / 60:.0f} min ago: {why}",
             fix, job.get("jobId", ""),
         ))
     return out

@@ -208,8 +208,58 @@ def test_stuck_jobs_of_a_run_are_found_with_one_describe_per_100_parents() -> No
     found = dr._runnable(clients, {"corral": [ce("c", maxv=4)]}, run, tasks, 1800, lambda: now)  # type: ignore[arg-type]
     assert fake.calls == [["p-1", "p-2"]]
     (f,) = found
-    assert f.subject == "p-1" and "3 task(s) RUNNABLE for 180 min" in f.message
+    assert f.subject == "p-1" and "3 task(s) still RUNNABLE, submitted 180 min ago" in f.message
     assert "more than maxvCpus 4" in f.message and "aws.max_vcpus" in f.fix
+
+
+def test_compute_environment_findings() -> None:
+    plan = make_plan(loads_workflow(WF.replace("  - {name: huge", "  - {name: gpu, resources: {vcpus: 16, gpus: 1}, "
+                                               'image: "x", command: "true"}\n  - {name: huge'),
+                                    source="wf.yaml", base_dir=Path.cwd()))
+    stages = plan.workflow.stages
+    bad = dr.compute_environment_findings(ce("c", status="INVALID", reason="CLIENT_ERROR - subnet gone"), stages,
+                                          gpu=False)
+    assert [f.level for f in bad if f.check == "ce"] == ["error"]
+    assert "INVALID: CLIENT_ERROR - subnet gone" in bad[0].message
+    # CPU environments are judged on CPU stages only: the 16-vCPU GPU stage does not count against maxvCpus 8.
+    ok = dr.compute_environment_findings(ce("c", maxv=8), stages, gpu=False)
+    assert [(f.check, f.level, f.subject) for f in ok] == [("ce", "ok", "c"), ("fit", "error", "huge")]
+    gpu = dr.compute_environment_findings(ce("g", maxv=8, types=["g4dn"]), stages, gpu=True)
+    assert [(f.check, f.level) for f in gpu] == [("ce", "error")] and "stage 'gpu'" in gpu[0].message
+
+
+def test_runnable_children_of_pending_array_parents_are_found_without_a_run() -> None:
+    now = 1_000_000.0
+    old = int((now - 7200) * 1000)
+
+    class Pages:
+        def __init__(self, answers: dict[str, list[dict[str, Any]]]) -> None:
+            self.answers = answers
+
+        def paginate(self, jobQueue: str, jobStatus: str):  # type: ignore[no-untyped-def]  # noqa: N803
+            yield {"jobSummaryList": self.answers.get(jobStatus, [])}
+
+    class Batch(_FakeBatch):
+        def get_paginator(self, name: str) -> Pages:
+            assert name == "list_jobs"
+            return Pages({
+                "PENDING": [{"jobId": "arr", "createdAt": old, "arrayProperties": {"size": 5}},
+                            {"jobId": "waits-on-deps", "createdAt": old}],
+                "RUNNABLE": [{"jobId": "single", "createdAt": old}, {"jobId": "new", "createdAt": int(now * 1000)}],
+            })
+
+    fake = Batch([
+        {**job(), "jobId": "arr", "status": "PENDING", "createdAt": old,
+         "arrayProperties": {"size": 5, "statusSummary": {"RUNNABLE": 5}}},
+        {**job(), "jobId": "single", "status": "RUNNABLE", "createdAt": old},
+    ])
+    clients = type("C", (), {"batch": fake})()
+    found = dr._runnable(clients, {"corral": [ce("c", kind="SPOT")]}, None, None, 1800, lambda: now)  # type: ignore[arg-type]
+    assert fake.calls == [["single", "arr"]]  # the plain PENDING job (dependencies) and the new one are not asked
+    assert [(f.subject, f.message.split(": ")[1]) for f in found] == [
+        ("single", "1 task(s) still RUNNABLE, submitted 120 min ago"),
+        ("arr", "5 task(s) still RUNNABLE, submitted 120 min ago")]
+    assert all("spot capacity" in f.message for f in found)
 
 
 # -- AWS, against moto ----------------------------------------------------------------------------
