@@ -203,7 +203,7 @@ def _create_ce(ctx: Ctx, kwargs: dict[str, Any], *, timeout: float) -> None:
                 if "service_role" not in ctx.memo:
                     ctx.memo["service_role"] = service_linked_role_arn(ctx)
                 kwargs["serviceRole"] = ctx.memo["service_role"]
-                return False
+                return attempt()
             if _retryable_iam(exc):
                 state["error"] = exc
                 return False

@@ -1,0 +1,106 @@
+"""Waiting is bounded polling with backoff (no fixed sleeps): the poller, and EFS waited for."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from corral.backends.aws_batch.common import Ctx
+from corral.backends.aws_batch.network import Network
+from corral.backends.aws_batch.provision import ProvisionReport
+from corral.backends.aws_batch.storage import ensure_efs
+from corral.backends.aws_batch.waiting import Poller
+from corral.errors import ProvisionError
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 0.0
+        self.sleeps: list[float] = []
+
+    def sleep(self, s: float) -> None:
+        self.sleeps.append(s)
+        self.now += s
+
+    def clock(self) -> float:
+        return self.now
+
+
+def test_poller_backs_off_and_stops_at_its_bound() -> None:
+    fc = FakeClock()
+    p = Poller(first=1, factor=2, cap=5, sleep=fc.sleep, clock=fc.clock)
+    answers = iter([None, None, None, None, "done"])
+    assert p.poll(lambda: next(answers), what="x") == "done"
+    assert fc.sleeps == [1, 2, 4, 5]
+    fc2 = FakeClock()
+    p2 = Poller(first=1, factor=2, cap=5, sleep=fc2.sleep, clock=fc2.clock)
+    with pytest.raises(ProvisionError, match="timed out after 12s waiting for the thing"):
+        p2.poll(lambda: False, what="the thing", timeout=12)
+    assert sum(fc2.sleeps) == 12  # never sleeps past the deadline
+
+
+class FakeEfs:
+    """Just enough of EFS: a file system and mount targets that take a few polls to be available."""
+
+    def __init__(self, polls_until_ready: int = 3) -> None:
+        self.left = polls_until_ready
+        self.fs: dict[str, Any] | None = None
+        self.targets: list[dict[str, Any]] = []
+
+    def _tick(self) -> str:
+        self.left -= 1
+        return "available" if self.left <= 0 else "creating"
+
+    def describe_file_systems(self, CreationToken: str) -> dict[str, Any]:
+        if self.fs:
+            self.fs["LifeCycleState"] = self._tick()
+        return {"FileSystems": [self.fs] if self.fs else []}
+
+    def create_file_system(self, **kw: Any) -> dict[str, Any]:
+        self.fs = {"FileSystemId": "fs-1", "LifeCycleState": "creating", **kw}
+        return dict(self.fs)
+
+    def describe_mount_targets(self, FileSystemId: str) -> dict[str, Any]:
+        for t in self.targets:
+            t["LifeCycleState"] = self._tick()
+        return {"MountTargets": self.targets}
+
+    def create_mount_target(self, FileSystemId: str, SubnetId: str, SecurityGroups: list[str]) -> dict[str, Any]:
+        self.left = 3
+        t = {"MountTargetId": f"fsmt-{SubnetId}", "SubnetId": SubnetId, "LifeCycleState": "creating",
+             "AvailabilityZoneName": {"s1": "a", "s2": "b", "s3": "a"}[SubnetId]}
+        self.targets.append(t)
+        return t
+
+
+class FakeClients:
+    region = "us-east-2"
+
+    def __init__(self, efs: FakeEfs) -> None:
+        self.efs = efs
+
+
+def test_efs_is_waited_for_by_polling_with_one_target_per_zone() -> None:
+    fc = FakeClock()
+    efs = FakeEfs()
+    ctx = Ctx(clients=FakeClients(efs), report=ProvisionReport(), tags={"corral:managed": "true"},
+              poller=Poller(sleep=fc.sleep, clock=fc.clock))
+    net = Network(vpc_id="vpc-1", subnets=["s1", "s2", "s3"], security_groups=["sg-1"],
+                  zones={"s1": "a", "s2": "b", "s3": "a"})
+    fs_id, ap = ensure_efs(ctx, net)
+    assert fs_id == "fs-1" and ap is None
+    assert [t["SubnetId"] for t in efs.targets] == ["s1", "s2"]  # s3 shares zone a with s1
+    assert fc.sleeps and all(s <= 15 for s in fc.sleeps)
+    assert efs.fs["Encrypted"] is True and efs.fs["CreationToken"] == "corral-workspace"
+
+
+def test_efs_that_never_becomes_available_times_out() -> None:
+    fc = FakeClock()
+    efs = FakeEfs(polls_until_ready=10**9)
+    ctx = Ctx(clients=FakeClients(efs), report=ProvisionReport(), tags={},
+              poller=Poller(sleep=fc.sleep, clock=fc.clock))
+    net = Network(vpc_id="vpc-1", subnets=["s1"], security_groups=["sg-1"], zones={"s1": "a"})
+    with pytest.raises(ProvisionError, match="EFS file system fs-1"):
+        ensure_efs(ctx, net, timeout=60)
+    assert fc.now == 60
