@@ -16,6 +16,7 @@ from corral.report import bars, batch_attempts, collect, ecs_instance_types, ren
 from corral.spec import loads_workflow
 
 sys.path.insert(0, str(Path(__file__).parent.parent / "aws"))
+sys.path.insert(0, str(Path(__file__).parent.parent))
 
 CI = "arn:aws:ecs:us-east-2:123456789012:container-instance/corral-cluster/"
 
@@ -89,17 +90,19 @@ def test_old_style_container_instance_arns_are_tried_on_the_environments_cluster
 
 @pytest.mark.aws
 def test_report_of_a_run_on_moto(aws: str, tmp_path: Path) -> None:
+    from helpers import run_cli
     from test_backend_support import make_environment, record_run, workflow_text
 
     from corral.backends.aws_batch.backend import AwsBatchBackend
     from corral.backends.aws_batch.client import AwsClients
     from corral.backends.base import RunOptions
-    from corral.state.sqlite import SqliteStore
+    from corral.state.dynamodb import DynamoStore
 
     clients = AwsClients()
     env = make_environment(clients)
     plan = make_plan(loads_workflow(workflow_text(4), source="wf.yaml", base_dir=tmp_path))
-    store = SqliteStore(tmp_path / "state.db")
+    store = DynamoStore("corral-state", clients.dynamodb)  # the table `--backend aws` reads
+    store.create_table_if_missing()
     run = record_run(store, plan)
     be = AwsBatchBackend(clients, environment=env, sleep=lambda s: None)
     be.start(plan, run, store, RunOptions(wait=False))
@@ -117,4 +120,8 @@ def test_report_of_a_run_on_moto(aws: str, tmp_path: Path) -> None:
     assert all(a.stdout for ats in data.attempts.values() for a in ats)  # log streams from DescribeJobs
     assert data.cost is not None and data.cost.estimated_attempts == 12  # moto reports no container instance
     assert render(data).count('<rect class="bar"') == 12
-    store.close()
+
+    out = tmp_path / "aws-report.html"
+    res = run_cli("report", run.run_id, "--backend", "aws", "-o", str(out), env={"CORRAL_HOME": str(tmp_path / "h")})
+    assert res.returncode == 0, res.stderr
+    assert "12 attempts" in res.stderr and out.read_text().count('<rect class="bar"') == 12
