@@ -108,16 +108,18 @@ def register(cli: click.Group) -> None:
     @click.option("--datatype", "datatypes", multiple=True, help="Only scans with this datatype (repeatable: dwi, anat, ...).")
     @click.option("--require", multiple=True, help="Only scans that have all these datatypes (repeatable).")
     @click.option("--gpus", default=0, show_default=True, type=click.IntRange(0, 16), help="GPUs for the app stage.")
+    @click.option("--anonymous", is_flag=True, help="List an s3:// dataset without credentials (public buckets, e.g. OpenNeuro).")
     @click.option("--name", default=None, help="Workflow name (default: from the dataset's name).")
     @click.option("--force", is_flag=True, help="Overwrite the output file.")
     def bids_cmd(dataset: str, out: Path | None, image: str, app_cmd: str | None, results: str | None,
-                 datatypes: tuple[str, ...], require: tuple[str, ...], gpus: int, name: str | None, force: bool) -> None:
+                 datatypes: tuple[str, ...], require: tuple[str, ...], gpus: int, anonymous: bool, name: str | None,
+                 force: bool) -> None:
         """Starter workflow running a BIDS App per subject × session: pull -> app -> push -> cleanup."""
         app_name = re.sub(r"[^A-Za-z0-9_-]+", "-", image.split("/")[-1].split(":")[0]) or "app"
         stem = dataset.rstrip("/").rsplit("/", 1)[-1] or "dataset"
         starter = BidsStarter(
             name=name or _name(stem, "bids"), dataset=_rel(dataset, out), image=image, app=app_cmd,
             results=(results or f"derivatives/{app_name}").rstrip("/"), datatypes=list(datatypes),
-            require=list(require), gpus=gpus,
+            require=list(require), gpus=gpus, anonymous=anonymous,
         )
         _finish(bids_workflow(starter), out, force, "scans")

@@ -140,6 +140,9 @@ def test_s3_dataset_is_listed_page_by_page(tmp_path: Path, aws: str) -> None:
     assert scans(padded) == [("0025867", "1", "dwi")]
     with pytest.raises(SpecError, match="no subject '0025899'"):
         items_from(tmp_path, "  bids: s3://bids-data/studies/HNU1\n  subjects: ['0025899']\n")
+    # unsigned requests, as for public buckets (OpenNeuro)
+    anon = items_from(tmp_path, "  bids: s3://bids-data/studies/HNU1\n  subjects: ['0025866']\n  anonymous: true\n")
+    assert anon == only
 
 
 @pytest.mark.aws
@@ -208,3 +211,5 @@ def test_recipe_bids_writes_a_bids_app_starter(tmp_path: Path) -> None:
     assert r.returncode == 0, r.stderr
     assert "command: qc-run {workdir}/scans/{item} {workdir}/out/{item} participant --participant_label {subject}" in r.stdout
     assert run_cli("recipe", "bids", "ds", "--image", "x/app", "--datatype", "dwl", cwd=tmp_path).returncode == 2
+    anon = run_cli("recipe", "bids", "ds", "--image", "x/app", "--anonymous", cwd=tmp_path)
+    assert anon.returncode == 2 and "`anonymous` applies to s3:// datasets only" in anon.stderr

@@ -90,6 +90,7 @@ class BidsStarter:
     datatypes: list[str] = field(default_factory=list)
     require: list[str] = field(default_factory=list)
     gpus: int = 0
+    anonymous: bool = False
 
 
 def bids_workflow(s: BidsStarter) -> str:
@@ -108,6 +109,8 @@ def bids_workflow(s: BidsStarter) -> str:
         filters += f"\n  datatypes: [{', '.join(s.datatypes)}]"
     if s.require:
         filters += f"\n  require: [{', '.join(s.require)}]"
+    if s.anonymous:
+        filters += "\n  anonymous: true     # public bucket: list without credentials"
     gpus = f", gpus: {s.gpus}" if s.gpus else ""
     return f"""# Written by `corral recipe bids`: a starting point, edit freely.
 # One chain of tasks per scan (subject × session) of {s.dataset}:
