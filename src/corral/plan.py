@@ -307,8 +307,33 @@ def _check_placeholders(wf: Workflow, items: list[Item]) -> None:
                 )
 
 
+CLEANUP_STAGE = "corral-cleanup"
+
+
+def _with_cleanup(wf: Workflow) -> Workflow:
+    """``cleanup: true`` adds a final stage that removes the run's workspace; a ``kind: cleanup``
+    stage without ``needs`` waits for every other stage. Cleanup runs whatever the outcome."""
+    names = [s.name for s in wf.stages]
+    stages = []
+    changed = False
+    for s in wf.stages:
+        if s.kind == "cleanup" and (s.per != "run" or not s.needs):
+            s = s.model_copy(update={"per": "run", "needs": s.needs or [n for n in names if n != s.name]})
+            changed = True
+        stages.append(s)
+    if wf.cleanup and not any(s.kind == "cleanup" for s in stages):
+        stages.append(Stage(name=CLEANUP_STAGE, kind="cleanup", per="run", needs=names))
+        changed = True
+    if not changed:
+        return wf
+    new = wf.model_copy(update={"stages": stages})
+    new._located, new._base_dir = wf._located, wf._base_dir
+    return new
+
+
 def make_plan(wf: Workflow, items: list[Item] | None = None) -> Plan:
     """Build the plan; every problem is raised before anything runs."""
+    wf = _with_cleanup(wf)
     if items is None:
         ctx = SourceContext(base_dir=wf.base_dir, where=wf.where)
         items = resolve_items(wf.items, ctx)

@@ -333,3 +333,24 @@ def test_container_runtime(tmp_path: Path) -> None:
     wf = write_workflow(tmp_path, "name: c\nitems: [{s: a}]\nstages:\n  - {name: a, image: 'alpine:3', command: echo hi > hi.txt}\n")
     run = corral.run(wf, options=RunOptions(runtime="container"))
     assert run.state == RunState.SUCCEEDED and (tmp_path / "hi.txt").read_text().strip() == "hi"
+
+
+def test_cleanup_removes_the_workspace_whatever_the_outcome(tmp_path: Path) -> None:
+    wf = write_workflow(tmp_path, """
+name: tidy
+cleanup: true
+items: [{s: a}, {s: b}]
+stages:
+  - name: stage-in
+    command: mkdir -p {workdir}/{s} && echo data > {workdir}/{s}/raw && echo {workdir} > where
+  - name: use
+    needs: [stage-in]
+    command: test {s} = a && cp {workdir}/{s}/raw out-{s}
+""")
+    run = corral.run(wf)
+    st = states(run.run_id)
+    assert st["use[b]"] == "FAILED" and st["corral-cleanup[run]"] == "SUCCEEDED"
+    workdir = Path((tmp_path / "where").read_text().strip())
+    assert workdir.name == "workspace" and run.run_id in str(workdir)
+    assert not workdir.exists() and workdir.parent.exists()  # only the workspace went
+    assert (tmp_path / "out-a").read_text() == "data\n"

@@ -29,7 +29,7 @@ from pathlib import Path
 from corral import storage
 from corral.backends.base import RunOptions
 from corral.backends.runtime import container_argv, detect_engine, require_engine
-from corral.errors import BackendError, UsageError
+from corral.errors import BackendError, StorageError, UsageError
 from corral.model import AttemptRecord, RunRecord, RunState, TaskRecord, TaskState, now
 from corral.plan import Plan, Task
 from corral.state.base import StateStore
@@ -153,6 +153,7 @@ class LocalBackend:
 
     # -- Backend protocol ---------------------------------------------------------------------
     def check(self, plan: Plan) -> None:
+        storage.check_workflow(plan.workflow)  # transfers that can never work: no rclone, unknown remote
         for s in plan.workflow.stages:
             r = s.resources
             if r.vcpus > self.vcpus:
@@ -356,7 +357,7 @@ class Scheduler:
 
     # -- main loop ----------------------------------------------------------------------------
     def run(self) -> None:
-        self.workdir.mkdir(parents=True, exist_ok=True)
+        storage.prepare_workspace(str(self.workdir))
         self.logdir.mkdir(parents=True, exist_ok=True)
         me = os.getpid()
         self.store.save_run(
@@ -504,7 +505,14 @@ class Scheduler:
             task = self.plan.by_id[tid]
             rec = self.records[tid]
             self.unmet.pop(tid, None)
-            if rec.attempts == self.attempts_before.get(tid, 0) and self._outputs_exist(task):
+            try:
+                skip = rec.attempts == self.attempts_before.get(tid, 0) and self._outputs_exist(task)
+            except StorageError as exc:
+                self._set(rec.replace(state=TaskState.FAILED, reason=f"cannot check outputs: {exc.one_line()}",
+                                      ended_at=now()))
+                self._resolved(tid)
+                continue
+            if skip:
                 self._set(rec.replace(state=TaskState.SKIPPED, reason="outputs exist", ended_at=now()))
                 self._resolved(tid)
                 continue
@@ -538,8 +546,7 @@ class Scheduler:
                 base_dir=self.plan.workflow.base_dir,
             )
         if task.stage.kind == "cleanup" and task.stage.command is None:
-            code = "import shutil, sys; shutil.rmtree(sys.argv[1], ignore_errors=True)"
-            return [sys.executable, "-c", code, workdir], {}
+            return storage.cleanup_argv(workdir), {}
         return task.command(run_id, workdir), {}
 
     def _spawn(self, task: Task, vcpus: float, mem: int) -> None:
@@ -575,8 +582,8 @@ class Scheduler:
                     vcpus=vcpus, memory_mib=mem if _explicit_memory(task) else None,
                     gpus=task.stage.resources.gpus,
                 )
-        except BackendError as exc:
-            self._failed_start(task, number, started, out_path, err_path, exc.message, retryable=False)
+        except (BackendError, StorageError) as exc:
+            self._failed_start(task, number, started, out_path, err_path, exc.one_line(), retryable=False)
             return
         attempt = AttemptRecord(
             run_id=run_id, task_id=task.id, attempt=number, state=TaskState.RUNNING, started_at=started,
