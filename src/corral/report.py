@@ -32,7 +32,7 @@ if TYPE_CHECKING:  # pragma: no cover
 LOG_LINES = 40  # lines of each failed task's log shown
 LOG_LINE_CHARS = 400
 MAX_FAILURES = 50  # failed tasks shown with logs (the table lists the rest without)
-MAX_TIMELINE_ROWS = 5000  # tasks drawn in the timeline (the newest attempts of the rest are left out)
+TASK_ROWS_UP_TO = 150  # up to this many tasks the timeline has one labelled row per task; beyond, packed lanes
 
 COLOURS = {
     "SUCCEEDED": "#2e9e44",
@@ -140,25 +140,51 @@ def _ticks(span: float) -> float:
     return 86400.0 * max(1, round(span / 86400 / 10))
 
 
+def task_rows(drawn: Sequence[tuple[TaskRecord, AttemptRecord]]) -> dict[tuple[str, int], int]:
+    """One row per task, in order of first start: (task id, 0) → row."""
+    out: dict[tuple[str, int], int] = {}
+    for t, _ in drawn:
+        out.setdefault((t.task_id, 0), len(out))
+    return out
+
+
+def lanes(drawn: Sequence[tuple[TaskRecord, AttemptRecord]], until: float) -> dict[tuple[str, int], int]:
+    """(task id, attempt) → lane: each attempt goes to the lowest lane free when it starts, so the
+    chart is as tall as the run was wide (its most concurrent moment), not as tall as it was long."""
+    import heapq
+
+    free: list[int] = []  # lanes free now (a heap)
+    busy: list[tuple[float, int]] = []  # (end, lane) of attempts in flight
+    out: dict[tuple[str, int], int] = {}
+    n = 0
+    for t, a in sorted(drawn, key=lambda ta: (ta[1].started_at or 0.0, ta[0].task_id, ta[1].attempt)):
+        start = a.started_at or 0.0
+        while busy and busy[0][0] <= start:
+            heapq.heappush(free, heapq.heappop(busy)[1])
+        if free:
+            lane = heapq.heappop(free)
+        else:
+            lane, n = n, n + 1
+        out[(t.task_id, a.attempt)] = lane
+        heapq.heappush(busy, (a.ended_at or until, lane))
+    return out
+
+
 def _timeline(data: ReportData) -> str:
     drawn = bars(data)
     if not drawn:
         return "<h2>Timeline</h2><p class=note>No attempt has started yet.</p>"
-    rows: dict[str, int] = {}
-    for t, _ in drawn:
-        rows.setdefault(t.task_id, len(rows))
-    left_out = 0
-    if len(rows) > MAX_TIMELINE_ROWS:
-        keep = set(list(rows)[:MAX_TIMELINE_ROWS])
-        left_out = sum(1 for t, _ in drawn if t.task_id not in keep)
-        drawn = [(t, a) for t, a in drawn if t.task_id in keep]
-        rows = {k: v for k, v in rows.items() if k in keep}
     t0 = min(a.started_at for _, a in drawn if a.started_at is not None)
     t1 = max((a.ended_at or data.generated_at) for _, a in drawn)
     span = max(t1 - t0, 1.0)
-    label_w, width, top = 220, 900, 22
-    row_h = 16 if len(rows) <= 60 else (8 if len(rows) <= 400 else 3)
-    height = top + row_h * len(rows) + 6
+    n_tasks = len({t.task_id for t, _ in drawn})
+    per_task = n_tasks <= TASK_ROWS_UP_TO
+    row_of = task_rows(drawn) if per_task else lanes(drawn, data.generated_at)
+    n_rows = max(row_of.values()) + 1
+    label_w = 220 if per_task else 60
+    width, top = 900, 22
+    row_h = 16 if n_rows <= 60 else (8 if n_rows <= 150 else (4 if n_rows <= 400 else 2))
+    height = top + row_h * n_rows + 6
     scale = width / span
     parts: list[str] = []
     step = _ticks(span)
@@ -168,19 +194,22 @@ def _timeline(data: ReportData) -> str:
         parts.append(f'<line x1="{x:.1f}" y1="{top - 4}" x2="{x:.1f}" y2="{height}" stroke="#eee"/>'
                      f'<text x="{x + 2:.1f}" y="12">+{esc(format_duration(k) if k else "0s")}</text>')
         k += step
-    if row_h >= 8:
-        labels: dict[str, TaskRecord] = {t.task_id: t for t, _ in drawn}
-        for tid, i in rows.items():
+    if per_task and row_h >= 8:
+        labels: dict[int, str] = {}
+        for t, _ in drawn:
+            labels.setdefault(row_of[(t.task_id, 0)], t.label)
+        for i, text in labels.items():
             y = top + i * row_h + row_h - 4
-            text = labels[tid].label
             text = text if len(text) <= 34 else text[:33] + "…"
             parts.append(f'<text x="4" y="{y}">{esc(text)}</text>')
+    elif not per_task:
+        parts.append(f'<text x="4" y="{top + 10}">{n_rows} lanes</text>')
     for t, a in drawn:
         assert a.started_at is not None
         end = a.ended_at or data.generated_at
         x = label_w + (a.started_at - t0) * scale
         w = max((end - a.started_at) * scale, 1.5)
-        y = top + rows[t.task_id] * row_h + 1
+        y = top + row_of[(t.task_id, 0) if per_task else (t.task_id, a.attempt)] * row_h + 1
         h = max(row_h - 2, 2)
         state = a.state.value
         tip = (f"{t.label} attempt {a.attempt}: {state.lower()}, {format_duration(end - a.started_at)}"
@@ -195,8 +224,8 @@ def _timeline(data: ReportData) -> str:
         f'<span><i style="background:{c}"></i>{esc(s.lower().replace("_", " "))}</span>'
         for s, c in COLOURS.items() if any(a.state.value == s for _, a in drawn)
     )
-    note = (f"<p class=note>{left_out} attempt(s) of later tasks are not drawn (more than "
-            f"{MAX_TIMELINE_ROWS} tasks).</p>" if left_out else "")
+    note = ("" if per_task else f"<p class=note>{n_tasks} tasks: attempts are packed into lanes (a lane holds "
+            "attempts that do not overlap in time); hover a bar for its task.</p>")
     svg = (f'<svg id=timeline xmlns="http://www.w3.org/2000/svg" width="{label_w + width + 10}" height="{height}" '
            f'role="img" aria-label="timeline of {len(drawn)} attempts">{"".join(parts)}</svg>')
     return f"<h2>Timeline</h2><div class=legend>{legend}</div><div class=timeline>{svg}</div>{note}"

@@ -250,3 +250,38 @@ def test_write_report_refuses_an_unwritable_path(finished_run: tuple[Path, str],
     with pytest.raises(UsageError, match="cannot write the report"):
         write_report(store, run_id, blocker / "sub" / "r.html")
     store.close()
+
+
+def test_big_runs_pack_attempts_into_lanes_without_overlap() -> None:
+    import time as _time
+
+    run = RunRecord(run_id="big", workflow_name="w", backend="aws", created_at=0.0)
+    tasks, attempts = [], {}
+    for i in range(3000):  # 60 waves of 50 at once, 100 s each; every 7th task was retried once
+        start = (i // 50) * 100.0
+        tid = f"t{i:05d}"
+        tasks.append(TaskRecord(run_id="big", task_id=tid, stage="s", item_key=str(i), item_index=i,
+                                state=TaskState.SUCCEEDED, attempts=1, started_at=start, ended_at=start + 100))
+        ats = [AttemptRecord(run_id="big", task_id=tid, attempt=1, state=TaskState.SUCCEEDED,
+                             started_at=start, ended_at=start + 100)]
+        if i % 7 == 0:
+            ats = [AttemptRecord(run_id="big", task_id=tid, attempt=1, state=TaskState.FAILED,
+                                 started_at=start, ended_at=start + 40),
+                   AttemptRecord(run_id="big", task_id=tid, attempt=2, state=TaskState.SUCCEEDED,
+                                 started_at=start + 40, ended_at=start + 100)]
+        attempts[tid] = ats
+    data = ReportData(run=run, tasks=tasks, attempts=attempts, cost=None, generated_at=6000.0)
+    t = _time.perf_counter()
+    page = render(data)
+    assert _time.perf_counter() - t < 5
+    n = sum(len(a) for a in attempts.values())
+    rects = re.findall(r'<rect class="bar"[^>]* x="([\d.]+)" y="(\d+)" width="([\d.]+)"', page)
+    assert len(rects) == n == 3000 + 429
+    assert ">50 lanes<" in page  # as tall as the run was wide
+    by_lane: dict[str, list[tuple[float, float]]] = {}
+    for x, y, w in rects:
+        by_lane.setdefault(y, []).append((float(x), float(x) + float(w)))
+    assert len(by_lane) == 50
+    for spans in by_lane.values():
+        spans.sort()
+        assert all(a[1] <= b[0] + 0.01 for a, b in zip(spans, spans[1:], strict=False))
