@@ -419,6 +419,17 @@ def reads_attempts(run: RunRecord) -> bool:
     return run.backend == "local"
 
 
+def status_cost_line(store: StateStore, run_id: str, tasks: Sequence[TaskRecord] | None = None) -> str | None:
+    """``cost_line(run_cost(...))`` for `corral status`, or None when the run cannot be priced
+    (its manifest no longer loads, the price table is broken): status must never fail on cost."""
+    from corral.errors import CorralError
+
+    try:
+        return cost_line(run_cost(store, run_id, tasks=tasks))
+    except (CorralError, ValueError, KeyError, TypeError):  # a manifest from another version, say
+        return None
+
+
 # -- text -------------------------------------------------------------------------------------
 def usd(value: float | None) -> str:
     """$ amounts: four decimals below a dollar (cents of cents matter per task), two above."""

@@ -209,6 +209,7 @@ def _timeline(data: ReportData) -> str:
         end = a.ended_at or data.generated_at
         x = label_w + (a.started_at - t0) * scale
         w = max((end - a.started_at) * scale, 1.5)
+        w = w - 0.8 if w > 2.5 else w  # a hairline between attempts that follow each other
         y = top + row_of[(t.task_id, 0) if per_task else (t.task_id, a.attempt)] * row_h + 1
         h = max(row_h - 2, 2)
         state = a.state.value
@@ -434,7 +435,7 @@ def collect(
         plan = plan or PlanCls.from_manifest(store.load_manifest(run_id))
         spot = bool(run.options.get("aws", {}).get("spot", plan.workflow.aws.spot))
         cost = actual_cost(plan, tasks, attempts, run_id=run_id, spot=spot)
-    except CorralError:
+    except (CorralError, ValueError, KeyError, TypeError):
         cost = None  # a manifest that no longer loads: the report goes on without cost
     data = ReportData(run=run, tasks=tasks, attempts=attempts, cost=cost)
     if backend is not None:

@@ -240,3 +240,34 @@ def test_run_cost_uses_task_times_when_no_attempt_was_recorded(tmp_path: Path) -
     assert c.spot and c.total_usd == pytest.approx(3 * 0.04998)
     assert c.estimated_attempts == 2  # the two tasks without a reported instance type
     store.close()
+
+
+def test_cli_cost_table_and_json(tmp_path: Path) -> None:
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).parent.parent))
+    from helpers import run_cli
+
+    wf = tmp_path / "m2g.yaml"
+    wf.write_text(M2G)
+    env = {"CORRAL_HOME": str(tmp_path / "home")}
+    res = run_cli("cost", str(wf), "--duration", "m2g=68m", env=env)
+    assert res.returncode == 0, res.stderr
+    assert "r5.large (1)" in res.stderr and "total $0.1499, $0.0500 per item" in res.stderr
+    res = run_cli("cost", str(wf), "--duration", "m2g=68m", "--on-demand", "--json", env=env)
+    doc = json.loads(res.stdout)
+    assert doc["spot"] is False and doc["stages"][0]["usd_per_task"] == pytest.approx(0.1428)
+    res = run_cli("cost", str(wf), "--duration", "nope=5m", env=env)
+    assert res.returncode == 2 and "error: --duration names stage 'nope'" in res.stderr and "hint: stages are: m2g" in res.stderr
+
+
+def test_status_cost_line_never_fails(tmp_path: Path) -> None:
+    from corral.cost import status_cost_line
+
+    store = SqliteStore(tmp_path / "state.db")
+    store.create_run(RunRecord(run_id="broken", workflow_name="w", backend="local", created_at=1.0), b"not json", [])
+    assert status_cost_line(store, "broken") is None
+    plan = plan_of(M2G)
+    store.create_run(RunRecord(run_id="ok", workflow_name="m2g", backend="local", created_at=2.0), plan.manifest(), [])
+    assert status_cost_line(store, "ok") == "cost: $0.0000 (spot, us-east-1 prices of 2025-07-01)"
+    store.close()
