@@ -213,3 +213,32 @@ def test_recipe_bids_writes_a_bids_app_starter(tmp_path: Path) -> None:
     assert run_cli("recipe", "bids", "ds", "--image", "x/app", "--datatype", "dwl", cwd=tmp_path).returncode == 2
     anon = run_cli("recipe", "bids", "ds", "--image", "x/app", "--anonymous", cwd=tmp_path)
     assert anon.returncode == 2 and "`anonymous` applies to s3:// datasets only" in anon.stderr
+
+
+@pytest.mark.aws
+def test_m2g_example_pulls_from_and_pushes_to_s3(tmp_path: Path, aws: str) -> None:
+    """workflow.yaml for real against S3 on loopback (moto), with the stand-in in place of m2g's image."""
+    if shutil.which("rclone") is None:
+        pytest.skip("the pull/push stages need rclone")
+    import boto3
+    import yaml
+
+    upload_dataset("corral-example-bids", "HNU1", extra_runs=0)
+    raw = yaml.safe_load((EXAMPLE / "workflow.yaml").read_text())
+    m2g = next(s for s in raw["stages"] if s["name"] == "m2g")
+    del m2g["image"]
+    m2g["resources"] = {"vcpus": 1, "memory": "256MiB"}
+    m2g["command"] = ("sh fake_m2g.sh --participant_label {subject} --session_label {session} --pipeline dwi "
+                      "{workdir}/scans/{item} {workdir}/out/{item}")
+    (tmp_path / "workflow.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
+    shutil.copy(EXAMPLE / "fake_m2g.sh", tmp_path)
+    run = corral.run(tmp_path / "workflow.yaml")
+    assert run.state == RunState.SUCCEEDED, [(t.label, t.state, t.reason) for t in corral.status(run.run_id)]
+    listed = boto3.client("s3").list_objects_v2(Bucket="corral-example-bids", Prefix="derivatives/m2g/")
+    keys = sorted(o["Key"] for o in listed.get("Contents", []))
+    assert keys == [
+        "derivatives/m2g/sub-0025864/ses-1/connectomes/AAL_space-MNI152NLin6_res-2x2x2/sub-0025864_ses-1_dwi_AAL_connectome.csv",
+        "derivatives/m2g/sub-0025864/ses-2/connectomes/AAL_space-MNI152NLin6_res-2x2x2/sub-0025864_ses-2_dwi_AAL_connectome.csv",
+    ]
+    body = boto3.client("s3").get_object(Bucket="corral-example-bids", Key=keys[1])["Body"].read().decode()
+    assert body.splitlines()[1] == "1,2,7"  # anat (2) + dwi (4) + scans.tsv pulled from S3; func left there

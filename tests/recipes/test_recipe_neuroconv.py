@@ -346,16 +346,27 @@ def test_example_converts_for_real_through_the_local_backend(tmp_path: Path) -> 
     assert all(t.state == TaskState.SKIPPED for t in convert), [t.state for t in convert]
 
 
-def test_starter_workflow_runs_with_embedded_specs(tmp_path: Path) -> None:
-    """`corral recipe neuroconv --no-upload` on local raw data: fetch -> convert (spec_json) -> cleanup."""
+@pytest.mark.aws
+def test_starter_workflow_converts_from_s3_to_s3(tmp_path: Path, aws: str) -> None:
+    """`corral recipe neuroconv --raw s3://... --no-upload`, run for real against S3 on loopback (moto):
+    fetch from S3 -> convert (the spec travels in the item: spec_json) -> push the NWB file to S3 -> cleanup."""
     _needs_neuroconv()
     if shutil.which("rclone") is None:
         pytest.skip("the fetch stage needs rclone")
+    import boto3
     from pynwb import NWBHDF5IO
 
     make_raw = _make_raw()
     make_raw.write_session(tmp_path / "raw" / "a" / "s1", 500, 2)
     make_raw.write_session(tmp_path / "raw" / "b" / "s2", 400, 5)
+    s3 = boto3.client("s3")
+    region = s3.meta.region_name
+    s3.create_bucket(Bucket="lab", **({} if region == "us-east-1" else
+                                      {"CreateBucketConfiguration": {"LocationConstraint": region}}))
+    for f in (tmp_path / "raw").rglob("*"):
+        if f.is_file():
+            s3.upload_file(str(f), "lab", f"raw/{f.relative_to(tmp_path / 'raw').as_posix()}")
+    shutil.rmtree(tmp_path / "raw")
     (tmp_path / "conversion.yml").write_text(textwrap.dedent("""\
         metadata:
           NWBFile: {lab: L, session_start_time: "2024-01-01T00:00:00+00:00"}
@@ -368,19 +379,22 @@ def test_starter_workflow_runs_with_embedded_specs(tmp_path: Path) -> None:
               - source_data: {Recording: {file_path: b/s2/s2.dat}, Trials: {file_path: b/s2/trials.csv}}
                 metadata: {NWBFile: {session_id: s2}}
         """))
-    r = run_cli("recipe", "neuroconv", "conversion.yml", "-o", "workflow.yaml", "--raw", "raw", "--no-upload",
+    r = run_cli("recipe", "neuroconv", "conversion.yml", "-o", "workflow.yaml", "--raw", "s3://lab/raw", "--no-upload",
                 cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     text = (tmp_path / "workflow.yaml").read_text()
-    # keep a copy of each NWB file before cleanup removes the scratch space
+    assert 'from: "s3://lab/raw/{source_dir}"' in text
+    # push each NWB file to S3 before cleanup removes the scratch space
     text = text.replace("  - name: cleanup\n    needs: [convert]",
-                        "  - name: keep\n    needs: [convert]\n"
-                        "    command: mkdir -p out && cp {workdir}/nwb/{session_id}/{nwbfile_name} out/\n\n"
-                        "  - name: cleanup\n    needs: [keep]")
+                        "  - name: push\n    needs: [convert]\n"
+                        "    from: workspace://nwb/{session_id}\n    to: s3://lab/nwb\n\n"
+                        "  - name: cleanup\n    needs: [push]")
     (tmp_path / "workflow.yaml").write_text(text)
     run = corral.run(tmp_path / "workflow.yaml")
     assert run.state == RunState.SUCCEEDED, [(t.label, t.state, t.reason) for t in corral.status(run.run_id)]
     for sid, trials in (("s1", 2), ("s2", 5)):
-        with NWBHDF5IO(str(tmp_path / "out" / f"{sid}.nwb"), "r") as io:
+        local = tmp_path / f"{sid}.nwb"
+        s3.download_file("lab", f"nwb/{sid}.nwb", str(local))
+        with NWBHDF5IO(str(local), "r") as io:
             f = io.read()
             assert f.session_id == sid and f.lab == "L" and len(f.trials) == trials
