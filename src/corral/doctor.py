@@ -509,6 +509,8 @@ def compute_environment_findings(c: dict[str, Any], stages: Sequence[Stage], *, 
     elif not out:
         out.append(Finding("ce", "ok", f"compute environment {cname}: enabled, valid, maxvCpus {maxv}, "
                            f"{cr.get('type', '?')} {', '.join(cr.get('instanceTypes') or [])}", subject=cname))
+    if str(cr.get("type", "")).startswith("FARGATE"):
+        return out  # no instance types to judge (corral makes EC2/SPOT environments)
     for s in relevant:
         out += _fit(s.name, s.resources, cname, cr.get("instanceTypes") or ["optimal"])
     return out
