@@ -163,11 +163,36 @@ def check_interrupted(store: StateStore, *, limit: int = 50) -> list[Finding]:
     return out
 
 
+def check_prices(today: float | None = None, *, stale_days: int = 180) -> Finding:
+    """The instance price table cost estimates use: readable, and how old."""
+    import datetime
+
+    from corral.instances import load_instance_types, table_info
+
+    where = os.environ.get("CORRAL_PRICES") or "corral's bundled table"
+    try:
+        info = table_info()
+        n = len(load_instance_types())
+    except CorralError as exc:
+        return Finding("prices", "error", exc.one_line(), exc.hint or "")
+    date = str(info.get("date", ""))
+    msg = f"price table: {where}, {n} instance types, {info.get('region', '?')} prices of {date or '?'}"
+    try:
+        age = (datetime.date.fromtimestamp(today if today is not None else time.time())
+               - datetime.date.fromisoformat(date)).days
+    except ValueError:
+        return Finding("prices", "warn", msg + " (no readable date)", "give the table a `date: YYYY-MM-DD`")
+    if age > stale_days:
+        return Finding("prices", "info", f"{msg}: {age} days old, prices may have moved",
+                       "set CORRAL_PRICES to a newer JSON table of the same shape (region, date, instances)")
+    return Finding("prices", "ok", msg)
+
+
 def local_checks(home: Path, *, store: StateStore | None = None,
                  detect: Callable[[], tuple[Any, str]] | None = None,
                  which: Callable[[str], str | None] = shutil.which,
                  disk_usage: Callable[[str], Any] = shutil.disk_usage) -> list[Finding]:
-    findings = [check_engine(detect), check_disk(home, disk_usage=disk_usage), check_rclone(which)]
+    findings = [check_engine(detect), check_disk(home, disk_usage=disk_usage), check_rclone(which), check_prices()]
     db = check_state_db(home)
     findings.append(db)
     if db.level != "error" and (home / "state.db").exists():

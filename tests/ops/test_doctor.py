@@ -97,8 +97,23 @@ def test_interrupted_runs_get_the_resume_command(tmp_path: Path) -> None:
     store.close()
     findings = dr.local_checks(tmp_path, detect=lambda: (None, "none"), which=lambda n: "/bin/rclone",
                                disk_usage=lambda p: Usage(100 * GiB, 0, 100 * GiB))
-    assert [f.check for f in findings] == ["engine", "disk", "rclone", "state-db", "interrupted", "interrupted",
-                                           "interrupted"]
+    assert [f.check for f in findings] == ["engine", "disk", "rclone", "prices", "state-db", "interrupted",
+                                           "interrupted", "interrupted"]
+
+
+def test_price_table_age_and_errors(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import datetime
+
+    day = datetime.datetime(2025, 8, 1, 12).timestamp()
+    fresh = dr.check_prices(day)
+    assert fresh.level == "ok" and "us-east-1 prices of 2025-07-01" in fresh.message
+    old = dr.check_prices(day + 365 * 86400)
+    assert old.level == "info" and "396 days old" in old.message and "CORRAL_PRICES" in old.fix
+    bad = tmp_path / "prices.json"
+    bad.write_text("{not json")
+    monkeypatch.setenv("CORRAL_PRICES", str(bad))
+    broken = dr.check_prices(day)
+    assert broken.level == "error" and "cannot read the instance price table" in broken.message
 
 
 # -- failed tasks ---------------------------------------------------------------------------------
