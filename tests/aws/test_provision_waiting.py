@@ -104,3 +104,82 @@ def test_efs_that_never_becomes_available_times_out() -> None:
     with pytest.raises(ProvisionError, match="EFS file system fs-1"):
         ensure_efs(ctx, net, timeout=60)
     assert fc.now == 60
+
+
+class FakeBatch:
+    """A compute environment that Batch marks INVALID the first `bad` times it is made."""
+
+    def __init__(self, bad: int, reason: str = "CLIENT_ERROR - Invalid IamInstanceProfile: arn:...") -> None:
+        self.bad, self.reason = bad, reason
+        self.ce: dict[str, Any] | None = None
+        self.calls: list[str] = []
+
+    def describe_compute_environments(self, computeEnvironments: list[str]) -> dict[str, Any]:
+        self.calls.append("describe")
+        return {"computeEnvironments": [self.ce] if self.ce else []}
+
+    def create_compute_environment(self, **kw: Any) -> dict[str, Any]:
+        self.calls.append("create")
+        invalid = self.bad > 0
+        self.bad -= 1
+        self.ce = {"computeEnvironmentName": kw["computeEnvironmentName"], "computeEnvironmentArn": "arn:ce",
+                   "state": "ENABLED", "status": "INVALID" if invalid else "VALID",
+                   "statusReason": self.reason if invalid else "", "computeResources": kw["computeResources"]}
+        return {}
+
+    def update_compute_environment(self, computeEnvironment: str, state: str) -> dict[str, Any]:
+        self.calls.append(f"update {state}")
+        assert self.ce is not None
+        self.ce["state"] = state
+        return {}
+
+    def delete_compute_environment(self, computeEnvironment: str) -> dict[str, Any]:
+        self.calls.append("delete")
+        self.ce = None
+        return {}
+
+
+class BatchClients:
+    region = "us-east-2"
+
+    def __init__(self, batch: FakeBatch) -> None:
+        self.batch = batch
+
+
+def _spec() -> Any:
+    from corral.backends.aws_batch.compute import ComputeSpec
+
+    net = Network(vpc_id="vpc-1", subnets=["s1"], security_groups=["sg-1"], zones={"s1": "a"})
+    return ComputeSpec(kind="ec2", instance_types=["optimal"], network=net, instance_profile="arn:profile",
+                       max_vcpus=16)
+
+
+def test_an_environment_invalid_for_a_not_yet_visible_profile_is_made_again() -> None:
+    from corral.backends.aws_batch.compute import ensure_compute_environment
+
+    fc = FakeClock()
+    batch = FakeBatch(bad=1)
+    report = ProvisionReport()
+    ctx = Ctx(clients=BatchClients(batch), report=report, tags={}, poller=Poller(sleep=fc.sleep, clock=fc.clock))
+    assert ensure_compute_environment(ctx, _spec()) == "arn:ce"
+    assert batch.calls.count("create") == 2 and "delete" in batch.calls and "update DISABLED" in batch.calls
+    assert any("made again" in u for u in report.updated)
+
+
+def test_an_environment_invalid_for_another_reason_is_an_error() -> None:
+    from corral.backends.aws_batch.compute import InvalidEnvironment, ensure_compute_environment
+
+    fc = FakeClock()
+    batch = FakeBatch(bad=5, reason="CLIENT_ERROR - subnet has no route to the internet")
+    ctx = Ctx(clients=BatchClients(batch), report=ProvisionReport(), tags={},
+              poller=Poller(sleep=fc.sleep, clock=fc.clock))
+    with pytest.raises(InvalidEnvironment, match="no route"):
+        ensure_compute_environment(ctx, _spec())
+    assert batch.calls.count("create") == 1
+    # and a profile that never becomes visible stops after a bounded number of attempts
+    batch = FakeBatch(bad=100)
+    ctx = Ctx(clients=BatchClients(batch), report=ProvisionReport(), tags={},
+              poller=Poller(sleep=fc.sleep, clock=fc.clock))
+    with pytest.raises(InvalidEnvironment, match="IamInstanceProfile"):
+        ensure_compute_environment(ctx, _spec())
+    assert batch.calls.count("create") == 4

@@ -148,26 +148,46 @@ def _retryable_iam(exc: Exception) -> bool:
     )
 
 
+class InvalidEnvironment(ProvisionError):
+    """A compute environment Batch marked INVALID (``reason`` is Batch's statusReason)."""
+
+    def __init__(self, name: str, reason: str) -> None:
+        super().__init__(
+            f"compute environment {name} is INVALID: {reason or 'no reason given'}",
+            "fix the cause (often subnets without internet access, or IAM), then "
+            "`corral aws teardown --all` and set up again",
+        )
+        self.reason = reason
+
+
+# Batch validates the instance profile asynchronously; a profile made seconds before can be
+# reported missing ("Invalid IamInstanceProfile") although it exists: IAM is eventually consistent.
+_IAM_NOT_VISIBLE = ("iaminstanceprofile", "instance profile", "instanceprofile", "instancerole")
+MAX_RECREATIONS = 3
+
+
+def _iam_not_visible(reason: str) -> bool:
+    text = reason.lower()
+    return any(w in text for w in _IAM_NOT_VISIBLE)
+
+
 def ensure_compute_environment(ctx: Ctx, spec: ComputeSpec, *, timeout: float = 900) -> str:
-    """Find or create one compute environment; wait until VALID; return its ARN."""
+    """Find or create one compute environment; wait until VALID; return its ARN.
+
+    An environment Batch marks INVALID because it could not yet see a new instance profile is
+    deleted and made again (a bounded number of times); any other INVALID reason is an error.
+    """
     batch = ctx.clients.batch
     name = spec.name
     with aws_errors(f"set up compute environment {name}"):
         ce = _describe_ce(ctx, name)
         if ce is not None and ce.get("status") == "DELETING":
-            ctx.poller.poll(lambda: _describe_ce(ctx, name) is None or _describe_ce(ctx, name)["status"] == "DELETED",
-                            what=f"compute environment {name} to finish deleting", timeout=timeout)
+            _wait_deleted(ctx, name, timeout)
             ce = None
         if ce is not None and ce.get("status") == "DELETED":
             ce = None
         if ce is None:
-            kwargs: dict[str, Any] = {
-                "computeEnvironmentName": name, "type": "MANAGED", "state": "ENABLED",
-                "computeResources": spec.resources(), "tags": dict(ctx.tags),
-            }
-            if "service_role" in ctx.memo:  # this endpoint insisted on one before (see _create_ce)
-                kwargs["serviceRole"] = ctx.memo["service_role"]
-            _create_ce(ctx, kwargs, timeout=timeout)
+            _create_ce(ctx, spec, timeout=timeout)
             ctx.created("compute-environment", name)
         else:
             ctx.found("compute-environment", name)
@@ -177,19 +197,52 @@ def ensure_compute_environment(ctx: Ctx, spec: ComputeSpec, *, timeout: float = 
                 changes["computeResources"] = {"maxvCpus": spec.max_vcpus}
             if ce.get("state") != "ENABLED":
                 changes["state"] = "ENABLED"
-            if changes:
+            if changes and ce.get("status") != "INVALID":
                 batch.update_compute_environment(computeEnvironment=name, **changes)
                 ctx.updated("compute-environment", f"{name} ({', '.join(sorted(changes))})")
-        ce = ctx.poller.poll(lambda: _ready_ce(ctx, name), what=f"compute environment {name} to become VALID",
-                             timeout=timeout)
+        for recreation in range(MAX_RECREATIONS + 1):
+            try:
+                ce = ctx.poller.poll(lambda: _ready_ce(ctx, name), what=f"compute environment {name} to become VALID",
+                                     timeout=timeout)
+                break
+            except InvalidEnvironment as exc:
+                if recreation == MAX_RECREATIONS or not _iam_not_visible(exc.reason):
+                    raise
+                _delete_ce(ctx, name, timeout)
+                _create_ce(ctx, spec, timeout=timeout)
+                ctx.updated("compute-environment", f"{name} (made again: {exc.reason})")
     return ce["computeEnvironmentArn"]
 
 
-def _create_ce(ctx: Ctx, kwargs: dict[str, Any], *, timeout: float) -> None:
+def _wait_deleted(ctx: Ctx, name: str, timeout: float) -> None:
+    def gone() -> bool:
+        cur = _describe_ce(ctx, name)
+        return cur is None or cur.get("status") == "DELETED"
+
+    ctx.poller.poll(gone, what=f"compute environment {name} to finish deleting", timeout=timeout)
+
+
+def _delete_ce(ctx: Ctx, name: str, timeout: float) -> None:
+    batch = ctx.clients.batch
+    cur = _describe_ce(ctx, name)
+    if cur is not None and cur.get("state") != "DISABLED":
+        batch.update_compute_environment(computeEnvironment=name, state="DISABLED")
+        ctx.poller.poll(lambda: (_describe_ce(ctx, name) or {}).get("status") != "UPDATING",
+                        what=f"compute environment {name} to be disabled", timeout=timeout)
+    batch.delete_compute_environment(computeEnvironment=name)
+    _wait_deleted(ctx, name, timeout)
+
+
+def _create_ce(ctx: Ctx, spec: ComputeSpec, *, timeout: float) -> None:
     from corral.backends.aws_batch.iam import service_linked_role_arn
 
     batch = ctx.clients.batch
-    state = {"error": None}
+    kwargs: dict[str, Any] = {
+        "computeEnvironmentName": spec.name, "type": "MANAGED", "state": "ENABLED",
+        "computeResources": spec.resources(), "tags": dict(ctx.tags),
+    }
+    if "service_role" in ctx.memo:  # this endpoint insisted on one before (see below)
+        kwargs["serviceRole"] = ctx.memo["service_role"]
 
     def attempt() -> bool:
         try:
@@ -205,11 +258,10 @@ def _create_ce(ctx: Ctx, kwargs: dict[str, Any], *, timeout: float) -> None:
                 kwargs["serviceRole"] = ctx.memo["service_role"]
                 return attempt()
             if _retryable_iam(exc):
-                state["error"] = exc
                 return False
             raise
 
-    ctx.poller.poll(attempt, what=f"AWS Batch to accept compute environment {kwargs['computeEnvironmentName']}",
+    ctx.poller.poll(attempt, what=f"AWS Batch to accept compute environment {spec.name}",
                     timeout=min(timeout, 120),
                     hint="a new instance profile can take a minute to be visible to Batch: run setup again")
 
@@ -219,11 +271,7 @@ def _ready_ce(ctx: Ctx, name: str) -> dict[str, Any] | None:
     if ce is None:
         return None
     if ce.get("status") == "INVALID":
-        raise ProvisionError(
-            f"compute environment {name} is INVALID: {ce.get('statusReason', 'no reason given')}",
-            "fix the cause (often subnets without internet access, or IAM), then "
-            "`corral aws teardown --all` and set up again",
-        )
+        raise InvalidEnvironment(name, ce.get("statusReason", ""))
     return ce if ce.get("status") == "VALID" else None
 
 

@@ -59,6 +59,8 @@ class Environment:
     table_name: str
     bucket: str | None
     efs_id: str | None
+    # A run's access point is rooted at /runs/<run_id> on the file system: a job that mounts it
+    # sees its run's own directory as the mount's root (and no other run's files).
     efs_access_point: str | None
     subnets: list[str]
     security_groups: list[str]
