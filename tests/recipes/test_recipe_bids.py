@@ -59,7 +59,8 @@ def test_irregular_tree_gives_one_item_per_subject_and_session(tmp_path: Path) -
     ]
     # derivatives/, sessions.tsv and scans.tsv are not scans' files
     assert all("derivatives" not in i["uri"] and "scans.tsv" not in i["files"] for i in items)
-    assert set(items[0]) == {"subject", "session", "path", "uri", "datatypes", "files", "n_files"}
+    assert by[("0025864", "2")]["counts"] == "anat:2 dwi:4 func:2"
+    assert set(items[0]) == {"subject", "session", "path", "uri", "datatypes", "files", "n_files", "counts"}
 
 
 @pytest.mark.parametrize(
@@ -131,6 +132,9 @@ def test_s3_dataset_is_listed_page_by_page(tmp_path: Path, aws: str) -> None:
     assert scans(items) == scans(local(tmp_path))
     by = {(i["subject"], i["session"]): i for i in items}
     assert by[("0025864", "2")]["n_files"] == 8 + EXTRA_RUNS
+    assert by[("0025864", "2")]["counts"] == f"anat:2 dwi:4 func:{2 + EXTRA_RUNS}"
+    listed = by[("0025864", "2")]["files"].split()  # bounded: item fields become environment variables
+    assert len(listed) == 101 and listed[-1] == f"...+{8 + EXTRA_RUNS - 100}"
     assert by[("0025866", "")]["uri"] == "s3://bids-data/studies/HNU1/sub-0025866"
     assert by[("0025864", "1")]["files"] == local(tmp_path)[0]["files"]
     # A text subjects filter lists only that subject's prefix; numbers match zero-padded labels.

@@ -17,8 +17,11 @@ Subjects without ``ses-*`` folders give one item with an empty ``session``. Item
 ``path``        ``sub-01/ses-test`` (or ``sub-01``), relative to the dataset root
 ``uri``         the dataset root as written, joined with ``path`` (for ``from:``/``to:``)
 ``datatypes``   the datatypes present, space-separated and sorted (``anat dwi``)
-``files``       the scan's files (relative to ``path``), space-separated
-``n_files``     how many files that is
+``files``       the scan's files (relative to ``path``), space-separated; past 100 files, the
+                first 100 and then ``...+N`` (item fields become environment variables, which
+                have a size limit)
+``n_files``     how many files the scan has (all of them)
+``counts``      files per datatype (``anat:2 dwi:4``)
 ==============  ===============================================================================
 
 S3 listing is paginated (ListObjectsV2, 1,000 keys a page); with a ``subjects`` filter only those
@@ -40,6 +43,7 @@ from corral.sources import Item, SourceContext, _check_unknown, _filter, registe
 DATATYPES = (
     "anat", "func", "dwi", "fmap", "perf", "eeg", "meg", "ieeg", "beh", "pet", "micr", "nirs", "motion", "mrs",
 )
+MAX_FILES_LISTED = 100
 KEYS = {"bids", "subjects", "sessions", "datatypes", "require", "require_session", "anonymous", "where"}
 
 
@@ -230,14 +234,18 @@ def bids_source(spec: dict[str, Any], ctx: SourceContext) -> list[Item]:
             continue
         rel = f"sub-{subject}/ses-{session}" if session else f"sub-{subject}"
         files = [f"{d}/{name}" for d in sorted(kept) for name in sorted(kept[d])]
+        listed = files[:MAX_FILES_LISTED]
+        if len(files) > MAX_FILES_LISTED:
+            listed.append(f"...+{len(files) - MAX_FILES_LISTED}")
         items.append({
             "subject": subject,
             "session": session,
             "path": rel,
             "uri": f"{root}/{rel}",
             "datatypes": " ".join(sorted(kept)),
-            "files": " ".join(files),
+            "files": " ".join(listed),
             "n_files": len(files),
+            "counts": " ".join(f"{d}:{len(kept[d])}" for d in sorted(kept)),
         })
     return _filter(items, spec.get("where"), ctx)
 
