@@ -240,6 +240,8 @@ def test_filters_embed_and_dandiset(tmp_path: Path) -> None:
          None, "unknown key 'session'", "conversion.yml:"),
         (CONVERSION.replace("nwbfile_name: example_converter_spec_2", "nwbfile_name: custom_nwbfile_name.nwb"),
          None, "both write custom_nwbfile_name.nwb", "conversion.yml:"),
+        (CONVERSION.replace("session_id: explore-1", "session_id: ymaze-2"), None,
+         "both have session_id ymaze-2", "conversion.yml:"),
         (CONVERSION, "neuroconv: conversion.yml\nexperiments: [y_maze]", "no experiment 'y_maze'", "workflow.yaml:"),
         (CONVERSION, "neuroconv: missing.yml", "no such NeuroConv specification", "workflow.yaml:3"),
         (CONVERSION, "neuroconv: conversion.yml\nsesions: [a]", "unknown key 'sesions'", "workflow.yaml:"),

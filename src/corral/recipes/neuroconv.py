@@ -351,18 +351,22 @@ def neuroconv_source(spec: dict[str, Any], ctx: SourceContext) -> list[Item]:
         _unknown_filter(wanted_ses, [s["session_id"] for s in sessions], "session", ctx, "sessions")
         sessions = [s for s in sessions if s["session_id"] in wanted_ses]
 
-    seen: dict[str, dict[str, Any]] = {}
-    for s in sessions:
-        key = s["nwbfile_name"]
-        if key in seen:
-            other = seen[key]
-            raise SpecError(
-                f"sessions {other['index']} of {other['experiment']!r} and {s['index']} of {s['experiment']!r} "
-                f"both write {key}",
-                "give each session its own nwbfile_name (or session_id)",
-                where=located.where(("experiments", s["experiment"], "sessions", s["index"])),
-            )
-        seen[key] = s
+    for field, what, hint in (
+        ("nwbfile_name", "write", "give each session its own nwbfile_name (or session_id)"),
+        ("session_id", "have session_id", "give each session its own NWBFile.session_id (tasks and folders are named by it)"),
+    ):
+        seen: dict[str, dict[str, Any]] = {}
+        for s in sessions:
+            key = s[field]
+            if key in seen:
+                other = seen[key]
+                raise SpecError(
+                    f"sessions {other['index']} of {other['experiment']!r} and {s['index']} of {s['experiment']!r} "
+                    f"both {what} {key}",
+                    hint,
+                    where=located.where(("experiments", s["experiment"], "sessions", s["index"])),
+                )
+            seen[key] = s
 
     spec_dir = ctx.resolve(str(spec.get("spec_dir") or DEFAULT_SPEC_DIR)) / _safe(path.stem)
     embed = bool(spec.get("embed", False))
