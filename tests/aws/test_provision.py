@@ -296,7 +296,21 @@ stages:
     needs = needs_for(make_plan(wf))
     assert needs.gpu and needs.max_disk_gib == 200 and needs.max_gpus_per_task == 1
     assert needs.max_vcpus_per_task == 8 and needs.max_memory_mib == 30 * 1024
-    assert needs.bucket and not needs.efs
+    assert needs.bucket and needs.efs  # lab-bucket given; {workdir} is on EFS
     assert needs.secrets == ["lab/api-token"]
     assert needs.s3_read == ["raw-data/sessions/"] and needs.s3_write == ["results/sorted/"]
     assert needs.ecr_repositories == ["my-sorter"]
+
+
+def test_needs_for_a_workflow_without_workspace_or_bucket() -> None:
+    wf = loads_workflow("""
+name: small
+items: [{s: a}]
+stages:
+  - name: one
+    image: python:3.12-slim
+    command: echo {s}
+""")
+    needs = needs_for(make_plan(wf))
+    assert not (needs.efs or needs.bucket or needs.gpu or needs.secrets or needs.ecr_repositories)
+    assert needs.max_disk_gib is None and needs.max_vcpus_per_task == 1 and needs.max_memory_mib == 2048

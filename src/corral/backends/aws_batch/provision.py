@@ -129,7 +129,7 @@ def needs_for(plan: Plan) -> Needs:
     needs.gpu = any(s.resources.gpus > 0 for s in stages)
     disks = [s.resources.disk for s in stages if s.resources.disk]
     needs.max_disk_gib = max(disks) if disks else None
-    needs.efs = bool(settings.efs)
+    needs.efs = bool(settings.efs)  # or {workdir} used (below)
     needs.max_vcpus_per_task = max((s.resources.vcpus for s in stages), default=1)
     needs.max_memory_mib = max((s.resources.memory for s in stages), default=2048)
     needs.max_gpus_per_task = max((s.resources.gpus for s in stages), default=0)
@@ -161,8 +161,9 @@ def needs_for(plan: Plan) -> Needs:
         if repo and repo not in repos:
             repos.append(repo)
     needs.s3_read, needs.s3_write, needs.ecr_repositories = read, write, repos
-    # The run's workspace lives on EFS when asked for; otherwise in the workflow's bucket.
-    needs.bucket = bool(settings.bucket) or (uses_workdir and not needs.efs)
+    # {workdir} is the run's shared workspace: on AWS it lives on EFS, so using it needs EFS.
+    needs.efs = needs.efs or uses_workdir
+    needs.bucket = bool(settings.bucket)
     return needs
 
 
