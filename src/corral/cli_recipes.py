@@ -102,7 +102,7 @@ def register(cli: click.Group) -> None:
     @click.option("-o", "--output", "out", type=click.Path(dir_okay=False, path_type=Path),
                   help="Write the workflow here (default: stdout).")
     @click.option("--image", required=True, help="The BIDS App's container image (e.g. bids/mriqc:24.0.2).")
-    @click.option("--app", "app_cmd", default=None, help="The app's command inside the image (default: the image's entrypoint).")
+    @click.option("--app", "app_cmd", default=None, help="The app's command inside the image (default: the image's name, e.g. mriqc).")
     @click.option("--results", default=None,
                   help="Where outputs go (s3://... or a folder); default: derivatives/<app> beside the workflow.")
     @click.option("--datatype", "datatypes", multiple=True, help="Only scans with this datatype (repeatable: dwi, anat, ...).")

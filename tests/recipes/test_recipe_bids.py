@@ -164,15 +164,13 @@ def test_m2g_example_plans_against_s3(aws: str) -> None:
     upload_dataset("corral-example-bids", "HNU1", extra_runs=0)
     wf = load_workflow(EXAMPLE / "workflow.yaml")
     plan = make_plan(wf)
-    assert plan.keys == ["0025864_1", "0025864_2"]  # scans with anat, dwi and a session
+    assert plan.keys == ["0025864_1", "0025864_2", "0025866_"]  # scans with both anat and dwi
     m2g = plan.stage_tasks("m2g")
     assert {t.stage.resources.vcpus for t in m2g} == {4}
-    assert m2g[0].stage.image == "neurodata/m2g:latest"
-    # arguments for the image's ENTRYPOINT (m2g), not a shell command
-    assert m2g[1].command("r", "/w") == [
-        "--participant_label", "0025864", "--session_label", "2", "--pipeline", "dwi", "--parcellation", "AAL_",
-        "--voxelsize", "2mm", "/w/scans/0025864_2", "/w/out/0025864_2",
-    ]
+    assert m2g[0].stage.image == "ghcr.io/my-lab/m2g:corral"
+    cmd = m2g[2].command("r", "/w")[2]
+    assert cmd.startswith("m2g --participant_label 0025866 ${session:+--session_label \"$session\"}")
+    assert m2g[2].env("r", "/w")["session"] == ""  # no session: the shell leaves --session_label out
     pull = plan.stage_tasks("pull")[0]
     assert pull.paths("inputs", "r", "/w") == []
     assert pull.stage.source == "{uri}" and pull.item["uri"] == "s3://corral-example-bids/HNU1/sub-0025864/ses-1"
@@ -206,10 +204,8 @@ def test_recipe_bids_writes_a_bids_app_starter(tmp_path: Path) -> None:
     assert [s.name for s in wf.stages] == ["pull-top", "pull", "app", "push", "cleanup"]
     assert wf.stage("app").resources.gpus == 1 and wf.stage("pull").resources.gpus == 0
     plan = make_plan(wf)
-    # BIDS Apps start from their image's ENTRYPOINT: the command is the app's arguments
-    assert plan.stage_tasks("app")[0].command("r", "/w") == [
-        "/w/scans/0025864_1", "/w/out/0025864_1", "participant", "--participant_label", "0025864",
-    ]
+    cmd = plan.stage_tasks("app")[0].command("r", "/w")[2]
+    assert cmd == "mriqc /w/scans/0025864_1 /w/out/0025864_1 participant --participant_label 0025864"
     assert plan.stage_tasks("push")[0].stage.dest == "s3://out/mriqc"
     r = run_cli("recipe", "bids", "ds", "--image", "ghcr.io/lab/qc:1", "--app", "qc-run", cwd=tmp_path)
     assert r.returncode == 0, r.stderr
@@ -232,8 +228,8 @@ def test_m2g_example_pulls_from_and_pushes_to_s3(tmp_path: Path, aws: str) -> No
     m2g = next(s for s in raw["stages"] if s["name"] == "m2g")
     del m2g["image"]
     m2g["resources"] = {"vcpus": 1, "memory": "256MiB"}
-    m2g["command"] = ("sh fake_m2g.sh --participant_label {subject} --session_label {session} --pipeline dwi "
-                      "{workdir}/scans/{item} {workdir}/out/{item}")
+    assert m2g["command"].startswith("m2g ")
+    m2g["command"] = "sh fake_m2g.sh " + m2g["command"][len("m2g "):]  # the stand-in, same arguments
     (tmp_path / "workflow.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
     shutil.copy(EXAMPLE / "fake_m2g.sh", tmp_path)
     run = corral.run(tmp_path / "workflow.yaml")
@@ -243,6 +239,7 @@ def test_m2g_example_pulls_from_and_pushes_to_s3(tmp_path: Path, aws: str) -> No
     assert keys == [
         "derivatives/m2g/sub-0025864/ses-1/connectomes/AAL_space-MNI152NLin6_res-2x2x2/sub-0025864_ses-1_dwi_AAL_connectome.csv",
         "derivatives/m2g/sub-0025864/ses-2/connectomes/AAL_space-MNI152NLin6_res-2x2x2/sub-0025864_ses-2_dwi_AAL_connectome.csv",
+        "derivatives/m2g/sub-0025866/connectomes/AAL_space-MNI152NLin6_res-2x2x2/sub-0025866_dwi_AAL_connectome.csv",
     ]
     body = boto3.client("s3").get_object(Bucket="corral-example-bids", Key=keys[1])["Body"].read().decode()
     assert body.splitlines()[1] == "1,2,7"  # anat (2) + dwi (4) + scans.tsv pulled from S3; func left there

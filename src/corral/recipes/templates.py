@@ -85,7 +85,7 @@ class BidsStarter:
     name: str
     dataset: str  # local folder or s3:// URI, as the workflow reads it
     image: str
-    app: str | None = None  # the app's command; None: the image's ENTRYPOINT is the app (BIDS Apps convention)
+    app: str | None = None  # the app's command (default: the image's name, e.g. mriqc for bids/mriqc)
     results: str = "derivatives/app"
     datatypes: list[str] = field(default_factory=list)
     require: list[str] = field(default_factory=list)
@@ -95,15 +95,7 @@ class BidsStarter:
 
 def bids_workflow(s: BidsStarter) -> str:
     app = s.app or s.image.rsplit("/", 1)[-1].split(":", 1)[0]
-    if s.app:
-        command = f"command: {s.app} {{workdir}}/scans/{{item}} {{workdir}}/out/{{item}} participant --participant_label {{subject}}"
-    else:
-        # BIDS Apps images start the app from their ENTRYPOINT: a list command is its arguments
-        # (AWS Batch cannot replace an image's entrypoint; a container engine passes them the same way).
-        command = (
-            "# the image's ENTRYPOINT is the app: these are its arguments (BIDS Apps command line)\n"
-            '    command: ["{workdir}/scans/{item}", "{workdir}/out/{item}", participant, --participant_label, "{subject}"]'
-        )
+    command = f"command: {app} {{workdir}}/scans/{{item}} {{workdir}}/out/{{item}} participant --participant_label {{subject}}"
     filters = ""
     if s.datatypes:
         filters += f"\n  datatypes: [{', '.join(s.datatypes)}]"
@@ -137,6 +129,9 @@ stages:
     from: "{{uri}}"
     to: "workspace://scans/{{item}}/{{path}}"
 
+  # corral runs the command under /bin/sh: an image that starts its app from ENTRYPOINT (most BIDS
+  # Apps) needs a thin derived image with `ENTRYPOINT []` (FROM {s.image}), as AWS Batch cannot
+  # replace an entrypoint.
   - name: app
     needs: [pull]
     image: {_q(s.image)}
