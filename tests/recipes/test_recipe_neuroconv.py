@@ -291,6 +291,11 @@ def test_recipe_writes_a_starter_that_plans(tmp_path: Path) -> None:
     assert exists.returncode == 2 and "already exists" in exists.stderr and "--force" in exists.stderr
     bad = run_cli("recipe", "neuroconv", "workflow.yaml", cwd=tmp_path / "wf")
     assert bad.returncode == 2 and "unknown key 'name'" in bad.stderr
+    # the spec's own upload_to_dandiset is used when --dandiset is not given; stdout without -o
+    (tmp_path / "conversion.yml").write_text('upload_to_dandiset: "000321"\n' + CONVERSION)
+    to_stdout = run_cli("recipe", "neuroconv", "conversion.yml", cwd=tmp_path)
+    assert to_stdout.returncode == 0, to_stdout.stderr
+    assert "DANDI:000321/draft" in to_stdout.stdout and "3 sessions" in to_stdout.stderr
 
 
 # -- real conversions --------------------------------------------------------------------------------
