@@ -102,3 +102,24 @@ stages:
     needs: [convert]
     command: upload {{workdir}}/nwb/{{subject}}_{{session}}.nwb
 {extra_stage}"""
+
+
+def moto_batch_backend(region: str = "us-east-2") -> Any:
+    """The in-process moto server's Batch state (tests only: to inspect or steer jobs quickly)."""
+    from moto.batch.models import batch_backends
+
+    return batch_backends["123456789012"][region]
+
+
+def moto_parent_jobs() -> list[dict[str, Any]]:
+    """Every parent and plain job moto holds, as {jobId, jobName, environment, dependsOn, size}."""
+    out = []
+    for job in list(moto_batch_backend()._jobs.values()):
+        if ":" in job.job_id:
+            continue
+        env = (job.container_overrides or {}).get("environment", [])
+        out.append({
+            "jobId": job.job_id, "jobName": job.job_name, "container": {"environment": env},
+            "dependsOn": job.depends_on or [], "size": len(job._child_jobs or []) or 1,
+        })
+    return out

@@ -48,7 +48,11 @@ stages:
   - name: total
     per: run
     needs: [second]
-    command: echo done > "$OUT/total-{run}"
+    command: echo done > $OUT/total-{run}
+  - name: dump
+    needs: [first]
+    command: ["env", "-0"]
+    env: {LABEL_TOO: "{label}!"}
 """
 
 
@@ -80,7 +84,7 @@ def test_each_child_runs_exactly_its_item(aws: str, tmp_path: Path) -> None:
 
     tasks = store.get_tasks("run-awk")
     parents = sorted({t.external_id.split(":")[0] for t in tasks})
-    assert len(parents) == 3  # two arrays and one plain job
+    assert len(parents) == 4  # three arrays and one plain job
     jobs = clients.batch.describe_jobs(jobs=parents)["jobs"]
     by_name = {j["jobName"]: j for j in jobs}
     first = by_name["corral-run-awk-first-r0-c0"]
@@ -105,6 +109,13 @@ def test_each_child_runs_exactly_its_item(aws: str, tmp_path: Path) -> None:
         task = plan.stage_tasks("first")[k]
         assert (tmp_path / f"first-{k}").read_text() == f"{label}|{task.key}|hi {label}"
         assert (tmp_path / f"second-{k}").read_text() == label  # child k of both arrays is item k
+        # The child's environment is exactly Task.env (plus the container's own), nothing of ours left.
+        dump = _run_child(by_name["corral-run-awk-dump-r0-c0"], command, k, tmp_path)
+        assert dump.returncode == 0, dump.stderr
+        seen = dict(kv.split("=", 1) for kv in dump.stdout.split("\0") if kv)
+        want = plan.stage_tasks("dump")[k].env("run-awk", seen["CORRAL_WORKDIR"])
+        assert {key: seen.get(key) for key in want} == want
+        assert not [key for key in seen if key in ("CORRAL_TABLE", "CORRAL_COLUMNS", "CORRAL_FIELDS", "CORRAL_ARGV")]
     r3 = _run_child(total, command, None, tmp_path)
     assert r3.returncode == 0, r3.stderr
     assert (tmp_path / "total-run-awk").read_text() == "done\n"
@@ -114,11 +125,19 @@ def test_each_child_runs_exactly_its_item(aws: str, tmp_path: Path) -> None:
     first_env = {e["name"]: e["value"] for e in first["container"]["environment"]}
     assert first_env["CONST"] == "same" and first_env["CORRAL_STAGE"] == "first"
     assert "GREETING" not in first_env and "label" not in first_env
+    # A placeholder inside quotes ("$OUT/first-{n}"): the argv is rendered per task, as locally.
+    assert "CORRAL_ARGV" in first_env["CORRAL_COLUMNS"].split()
+    # Otherwise the command is rendered once, with references (a list, and a string command).
+    second_env = {e["name"]: e["value"] for e in second["container"]["environment"]}
+    assert "${CORRAL_ITEM_label}" in second_env["CORRAL_ARGV"]
+    total_env = {e["name"]: e["value"] for e in total["container"]["environment"]}
+    assert "${CORRAL_RUN_ID}" in total_env["CORRAL_ARGV"]
 
 
 def test_wrapper_rejects_missing_row_and_skips_padding(tmp_path: Path) -> None:
-    table = pl.encode_table([pl.PADDING_ROW, "export X='1'; set -- /bin/sh -c 'exit 3'"])
-    env = {"PATH": os.environ["PATH"], "CORRAL_TABLE": table}
+    table = pl.encode_table([pl.PADDING_ROW, "'3'"])
+    env = {"PATH": os.environ["PATH"], "CORRAL_TABLE": table, "CORRAL_COLUMNS": "X", "CORRAL_FIELDS": "",
+           "CORRAL_ARGV": "'/bin/sh' '-c' 'exit $X'"}
     run = lambda i: subprocess.run(  # noqa: E731
         ["/bin/sh", "-c", pl.WRAPPER], env={**env, "AWS_BATCH_JOB_ARRAY_INDEX": str(i)}, capture_output=True, text=True
     )
@@ -130,11 +149,13 @@ def test_wrapper_rejects_missing_row_and_skips_padding(tmp_path: Path) -> None:
 
 def test_sh_quote_round_trips_awkward_values(tmp_path: Path) -> None:
     for value in AWKWARD:
-        line = f"export V={pl.sh_quote(value)}; set -- /bin/sh -c 'printf %s \"$V\"'"
+        line = f"{pl.sh_quote(value)} {pl.sh_quote(value + '2')}"
         assert "\n" not in line
+        assert pl.row_task_id(["V", "CORRAL_TASK_ID"], line) == value + "2"
         out = subprocess.run(
             ["/bin/sh", "-c", pl.WRAPPER], capture_output=True,
-            env={"PATH": os.environ["PATH"], "CORRAL_TABLE": pl.encode_table([line])},
+            env={"PATH": os.environ["PATH"], "CORRAL_TABLE": pl.encode_table([line]), "CORRAL_FIELDS": "",
+                 "CORRAL_COLUMNS": "V CORRAL_TASK_ID", "CORRAL_ARGV": "/bin/sh -c 'printf %s \"$V\"'"},
         )
         assert out.returncode == 0 and out.stdout.decode() == value
     with pytest.raises(PlanError, match="NUL"):

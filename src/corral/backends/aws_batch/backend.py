@@ -179,11 +179,11 @@ class AwsBatchBackend:
         opts.setdefault("log_group", getattr(env, "log_group", "") or "")
         queues = self._queues(run)
         tasks = self.refresh(run, store)
-        tasks = reconcile(
+        tasks, adopted = reconcile(
             self.api, run, store, tasks, [queues.default, queues.gpu or ""],
             settle_polls=self.settle_polls, sleep=self.sleep,
         )
-        if any(t.state != TaskState.PENDING or t.external_id for t in tasks):
+        if adopted:
             tasks = self.refresh(run, store)  # adopted jobs may have ended
         records = {t.task_id: t for t in tasks}
         to_submit = {
@@ -231,7 +231,7 @@ class AwsBatchBackend:
         tasks = store.get_tasks(run.run_id)
         if OPTIONS_KEY in run.options and run.options[OPTIONS_KEY].get("job_queue"):
             queues = self._queues(run)
-            tasks = reconcile(
+            tasks, _ = reconcile(
                 self.api, run, store, tasks, [queues.default, queues.gpu or ""],
                 settle_polls=0, sleep=self.sleep,
             )

@@ -41,8 +41,10 @@ class LogReader:
         sleep: Callable[[float], None] = time.sleep,
         min_delay: float = 0.5,
         max_delay: float = 5.0,
+        page_limit: int | None = None,
     ) -> None:
         self.client = logs_client
+        self.page_limit = page_limit
         self.sleep = sleep
         self.min_delay = min_delay
         self.max_delay = max_delay
@@ -52,6 +54,8 @@ class LogReader:
         lines: list[str] = []
         while True:
             kwargs: dict[str, Any] = {"logGroupName": group, "logStreamName": stream}
+            if self.page_limit:
+                kwargs["limit"] = self.page_limit
             if token:
                 kwargs["nextToken"] = token
             else:

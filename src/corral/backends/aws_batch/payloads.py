@@ -16,28 +16,38 @@ The item table (how each array child gets its own item)
 An array job of ``n`` children carries, in its container overrides' environment:
 
 ``CORRAL_TABLE``
-    ``base64(gzip(rows))`` where ``rows`` is ``n`` lines of UTF-8 text, line ``k`` (0-based) for the
-    child with ``AWS_BATCH_JOB_ARRAY_INDEX=k``. Each line is POSIX shell code of the form::
+    ``base64(gzip(rows))``: ``n`` lines of UTF-8 text, line ``k`` (0-based) for the child with
+    ``AWS_BATCH_JOB_ARRAY_INDEX=k`` (line 0 for a plain job). A line is the values of the columns,
+    each a POSIX sh word (bare when made of safe characters, else single-quoted with ``'`` written
+    as ``'\\''`` and a newline as ``'"$NL"'`` so every row is one line), separated by spaces:
+    ``s001 4f2a… 'with space'``. A padding row (a child
+    whose task already succeeded, kept only to align N_TO_N children on resume) is ``-``.
+``CORRAL_COLUMNS``
+    the names the row's values are exported as, in order: ``CORRAL_ITEM_<field>`` for fields
+    that differ between tasks, ``CORRAL_TASK_ID``, ``CORRAL_ITEM_KEY``, ``CORRAL_ITEM_INDEX``,
+    stage ``env`` values that hold placeholders, and ``CORRAL_ARGV`` when the command is per row.
+``CORRAL_FIELDS``
+    item fields also exported under their plain name (``session`` from ``CORRAL_ITEM_session``).
+``CORRAL_KEY_FROM``, ``CORRAL_INDEX_BASE`` (optional)
+    when every item key equals one field, the column it is copied from; when a chunk's items are
+    consecutive, the index of its first item (``CORRAL_ITEM_INDEX`` = base + array index). Both
+    keep repeated values out of the rows.
+``CORRAL_ARGV``
+    the task's argv as sh words, ``eval``-ed after the exports. A command whose placeholders all
+    stand outside quotes is rendered once per stage with references: ``convert {session}`` runs as
+    ``/bin/sh -c 'convert "${CORRAL_ITEM_session}"'`` — the same words as the local backend's
+    shell-quoted values; list commands become double-quoted words with ``${...}`` references.
+    Otherwise (a placeholder inside quotes or a heredoc) the argv is rendered per task, exactly as
+    locally, and travels as a column.
+``CORRAL_RUN_ID``, ``CORRAL_STAGE``, ``CORRAL_WORKDIR`` and every env value equal for all the
+    stage's tasks are plain override variables.
 
-        export NAME='value' NAME2='value'; set -- 'argv0' 'argv1' ...
-
-    Every value is single-quoted (``'`` written as ``'\\''``); a newline inside a value is written
-    as ``'"$NL"'`` so that every row is exactly one line (the wrapper sets ``NL`` to a newline).
-    The exports are the per-task environment of :meth:`corral.plan.Task.env` that differs between
-    tasks of the stage (item fields as ``NAME`` and ``CORRAL_ITEM_NAME``, ``CORRAL_TASK_ID``,
-    ``CORRAL_ITEM_KEY``, ``CORRAL_ITEM_INDEX``, stage ``env`` values with placeholders); ``set --``
-    gives the task's argv exactly as the local backend runs it (a string command becomes
-    ``/bin/sh -c '<command with shell-quoted values>'``). A padding row (a child whose task has
-    already succeeded, needed only to keep N_TO_N children aligned on resume) is ``set --``.
-``CORRAL_RUN_ID``, ``CORRAL_STAGE``, ``CORRAL_WORKDIR`` and every env value equal for all tasks
-    of the stage are plain override variables.
-
-The job definition's command is ``/bin/sh -c WRAPPER`` (:data:`WRAPPER`): it decodes the table with
-``base64 -d | gzip -dc``, takes line ``AWS_BATCH_JOB_ARRAY_INDEX + 1`` (line 1 for a plain job)
-with ``sed``, ``eval``s it, unsets ``CORRAL_TABLE`` and ``exec``s the argv. It needs only
-``/bin/sh``, ``base64``, ``gzip`` and ``sed`` (coreutils or busybox): no python, corral or aws CLI in
-the image. A gzip+base64 table of 1,000 typical items is about 11 KB; chunks are cut so that every
-SubmitJob payload stays under :data:`PAYLOAD_LIMIT`.
+The job definition's command is ``/bin/sh -c WRAPPER`` (:data:`WRAPPER`): it decodes the table
+with ``base64 -d | gzip -dc``, takes line ``AWS_BATCH_JOB_ARRAY_INDEX + 1`` with ``sed``, exports
+the columns and fields, unsets its own variables and ``exec``s the argv. It needs only ``/bin/sh``,
+``base64``, ``gzip`` and ``sed`` (coreutils or busybox): no python, corral or aws CLI in the image.
+The task ids (16 hex digits each) dominate the compressed size: about 15 bytes a row, so ~1,800
+items fit one SubmitJob; chunks are cut so every payload stays under :data:`PAYLOAD_LIMIT`.
 """
 
 from __future__ import annotations
@@ -47,6 +57,7 @@ import gzip
 import hashlib
 import json
 import math
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -72,8 +83,14 @@ i=${AWS_BATCH_JOB_ARRAY_INDEX:-0}
 row=$(printf '%s' "$CORRAL_TABLE" | base64 -d | gzip -dc | sed -n "$((i + 1))p")
 unset CORRAL_TABLE
 if [ -z "$row" ]; then echo "corral: no row $i in the item table" >&2; exit 97; fi
-eval "$row"
-if [ "$#" -eq 0 ]; then echo "corral: row $i has nothing to run (already done)" >&2; exit 0; fi
+if [ "$row" = "-" ]; then echo "corral: row $i has nothing to run (already done)" >&2; exit 0; fi
+eval "set -- $row"
+for c in ${CORRAL_COLUMNS:-}; do eval "export $c=\"\\$1\""; shift; done
+for f in ${CORRAL_FIELDS:-}; do eval "export $f=\"\\$CORRAL_ITEM_$f\""; done
+if [ -n "${CORRAL_KEY_FROM:-}" ]; then eval "export CORRAL_ITEM_KEY=\"\\$$CORRAL_KEY_FROM\""; fi
+if [ -n "${CORRAL_INDEX_BASE:-}" ]; then export CORRAL_ITEM_INDEX=$((CORRAL_INDEX_BASE + i)); fi
+eval "set -- $CORRAL_ARGV"
+unset CORRAL_ARGV CORRAL_COLUMNS CORRAL_FIELDS CORRAL_KEY_FROM CORRAL_INDEX_BASE NL c f i row
 if [ -n "${CORRAL_WORKDIR:-}" ]; then mkdir -p "$CORRAL_WORKDIR" 2>/dev/null || true; fi
 exec "$@"
 """
@@ -83,6 +100,12 @@ BARRIER_COMMAND = ["/bin/sh", "-c", ":"]
 # Per-task environment names: always in the table, even when a stage has a single task.
 PER_TASK_KEYS = ("CORRAL_TASK_ID", "CORRAL_ITEM_KEY", "CORRAL_ITEM_INDEX")
 CONSTANT_KEYS = ("CORRAL_RUN_ID", "CORRAL_STAGE", "CORRAL_WORKDIR")
+PADDING_ROW = "-"
+# What a placeholder refers to once the wrapper has exported the row.
+BUILTIN_VARS = {
+    "run": "CORRAL_RUN_ID", "stage": "CORRAL_STAGE", "workdir": "CORRAL_WORKDIR",
+    "task": "CORRAL_TASK_ID", "item": "CORRAL_ITEM_KEY", "index": "CORRAL_ITEM_INDEX",
+}
 
 
 @dataclass(frozen=True)
@@ -132,43 +155,137 @@ def sh_quote(value: str) -> str:
     return "'" + value.replace("'", "'\\''").replace("\n", "'\"$NL\"'") + "'"
 
 
+_SAFE = re.compile(r"^[A-Za-z0-9_@%+=:,./-]+$")
+
+
+def sh_word(value: str) -> str:
+    """Like :func:`sh_quote`, leaving values made only of safe characters bare (shorter rows)."""
+    return value if _SAFE.match(value) else sh_quote(value)
+
+
 def workdir_for(run_id: str, ctx: JobContext) -> str:
     return f"{EFS_MOUNT}/runs/{run_id}" if ctx.efs_id else f"/tmp/corral/{run_id}"
 
 
-def constant_env(tasks: Sequence[Task], run_id: str, workdir: str) -> dict[str, str]:
-    """The env vars whose value is the same for every task of a stage (they go in the overrides)."""
-    if not tasks:
-        return {}
-    first = tasks[0].env(run_id, workdir)
-    same = {k: v for k, v in first.items() if k not in PER_TASK_KEYS and "\x00" not in v}
-    for t in tasks[1:]:
-        env = t.env(run_id, workdir)
-        same = {k: v for k, v in same.items() if env.get(k) == v}
-        if not same:
-            break
-    for k in CONSTANT_KEYS:
-        if k in first:
-            same[k] = first[k]
-    return same
+def _placeholders_unquoted(template: str) -> bool:
+    """True when every placeholder of a shell command stands outside quotes (and no heredoc):
+    then ``"${VAR}"`` there is the same word as the local backend's shell-quoted value."""
+    from corral.plan import parse_template
+
+    state = ""  # "", "'" or '"'
+    for kind, text in parse_template(template):
+        if kind == "field":
+            if state:
+                return False
+            continue
+        if "<<" in text:
+            return False
+        i = 0
+        while i < len(text):
+            ch = text[i]
+            if state == "'":
+                if ch == "'":
+                    state = ""
+            elif ch == "\\":
+                i += 1
+            elif state == '"':
+                if ch == '"':
+                    state = ""
+            elif ch in "'\"":
+                state = ch
+            i += 1
+    return True
 
 
-def row_for(task: Task, run_id: str, workdir: str, constant: Mapping[str, str]) -> str:
-    """One line of the item table: the task's varying env and its argv."""
-    env = task.env(run_id, workdir)
-    exports = " ".join(f"{k}={sh_quote(v)}" for k, v in env.items() if k not in constant or constant[k] != v)
-    argv = task.command(run_id, workdir)
-    if not argv:
-        raise PlanError(
-            f"stage {task.stage.name!r} has no command to run on AWS Batch",
-            "give the stage a `command` (transfer stages run on the local backend)",
-        )
-    line = (f"export {exports}; " if exports else "") + "set -- " + " ".join(sh_quote(a) for a in argv)
-    assert "\n" not in line
-    return line
+def _dq(text: str) -> str:
+    """Literal text for inside double quotes."""
+    return "".join("\\" + c if c in '\\"$`' else c for c in text)
 
 
-PADDING_ROW = "set --"
+def _reference(name: str) -> str:
+    return "${" + BUILTIN_VARS.get(name, f"CORRAL_ITEM_{name}") + "}"
+
+
+def argv_template(stage: Stage) -> str | None:
+    """The stage's argv as sh words with ``${...}`` references, or None when it must be rendered
+    per task to keep the local backend's exact words (a placeholder inside quotes)."""
+    from corral.plan import parse_template
+
+    cmd = stage.command
+    if cmd is None:
+        return None
+    if isinstance(cmd, str):
+        if not _placeholders_unquoted(cmd):
+            return None
+        text = "".join(v if k == "text" else f'"{_reference(v)}"' for k, v in parse_template(cmd))
+        return " ".join(sh_quote(a) for a in ["/bin/sh", "-c", text])
+    words = []
+    for arg in cmd:
+        parts = parse_template(arg)
+        words.append('"' + "".join(_dq(v) if k == "text" else _reference(v) for k, v in parts) + '"')
+    return " ".join(words)
+
+
+class StageTable:
+    """How one stage's tasks are passed to array children: constant override env + one row each.
+
+    Built from *all* the stage's tasks (not one chunk), so rows and columns are the same whatever
+    the chunking, on every machine and every resume."""
+
+    def __init__(self, tasks: Sequence[Task], run_id: str, workdir: str, *, index_column: bool = True) -> None:
+        if not tasks:
+            raise ValueError("a stage table needs tasks")
+        self.run_id = run_id
+        self.workdir = workdir
+        stage = tasks[0].stage
+        envs = [t.env(run_id, workdir) for t in tasks]
+        first = envs[0]
+        constant = {k: v for k, v in first.items() if k not in PER_TASK_KEYS}
+        for env in envs[1:]:
+            constant = {k: v for k, v in constant.items() if env.get(k) == v}
+        for k in CONSTANT_KEYS:
+            constant[k] = first[k]
+        fields = list(tasks[0].item)
+        # Plain field names the wrapper re-exports from CORRAL_ITEM_<f> (unless something else
+        # sets that name: the stage env or corral's own variables win, as in Task.env).
+        plain = [f for f in fields if f not in stage.env and not f.startswith("CORRAL_") and f not in constant]
+        self.columns = [
+            k for k in first
+            if k not in constant and k not in plain and (index_column or k != "CORRAL_ITEM_INDEX")
+        ]
+        if len(tasks) > 1:
+            for c in self.columns:
+                if c.startswith("CORRAL_ITEM_") and c != "CORRAL_ITEM_KEY" and c != "CORRAL_ITEM_INDEX" and all(
+                    e[c] == e["CORRAL_ITEM_KEY"] for e in envs
+                ):
+                    self.columns.remove("CORRAL_ITEM_KEY")
+                    constant["CORRAL_KEY_FROM"] = c
+                    break
+        argv = argv_template(stage)
+        if argv is None:
+            self.columns.append("CORRAL_ARGV")
+        else:
+            constant["CORRAL_ARGV"] = argv
+        for v in constant.values():
+            if "\x00" in v:
+                sh_quote(v)  # raises the PlanError naming the problem
+        constant["CORRAL_COLUMNS"] = " ".join(self.columns)
+        constant["CORRAL_FIELDS"] = " ".join(plain)
+        self.env = constant
+        self._per_row_argv = argv is None
+
+    def row(self, task: Task) -> str:
+        env = task.env(self.run_id, self.workdir)
+        values = []
+        for c in self.columns:
+            if c == "CORRAL_ARGV":
+                argv = task.command(self.run_id, self.workdir)
+                values.append(" ".join(sh_quote(a) for a in argv))
+            else:
+                values.append(env[c])
+        line = " ".join(sh_word(v) for v in values)
+        assert "\n" not in line
+        return line
 
 
 def encode_table(rows: Sequence[str]) -> str:
@@ -177,8 +294,19 @@ def encode_table(rows: Sequence[str]) -> str:
 
 
 def decode_table(blob: str) -> list[str]:
-    """The rows of an encoded table (for tests and `corral` tools; the image uses the wrapper)."""
+    """The rows of an encoded table (for tests and tools; the image uses the wrapper)."""
     return gzip.decompress(base64.b64decode(blob)).decode().split("\n")[:-1]
+
+
+def row_task_id(table: StageTable | Sequence[str], row: str) -> str | None:
+    """The CORRAL_TASK_ID a row carries (None for padding); ``table`` gives the column order."""
+    if row == PADDING_ROW:
+        return None
+    import shlex
+
+    columns = table.columns if isinstance(table, StageTable) else list(table)
+    values = shlex.split(row.replace("'\"$NL\"'", "\n"))
+    return values[columns.index("CORRAL_TASK_ID")]
 
 
 # -- job definitions ------------------------------------------------------------------------------

@@ -202,11 +202,11 @@ def reconcile(
     *,
     settle_polls: int = 2,
     sleep: Callable[[float], None] = time.sleep,
-) -> list[TaskRecord]:
-    """Adopt jobs submitted but not recorded; return the tasks with those updates (saved)."""
+) -> tuple[list[TaskRecord], int]:
+    """Adopt jobs submitted but not recorded: (the tasks with those updates, saved; how many adopted)."""
     expected = {t.task_id: e for t in tasks if (e := expected_job(run, t)) is not None}
     if not expected:
-        return tasks
+        return tasks, 0
     queues = list(queues)
     wanted = {e.name for e in expected.values()}
     found = find_run_jobs(api, queues, run.run_id)
@@ -231,7 +231,7 @@ def reconcile(
             adopted.append(t)
         out.append(t)
     store.save_tasks(adopted)
-    return out
+    return out, len(adopted)
 
 
 # -- submission ----------------------------------------------------------------------------------
@@ -271,6 +271,7 @@ class Submitter:
         self.tags = dict(tags or {})
         self.after_submit = after_submit  # test hook: called with (job name, job id)
         self._defs: dict[str, str] = {}
+        self.contiguous = False
 
     # -- job definitions ----------------------------------------------------------------------
     def definition_arn(self, spec: pl.JobDefinitionSpec) -> str:
@@ -292,32 +293,37 @@ class Submitter:
         return arn
 
     # -- one round ----------------------------------------------------------------------------
-    def layout(self, plan: Plan, run_id: str, to_submit: set[str]) -> tuple[list[int], list[int], dict[str, list[str]], dict[str, dict[str, str]]]:
-        """(U, chunk sizes, rows per per-item stage, constant env per stage) for these tasks."""
+    def layout(
+        self, plan: Plan, run_id: str, to_submit: set[str]
+    ) -> tuple[list[int], list[int], dict[str, list[str]], dict[str, pl.StageTable]]:
+        """(U, chunk sizes, rows per per-item stage, table encoder per stage) for these tasks."""
         workdir = pl.workdir_for(run_id, self.ctx)
         item_stages = [
             s for s in plan.stage_order
             if plan.workflow.stage(s).per == "item" and any(t.id in to_submit for t in plan.stage_tasks(s))
         ]
         U = sorted({t.index for t in plan.tasks if t.id in to_submit and t.index is not None})
+        self.contiguous = bool(U) and U[-1] - U[0] + 1 == len(U)  # then CORRAL_INDEX_BASE replaces a column
         rows: dict[str, list[str]] = {}
-        consts: dict[str, dict[str, str]] = {}
+        tables: dict[str, pl.StageTable] = {}
         for s in plan.stage_order:
             stage_tasks = plan.stage_tasks(s)
-            consts[s] = pl.constant_env(stage_tasks, run_id, workdir)
+            if not any(t.id in to_submit for t in stage_tasks):
+                continue
+            per_item = plan.workflow.stage(s).per == "item"
+            tables[s] = pl.StageTable(stage_tasks, run_id, workdir, index_column=not (per_item and self.contiguous))
             if s not in item_stages:
                 continue
             by_index = {t.index: t for t in stage_tasks}
             rows[s] = [
-                pl.row_for(by_index[j], run_id, workdir, consts[s]) if by_index[j].id in to_submit else pl.PADDING_ROW
-                for j in U
+                tables[s].row(by_index[j]) if by_index[j].id in to_submit else pl.PADDING_ROW for j in U
             ]
         budget = min(
-            (pl.PAYLOAD_LIMIT - pl.PAYLOAD_MARGIN - pl.env_size(consts[s]) for s in item_stages),
+            (pl.PAYLOAD_LIMIT - pl.PAYLOAD_MARGIN - pl.env_size(tables[s].env) for s in item_stages),
             default=pl.PAYLOAD_LIMIT - pl.PAYLOAD_MARGIN,
         )
         sizes = pl.chunk_bounds([rows[s] for s in item_stages], budget)
-        return U, sizes, rows, consts
+        return U, sizes, rows, tables
 
     def submit_round(
         self,
@@ -332,10 +338,9 @@ class Submitter:
         if not to_submit:
             return result
         run_id = run.run_id
-        U, sizes, rows, consts = self.layout(plan, run_id, to_submit)
+        U, sizes, rows, tables = self.layout(plan, run_id, to_submit)
         result.chunks = sizes
         starts = [sum(sizes[:c]) for c in range(len(sizes))]
-        workdir = pl.workdir_for(run_id, self.ctx)
 
         # 1. intent, before any SubmitJob
         opts = run.options.setdefault(OPTIONS_KEY, {})
@@ -385,7 +390,8 @@ class Submitter:
                     deps = self._fan_in(deps, n, name, stage.image or "", queue, tags)
                     kwargs = pl.submit_kwargs(
                         job_name=name, job_queue=queue, job_definition=self.definition_arn(spec), size=n,
-                        table=pl.encode_table(rows[s][a : a + n]), env=consts[s], depends_on=deps, tags=tags,
+                        table=pl.encode_table(rows[s][a : a + n]), env=self._chunk_env(tables[s], U[a]),
+                        depends_on=deps, tags=tags,
                     )
                     job_id = self._submit(kwargs)
                     result.submitted[name] = job_id
@@ -400,10 +406,9 @@ class Submitter:
                 deps = self._deps_run(plan, stage, jobs, records, to_submit)
                 name = job_name(run_id, s, round_, None)
                 deps = self._fan_in(deps, 1, name, stage.image or "", queue, tags)
-                row = pl.row_for(task, run_id, workdir, consts[s])
                 kwargs = pl.submit_kwargs(
                     job_name=name, job_queue=queue, job_definition=self.definition_arn(spec), size=1,
-                    table=pl.encode_table([row]), env=consts[s], depends_on=deps, tags=tags,
+                    table=pl.encode_table([tables[s].row(task)]), env=tables[s].env, depends_on=deps, tags=tags,
                 )
                 job_id = self._submit(kwargs)
                 result.submitted[name] = job_id
@@ -414,6 +419,11 @@ class Submitter:
             for t in done:
                 records[t.task_id] = t
         return result
+
+    def _chunk_env(self, table: pl.StageTable, first_index: int) -> dict[str, str]:
+        if "CORRAL_ITEM_INDEX" in table.columns or not self.contiguous:
+            return table.env
+        return {**table.env, "CORRAL_INDEX_BASE": str(first_index)}
 
     def _submit(self, kwargs: dict[str, Any]) -> str:
         size = pl.payload_size(kwargs)
