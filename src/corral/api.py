@@ -108,7 +108,13 @@ def run(
         for t in p.tasks
     ]
     store.create_run(rec, p.manifest(), tasks)
-    be.start(p, rec, store, options)
+    try:
+        be.start(p, rec, store, options)
+    except BaseException:
+        now_rec = store.get_run(rec.run_id)
+        if backend == "local" and now_rec.state == RunState.RUNNING:
+            store.save_run(now_rec.replace(state=RunState.INTERRUPTED, pid=None))
+        raise
     return store.get_run(rec.run_id)
 
 

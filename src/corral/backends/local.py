@@ -378,8 +378,10 @@ class Scheduler:
         old_handlers = {s: signal.signal(s, self._on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
         old_cwd = os.getcwd()
         os.chdir(self.plan.workflow.base_dir)  # every task runs in the workflow's folder
+        crashed = True
         try:
             self._loop(rfd)
+            crashed = False
         finally:
             if self.pool is not None:
                 self.pool.shutdown(wait=True)
@@ -391,7 +393,11 @@ class Scheduler:
             for fd in (rfd, wfd, self.devnull):
                 os.close(fd)
             self.sel.close()
+            if crashed:
+                self._abandon()
             self._flush()
+            if crashed:  # leave a state that `corral resume` completes
+                self.store.save_run(self.store.get_run(self.run_rec.run_id).replace(state=RunState.INTERRUPTED, pid=None))
         tasks = list(self.records.values())
         if self.cancelled:
             state = RunState.CANCELLED
@@ -776,6 +782,19 @@ class Scheduler:
                 self._set(rec.replace(state=TaskState.CANCELLED, reason="cancelled", ended_at=now()))
         self.ready.clear()
         self.unmet.clear()
+
+    def _abandon(self) -> None:
+        """The loop failed: kill what runs and record it as interrupted (resume runs it again)."""
+        for r in list(self.running.values()):
+            self._signal(r, signal.SIGKILL)
+            with contextlib.suppress(ChildProcessError):
+                os.waitpid(r.pid, 0)
+            if r.pidfd is not None:
+                os.close(r.pidfd)
+            self.dirty_attempts.append(r.attempt.replace(
+                state=TaskState.FAILED, reason="interrupted: the scheduler stopped", ended_at=now()))
+            self._set(self.records[r.task.id].replace(state=TaskState.PENDING, reason="interrupted"))
+        self.running.clear()
 
     def _flush(self) -> None:
         if not self.dirty_tasks and not self.dirty_attempts:
