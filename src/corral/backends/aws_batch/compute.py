@@ -186,13 +186,13 @@ def ensure_compute_environment(ctx: Ctx, spec: ComputeSpec, *, timeout: float = 
             ce = None
         if ce is not None and ce.get("status") == "DELETED":
             ce = None
+        changes: dict[str, Any] = {}
         if ce is None:
             _create_ce(ctx, spec, timeout=timeout)
             ctx.created("compute-environment", name)
         else:
             ctx.found("compute-environment", name)
             cr = ce.get("computeResources", {})
-            changes: dict[str, Any] = {}
             if int(cr.get("maxvCpus", spec.max_vcpus)) != spec.max_vcpus:
                 changes["computeResources"] = {"maxvCpus": spec.max_vcpus}
             if ce.get("state") != "ENABLED":
@@ -202,6 +202,8 @@ def ensure_compute_environment(ctx: Ctx, spec: ComputeSpec, *, timeout: float = 
                 ctx.updated("compute-environment", f"{name} ({', '.join(sorted(changes))})")
         for recreation in range(MAX_RECREATIONS + 1):
             try:
+                if ce is not None and ce.get("status") == "VALID" and not changes:
+                    break  # found ready: no need to ask again
                 ce = ctx.poller.poll(lambda: _ready_ce(ctx, name), what=f"compute environment {name} to become VALID",
                                      timeout=timeout)
                 break
@@ -324,6 +326,8 @@ def ensure_queue(ctx: Ctx, name: str, compute_environments: list[str], *, timeou
                 batch.update_job_queue(jobQueue=name, state="ENABLED", computeEnvironmentOrder=order,
                                        jobStateTimeLimitActions=_time_limit_actions())
                 ctx.updated("job-queue", name)
+            elif q.get("status") == "VALID":
+                return q["jobQueueArn"]  # found ready and as wanted
 
         def ready() -> dict[str, Any] | None:
             cur = _describe_queue(ctx, name)

@@ -73,15 +73,6 @@ def default_bucket(ctx: Ctx) -> str:
     return f"{NAME}-{ctx.account}-{ctx.region}"
 
 
-def _bucket_tags(s3: Any, name: str) -> dict[str, str]:
-    try:
-        return {t["Key"]: t["Value"] for t in s3.get_bucket_tagging(Bucket=name)["TagSet"]}
-    except Exception as exc:
-        if error_code(exc) in ("NoSuchTagSet", "NoSuchTagSetError") or is_not_found(exc):
-            return {}
-        raise
-
-
 def ensure_bucket(ctx: Ctx, name: str | None) -> str:
     """The workflow's bucket. An existing bucket is used as it is (a user's bucket is never
     reconfigured); a new one gets default encryption, all public access blocked, and the tags."""
@@ -154,6 +145,7 @@ def ensure_efs(ctx: Ctx, network: Network, *, name: str = EFS_WORKSPACE, run_id:
             )
         targets = efs.describe_mount_targets(FileSystemId=fs_id)["MountTargets"]
         zones_covered = {t.get("AvailabilityZoneName") for t in targets} | {t["SubnetId"] for t in targets}
+        made = False
         for subnet in network.one_subnet_per_zone():
             zone = network.zones.get(subnet)
             if subnet in zones_covered or (zone and zone in zones_covered):
@@ -161,12 +153,14 @@ def ensure_efs(ctx: Ctx, network: Network, *, name: str = EFS_WORKSPACE, run_id:
                 continue
             efs.create_mount_target(FileSystemId=fs_id, SubnetId=subnet, SecurityGroups=network.security_groups)
             ctx.created("efs-mount-target", f"{fs_id} {subnet}")
+            made = True
 
         def mount_targets_ready() -> bool:
             ts = efs.describe_mount_targets(FileSystemId=fs_id)["MountTargets"]
             return bool(ts) and all(t.get("LifeCycleState") == "available" for t in ts)
 
-        ctx.poller.poll(mount_targets_ready, what=f"EFS mount targets of {fs_id}", timeout=timeout)
+        if made or not all(t.get("LifeCycleState") == "available" for t in targets):
+            ctx.poller.poll(mount_targets_ready, what=f"EFS mount targets of {fs_id}", timeout=timeout)
         access_point = ensure_access_point(ctx, fs_id, run_id) if run_id else None
     return fs_id, access_point
 
