@@ -85,12 +85,15 @@ def register(cli: click.Group) -> None:
 @click.option("--disk", type=click.IntRange(1, 16 * 1024), default=None, metavar="GIB",
               help="Scratch disk per job in GiB (sizes the root volume by a launch template).")
 @click.option("--efs", is_flag=True, default=False, help="Also set up the shared EFS workspace.")
+@click.option("--fargate", is_flag=True, default=False,
+              help="Also set up Fargate environments and a queue (for stages of up to 16 vCPUs, no GPUs).")
 @click.option("--bucket", default=None, help="S3 bucket for run data (made when missing).")
 @click.option("--workflow", "-w", type=click.Path(exists=True, dir_okay=False), default=None,
               help="Set up what this workflow needs (its aws: settings, GPUs, disk, EFS, secrets).")
 @click.option("--json", "as_json", is_flag=True, help="Print the environment as JSON on stdout.")
 def setup(region: str | None, profile: str | None, spot: bool | None, gpu: bool, max_vcpus: int | None,
-          disk: int | None, efs: bool, bucket: str | None, workflow: str | None, as_json: bool) -> None:
+          disk: int | None, efs: bool, fargate: bool, bucket: str | None, workflow: str | None,
+          as_json: bool) -> None:
     """Find or make everything corral needs on AWS Batch; prints what it made and found.
 
     Running it again makes nothing new. Everything it makes is tagged corral:managed=true.
@@ -101,6 +104,7 @@ def setup(region: str | None, profile: str | None, spot: bool | None, gpu: bool,
                                     max_vcpus=max_vcpus, bucket=bucket)
     needs.gpu = needs.gpu or gpu
     needs.efs = needs.efs or efs
+    needs.fargate = needs.fargate or fargate
     needs.bucket = needs.bucket or bool(bucket)
     if disk:
         needs.max_disk_gib = max(disk, needs.max_disk_gib or 0)
@@ -112,6 +116,8 @@ def setup(region: str | None, profile: str | None, spot: bool | None, gpu: bool,
     _echo(f"job queue: {env.job_queue}")
     if env.gpu_job_queue:
         _echo(f"GPU job queue: {env.gpu_job_queue}")
+    if env.fargate_job_queue:
+        _echo(f"Fargate job queue: {env.fargate_job_queue}")
     if as_json:
         click.echo(json.dumps({"environment": dataclasses.asdict(env), "report": report.as_dict()}, indent=2))
 

@@ -178,11 +178,61 @@ def fitting(resources: Resources, allowed: list[str]) -> list[InstanceType]:
 
 
 def split_allowed(allowed: list[str]) -> tuple[list[str], list[str]]:
-    """(CPU entries, GPU entries) of an ``instanceTypes`` list; defaults fill an empty side."""
+    """(CPU entries, GPU entries) of an ``instanceTypes`` list; defaults fill an empty side.
+
+    ``fargate`` is not an instance type (it asks for Fargate environments besides EC2 ones) and
+    is left out of both."""
     table = load_instance_types()
-    cpu = [e for e in allowed if not is_gpu_entry(e, table)]
-    gpu = [e for e in allowed if is_gpu_entry(e, table)]
+    entries = [e for e in allowed if not is_fargate_entry(e)]
+    cpu = [e for e in entries if not is_gpu_entry(e, table)]
+    gpu = [e for e in entries if is_gpu_entry(e, table)]
     return (cpu or ["optimal"]), (gpu or list(DEFAULT_GPU_FAMILIES))
+
+
+# -- Fargate --------------------------------------------------------------------------------------
+# The vCPU/memory pairs AWS Batch on Fargate accepts: vCPUs → (lowest MiB, highest MiB, step MiB).
+FARGATE_SIZES: dict[float, tuple[int, int, int]] = {
+    0.25: (512, 2048, 512),  # 512, 1024 and 2048 only
+    0.5: (1024, 4096, 1024),
+    1: (2048, 8192, 1024),
+    2: (4096, 16384, 1024),
+    4: (8192, 30720, 1024),
+    8: (16384, 61440, 4096),
+    16: (32768, 122880, 8192),
+}
+FARGATE_MAX_EPHEMERAL_GIB = 200  # Fargate's ephemeral storage (job definition ephemeralStorage)
+
+
+def is_fargate_entry(entry: str) -> bool:
+    return entry.strip().lower() == "fargate"
+
+
+def wants_fargate(allowed: list[str]) -> bool:
+    """``aws.instance_types`` asks for Fargate (the ``fargate`` keyword) beside EC2."""
+    return any(is_fargate_entry(e) for e in allowed)
+
+
+def _fargate_memories(vcpus: float) -> list[int]:
+    low, high, step = FARGATE_SIZES[vcpus]
+    if vcpus == 0.25:
+        return [512, 1024, 2048]
+    return list(range(low, high + 1, step))
+
+
+def fargate_size(resources: Resources) -> tuple[float, int] | None:
+    """The smallest Fargate (vCPUs, MiB) pair that holds a task, or None when Fargate cannot
+    run it (GPUs, more than 16 vCPUs / 120 GiB, or more disk than Fargate's ephemeral storage)."""
+    if resources.gpus:
+        return None
+    if resources.disk is not None and resources.disk > FARGATE_MAX_EPHEMERAL_GIB:
+        return None
+    for vcpus in sorted(FARGATE_SIZES):
+        if vcpus < resources.vcpus:
+            continue
+        for mib in _fargate_memories(vcpus):
+            if mib >= resources.memory:
+                return vcpus, mib
+    return None
 
 
 def allowed_for(resources: Resources, allowed: list[str]) -> list[str]:

@@ -215,3 +215,37 @@ def test_other_needs_get_their_own_roles(clients: AwsClients) -> None:
     b = ensure_environment(clients, AwsSettings(), Needs(secrets=["b"]))
     assert a.execution_role_arn != b.execution_role_arn and a.job_role_arn != b.job_role_arn
     assert a.compute_environments == b.compute_environments  # compute is shared
+
+
+def test_fargate_environments_and_queue_when_asked(clients: AwsClients) -> None:
+    env = ensure_environment(clients, AwsSettings(spot=True, instance_types=["fargate"]), Needs(fargate=True))
+    assert env.fargate_job_queue and env.fargate_job_queue.endswith("job-queue/corral-fargate")
+    spot, od = (_ce(clients, a)["computeResources"] for a in env.fargate_compute_environments)
+    assert spot["type"] == "FARGATE_SPOT" and od["type"] == "FARGATE"
+    assert "instanceTypes" not in od and "instanceRole" not in od and od["subnets"] == env.subnets
+    # the EC2 side is there too (for what does not fit Fargate), without the keyword in its types
+    assert _ce(clients, env.compute_environments[0])["computeResources"]["instanceTypes"] == ["optimal"]
+    log = CallLog(clients)
+    assert ensure_environment(clients, AwsSettings(spot=True, instance_types=["fargate"]),
+                              Needs(fargate=True)) == env
+    assert log.mutating() == []
+
+
+def test_needs_for_asks_fargate_only_when_allowed_and_fitting() -> None:
+    from corral.backends.aws_batch.provision import needs_for
+
+    def needs(types: str, resources: str) -> Needs:
+        return needs_for(make_plan(loads_workflow(f"""
+name: f
+aws: {{instance_types: {types}}}
+items: [{{s: a}}]
+stages:
+  - name: one
+    command: echo {{s}}
+    resources: {resources}
+""")))
+
+    assert needs("[fargate]", "{vcpus: 2, memory: 4GiB}").fargate
+    assert not needs("[optimal]", "{vcpus: 2, memory: 4GiB}").fargate
+    assert not needs("[fargate]", "{gpus: 1}").fargate
+    assert not needs("[fargate]", "{vcpus: 32}").fargate

@@ -111,3 +111,20 @@ def test_prices_file_from_the_environment(tmp_path: Path, monkeypatch: pytest.Mo
     with pytest.raises(PlanError, match="CORRAL_PRICES"):
         load_instance_types()
     instances._load.cache_clear()
+
+
+def test_fargate_sizes() -> None:
+    from corral.instances import fargate_size, wants_fargate
+
+    assert fargate_size(Resources(vcpus=0.25, memory=512)) == (0.25, 512)
+    assert fargate_size(Resources(vcpus=0.25, memory=1500)) == (0.25, 2048)
+    assert fargate_size(Resources(vcpus=1, memory=2048)) == (1, 2048)
+    assert fargate_size(Resources(vcpus=1, memory=9000)) == (2, 9216)
+    assert fargate_size(Resources(vcpus=4, memory=31000)) == (8, 32768)
+    assert fargate_size(Resources(vcpus=16, memory=120 * 1024)) == (16, 122880)
+    assert fargate_size(Resources(vcpus=16, memory=121 * 1024)) is None
+    assert fargate_size(Resources(vcpus=17)) is None
+    assert fargate_size(Resources(gpus=1)) is None
+    assert fargate_size(Resources(disk="300GiB")) is None
+    assert wants_fargate(["optimal", "Fargate"]) and not wants_fargate(["optimal"])
+    assert split_allowed(["fargate"]) == (["optimal"], ["g4dn", "g5", "g6"])

@@ -42,7 +42,7 @@ GPU_IMAGE_TYPE = "ECS_AL2_NVIDIA"
 class ComputeSpec:
     """One compute environment, as corral wants it."""
 
-    kind: str  # "ec2" | "spot" | "gpu-ec2" | "gpu-spot"
+    kind: str  # "ec2" | "spot" | "gpu-ec2" | "gpu-spot" | "fargate" | "fargate-spot"
     instance_types: list[str]
     network: Network
     instance_profile: str
@@ -55,7 +55,19 @@ class ComputeSpec:
     def spot(self) -> bool:
         return self.kind.endswith("spot")
 
+    @property
+    def fargate(self) -> bool:
+        return self.kind.startswith("fargate")
+
     def resources(self) -> dict[str, Any]:
+        if self.fargate:
+            # Fargate: no instances, AMIs, launch templates or instance tags to choose.
+            return {
+                "type": "FARGATE_SPOT" if self.spot else "FARGATE",
+                "maxvCpus": self.max_vcpus,
+                "subnets": list(self.network.subnets),
+                "securityGroupIds": list(self.network.security_groups),
+            }
         r: dict[str, Any] = {
             "type": "SPOT" if self.spot else "EC2",
             "allocationStrategy": "SPOT_CAPACITY_OPTIMIZED" if self.spot else "BEST_FIT_PROGRESSIVE",

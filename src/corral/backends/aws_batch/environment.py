@@ -5,7 +5,8 @@
 3. log group, state table, bucket (when needed), EFS (when needed),
 4. IAM: instance role/profile, job role and execution role for exactly these needs,
 5. launch template (when a stage needs more disk than the default root volume),
-6. compute environments (spot first when enabled; GPU ones when needed), then the queues.
+6. compute environments (spot first when enabled; GPU ones when needed; Fargate ones when asked
+   for and some stage fits Fargate), then the queues.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ DEFAULT_TABLE = f"{NAME}-state"
 DEFAULT_LOG_GROUP = f"/aws/batch/{NAME}"
 DEFAULT_QUEUE = NAME
 GPU_QUEUE = f"{NAME}-gpu"
+FARGATE_QUEUE = f"{NAME}-fargate"
 
 
 def base_tags(settings: AwsSettings) -> dict[str, str]:
@@ -114,6 +116,11 @@ def build_environment(clients: AwsClients, settings: AwsSettings, needs: Needs,
         gpu_ces = _environments(ctx, "gpu-", gpu_entries, net, profile_arn, settings, template,
                                 compute.GPU_IMAGE_TYPE)
         gpu_queue_arn = compute.ensure_queue(ctx, GPU_QUEUE, gpu_ces)
+    fargate_queue_arn = None
+    fargate_ces: list[str] = []
+    if needs.fargate:
+        fargate_ces = _environments(ctx, "fargate", [], net, profile_arn, settings, None, None)
+        fargate_queue_arn = compute.ensure_queue(ctx, FARGATE_QUEUE, fargate_ces)
 
     return Environment(
         region=clients.region, account_id=account, job_queue=queue_arn, gpu_job_queue=gpu_queue_arn,
@@ -124,17 +131,21 @@ def build_environment(clients: AwsClients, settings: AwsSettings, needs: Needs,
         gpu_compute_environments=gpu_ces,
         launch_template=f"{template['launchTemplateName']}:{template['version']}" if template else None,
         root_volume_gib=size, prefix=settings.prefix,
+        fargate_job_queue=fargate_queue_arn, fargate_compute_environments=fargate_ces,
     )
 
 
 def _environments(ctx: Ctx, kind_prefix: str, entries: list[str], net: network.Network, profile_arn: str,
                   settings: AwsSettings, template: dict[str, str] | None, image_type: str | None) -> list[str]:
     """Spot (when enabled) then on-demand environments over ``entries``; ARNs in queue order."""
-    kinds = ["spot", "ec2"] if settings.spot else ["ec2"]
+    if kind_prefix == "fargate":
+        kinds = ["fargate-spot", "fargate"] if settings.spot else ["fargate"]
+    else:
+        kinds = [f"{kind_prefix}{k}" for k in (["spot", "ec2"] if settings.spot else ["ec2"])]
     arns = []
     for kind in kinds:
         spec = compute.ComputeSpec(
-            kind=f"{kind_prefix}{kind}", instance_types=entries, network=net, instance_profile=profile_arn,
+            kind=kind, instance_types=entries, network=net, instance_profile=profile_arn,
             max_vcpus=settings.max_vcpus, launch_template=template, image_type=image_type, tags=ctx.tags,
         )
         arns.append(compute.ensure_compute_environment(ctx, spec))

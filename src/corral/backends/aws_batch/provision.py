@@ -15,14 +15,20 @@ from typing import TYPE_CHECKING
 
 from corral.backends.aws_batch.client import AwsClients
 from corral.backends.aws_batch.common import MANAGED_TAG, RUN_TAG
-from corral.backends.aws_batch.environment import DEFAULT_LOG_GROUP, DEFAULT_QUEUE, DEFAULT_TABLE, GPU_QUEUE
+from corral.backends.aws_batch.environment import (
+    DEFAULT_LOG_GROUP,
+    DEFAULT_QUEUE,
+    DEFAULT_TABLE,
+    FARGATE_QUEUE,
+    GPU_QUEUE,
+)
 
 if TYPE_CHECKING:  # pragma: no cover
     from corral.plan import Plan
     from corral.spec import AwsSettings
 
 __all__ = [
-    "DEFAULT_LOG_GROUP", "DEFAULT_QUEUE", "DEFAULT_TABLE", "GPU_QUEUE", "MANAGED_TAG", "RUN_TAG",
+    "DEFAULT_LOG_GROUP", "DEFAULT_QUEUE", "DEFAULT_TABLE", "FARGATE_QUEUE", "GPU_QUEUE", "MANAGED_TAG", "RUN_TAG",
     "Environment", "Needs", "ProvisionReport", "ensure_environment", "needs_for", "teardown",
 ]
 
@@ -45,6 +51,7 @@ class Needs:
     ecr_repositories: list[str] = field(default_factory=list)  # repositories the jobs pull from
     run_id: str | None = None  # when set, run-scoped things (EFS access point) carry corral:run
     efs_name: str | None = None  # the EFS CreationToken/Name; None: corral's shared workspace
+    fargate: bool = False  # also Fargate environments + queue, for stages that fit Fargate
 
 
 @dataclass
@@ -70,6 +77,8 @@ class Environment:
     compute_environments: list[str] = field(default_factory=list)  # ARNs, queue order
     gpu_compute_environments: list[str] = field(default_factory=list)
     launch_template: str | None = None  # "name:version" sizing the root volume, when one is used
+    fargate_job_queue: str | None = None  # ARN, when needs.fargate (jobs need platformCapabilities FARGATE)
+    fargate_compute_environments: list[str] = field(default_factory=list)
     root_volume_gib: int | None = None
     prefix: str = "corral"
 
@@ -161,6 +170,12 @@ def needs_for(plan: Plan) -> Needs:
         if repo and repo not in repos:
             repos.append(repo)
     needs.s3_read, needs.s3_write, needs.ecr_repositories = read, write, repos
+    # Fargate only when asked for (`fargate` in aws.instance_types) and some stage fits it.
+    from corral.instances import fargate_size, wants_fargate
+
+    needs.fargate = wants_fargate(list(settings.instance_types)) and any(
+        fargate_size(s.resources) is not None for s in stages
+    )
     # {workdir} is the run's shared workspace: on AWS it lives on EFS, so using it needs EFS.
     needs.efs = needs.efs or uses_workdir
     needs.bucket = bool(settings.bucket)
