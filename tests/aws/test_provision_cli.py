@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from botocore.exceptions import ClientError, EndpointConnectionError, NoCredentialsError
+from botocore.exceptions import ClientError, EndpointConnectionError, NoCredentialsError, ParamValidationError
 
 from corral.backends.aws_batch import AwsClients, Needs, ensure_environment
 from corral.backends.aws_batch.client import aws_errors, translate
@@ -77,6 +77,7 @@ def test_denied_and_other_client_errors_are_translated() -> None:
     assert isinstance(translate(NoCredentialsError(), "x"), CredentialsError)
     assert isinstance(translate(EndpointConnectionError(endpoint_url="http://x"), "x"), ProvisionError)
     assert translate(ValueError("mine"), "x") is None
+    assert translate(ParamValidationError(report="bad"), "x") is None  # our bug: keep the traceback
     with pytest.raises(ValueError), aws_errors("x"):
         raise ValueError("not botocore's: left alone")
 

@@ -221,6 +221,7 @@ def translate(exc: BaseException, action: str) -> CorralError | None:
             EndpointConnectionError,
             NoCredentialsError,
             NoRegionError,
+            ParamValidationError,
             PartialCredentialsError,
             ProfileNotFound,
             TokenRetrievalError,
@@ -255,6 +256,8 @@ def translate(exc: BaseException, action: str) -> CorralError | None:
             )
         return ProvisionError(f"could not {action}: {op} failed with {code}: {msg}",
                               "see the AWS message above; rerun with --debug for the full traceback")
+    if isinstance(exc, ParamValidationError):
+        return None  # a malformed request is corral's bug: shown with its traceback
     if isinstance(exc, BotoCoreError):
         return ProvisionError(f"could not {action}: {exc}", "rerun with --debug for the full traceback")
     return None
