@@ -351,7 +351,10 @@ class AwsBatchBackend:
         if any(t.state == TaskState.CANCELLED for t in tasks):
             state = RunState.CANCELLED
         run.state = state
-        store.save_run(run)
+        # Re-read before writing: another machine may have changed the run's options (a resume).
+        fresh = store.get_run(run.run_id)
+        if fresh.state == RunState.RUNNING:
+            store.save_run(fresh.replace(state=state))
 
     def wait(self, run: RunRecord, store: StateStore, options: RunOptions, max_delay: float = 30.0) -> None:
         """Poll until every task is terminal, with backoff (2 s → ``max_delay``)."""

@@ -74,8 +74,8 @@ class TokenBucket:
                 t = self.clock()
                 self.tokens = min(self.capacity, self.tokens + (t - self.last) * self.rate)
                 self.last = t
-                if self.tokens >= n:
-                    self.tokens -= n
+                if self.tokens >= n - 1e-9:  # (float refills land a hair under whole tokens)
+                    self.tokens = max(0.0, self.tokens - n)
                     return waited
                 wait = (n - self.tokens) / self.rate
                 self.sleep(wait)
