@@ -8,7 +8,7 @@ import pytest
 from provision_helpers import CallLog, managed_census
 
 from corral.backends.aws_batch import AwsClients, Needs, ProvisionReport, ensure_environment, teardown
-from corral.backends.aws_batch.provision import needs_for
+from corral.backends.aws_batch.provision import needs_for, queue_names
 from corral.errors import ProvisionError, UsageError
 from corral.plan import make_plan
 from corral.spec import AwsSettings, loads_workflow
@@ -33,7 +33,10 @@ def test_from_nothing_then_a_second_setup_writes_nothing(clients: AwsClients) ->
     assert {"compute-environment", "job-queue", "role", "instance-profile", "dynamodb-table", "log-group",
             "s3-bucket", "efs", "efs-mount-target", "efs-access-point", "launch-template"} <= kinds
     assert log.creates()
-    assert env.job_queue.endswith(":job-queue/corral") and env.gpu_job_queue.endswith(":job-queue/corral-gpu")
+    names = queue_names(settings, Needs(**FULL))
+    assert names["cpu"].startswith("corral-") and names["gpu"].startswith("corral-gpu-")  # not the plain setup
+    assert env.job_queue.endswith(f":job-queue/{names['cpu']}")
+    assert env.gpu_job_queue.endswith(f":job-queue/{names['gpu']}")
     assert len(env.compute_environments) == 2 and "-spot-" in env.compute_environments[0]
     assert env.table_name == "corral-state" and env.log_group == "/aws/batch/corral"
     assert env.efs_id and env.efs_access_point and env.bucket
@@ -206,11 +209,27 @@ def test_queue_order_is_spot_then_on_demand(clients: AwsClients) -> None:
     spot = clients.batch.describe_compute_environments(computeEnvironments=[env.compute_environments[0]])[
         "computeEnvironments"][0]["computeResources"]
     assert spot["type"] == "SPOT" and spot["allocationStrategy"] == "SPOT_CAPACITY_OPTIMIZED"
-    # turning spot on later re-orders the same queue rather than making a new one
-    env_od = ensure_environment(clients, AwsSettings(spot=False), Needs())
-    assert env_od.job_queue == env.job_queue
-    q = clients.batch.describe_job_queues(jobQueues=[env.job_queue])["jobQueues"][0]
-    assert [o["computeEnvironment"] for o in q["computeEnvironmentOrder"]] == env_od.compute_environments
+
+
+def test_configurations_never_share_a_queue(clients: AwsClients) -> None:
+    """Two setups with different needs (as two concurrent runs may have) keep their own queues:
+    the second does not re-point the first's queue at environments that cannot hold its jobs."""
+    plain = ensure_environment(clients, AwsSettings(), Needs())
+    assert plain.job_queue.endswith(":job-queue/corral")
+    big = ensure_environment(clients, AwsSettings(), Needs(max_disk_gib=500))
+    spot = ensure_environment(clients, AwsSettings(spot=True), Needs())
+    assert len({plain.job_queue, big.job_queue, spot.job_queue}) == 3
+    for env in (plain, big, spot):
+        q = clients.batch.describe_job_queues(jobQueues=[env.job_queue])["jobQueues"][0]
+        assert [o["computeEnvironment"] for o in sorted(q["computeEnvironmentOrder"], key=lambda o: o["order"])] \
+            == env.compute_environments
+    # and a queue named in the settings that corral made is re-pointed when its configuration changes
+    first = ensure_environment(clients, AwsSettings(queue="lab"), Needs())
+    second = ensure_environment(clients, AwsSettings(queue="lab", spot=True), Needs())
+    assert first.job_queue == second.job_queue
+    q = clients.batch.describe_job_queues(jobQueues=["lab"])["jobQueues"][0]
+    assert [o["computeEnvironment"] for o in sorted(q["computeEnvironmentOrder"], key=lambda o: o["order"])] \
+        == second.compute_environments
 
 
 def test_job_state_time_limits_are_sent(clients: AwsClients) -> None:

@@ -86,7 +86,7 @@ def test_setup_json_then_again_then_teardown(aws: str, capsys: pytest.CaptureFix
     code, out, err = run(["aws", "setup", "--spot", "--max-vcpus", "64", "--json"], capsys)
     assert code == 0, err
     data = json.loads(out)
-    assert data["environment"]["job_queue"].endswith("job-queue/corral")
+    assert "job-queue/corral-" in data["environment"]["job_queue"]  # spot: not the plain queue
     assert data["report"]["created"] and "created" in err and "job queue:" in err
     code, out, err = run(["aws", "setup", "--spot", "--max-vcpus", "64", "--json"], capsys)
     assert code == 0 and json.loads(out)["report"]["created"] == []
@@ -94,7 +94,7 @@ def test_setup_json_then_again_then_teardown(aws: str, capsys: pytest.CaptureFix
     assert code == 2 and "--yes" in err
     code, out, err = run(["aws", "teardown", "--all", "--yes", "--json"], capsys)
     assert code == 0, err
-    assert any(d.startswith("job-queue corral") for d in json.loads(out)["deleted"])
+    assert any(d.startswith("job-queue corral-") for d in json.loads(out)["deleted"])
     code, out, err = run(["aws", "teardown", "--yes"], capsys)
     assert code == 2 and "--all or --run" in err
 

@@ -219,7 +219,7 @@ def test_other_needs_get_their_own_roles(clients: AwsClients) -> None:
 
 def test_fargate_environments_and_queue_when_asked(clients: AwsClients) -> None:
     env = ensure_environment(clients, AwsSettings(spot=True, instance_types=["fargate"]), Needs(fargate=True))
-    assert env.fargate_job_queue and env.fargate_job_queue.endswith("job-queue/corral-fargate")
+    assert env.fargate_job_queue and "job-queue/corral-fargate-" in env.fargate_job_queue
     spot, od = (_ce(clients, a)["computeResources"] for a in env.fargate_compute_environments)
     assert spot["type"] == "FARGATE_SPOT" and od["type"] == "FARGATE"
     assert "instanceTypes" not in od and "instanceRole" not in od and od["subnets"] == env.subnets

@@ -13,9 +13,10 @@
   instance types, subnets, security groups, instance profile, launch template version, AMI type),
   so a changed configuration gets a new environment and an unchanged one is found again.
   ``maxvCpus`` is not in the hash: a different value updates the environment in place.
-- Queues: ``corral`` (or ``aws.queue``) and ``corral-gpu``, ordered spot → on-demand, with
-  ``jobStateTimeLimitActions`` that cancel a job stuck RUNNABLE because no environment can ever
-  hold it (instead of it waiting for ever).
+- Queues: ``corral`` (or ``aws.queue``) and ``corral-gpu`` for the plain configuration, the same
+  names plus a hash for any other (see ``environment.queue_names``: two configurations never
+  share a queue), ordered spot → on-demand, with ``jobStateTimeLimitActions`` that cancel a job
+  stuck RUNNABLE because no environment can ever hold it (instead of it waiting for ever).
 """
 
 from __future__ import annotations

@@ -11,11 +11,11 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from corral.backends.aws_batch import compute, iam, network, storage
 from corral.backends.aws_batch.client import AwsClients
-from corral.backends.aws_batch.common import MANAGED_TAG, NAME, Ctx
+from corral.backends.aws_batch.common import MANAGED_TAG, NAME, Ctx, content_hash
 from corral.errors import ProvisionError
 from corral.instances import expand, split_allowed
 
@@ -73,6 +73,32 @@ def check_needs_fit(settings: AwsSettings, needs: Needs) -> None:
     compute.root_volume_gib(needs.max_disk_gib)  # raises for a disk no root volume can hold
 
 
+def queue_names(settings: AwsSettings, needs: Needs) -> dict[str, str]:
+    """The queue names a configuration uses: ``cpu``, ``gpu`` and ``fargate``.
+
+    A queue sends its jobs to its compute environments, so two configurations must not share
+    one: a run needing 200 GiB of disk would otherwise land on small-disk instances when another
+    setup re-pointed the queue. The plain configuration (on-demand, ``optimal``, default disk)
+    keeps the plain names ``corral`` / ``corral-gpu`` / ``corral-fargate``; any other gets the
+    name plus a hash of what sets it apart. ``aws.queue`` names the CPU queue explicitly.
+    """
+    from corral.instances import DEFAULT_GPU_FAMILIES
+
+    root = compute.root_volume_gib(needs.max_disk_gib)
+    cpu_entries, gpu_entries = split_allowed(list(settings.instance_types))
+
+    def name(base: str, config: dict[str, Any], plain: dict[str, Any]) -> str:
+        return base if config == plain else f"{base}-{content_hash(config, 8)}"
+
+    return {
+        "cpu": settings.queue or name(DEFAULT_QUEUE, {"spot": settings.spot, "types": cpu_entries, "root": root},
+                                      {"spot": False, "types": ["optimal"], "root": None}),
+        "gpu": name(GPU_QUEUE, {"spot": settings.spot, "types": gpu_entries, "root": root},
+                    {"spot": False, "types": list(DEFAULT_GPU_FAMILIES), "root": None}),
+        "fargate": name(FARGATE_QUEUE, {"spot": settings.spot}, {"spot": False}),
+    }
+
+
 def build_environment(clients: AwsClients, settings: AwsSettings, needs: Needs,
                       report: ProvisionReport) -> Environment:
     from corral.backends.aws_batch.provision import Environment
@@ -104,7 +130,8 @@ def build_environment(clients: AwsClients, settings: AwsSettings, needs: Needs,
     template = compute.ensure_launch_template(ctx, size) if size else None
 
     cpu_entries, gpu_entries = split_allowed(list(settings.instance_types))
-    queue_name = settings.queue or DEFAULT_QUEUE
+    names = queue_names(settings, needs)
+    queue_name = names["cpu"]
     queue_arn = compute.existing_foreign_queue(ctx, queue_name) if settings.queue else None
     cpu_ces: list[str] = []
     if queue_arn is None:
@@ -115,12 +142,12 @@ def build_environment(clients: AwsClients, settings: AwsSettings, needs: Needs,
     if needs.gpu:
         gpu_ces = _environments(ctx, "gpu-", gpu_entries, net, profile_arn, settings, template,
                                 compute.GPU_IMAGE_TYPE)
-        gpu_queue_arn = compute.ensure_queue(ctx, GPU_QUEUE, gpu_ces)
+        gpu_queue_arn = compute.ensure_queue(ctx, names["gpu"], gpu_ces)
     fargate_queue_arn = None
     fargate_ces: list[str] = []
     if needs.fargate:
         fargate_ces = _environments(ctx, "fargate", [], net, profile_arn, settings, None, None)
-        fargate_queue_arn = compute.ensure_queue(ctx, FARGATE_QUEUE, fargate_ces)
+        fargate_queue_arn = compute.ensure_queue(ctx, names["fargate"], fargate_ces)
 
     return Environment(
         region=clients.region, account_id=account, job_queue=queue_arn, gpu_job_queue=gpu_queue_arn,

@@ -21,6 +21,7 @@ from corral.backends.aws_batch.environment import (
     DEFAULT_TABLE,
     FARGATE_QUEUE,
     GPU_QUEUE,
+    queue_names,
 )
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -29,7 +30,7 @@ if TYPE_CHECKING:  # pragma: no cover
 
 __all__ = [
     "DEFAULT_LOG_GROUP", "DEFAULT_QUEUE", "DEFAULT_TABLE", "FARGATE_QUEUE", "GPU_QUEUE", "MANAGED_TAG", "RUN_TAG",
-    "Environment", "Needs", "ProvisionReport", "ensure_environment", "needs_for", "teardown",
+    "Environment", "Needs", "ProvisionReport", "ensure_environment", "needs_for", "queue_names", "teardown",
 ]
 
 
