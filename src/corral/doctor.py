@@ -420,7 +420,8 @@ def aws_checks(
 ) -> list[Finding]:
     """Read-only checks of the AWS side (see the module docstring)."""
     from corral.backends.aws_batch.client import aws_errors
-    from corral.backends.aws_batch.environment import DEFAULT_QUEUE, GPU_QUEUE
+    from corral.backends.aws_batch.environment import queue_names
+    from corral.backends.aws_batch.provision import Needs, needs_for
     from corral.errors import CredentialsError
 
     out: list[Finding] = []
@@ -437,10 +438,12 @@ def aws_checks(
         ces = _ce_index(batch)
         queues = _queues(batch)
     opts = (run.options.get("aws_batch", {}) if run is not None else {}) or {}
-    wanted = {settings.queue or DEFAULT_QUEUE}
+    # the queues `corral aws setup` makes for this configuration (provisioning names them)
+    names = queue_names(settings, needs_for(plan) if plan is not None else Needs())
+    wanted = {names["cpu"]}
     gpu_needed = plan is not None and any(s.resources.gpus > 0 for s in plan.workflow.stages)
     if gpu_needed:
-        wanted.add(GPU_QUEUE)
+        wanted.add(names["gpu"])
     for key in ("job_queue", "gpu_job_queue"):
         if opts.get(key):
             wanted.add(str(opts[key]).rsplit("/", 1)[-1])
@@ -480,8 +483,9 @@ def aws_checks(
             if cname in seen:
                 continue
             seen.add(cname)
-            gpu_q = qname == GPU_QUEUE or (opts.get("gpu_job_queue") or "").endswith("/" + qname)
-            out += compute_environment_findings(c, stages, gpu=gpu_q)
+            gpu_q = qname == names["gpu"] or (opts.get("gpu_job_queue") or "").endswith("/" + qname)
+            fargate_q = qname == names.get("fargate")
+            out += compute_environment_findings(c, [] if fargate_q else stages, gpu=gpu_q)
 
     # -- stages with no environment at all: judge them against the workflow's allowed types
     if stages and not queue_ces:

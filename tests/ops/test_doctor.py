@@ -298,9 +298,10 @@ def test_doctor_finds_what_was_broken_on_purpose(aws: str, tmp_path: Path) -> No
     findings = dr.aws_checks(clients, settings, plan=plan)
     errors = {(f.check, f.subject): f for f in findings if f.level == "error"}
     ce_name = env.compute_environments[0].rsplit("/", 1)[-1]
-    assert set(errors) == {("queue", "corral"), ("ce", ce_name), ("fit", "huge"), ("efs", env.efs_id)}
-    assert "DISABLED" in errors[("queue", "corral")].message
-    assert "--state ENABLED" in errors[("queue", "corral")].fix
+    queue = env.job_queue.rsplit("/", 1)[-1]  # this configuration's queue (c5, not the plain `corral`)
+    assert set(errors) == {("queue", queue), ("ce", ce_name), ("fit", "huge"), ("efs", env.efs_id)}
+    assert "DISABLED" in errors[("queue", queue)].message
+    assert "--state ENABLED" in errors[("queue", queue)].fix
     assert "maxvCpus 2, less than the 4 vCPUs stage 'wide'" in errors[("ce", ce_name)].message
     assert "aws.max_vcpus to at least 4" in errors[("ce", ce_name)].fix
     assert "c5.24xlarge" in errors[("fit", "huge")].message  # the largest c5 it could have had
@@ -315,7 +316,7 @@ def test_doctor_finds_what_was_broken_on_purpose(aws: str, tmp_path: Path) -> No
     doc = json.loads(res.stdout)
     assert doc["worst"] == "error"
     got = {(f["check"], f["subject"]) for f in doc["findings"] if f["level"] == "error"}
-    assert ("ce", ce_name) in got and ("queue", "corral") in got and ("fit", "huge") in got
+    assert ("ce", ce_name) in got and ("queue", queue) in got and ("fit", "huge") in got
     assert any("is DISABLED: it launches no instance" in f["message"] for f in doc["findings"])
 
 
