@@ -237,22 +237,23 @@ def status(run_id: str | None, backend: str | None, all_runs: bool, show_tasks: 
     rec = api.resolve_run(store, run_id)
     be = api.get_backend(rec.backend, run=rec)
     if watch:
-        from rich.live import Live
+        from corral.cli_ops import watch_run
 
-        with Live(console=err, auto_refresh=False) as live:
-            while True:
-                tasks = be.refresh(rec, store)
-                rec = store.get_run(rec.run_id)
-                live.update(_stage_table(tasks, title=f"run {rec.run_id}: {rec.state.value.lower()}"), refresh=True)
-                if rec.state.value != "RUNNING" or all(t.state.terminal for t in tasks):
-                    break
-                time.sleep(interval)  # the refresh cadence the user asked for, not a wait for state
+        watch_run(be, rec, store, console=err, interval=interval)
+        if not as_json:
+            return
     tasks = be.refresh(rec, store)
     rec = store.get_run(rec.run_id)
     if as_json:
         out.print_json(json.dumps(_run_json(rec, tasks)))
         return
     err.print(_stage_table(tasks, title=f"run {rec.run_id} ({rec.workflow_name}, {rec.backend}): {rec.state.value.lower()}"))
+    if rec.backend == "aws":
+        from corral.cost import status_cost_line
+
+        line = status_cost_line(store, rec.run_id, tasks)
+        if line:
+            err.print(line, markup=False)
     if show_tasks:
         table = Table(show_edge=False, pad_edge=False)
         for c in ("task", "id", "state", "attempts", "time", "reason"):
@@ -305,10 +306,23 @@ def validate(workflow: str) -> None:
 @click.argument("workflow", type=click.Path(dir_okay=False))
 @click.option("--tasks", "show_tasks", is_flag=True, help="List every task with its command.")
 @click.option("--json", "as_json", is_flag=True, help="The plan as JSON on stdout.")
-def plan(workflow: str, show_tasks: bool, as_json: bool) -> None:
+@click.option("--cost", "with_cost", is_flag=True, help="Estimate what it would cost on AWS Batch (no network).")
+@click.option("--spot/--on-demand", default=None, help="With --cost: price on spot or on-demand (default: aws.spot).")
+@click.option("--duration", "durations", multiple=True, metavar="STAGE=30m",
+              help="With --cost: how long one task of STAGE takes (default: earlier runs, else a stated default).")
+def plan(workflow: str, show_tasks: bool, as_json: bool, with_cost: bool, spot: bool | None,
+         durations: tuple[str, ...]) -> None:
     """Show what WORKFLOW would run: stages, items, tasks, dependencies. Nothing runs."""
     wf = api.load_workflow(workflow)
     p = api.plan(wf)
+    estimate = None
+    if with_cost:
+        from corral.cost import estimate_plan, parse_durations
+
+        estimate = estimate_plan(
+            p, spot=spot, durations=parse_durations(durations, p.stage_order),
+            store=api.open_store("local"),
+        )
     if as_json:
         data = {
             "workflow": wf.name, "items": len(p.items),
@@ -325,7 +339,11 @@ def plan(workflow: str, show_tasks: bool, as_json: bool) -> None:
                 for t in p.tasks
             ],
         }
-        out.print_json(json.dumps(data))
+        if estimate is not None:
+            import dataclasses
+
+            data["cost"] = dataclasses.asdict(estimate)
+        out.print_json(json.dumps(data, default=str))
         return
     table = Table(title=f"{wf.name}: {len(p.items)} items, {len(p.tasks)} tasks", title_justify="left",
                   show_edge=False, pad_edge=False)
@@ -337,6 +355,12 @@ def plan(workflow: str, show_tasks: bool, as_json: bool) -> None:
                       f"{s.resources.vcpus:g}", format_size_mib(s.resources.memory), str(s.resources.gpus),
                       str(s.retries), format_duration(s.timeout), s.image or "-")
     err.print(table)
+    if estimate is not None:
+        from corral.cli_ops import estimate_table
+
+        err.print(estimate_table(estimate))
+        for a in estimate.assumptions:
+            err.print(f"  {a}", markup=False)
     if show_tasks:
         for t in p.tasks:
             cmd = t.command("<run>", "<workdir>")
