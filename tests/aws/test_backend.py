@@ -270,3 +270,33 @@ def test_check_refuses_before_any_call(aws: str) -> None:
         assert words in info.value.message or words in str(info.value), (words, info.value)
         assert info.value.hint
     assert counter.count() == 0
+
+
+def test_through_the_api_with_real_provisioning(aws: str, tmp_path: Path) -> None:
+    """corral.api.run → provisioning → submission → status/cancel/resume/logs, DynamoDB state
+    (the state table does not exist beforehand: the first run makes it)."""
+    import corral.api as api
+
+    wf = loads_workflow(
+        """
+name: e2e
+defaults: {image: busybox, retries: 1}
+items: [{s: a}, {s: b}, {s: c}]
+stages:
+  - {name: one, command: "echo {s}"}
+  - {name: two, needs: [one], command: "echo two {s}"}
+  - {name: fin, per: run, needs: [two], command: "echo fin"}
+"""
+    )
+    rec = api.run(wf, backend="aws", options=RunOptions(wait=True))
+    assert rec.state == RunState.SUCCEEDED
+    assert rec.options["aws_batch"]["round0_chunks"] == [3]
+    store = api.open_store("aws", wf)
+    assert api.counts(api.status(rec.run_id, store=store))["SUCCEEDED"] == 7
+    api.cancel(rec.run_id, store=store)  # nothing left to cancel: the run keeps its state
+    assert store.get_run(rec.run_id).state == RunState.SUCCEEDED
+    jobs_before = len(moto_parent_jobs())
+    again = api.resume(rec.run_id, store=store, options=RunOptions(wait=False))
+    assert again.state == RunState.SUCCEEDED and len(moto_parent_jobs()) == jobs_before  # nothing resubmitted
+    lines = list(api.logs(rec.run_id, "two[b]", store=store))
+    assert len(lines) == 1 and "no output" in lines[0]  # moto without Docker writes no log streams

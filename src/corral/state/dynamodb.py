@@ -90,15 +90,11 @@ class DynamoStore:
         run = run.replace(updated_at=run.updated_at or run.created_at)
         with self._errors(f"record run {run.run_id}"):
             try:
-                self.client.put_item(
-                    TableName=self.table,
-                    Item={"pk": _s(pk), "sk": _s("RUN"), "d": _s(_run_json(run)), "chunks": _n(len(parts))},
-                    ConditionExpression="attribute_not_exists(pk)",
-                )
-            except self.client.exceptions.ConditionalCheckFailedException:
-                raise StateError(
-                    f"run {run.run_id} exists already", "use `corral resume` to go on with it"
-                ) from None
+                self._put_run_head(run, len(parts))
+            except self.client.exceptions.ResourceNotFoundException:
+                # First run in this account/region: make the table (provisioning would find it).
+                self.create_table_if_missing()
+                self._put_run_head(run, len(parts))
             items: list[dict[str, Any]] = [
                 {"pk": _s(pk), "sk": _s(f"MANIFEST#{i:04d}"), "b": {"B": part}} for i, part in enumerate(parts)
             ]
@@ -110,6 +106,16 @@ class DynamoStore:
                 {"pk": _s("RUNS"), "sk": _s(f"{run.created_at:020.6f}#{run.run_id}"), "run_id": _s(run.run_id)}
             )
             self._batch_put(items)
+
+    def _put_run_head(self, run: RunRecord, parts: int) -> None:
+        try:
+            self.client.put_item(
+                TableName=self.table,
+                Item={"pk": _s(_run_pk(run.run_id)), "sk": _s("RUN"), "d": _s(_run_json(run)), "chunks": _n(parts)},
+                ConditionExpression="attribute_not_exists(pk)",
+            )
+        except self.client.exceptions.ConditionalCheckFailedException:
+            raise StateError(f"run {run.run_id} exists already", "use `corral resume` to go on with it") from None
 
     def get_run(self, run_id: str) -> RunRecord:
         with self._errors(f"read run {run_id}"):

@@ -247,7 +247,8 @@ class AwsBatchBackend:
             for t in tasks if not t.state.terminal
         ]
         store.save_tasks(cancelled)
-        store.save_run(store.get_run(run.run_id).replace(state=RunState.CANCELLED))
+        if cancelled:  # a run that had already ended keeps its state
+            store.save_run(store.get_run(run.run_id).replace(state=RunState.CANCELLED))
 
     def logs(
         self, run: RunRecord, store: StateStore, task: TaskRecord, attempt: int | None, follow: bool
@@ -276,6 +277,8 @@ class AwsBatchBackend:
                 yield f"(task {task.label} has no output yet: {job['status']})"
                 return
             lines, _ = reader.read(group, stream)
+            if not lines:
+                yield f"(task {task.label} has written no output: log stream {group}/{stream} is empty or gone)"
             yield from lines
             return
 
