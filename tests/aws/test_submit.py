@@ -335,3 +335,63 @@ def test_plan_fixture_roundtrip(tmp_path: Path) -> None:
         assert [ta.row(t) for t in plan.stage_tasks(s)] == [tb.row(t) for t in again.stage_tasks(s)]
         assert ta.env == tb.env
     assert os.environ.get("AWS_ENDPOINT_URL") is None or "127.0.0.1" in os.environ["AWS_ENDPOINT_URL"]
+
+
+_CHILD = r"""
+import json, os, signal, sys
+sys.path.insert(0, sys.argv[1])
+from test_backend_support import FakeEnvironment, record_run
+from corral.backends.aws_batch.backend import AwsBatchBackend
+from corral.backends.aws_batch.client import AwsClients
+from corral.backends.base import RunOptions
+from corral.plan import make_plan
+from corral.spec import loads_workflow
+from corral.state.sqlite import SqliteStore
+
+env = FakeEnvironment(**json.loads(sys.argv[2]))
+kill_at, db = int(sys.argv[3]), sys.argv[4]
+plan = make_plan(loads_workflow(sys.argv[5]), items=[{"session": f"s{i:05d}", "subject": f"sub{i % 7}"} for i in range(1000)])
+store = SqliteStore(db)
+run = record_run(store, plan)
+clients = AwsClients()
+n = {"calls": 0}
+def hook(**kw):
+    n["calls"] += 1
+    if n["calls"] == kill_at:
+        os.kill(os.getpid(), signal.SIGKILL)
+clients.register_hook("after-call.batch.*", hook)
+AwsBatchBackend(clients, environment=env).start(plan, run, store, RunOptions(wait=False))
+"""
+
+
+@pytest.mark.parametrize("kill_at", [3, 6])  # after the first and the second SubmitJob
+def test_kill_minus_nine_after_a_submit_then_resume(aws: str, tmp_path: Path, kill_at: int) -> None:
+    """A real kill -9 of the submitting process right after AWS accepted a SubmitJob."""
+    import dataclasses
+    import signal
+    import subprocess
+    import sys
+
+    from test_backend_support import FakeEnvironment
+
+    clients = AwsClients()
+    env: FakeEnvironment = make_environment(clients)
+    text = workflow_text(0).replace("items:\n", "")
+    db = tmp_path / "s.db"
+    proc = subprocess.run(
+        [sys.executable, "-c", _CHILD, str(Path(__file__).parent), json.dumps(dataclasses.asdict(env)),
+         str(kill_at), str(db), text],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert proc.returncode == -signal.SIGKILL, proc.stderr
+    store = SqliteStore(db)
+    run = store.get_run("run-1")
+    plan = make_plan(loads_workflow(text), items=[{"session": f"s{i:05d}", "subject": f"sub{i % 7}"}
+                                                  for i in range(1000)])
+    assert [t.id for t in plan.tasks] == [t.task_id for t in store.get_tasks("run-1")]
+    before = len(moto_parent_jobs())
+    assert before >= 1
+    _backend(AwsClients(), env).resume(plan, run, store, RunOptions(wait=False))
+    tasks = store.get_tasks("run-1")
+    runs = _runs_per_task(moto_parent_jobs())
+    assert runs == collections.Counter({t.task_id: 1 for t in tasks})
