@@ -300,3 +300,40 @@ stages:
     assert again.state == RunState.SUCCEEDED and len(moto_parent_jobs()) == jobs_before  # nothing resubmitted
     lines = list(api.logs(rec.run_id, "two[b]", store=store))
     assert len(lines) == 1 and "no output" in lines[0]  # moto without Docker writes no log streams
+
+
+def test_refresh_lists_only_what_it_cannot_infer(aws: str, tmp_path: Path) -> None:
+    clients = AwsClients()
+    env = make_environment(clients)
+    one_stage = "name: few\ndefaults: {image: busybox}\nstages:\n  - {name: work, command: 'work {session}'}\n"
+    plan = _plan(30, one_stage)
+    store = SqliteStore(tmp_path / "s.db")
+    run = record_run(store, plan)
+    be = _backend(clients, env)
+    be.start(plan, run, store, RunOptions(wait=False))
+    (parent,) = {t.external_id.split(":")[0] for t in store.get_tasks(run.run_id)}
+    children = moto_batch_backend()._jobs[parent]._child_jobs
+    # Everything still waiting: the parent's summary says so; no ListJobs at all.
+    moto_batch_backend()._jobs[parent].status = "RUNNABLE"
+    for c in children:
+        _steer(c.job_id, "RUNNABLE")
+    counter = CallCounter(clients)
+    got = be.refresh(run, store)
+    assert counter.calls == [("batch", "DescribeJobs")]
+    assert all(t.state == TaskState.SUBMITTED for t in got)
+    # Mixed: FAILED and RUNNING are listed; the waiting ones are listed and the SUCCEEDED inferred.
+    for i, c in enumerate(children):
+        if i >= 16:
+            _steer(c.job_id, "SUCCEEDED", exit_code=0)
+        elif i >= 11:
+            _steer(c.job_id, "RUNNING")
+        elif i == 10:
+            _steer(c.job_id, "FAILED", "Essential container in task exited", 2)
+    counter.reset()
+    got = be.refresh(run, store)
+    assert sorted(counter.calls) == [("batch", "DescribeJobs")] + [("batch", "ListJobs")] * 3
+    by_index = {int(t.external_id.split(":")[1]): t.state for t in got}
+    assert [by_index[i] for i in (0, 9, 10, 11, 15, 16, 29)] == [
+        TaskState.SUBMITTED, TaskState.SUBMITTED, TaskState.FAILED, TaskState.RUNNING, TaskState.RUNNING,
+        TaskState.SUCCEEDED, TaskState.SUCCEEDED,
+    ]

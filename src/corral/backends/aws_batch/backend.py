@@ -37,8 +37,7 @@ from corral.spec import AwsSettings
 from corral.state.base import StateStore
 
 CANCEL_REASON = "cancelled by corral"
-_WAITING = {"SUBMITTED", "PENDING", "RUNNABLE", "STARTING"}
-_ORDER = ["FAILED", "RUNNING", "STARTING", "RUNNABLE", "PENDING", "SUBMITTED"]
+_WAITING_ORDER = ["STARTING", "RUNNABLE", "PENDING", "SUBMITTED"]
 RESERVED_ENV_PREFIXES = ("AWS_BATCH_", "ECS_")
 
 
@@ -298,26 +297,49 @@ class AwsBatchBackend:
         )
 
     def _children(self, parent: str, job: dict[str, Any]) -> dict[str, dict[str, Any]]:
-        """Child job id → summary, with as few ListJobs calls as the status summary allows."""
+        """Child job id → summary, with as few ListJobs calls as the status summary allows.
+
+        FAILED and RUNNING children are listed (their tasks change state); of the rest, either
+        the SUCCEEDED ones or the waiting ones (SUBMITTED…STARTING, all "submitted" to corral)
+        are listed — whichever takes fewer pages — and the other kind is inferred, checked
+        against the summary's counts (listed again if children moved meanwhile)."""
         size = int(job["arrayProperties"]["size"])
         summary = job["arrayProperties"].get("statusSummary") or {}
-        out: dict[str, dict[str, Any]] = {}
+        times = {"startedAt": job.get("startedAt"), "stoppedAt": job.get("stoppedAt")}
+        succeeded = {"status": "SUCCEEDED", **times}
+        waiting_summary = {"status": "SUBMITTED"}
         if job.get("status") == "SUCCEEDED" or summary.get("SUCCEEDED", 0) == size:
-            fake = {"status": "SUCCEEDED", "startedAt": job.get("startedAt"), "stoppedAt": job.get("stoppedAt")}
-            return {f"{parent}:{i}": fake for i in range(size)}
-        for status in _ORDER:
-            if summary.get(status, 0) > 0:
-                for s in self.api.list_jobs(f"list {status} children of {parent}", arrayJobId=parent, jobStatus=status):
-                    out[s["jobId"]] = s
-        unlisted = size - len(out)
-        if unlisted and unlisted == summary.get("SUCCEEDED", 0):
-            fake = {"status": "SUCCEEDED", "startedAt": job.get("startedAt"), "stoppedAt": job.get("stoppedAt")}
-            for i in range(size):
-                out.setdefault(f"{parent}:{i}", fake)
-        elif unlisted:
-            # Children moved while we listed: read the succeeded ones too rather than guess.
-            for s in self.api.list_jobs(f"list SUCCEEDED children of {parent}", arrayJobId=parent, jobStatus="SUCCEEDED"):
+            return {f"{parent}:{i}": succeeded for i in range(size)}
+        out: dict[str, dict[str, Any]] = {}
+
+        def list_status(status: str) -> None:
+            for s in self.api.list_jobs(f"list {status} children of {parent}", arrayJobId=parent, jobStatus=status):
                 out.setdefault(s["jobId"], s)
+
+        for status in ("FAILED", "RUNNING"):
+            if summary.get(status, 0) > 0:
+                list_status(status)
+        waiting = [s for s in _WAITING_ORDER if summary.get(s, 0) > 0]
+        n_succ = summary.get("SUCCEEDED", 0)
+        pages = lambda n: -(-n // 1000)  # noqa: E731
+        if waiting and n_succ and pages(n_succ) < sum(pages(summary[s]) for s in waiting):
+            listed, inferred, expect = ["SUCCEEDED"], waiting_summary, sum(summary[s] for s in waiting)
+        elif n_succ:
+            listed, inferred, expect = waiting, succeeded, n_succ
+        else:
+            listed, inferred, expect = [], waiting_summary, sum(summary.get(s, 0) for s in waiting)
+        for status in listed:
+            list_status(status)
+        unlisted = size - len(out)
+        if unlisted and unlisted != expect:
+            # Children moved between DescribeJobs and ListJobs: list the rest rather than guess.
+            for status in ["SUCCEEDED", *_WAITING_ORDER]:
+                if status not in listed:
+                    list_status(status)
+            unlisted = size - len(out)
+        if unlisted:
+            for i in range(size):
+                out.setdefault(f"{parent}:{i}", inferred)
         return out
 
     @staticmethod
