@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import resource
 import statistics
 import subprocess
 import sys
@@ -94,7 +93,6 @@ def main() -> None:
         print(f"{'process':<36} {'MiB':>9}")
         print(f"{'python + yaml + pydantic imported':<36} {int(floor.stdout) / 1024:>9.1f}")
         print(f"{'corral.plan() of 10,000 tasks':<36} {int(peak.stdout) / 1024:>9.1f}")
-    del resource
 
 
 if __name__ == "__main__":
