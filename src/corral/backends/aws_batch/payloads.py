@@ -239,6 +239,7 @@ class StageTable:
         self.workdir = workdir
         stage = tasks[0].stage
         envs = [t.env(run_id, workdir) for t in tasks]
+        self._envs = {t.id: e for t, e in zip(tasks, envs, strict=True)}
         first = envs[0]
         constant = {k: v for k, v in first.items() if k not in PER_TASK_KEYS}
         for env in envs[1:]:
@@ -275,7 +276,7 @@ class StageTable:
         self._per_row_argv = argv is None
 
     def row(self, task: Task) -> str:
-        env = task.env(self.run_id, self.workdir)
+        env = self._envs.get(task.id) or task.env(self.run_id, self.workdir)
         values = []
         for c in self.columns:
             if c == "CORRAL_ARGV":
