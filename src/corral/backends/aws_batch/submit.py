@@ -345,7 +345,8 @@ class Submitter:
         # 1. intent, before any SubmitJob
         opts = run.options.setdefault(OPTIONS_KEY, {})
         opts["round"] = round_
-        if round_ == 0:
+        if round_ == 0 and len(to_submit) == len(plan.tasks):
+            # Every task, items 0..n-1 in order: the chunk sizes name every task's job and child.
             opts["round0_chunks"] = sizes
             self.store.save_run(run)
         else:
