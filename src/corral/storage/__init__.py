@@ -68,6 +68,11 @@ def uri_times(
     return remote_times(loc, config_path=rclone_config)
 
 
+# S3 LastModified and many rclone remotes keep whole seconds: an output written in the same second
+# as its input would otherwise look older than it (rsync's --modify-window, for the same reason).
+MODIFY_WINDOW_S = 1.0
+
+
 def outputs_exist(
     outputs: list[str], inputs: list[str], *, run_id: str, workdir: str, base_dir: Path,
     s3: Any = None, rclone_config: Path | None = None,
@@ -89,7 +94,7 @@ def outputs_exist(
         return True
     for uri in inputs:
         _, _, newest = uri_times(parse(uri, workdir=workdir, base_dir=base_dir), s3=s3, rclone_config=rclone_config)
-        if newest is not None and newest > oldest_out:
+        if newest is not None and newest > oldest_out + MODIFY_WINDOW_S:
             return False
     return True
 
