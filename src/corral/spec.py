@@ -37,6 +37,12 @@ MAX_GPUS = 16
 MAX_DISK_GIB = 16 * 1024
 
 
+def _check_name(kind: str, v: str) -> str:
+    if not NAME_RE.match(v):
+        raise ValueError(f"{kind} name {v!r} must start with a letter and hold only letters, digits, - and _ (≤ 63)")
+    return v
+
+
 def _memory_mib(v: object) -> int:
     return -(-parse_size(v, default_unit="MiB") // 2**20)
 
@@ -136,11 +142,7 @@ class Stage(StageFields):
     @field_validator("name")
     @classmethod
     def _name(cls, v: str) -> str:
-        if not NAME_RE.match(v):
-            raise ValueError(
-                f"stage name {v!r} must start with a letter and hold only letters, digits, - and _ (≤ 63)"
-            )
-        return v
+        return _check_name("stage", v)
 
     @field_validator("command")
     @classmethod
@@ -198,11 +200,7 @@ class Workflow(Model):
     @field_validator("name")
     @classmethod
     def _name(cls, v: str) -> str:
-        if not NAME_RE.match(v):
-            raise ValueError(
-                f"workflow name {v!r} must start with a letter and hold only letters, digits, - and _ (≤ 63)"
-            )
-        return v
+        return _check_name("workflow", v)
 
     @model_validator(mode="after")
     def _unique_stages(self) -> Workflow:
