@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 from corral.backends.aws_batch import payloads as pl
@@ -86,6 +87,7 @@ class AwsBatchBackend:
         self.after_submit = after_submit
         self._bucket = bucket or TokenBucket(clock=clock, sleep=sleep)
         self._api: BatchApi | None = None
+        self._secrets: dict[str, str] = {}
 
     @property
     def api(self) -> BatchApi:
@@ -100,6 +102,13 @@ class AwsBatchBackend:
 
             needs = provision.needs_for(plan)
             needs.run_id = run_id
+            if run_id:
+                from corral.storage.aws import workflow_remotes
+                from corral.storage.secrets import secret_name
+
+                name = secret_name(run_id, "rclone")  # the execution role reads corral/<run>/rclone-*
+                if workflow_remotes(plan.workflow) and name not in needs.secrets:
+                    needs.secrets.append(name)
             ensure = self._ensure or provision.ensure_environment
             self._environment = ensure(self.clients, self.settings, needs)
         return self._environment
@@ -121,12 +130,8 @@ class AwsBatchBackend:
         wf = plan.workflow
         for s in wf.stages:
             if s.kind == "transfer":
-                raise PlanError(
-                    f"stage {s.name!r} is a transfer stage, which the aws backend cannot run yet",
-                    "write it as a command stage with an image that has rclone or the aws CLI",
-                    where=wf.stage_where(s.name),
-                )
-            if not s.image:
+                self._check_transfer(plan, s)
+            elif not s.image and not (s.kind == "cleanup" and s.command is None):
                 raise PlanError(
                     f"stage {s.name!r} has no image; AWS Batch runs every task in a container",
                     "set `image:` on the stage or in `defaults:` (any image with /bin/sh)",
@@ -152,9 +157,42 @@ class AwsBatchBackend:
             return
         check_fits(plan, list(self.settings.instance_types))
 
+    @staticmethod
+    def _check_transfer(plan: Plan, s: Any) -> None:
+        """A transfer job reaches s3://, workspace:// and rclone remotes, not this machine's paths."""
+        from corral.errors import StorageError
+        from corral.storage.uri import WORKSPACE, parse
+
+        wf = plan.workflow
+        for key, uri in (("from", s.source), ("to", s.dest)):
+            if not uri or uri.startswith(WORKSPACE):
+                continue
+            try:
+                local = parse(uri, workdir="/", base_dir=Path("/nonexistent")).kind == "local"
+            except StorageError:
+                local = False  # placeholders not filled in yet: refused (if at all) at submission
+            if local:
+                raise PlanError(
+                    f"stage {s.name!r} is a transfer stage whose `{key}:` ({uri}) is a path on this machine, "
+                    "which an AWS Batch job cannot reach",
+                    "use s3://bucket/key, workspace://path or an rclone remote (name:path) in transfers on AWS",
+                    where=wf.stage_where(s.name),
+                )
+
+    def _rclone_secrets(self, plan: Plan, run: RunRecord) -> dict[str, str]:
+        """Make (or update) the run's rclone-config secret when its transfers use rclone remotes."""
+        from corral.storage.aws import prepare_rclone_secret, workflow_remotes
+
+        if not workflow_remotes(plan.workflow):
+            return {}
+        return prepare_rclone_secret(
+            self.clients.secretsmanager, plan.workflow, run.run_id, tags=dict(self.settings.tags or {})
+        )
+
     def start(self, plan: Plan, run: RunRecord, store: StateStore, options: RunOptions) -> None:
         self.check(plan)
         env = self.environment(plan, run.run_id)
+        self._secrets = self._rclone_secrets(plan, run)
         run.options[OPTIONS_KEY] = {
             "region": env.region,
             "job_queue": env.job_queue,
@@ -171,6 +209,7 @@ class AwsBatchBackend:
     def resume(self, plan: Plan, run: RunRecord, store: StateStore, options: RunOptions) -> None:
         self.check(plan)
         env = self.environment(plan, run.run_id)
+        self._secrets = self._rclone_secrets(plan, run)
         opts = run.options.setdefault(OPTIONS_KEY, {})
         opts.setdefault("region", env.region)
         opts["job_queue"] = opts.get("job_queue") or env.job_queue
@@ -294,6 +333,16 @@ class AwsBatchBackend:
         return Submitter(
             self.api, store, self._context(env), Queues(env.job_queue, getattr(env, "gpu_job_queue", None)),
             tags=dict(self.settings.tags or {}), after_submit=self.after_submit,
+            rclone_secrets=self._secrets, s3_endpoint=self._s3_endpoint(),
+        )
+
+    def _s3_endpoint(self) -> str | None:
+        """The S3 endpoint transfer jobs use: only set for S3-compatible stores (and tests)."""
+        import os
+
+        return (
+            self.clients.endpoint_url or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+            or None
         )
 
     def _children(self, parent: str, job: dict[str, Any]) -> dict[str, dict[str, Any]]:

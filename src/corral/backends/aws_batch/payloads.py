@@ -58,7 +58,7 @@ import hashlib
 import json
 import math
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -232,11 +232,17 @@ class StageTable:
     Built from *all* the stage's tasks (not one chunk), so rows and columns are the same whatever
     the chunking, on every machine and every resume."""
 
-    def __init__(self, tasks: Sequence[Task], run_id: str, workdir: str, *, index_column: bool = True) -> None:
+    def __init__(
+        self, tasks: Sequence[Task], run_id: str, workdir: str, *, index_column: bool = True,
+        argv_of: Callable[[Task], Sequence[str]] | None = None,
+    ) -> None:
+        """``argv_of(task)``, when given, is each task's argv (rendered per task, a column): for
+        stages whose container command is not the stage's ``command`` (transfers, cleanup)."""
         if not tasks:
             raise ValueError("a stage table needs tasks")
         self.run_id = run_id
         self.workdir = workdir
+        self._argv_of = argv_of
         stage = tasks[0].stage
         envs = [t.env(run_id, workdir) for t in tasks]
         self._envs = {t.id: e for t, e in zip(tasks, envs, strict=True)}
@@ -262,7 +268,7 @@ class StageTable:
                     self.columns.remove("CORRAL_ITEM_KEY")
                     constant["CORRAL_KEY_FROM"] = c
                     break
-        argv = argv_template(stage)
+        argv = None if argv_of is not None else argv_template(stage)
         if argv is None:
             self.columns.append("CORRAL_ARGV")
         else:
@@ -280,7 +286,7 @@ class StageTable:
         values = []
         for c in self.columns:
             if c == "CORRAL_ARGV":
-                argv = task.command(self.run_id, self.workdir)
+                argv = self._argv_of(task) if self._argv_of else task.command(self.run_id, self.workdir)
                 values.append(" ".join(sh_quote(a) for a in argv))
             else:
                 values.append(env[c])
@@ -347,6 +353,14 @@ def _content_name(content: Mapping[str, Any]) -> str:
     return f"corral-{digest[:16]}"
 
 
+def image_uri(image: str, ctx: JobContext) -> str:
+    """The image as Batch pulls it: ``ecr://name:tag`` becomes the environment's registry URI
+    (no API call); any other image is returned as written."""
+    from corral.backends.aws_batch.ecr import resolve_image
+
+    return resolve_image(image, account_id=ctx.account_id, region=ctx.region)
+
+
 def job_definition(stage: Stage, ctx: JobContext) -> JobDefinitionSpec:
     """RegisterJobDefinition kwargs for a stage's runtime, named from a hash of their content."""
     if not stage.image:
@@ -362,7 +376,7 @@ def job_definition(stage: Stage, ctx: JobContext) -> JobDefinitionSpec:
     if res.gpus:
         requirements.append({"type": "GPU", "value": str(res.gpus)})
     container: dict[str, Any] = {
-        "image": stage.image,
+        "image": image_uri(stage.image, ctx),
         "command": ["/bin/sh", "-c", WRAPPER],
         "resourceRequirements": requirements,
     }
@@ -411,7 +425,7 @@ def barrier_definition(image: str, ctx: JobContext) -> JobDefinitionSpec:
         "type": "container",
         "platformCapabilities": ["EC2"],
         "containerProperties": {
-            "image": image,
+            "image": image_uri(image, ctx),
             "command": BARRIER_COMMAND,
             "resourceRequirements": [{"type": "VCPU", "value": "1"}, {"type": "MEMORY", "value": "128"}],
             **({"executionRoleArn": ctx.execution_role_arn} if ctx.execution_role_arn else {}),

@@ -38,6 +38,7 @@ from corral.backends.aws_batch.client import aws_errors
 from corral.errors import BackendError
 from corral.model import RunRecord, TaskRecord, TaskState
 from corral.plan import Plan, Task
+from corral.spec import Stage
 from corral.state.base import StateStore
 
 OPTIONS_KEY = "aws_batch"
@@ -263,6 +264,8 @@ class Submitter:
         *,
         tags: Mapping[str, str] | None = None,
         after_submit: Callable[[str, str], None] | None = None,
+        rclone_secrets: Mapping[str, str] | None = None,
+        s3_endpoint: str | None = None,
     ) -> None:
         self.api = api
         self.store = store
@@ -272,6 +275,32 @@ class Submitter:
         self.after_submit = after_submit  # test hook: called with (job name, job id)
         self._defs: dict[str, str] = {}
         self.contiguous = False
+        # {CORRAL_RCLONE_CONFIG: secret ARN} for transfer stages (storage.aws.prepare_rclone_secret)
+        self.rclone_secrets = dict(rclone_secrets or {})
+        self.s3_endpoint = s3_endpoint  # only for S3-compatible stores and tests
+
+    # -- transfer and cleanup stages ----------------------------------------------------------
+    @staticmethod
+    def runs_rclone(stage: Stage) -> bool:
+        """A stage whose container command is built by corral (a transfer, a cleanup without command)."""
+        return stage.kind == "transfer" or (stage.kind == "cleanup" and stage.command is None)
+
+    def job_stage(self, stage: Stage) -> Stage:
+        """The stage as its job definition is built: transfers in the rclone image with the secret."""
+        from corral.storage.aws import job_stage
+
+        return job_stage(stage, secrets=self.rclone_secrets) if self.runs_rclone(stage) else stage
+
+    def _argv_of(self, stage: Stage, run_id: str, workdir: str) -> Callable[[Task], Sequence[str]] | None:
+        if not self.runs_rclone(stage):
+            return None
+        from corral.storage.aws import task_argv
+
+        root = workdir.rsplit("/", 1)[0]
+        return lambda task: task_argv(
+            task, run_id=run_id, workdir=workdir, region=self.ctx.region, workspace_root=root,
+            endpoint=self.s3_endpoint,
+        )
 
     # -- job definitions ----------------------------------------------------------------------
     def definition_arn(self, spec: pl.JobDefinitionSpec) -> str:
@@ -310,8 +339,12 @@ class Submitter:
             stage_tasks = plan.stage_tasks(s)
             if not any(t.id in to_submit for t in stage_tasks):
                 continue
-            per_item = plan.workflow.stage(s).per == "item"
-            tables[s] = pl.StageTable(stage_tasks, run_id, workdir, index_column=not (per_item and self.contiguous))
+            stage = plan.workflow.stage(s)
+            per_item = stage.per == "item"
+            tables[s] = pl.StageTable(
+                stage_tasks, run_id, workdir, index_column=not (per_item and self.contiguous),
+                argv_of=self._argv_of(stage, run_id, workdir),
+            )
             if s not in item_stages:
                 continue
             by_index = {t.index: t for t in stage_tasks}
@@ -374,7 +407,8 @@ class Submitter:
         tags = {**self.tags, "corral:managed": "true", "corral:run": run_id}
         for s in plan.stage_order:
             stage = plan.workflow.stage(s)
-            spec = pl.job_definition(stage, self.ctx)
+            spec = pl.job_definition(self.job_stage(stage), self.ctx)
+            image = self.job_stage(stage).image or ""
             queue = self.queues.for_stage(stage.resources.gpus)
             done: list[TaskRecord] = []
             if stage.per == "item":
@@ -388,7 +422,7 @@ class Submitter:
                         continue
                     deps = self._deps_item(plan, stage, members, c, n, jobs, records, to_submit)
                     name = job_name(run_id, s, round_, c)
-                    deps = self._fan_in(deps, n, name, stage.image or "", queue, tags)
+                    deps = self._fan_in(deps, n, name, image, queue, tags)
                     kwargs = pl.submit_kwargs(
                         job_name=name, job_queue=queue, job_definition=self.definition_arn(spec), size=n,
                         table=pl.encode_table(rows[s][a : a + n]), env=self._chunk_env(tables[s], U[a]),
@@ -406,7 +440,7 @@ class Submitter:
                     continue
                 deps = self._deps_run(plan, stage, jobs, records, to_submit)
                 name = job_name(run_id, s, round_, None)
-                deps = self._fan_in(deps, 1, name, stage.image or "", queue, tags)
+                deps = self._fan_in(deps, 1, name, image, queue, tags)
                 kwargs = pl.submit_kwargs(
                     job_name=name, job_queue=queue, job_definition=self.definition_arn(spec), size=1,
                     table=pl.encode_table([tables[s].row(task)]), env=tables[s].env, depends_on=deps, tags=tags,
