@@ -354,3 +354,22 @@ stages:
     assert workdir.name == "workspace" and run.run_id in str(workdir)
     assert not workdir.exists() and workdir.parent.exists()  # only the workspace went
     assert (tmp_path / "out-a").read_text() == "data\n"
+
+
+def test_a_program_that_does_not_exist_fails_with_its_reason(tmp_path: Path) -> None:
+    wf = write_workflow(tmp_path, """
+name: missing
+items: [{s: a}]
+stages:
+  - name: a
+    retries: 1
+    command: [no-such-program-xyz, "{s}"]
+  - name: b
+    needs: [a]
+    command: "true"
+""")
+    run = corral.run(wf)
+    by = {t.label: t for t in corral.status(run.run_id)}
+    assert by["a[a]"].state == TaskState.FAILED and by["a[a]"].attempts == 2
+    assert by["a[a]"].reason == "cannot start 'no-such-program-xyz': No such file or directory"
+    assert by["b[a]"].state == TaskState.UPSTREAM_FAILED

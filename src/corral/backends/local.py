@@ -15,14 +15,12 @@ from __future__ import annotations
 import contextlib
 import heapq
 import os
-import queue
 import selectors
 import signal
 import socket
 import sys
 import time
-from collections.abc import Callable, Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -343,9 +341,7 @@ class Scheduler:
         self.dirty_attempts: list[AttemptRecord] = []
         self.made_dirs: set[Path] = set()
         self.host = socket.gethostname()
-        self.inflight: dict[str, _Pending] = {}  # handed to a spawner thread
-        self._spawned: queue.SimpleQueue[tuple[_Pending, Future[int]]] = queue.SimpleQueue()
-        self.pool: ThreadPoolExecutor | None = None
+        self.base_env = dict(os.environ)  # read once: copying os.environ per task is measurable
         self.use_engine = None
         if options.runtime == "container":
             self.use_engine = require_engine()
@@ -371,9 +367,6 @@ class Scheduler:
         os.set_blocking(rfd, False)
         self.sel.register(rfd, selectors.EVENT_READ, "signal")
         self.devnull = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
-        self.wake_fd = wfd
-        if self.max_parallel > 1:
-            self.pool = ThreadPoolExecutor(max_workers=min(self.max_parallel, 4), thread_name_prefix="corral-spawn")
         old_wakeup = signal.set_wakeup_fd(wfd, warn_on_full_buffer=False)
         old_handlers = {s: signal.signal(s, self._on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
         old_cwd = os.getcwd()
@@ -383,9 +376,6 @@ class Scheduler:
             self._loop(rfd)
             crashed = False
         finally:
-            if self.pool is not None:
-                self.pool.shutdown(wait=True)
-                self._drain_spawned()
             os.chdir(old_cwd)
             for s, h in old_handlers.items():
                 signal.signal(s, h)
@@ -419,18 +409,17 @@ class Scheduler:
             else:
                 self._launch_ready()
             self._flush()
-            if not self.running and not self.inflight:
+            if not self.running:
                 if self.ready and not self.cancelled:
                     continue  # tasks became ready while launching (skips, failed starts)
                 break
             self._progress()
             for key, _ in self.sel.select(self._next_timeout()):
-                if key.data == "signal":  # a signal, or a spawner thread finished
+                if key.data == "signal":
                     with contextlib.suppress(BlockingIOError):
                         os.read(rfd, 4096)
                     continue
                 self._reap(key.data)
-            self._drain_spawned()
             if not _HAS_PIDFD:
                 for pid in list(self.running):
                     self._reap(pid)
@@ -505,7 +494,7 @@ class Scheduler:
     # -- launching ----------------------------------------------------------------------------
     def _launch_ready(self) -> None:
         deferred: list[tuple[int, str]] = []
-        while self.ready and len(self.running) + len(self.inflight) < self.max_parallel:
+        while self.ready and len(self.running) < self.max_parallel:
             entry = heapq.heappop(self.ready)
             tid = entry[1]
             task = self.plan.by_id[tid]
@@ -524,8 +513,7 @@ class Scheduler:
                 continue
             vcpus = min(task.stage.resources.vcpus, float(self.b.vcpus))
             mem = min(task.stage.resources.memory, self.b.memory_mib)
-            busy = self.running or self.inflight
-            if busy and not (self.free_vcpus >= vcpus - 1e-9 and self.free_mem >= mem):
+            if self.running and not (self.free_vcpus >= vcpus - 1e-9 and self.free_mem >= mem):
                 deferred.append(entry)  # does not fit now; smaller tasks behind it may
                 self.unmet[tid] = 0
                 continue
@@ -556,8 +544,7 @@ class Scheduler:
         return task.command(run_id, workdir), {}
 
     def _spawn(self, task: Task, vcpus: float, mem: int) -> None:
-        """Prepare an attempt here; the fork/exec and log-file creation happen on a spawner thread
-        (they release the GIL), so the loop keeps several workers fed."""
+        """Start one attempt: log files, environment, argv (a container's when an engine runs it)."""
         run_id = self.run_rec.run_id
         rec = self.records[task.id]
         number = rec.attempts + 1
@@ -572,7 +559,7 @@ class Scheduler:
         container_name = None
         argv: list[str] = []
         try:
-            env = dict(os.environ)
+            env = dict(self.base_env)
             task_env = task.env(run_id, workdir)
             secret_env = self._secrets(task)
             env.update(task_env)
@@ -599,34 +586,11 @@ class Scheduler:
                               reason="", exit_code=None, ended_at=None))
         self.free_vcpus -= vcpus
         self.free_mem -= mem
-        pending = _Pending(task, attempt, vcpus, mem, container_name)
-        self.inflight[task.id] = pending
-        if self.pool is None:
-            self._started(pending, _start_process, argv, env, out_path, err_path, self.devnull)
-            return
-        fut = self.pool.submit(_start_process, argv, env, out_path, err_path, self.devnull)
-        fut.add_done_callback(lambda f, p=pending: self._spawned.put((p, f)) or self._wake())
-
-    def _wake(self) -> None:
-        with contextlib.suppress(BlockingIOError, OSError):
-            os.write(self.wake_fd, b"\0")
-
-    def _drain_spawned(self) -> None:
-        while True:
-            try:
-                pending, fut = self._spawned.get_nowait()
-            except queue.Empty:
-                return
-            self._started(pending, fut.result)
-
-    def _started(self, pending: _Pending, start: Callable[..., int], *args: object) -> None:
-        task, attempt = pending.task, pending.attempt
-        del self.inflight[task.id]
         try:
-            pid = start(*args)
+            pid = _start_process(argv, env, out_path, err_path, self.devnull)
         except OSError as exc:
-            self.free_vcpus += pending.vcpus
-            self.free_mem += pending.memory_mib
+            self.free_vcpus += vcpus
+            self.free_mem += mem
             what = exc.filename or "the command"
             self._failed_start(task, attempt.attempt, attempt.started_at or now(), attempt.stdout, attempt.stderr,
                                f"cannot start {what!r}: {exc.strerror}", retryable=True)
@@ -640,16 +604,12 @@ class Scheduler:
                 pidfd = None
         attempt = attempt.replace(pid=pid)
         self.dirty_attempts.append(attempt)
-        limit = task.stage.resources.memory if _explicit_memory(task) and pending.container_name is None else None
-        r = _Running(
+        limit = task.stage.resources.memory if _explicit_memory(task) and container_name is None else None
+        self.running[pid] = _Running(
             task=task, attempt=attempt, pid=pid, pidfd=pidfd,
-            deadline=(attempt.started_at or now()) + task.stage.timeout if task.stage.timeout else None,
-            memory_limit_mib=limit, vcpus=pending.vcpus, memory_mib=pending.memory_mib,
-            container_name=pending.container_name,
+            deadline=started + task.stage.timeout if task.stage.timeout else None,
+            memory_limit_mib=limit, vcpus=vcpus, memory_mib=mem, container_name=container_name,
         )
-        self.running[pid] = r
-        if self.cancelled:
-            self._kill(r, "cancelled")
 
     def _failed_start(
         self, task: Task, number: int, started: float, out_path: str, err_path: str, why: str, *, retryable: bool
@@ -778,7 +738,7 @@ class Scheduler:
             if not r.kill_reason:
                 self._kill(r, "cancelled")
         for rec in list(self.records.values()):
-            if not rec.state.terminal and rec.state != TaskState.RUNNING and rec.task_id not in self.inflight:
+            if not rec.state.terminal and rec.state != TaskState.RUNNING:
                 self._set(rec.replace(state=TaskState.CANCELLED, reason="cancelled", ended_at=now()))
         self.ready.clear()
         self.unmet.clear()
@@ -819,24 +779,13 @@ class Scheduler:
             cb(list(self.records.values()))
 
 
-@dataclass
-class _Pending:
-    """An attempt handed to a spawner thread, not started yet."""
-
-    task: Task
-    attempt: AttemptRecord
-    vcpus: float
-    memory_mib: int
-    container_name: str | None
-
-
 def _explicit_memory(task: Task) -> bool:
     """Memory limits are enforced locally only where the workflow set them."""
     return "memory" in task.stage.resources.model_fields_set
 
 
 def _start_process(argv: list[str], env: dict[str, str], out_path: str, err_path: str, devnull: int) -> int:
-    """Create the attempt's log files and start it in a new session; thread-safe, returns the pid."""
+    """Create the attempt's log files and start it in a new session (posix_spawn); returns the pid."""
     flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC
     fd_out = os.open(out_path, flags, 0o644)
     try:
