@@ -9,7 +9,7 @@ The arguments mean what they mean there; the differences are in how it is done:
 
 - the environment (network, roles, compute environment, queue, table, EFS) comes from corral's
   idempotent provisioning: the region's default VPC or the ``settings``' subnets (no hard-coded
-  ids), narrow IAM roles (no ``*FullAccess`` policy), and bounded polling instead of fixed sleeps;
+  ids), narrow IAM roles (no broad AWS-managed access policy), and bounded polling instead of fixed sleeps;
 - it is provisioned once per process and configuration: a second call submits with two API calls
   (SubmitJob, PutItem), plus RegisterJobDefinition for a new image/size;
 - the job definition is named by a hash of its content, registered only when no ACTIVE one has
