@@ -74,29 +74,44 @@ def _managed_queues(ctx: Ctx) -> list[dict[str, Any]]:
     return out
 
 
-def _queues(ctx: Ctx) -> None:
-    batch = ctx.clients.batch
-    queues = _managed_queues(ctx)
-    for q in queues:
-        if q.get("state") != "DISABLED":
-            batch.update_job_queue(jobQueue=q["jobQueueArn"], state="DISABLED")
-    for q in queues:
-        arn = q["jobQueueArn"]
+def _disable_then_delete(
+    ctx: Ctx, items: list[dict[str, Any]], *, param: str, kind: str, label: str,
+    describe: Callable[..., Any], update: Callable[..., Any], delete: Callable[..., Any],
+) -> None:
+    """Batch queues and compute environments go the same way: disable all, wait until each has
+    settled, delete it, then wait until each is DELETED. ``param`` is the API's name for one
+    (``jobQueue``, ``computeEnvironment``); ``<param>s``, ``<param>Arn``, ``<param>Name`` follow."""
+
+    def current(arn: str) -> list[dict[str, Any]]:
+        return describe(**{f"{param}s": [arn]})[f"{param}s"]
+
+    for it in items:
+        if it.get("state") != "DISABLED":
+            update(**{param: it[f"{param}Arn"]}, state="DISABLED")
+    for it in items:
+        arn = it[f"{param}Arn"]
 
         def settled(arn: str = arn) -> bool:
-            cur = batch.describe_job_queues(jobQueues=[arn])["jobQueues"]
+            cur = current(arn)
             return not cur or cur[0].get("status") not in ("UPDATING", "CREATING")
 
-        ctx.poller.poll(settled, what=f"job queue {q['jobQueueName']} to be disabled", timeout=TIMEOUT)
-        batch.delete_job_queue(jobQueue=arn)
-    for q in queues:
-        arn = q["jobQueueArn"]
+        ctx.poller.poll(settled, what=f"{label} {it[f'{param}Name']} to be disabled", timeout=TIMEOUT)
+        delete(**{param: arn})
+    for it in items:
+        arn = it[f"{param}Arn"]
         ctx.poller.poll(
-            lambda arn=arn: all(x.get("status") == "DELETED"
-                                for x in batch.describe_job_queues(jobQueues=[arn])["jobQueues"]),
-            what=f"job queue {q['jobQueueName']} to be deleted", timeout=TIMEOUT,
+            lambda arn=arn: all(x.get("status") == "DELETED" for x in current(arn)),
+            what=f"{label} {it[f'{param}Name']} to be deleted", timeout=TIMEOUT,
         )
-        _deleted(ctx, "job-queue", q["jobQueueName"])
+        _deleted(ctx, kind, it[f"{param}Name"])
+
+
+def _queues(ctx: Ctx) -> None:
+    batch = ctx.clients.batch
+    _disable_then_delete(
+        ctx, _managed_queues(ctx), param="jobQueue", kind="job-queue", label="job queue",
+        describe=batch.describe_job_queues, update=batch.update_job_queue, delete=batch.delete_job_queue,
+    )
 
 
 def _compute_environments(ctx: Ctx) -> None:
@@ -105,27 +120,11 @@ def _compute_environments(ctx: Ctx) -> None:
     for page in batch.get_paginator("describe_compute_environments").paginate():
         ces += [c for c in page["computeEnvironments"]
                 if c.get("status") != "DELETED" and is_managed(c.get("tags"))]
-    for c in ces:
-        if c.get("state") != "DISABLED":
-            batch.update_compute_environment(computeEnvironment=c["computeEnvironmentArn"], state="DISABLED")
-    for c in ces:
-        arn = c["computeEnvironmentArn"]
-
-        def settled(arn: str = arn) -> bool:
-            cur = batch.describe_compute_environments(computeEnvironments=[arn])["computeEnvironments"]
-            return not cur or cur[0].get("status") not in ("UPDATING", "CREATING")
-
-        ctx.poller.poll(settled, what=f"compute environment {c['computeEnvironmentName']} to be disabled",
-                        timeout=TIMEOUT)
-        batch.delete_compute_environment(computeEnvironment=arn)
-    for c in ces:
-        arn = c["computeEnvironmentArn"]
-        ctx.poller.poll(
-            lambda arn=arn: all(x.get("status") == "DELETED" for x in
-                                batch.describe_compute_environments(computeEnvironments=[arn])["computeEnvironments"]),
-            what=f"compute environment {c['computeEnvironmentName']} to be deleted", timeout=TIMEOUT,
-        )
-        _deleted(ctx, "compute-environment", c["computeEnvironmentName"])
+    _disable_then_delete(
+        ctx, ces, param="computeEnvironment", kind="compute-environment", label="compute environment",
+        describe=batch.describe_compute_environments, update=batch.update_compute_environment,
+        delete=batch.delete_compute_environment,
+    )
 
 
 def _job_definitions(ctx: Ctx, run_id: str | None) -> None:
