@@ -8,6 +8,8 @@ shown with its traceback.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
+
 
 class CorralError(Exception):
     """Base of all errors corral reports to users."""
@@ -74,3 +76,17 @@ class StorageError(CorralError):
     """A data transfer failed."""
 
     headline = "storage error"
+
+
+def did_you_mean(
+    word: object, choices: Sequence[str], *, otherwise: str, quote: Callable[[str], str] = "`{}`".format,
+    show: int = 20,
+) -> str:
+    """The hint for an unknown name: the closest choice ("did you mean `fetch`?"), else the list
+    of choices under ``otherwise`` (at most ``show`` of them; "(none)" when there are none)."""
+    import difflib
+
+    close = difflib.get_close_matches(str(word), list(choices), n=1)
+    if close:
+        return f"did you mean {quote(close[0])}?"
+    return f"{otherwise}: {', '.join(list(choices)[:show]) or '(none)'}"

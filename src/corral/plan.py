@@ -18,7 +18,6 @@ the item's fields and from ``{run}``, ``{stage}``, ``{workdir}``, ``{task}``, ``
 
 from __future__ import annotations
 
-import difflib
 import graphlib
 import hashlib
 import json
@@ -28,7 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from corral.errors import PlanError, SpecError
+from corral.errors import PlanError, SpecError, did_you_mean
 from corral.sources import Item, SourceContext, item_keys, resolve_items
 from corral.spec import Stage, Workflow, loads_workflow
 
@@ -223,10 +222,9 @@ def stage_order(wf: Workflow) -> list[str]:
     for i, s in enumerate(wf.stages):
         for j, need in enumerate(s.needs):
             if need not in names:
-                close = difflib.get_close_matches(need, names, n=1)
                 raise SpecError(
                     f"stage {s.name!r} needs {need!r}, which is not a stage",
-                    f"did you mean `{close[0]}`?" if close else f"stages are: {', '.join(names)}",
+                    did_you_mean(need, names, otherwise="stages are", show=len(names)),
                     where=wf.where("stages", i, "needs", j),
                 )
             if need == s.name:
@@ -296,9 +294,9 @@ def _check_placeholders(wf: Workflow, items: list[Item]) -> None:
                         "give every item that field, or remove the placeholder",
                         where=where,
                     )
-                close = difflib.get_close_matches(name, sorted(available | every), n=1)
-                hint = f"did you mean {{{close[0]}}}?" if close else (
-                    f"item fields are: {', '.join(sorted(common)) or '(none)'}; built-ins: {', '.join(BUILTINS)}"
+                choices = sorted(available | every)
+                hint = did_you_mean(
+                    name, choices, quote="{{{}}}".format, otherwise="item fields and built-ins are", show=len(choices)
                 )
                 raise SpecError(
                     f"placeholder {{{name}}} in stage {s.name!r} is not an item field nor a built-in",

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from corral.errors import SpecError
+from corral.errors import SpecError, did_you_mean
 
 Item = dict[str, Any]
 SourceFn = Callable[[dict[str, Any], "SourceContext"], list[Item]]
@@ -88,11 +88,7 @@ def resolve_items(spec: Any, ctx: SourceContext) -> list[Item]:
         unknown = [k for k in spec if k not in SOURCES]
         hint = f"use exactly one of: {known}"
         if unknown and not keys:
-            import difflib
-
-            close = difflib.get_close_matches(str(unknown[0]), list(SOURCES), n=1)
-            if close:
-                hint = f"did you mean `{close[0]}`?"
+            hint = did_you_mean(unknown[0], sorted(SOURCES), otherwise="use exactly one of")
             raise ctx.error(f"unknown item source {unknown[0]!r}", hint, unknown[0])
         raise ctx.error("an item source mapping needs exactly one source key", hint)
     items = SOURCES[keys[0]](spec, ctx)
@@ -133,10 +129,7 @@ def _inline(spec: list[Any], ctx: SourceContext) -> list[Item]:
 def _check_unknown(spec: dict[str, Any], allowed: set[str], ctx: SourceContext) -> None:
     for k in spec:
         if k not in allowed:
-            import difflib
-
-            close = difflib.get_close_matches(str(k), sorted(allowed), n=1)
-            hint = f"did you mean `{close[0]}`?" if close else f"allowed keys: {', '.join(sorted(allowed))}"
+            hint = did_you_mean(k, sorted(allowed), otherwise="allowed keys", show=len(allowed))
             raise ctx.error(f"unknown key {k!r}", hint, k)
 
 

@@ -6,7 +6,6 @@ items) and ``stages``. See the README's "Workflow reference" for every field.
 
 from __future__ import annotations
 
-import difflib
 import re
 from pathlib import Path
 from typing import Annotated, Any, Literal, get_args, get_origin
@@ -22,7 +21,7 @@ from pydantic import (
     model_validator,
 )
 
-from corral.errors import SpecError
+from corral.errors import SpecError, did_you_mean
 from corral.units import parse_duration, parse_size
 from corral.yamlpos import Located, load_file, load_text
 
@@ -401,8 +400,7 @@ def _spec_error_from(
         key = loc[-1]
         model = _model_at(path[:-1]) if path and path[-1] == key else _model_at(path)
         allowed = sorted(f.alias or n for n, f in model.model_fields.items()) if model else []
-        close = difflib.get_close_matches(str(key), allowed, n=1, cutoff=0.6)
-        hint = f"did you mean `{close[0]}`?" if close else f"allowed keys: {', '.join(allowed)}"
+        hint = did_you_mean(key, allowed, otherwise="allowed keys", show=len(allowed))
         return SpecError(
             f"{_dotted(path[:-1], raw) if len(path) > 1 else '(top level)'}: unknown key {key!r}",
             hint,

@@ -30,13 +30,13 @@ subjects' prefixes are listed. boto3 is imported only when an ``s3://`` dataset 
 
 from __future__ import annotations
 
-import difflib
 import os
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from corral.errors import did_you_mean
 from corral.sources import Item, SourceContext, _check_unknown, _filter, register_source
 
 # The datatype folders of the BIDS specification (raw data).
@@ -153,8 +153,7 @@ def _datatype_list(value: Any, ctx: SourceContext, key: str) -> list[str] | None
         raise ctx.error(f"`{key}` takes a list of datatypes", f"e.g. {key}: [anat, dwi]", key)
     for v in value:
         if v not in DATATYPES:
-            close = difflib.get_close_matches(v, DATATYPES, n=1)
-            hint = f"did you mean `{close[0]}`?" if close else f"BIDS datatypes are: {', '.join(DATATYPES)}"
+            hint = did_you_mean(v, DATATYPES, otherwise="BIDS datatypes are", show=len(DATATYPES))
             raise ctx.error(f"{v!r} is not a BIDS datatype", hint, key)
     return value
 
@@ -206,17 +205,13 @@ def bids_source(spec: dict[str, Any], ctx: SourceContext) -> list[Item]:
     if subjects is not None:
         for w in subjects:
             if not any(_matches(k, [w]) for k in known_subjects):
-                close = difflib.get_close_matches(w, known_subjects, n=1)
-                hint = f"did you mean {close[0]!r}?" if close else (
-                    f"subjects are: {', '.join(known_subjects[:20])}" if known_subjects else "check the labels"
-                )
+                hint = did_you_mean(w, known_subjects, quote=repr, otherwise="subjects are")
                 raise ctx.error(f"no subject {w!r} with scans in {root}", hint, "subjects")
     if sessions is not None:
         known_sessions = sorted({s.session for s in scans.values() if s.session})
         for w in sessions:
             if not any(_matches(k, [w]) for k in known_sessions):
-                close = difflib.get_close_matches(w, known_sessions, n=1)
-                hint = f"did you mean {close[0]!r}?" if close else f"sessions are: {', '.join(known_sessions[:20]) or '(none)'}"
+                hint = did_you_mean(w, known_sessions, quote=repr, otherwise="sessions are")
                 raise ctx.error(f"no session {w!r} in {root}", hint, "sessions")
 
     items: list[Item] = []

@@ -46,7 +46,7 @@ from typing import Any
 
 import yaml
 
-from corral.errors import SpecError
+from corral.errors import SpecError, did_you_mean
 from corral.sources import Item, SourceContext, _check_unknown, _filter, register_source
 from corral.yamlpos import Located, load_text
 
@@ -94,12 +94,9 @@ def _kind_name(kind: type) -> str:
 
 
 def _unknown_keys(located: Located, path: tuple[str | int, ...], data: dict[str, Any], allowed: tuple[str, ...], what: str) -> None:
-    import difflib
-
     for key in data:
         if key not in allowed:
-            close = difflib.get_close_matches(str(key), allowed, n=1)
-            hint = f"did you mean `{close[0]}`?" if close else f"{what} keys are: {', '.join(allowed)}"
+            hint = did_you_mean(key, allowed, otherwise=f"{what} keys are", show=len(allowed))
             raise SpecError(f"unknown key {key!r} in {what}", hint, where=located.where((*path, key), key=True))
 
 
@@ -405,10 +402,7 @@ def _names(value: Any, ctx: SourceContext, key: str) -> list[str] | None:
 
 
 def _unknown_filter(wanted: list[str], known: list[str], what: str, ctx: SourceContext, key: str) -> None:
-    import difflib
-
     for w in wanted:
         if w not in known:
-            close = difflib.get_close_matches(w, known, n=1)
-            hint = f"did you mean {close[0]!r}?" if close else f"{what}s are: {', '.join(known[:20])}"
+            hint = did_you_mean(w, known, quote=repr, otherwise=f"{what}s are")
             raise ctx.error(f"no {what} {w!r} in the NeuroConv specification", hint, key)
