@@ -20,7 +20,7 @@ from typing import Any
 import platformdirs
 
 from corral.backends.base import Backend, RunOptions
-from corral.errors import UsageError
+from corral.errors import CorralError, UsageError
 from corral.model import RunRecord, RunState, TaskRecord, TaskState, now
 from corral.plan import Plan, make_plan
 from corral.spec import Workflow, load_workflow
@@ -135,6 +135,20 @@ def resume(
     be = backend_impl or get_backend(rec.backend, p.workflow, rec)
     be.resume(p, rec, store, options or RunOptions())
     return store.get_run(run_id)
+
+
+def open_run_store(backend: str | None, run_id: str | None = None) -> StateStore:
+    """The store of ``backend`` (default local), checked to hold ``run_id`` when one is given."""
+    store = open_store(backend or "local")
+    if run_id:
+        try:
+            store.get_run(run_id)
+        except CorralError as exc:
+            hint = ("for a run on AWS add --backend aws; `corral status --all` lists local runs"
+                    if backend is None else f"`corral status --all --backend {backend}` lists its runs")
+            where = f"local state ({corral_home()})" if backend in (None, "local") else f"{backend} state"
+            raise UsageError(f"no run {run_id!r} in the {where}", hint) from exc
+    return store
 
 
 def resolve_run(store: StateStore, run_id: str | None) -> RunRecord:

@@ -18,7 +18,8 @@ from rich.table import Table
 
 from corral import api
 from corral.backends.base import RunOptions
-from corral.errors import CorralError, UsageError
+from corral.cli_ops import stage_time
+from corral.errors import CorralError
 from corral.model import RunRecord, TaskRecord, TaskState, summarize
 from corral.units import format_duration, format_size_mib
 
@@ -56,17 +57,7 @@ def cli(ctx: click.Context, debug: bool, home: str | None) -> None:
 
 
 # -- helpers ------------------------------------------------------------------------------------
-def _store_for(backend: str | None, run_id: str | None = None) -> Any:
-    store = api.open_store(backend or "local")
-    if run_id and backend is None:
-        try:
-            store.get_run(run_id)
-        except CorralError as exc:
-            raise UsageError(
-                f"no run {run_id!r} in the local state ({api.corral_home()})",
-                "for a run on AWS add --backend aws; `corral status --all` lists local runs",
-            ) from exc
-    return store
+_store_for = api.open_run_store
 
 
 def _stage_table(tasks: list[TaskRecord], title: str | None = None) -> Table:
@@ -78,9 +69,8 @@ def _stage_table(tasks: list[TaskRecord], title: str | None = None) -> Table:
     table.add_column("total", justify="right")
     table.add_column("time (median / max)", justify="right")
     for stage, per in summarize(tasks).items():
-        durs = sorted(d for t in tasks if t.stage == stage and (d := t.duration) is not None and t.ended_at)
-        dur = f"{format_duration(durs[len(durs) // 2])} / {format_duration(durs[-1])}" if durs else "-"
-        table.add_row(stage, *[str(per.get(s, 0) or "") for s in states], str(sum(per.values())), dur)
+        table.add_row(stage, *[str(per.get(s, 0) or "") for s in states], str(sum(per.values())),
+                      stage_time(tasks, stage))
     return table
 
 

@@ -29,16 +29,7 @@ def _backend_option(f: Any) -> Any:
                         help="Where the run lives: local (default) or aws (DynamoDB state table).")(f)
 
 
-def _open_store(backend: str | None, run_id: str | None) -> Any:
-    store = api.open_store(backend or "local")
-    if run_id:
-        try:
-            store.get_run(run_id)
-        except CorralError as exc:
-            hint = ("for a run on AWS add --backend aws; `corral status --all` lists local runs"
-                    if backend is None else "`corral status --all --backend aws` lists runs")
-            raise UsageError(f"no run {run_id!r} in the {backend or 'local'} state", hint) from exc
-    return store
+_open_store = api.open_run_store
 
 
 def print_findings(findings: list[Any]) -> None:
@@ -205,18 +196,26 @@ def register(cli: click.Group) -> None:
 WAITING = ("PENDING", "SUBMITTED")
 
 
+def stage_time(tasks: list[Any], stage: str) -> str:
+    """The "median / max" duration of a stage's ended tasks, or "-" when none has ended."""
+    import statistics
+
+    from corral.units import format_duration
+
+    durs = sorted(t.ended_at - t.started_at for t in tasks
+                  if t.stage == stage and t.started_at is not None and t.ended_at is not None)
+    return f"{format_duration(statistics.median(durs))} / {format_duration(durs[-1])}" if durs else "-"
+
+
 def status_view(run: Any, tasks: list[Any], *, cost: Any = None, max_failures: int = 5) -> Any:
     """A rich renderable: one row per stage with a progress bar and counts, then the first failures
     with their reasons, then the cost so far (``cost``: a :class:`corral.cost.RunCost`)."""
-    import statistics
-
     from rich.console import Group
     from rich.progress_bar import ProgressBar
     from rich.text import Text
 
     from corral.cost import cost_line
     from corral.model import TaskState, summarize
-    from corral.units import format_duration
 
     table = Table(title=f"run {run.run_id} ({run.workflow_name}, {run.backend}): {run.state.value.lower()}",
                   title_justify="left", show_edge=False, pad_edge=False)
@@ -231,9 +230,7 @@ def status_view(run: Any, tasks: list[Any], *, cost: Any = None, max_failures: i
     for stage, per in summarize(tasks).items():
         total = sum(per.values())
         done = sum(n for s, n in per.items() if TaskState(s).terminal)
-        durs = sorted(t.ended_at - t.started_at for t in tasks
-                      if t.stage == stage and t.started_at is not None and t.ended_at is not None)
-        dur = f"{format_duration(statistics.median(durs))} / {format_duration(durs[-1])}" if durs else "-"
+        dur = stage_time(tasks, stage)
         bad = per.get("FAILED", 0) + per.get("CANCELLED", 0)
         bar = ProgressBar(total=max(total, 1), completed=done, width=24,
                           complete_style="red" if bad else "green", finished_style="red" if bad else "green")
