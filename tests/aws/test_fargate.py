@@ -135,12 +135,25 @@ def test_workflow_without_fargate_keeps_everything_on_ec2(aws: str) -> None:
     """Routing follows the workflow: a Fargate queue set up by `corral aws setup --fargate` alone
     is not used by a run whose aws.instance_types leaves `fargate` out."""
     import corral.api as api
+    from corral.backends.aws_batch.provision import Needs
+    from corral.spec import AwsSettings
 
+    clients = AwsClients()
+    setup = ensure_environment(clients, AwsSettings(), Needs(fargate=True))  # `corral aws setup --fargate`
+    assert setup.fargate_job_queue
     wf = loads_workflow(MIXED.replace("[optimal, fargate]", "[optimal]"))
     rec = api.run(wf, backend="aws", options=RunOptions(wait=False))
     assert not rec.options["aws_batch"]["fargate_job_queue"]
-    defs = AwsClients().batch.describe_job_definitions(status="ACTIVE")["jobDefinitions"]
+    assert clients.batch.list_jobs(jobQueue=setup.fargate_job_queue)["jobSummaryList"] == []
+    defs = clients.batch.describe_job_definitions(status="ACTIVE")["jobDefinitions"]
     assert defs and all(d["platformCapabilities"] == ["EC2"] for d in defs)
+
+
+def test_disk_of_fargate_stages_sizes_no_ec2_root_volume() -> None:
+    """fetch's 50 GiB come from Fargate's ephemeral storage: the EC2 side keeps its default root
+    volume (no launch template) when only Fargate stages ask for disk."""
+    assert needs_for(make_plan(loads_workflow(MIXED))).max_disk_gib is None
+    assert needs_for(make_plan(loads_workflow(MIXED.replace("[optimal, fargate]", "[optimal]")))).max_disk_gib == 50
 
 
 def test_fargate_only_refuses_a_stage_that_does_not_fit(aws: str, tmp_path: Path) -> None:
