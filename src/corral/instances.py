@@ -273,14 +273,14 @@ def fargate_usd_hour(resources: Resources, *, spot: bool = False) -> float | Non
 
 
 def fargate_instance(resources: Resources) -> InstanceType | None:
-    """A Fargate task size as a pseudo instance type (for cost placements): ``fargate-<v>x<MiB>``
+    """A Fargate task size as a pseudo instance type (for cost placements): ``fargate-<v>cpu-<GB>gb``
     holding exactly one task, priced per vCPU- and GB-hour (:func:`fargate_usd_hour`)."""
     size = fargate_size(resources)
     if size is None:
         return None
     vcpus, mib = size
     return InstanceType(
-        name=f"fargate-{vcpus:g}vcpu-{mib}mib", vcpus=vcpus, memory_mib=mib, gpus=0, gpu_model="",
+        name=f"fargate-{vcpus:g}cpu-{mib / 1024:g}gb", vcpus=vcpus, memory_mib=mib, gpus=0, gpu_model="",
         on_demand_usd_hour=fargate_usd_hour(resources) or 0.0,
         spot_usd_hour=fargate_usd_hour(resources, spot=True) or 0.0, family="fargate",
     )

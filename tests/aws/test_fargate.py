@@ -295,7 +295,7 @@ def test_cost_prices_fargate_stages_per_vcpu_and_gb_hour() -> None:
     plan = make_plan(loads_workflow(MIXED))
     est = {s.stage: s for s in estimate_plan(plan, durations={"fetch": 3600, "sort": 3600, "report": 1800}).stages}
     # 0.25 vCPU × $0.04048 + 1 GB × $0.004445 + 30 GiB of disk over 20 × $0.000111, per hour
-    assert est["fetch"].instance_type == "fargate-0.25vcpu-1024mib"
+    assert est["fetch"].instance_type == "fargate-0.25cpu-1gb"
     assert est["fetch"].usd_per_task_hour == pytest.approx(0.25 * 0.04048 + 0.004445 + 30 * 0.000111)
     assert est["fetch"].usd == pytest.approx(3 * est["fetch"].usd_per_task_hour)
     assert est["report"].usd == pytest.approx((0.04048 + 3 * 0.004445) / 2)
