@@ -14,6 +14,11 @@ The model, stated once so the figures can be checked by hand:
   more than the stage has tasks.
 - **Price.** On-demand or spot (``aws.spot``, or ``--spot``) hourly list price from the table.
   Spot prices there are indicative, not quotes.
+- **Fargate.** A stage that runs on Fargate (``fargate`` in ``aws.instance_types`` and the
+  stage fits it) pays for its size rounded up to a valid Fargate pair: vCPUs × $0.04048/h +
+  GB × $0.004445/h, plus $0.000111/GB-h of disk over 20 GiB (us-east-1 Linux/x86 list prices,
+  ``instances.FARGATE_*``, used for every region: others cost up to ~30% more); Fargate Spot
+  is assumed at 30% of that.
 - **Duration** of one task of a stage: given (``--duration stage=30m``), else the median of
   the stage's succeeded tasks in earlier runs of the same workflow found in the state store,
   else ``DEFAULT_DURATION_S`` (one hour), and the source is always shown.
@@ -44,7 +49,19 @@ from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from corral.errors import UsageError
-from corral.instances import InstanceType, allowed_for, expand, load_instance_types, table_info
+from corral.instances import (
+    FARGATE_SPOT_FACTOR,
+    FARGATE_USD_EPHEMERAL_GB_HOUR,
+    FARGATE_USD_GB_HOUR,
+    FARGATE_USD_VCPU_HOUR,
+    InstanceType,
+    allowed_for,
+    expand,
+    fargate_instance,
+    load_instance_types,
+    on_fargate,
+    table_info,
+)
 from corral.model import AttemptRecord, RunRecord, TaskRecord, TaskState, now
 from corral.units import parse_duration
 
@@ -92,7 +109,14 @@ def place(resources: Resources, allowed: Sequence[str], *, spot: bool, tasks: in
 
     ``tasks``: how many such tasks there are; an instance is shared by at most that many (a
     48-vCPU instance is no bargain for 3 one-vCPU tasks).
+
+    A stage the AWS backend sends to Fargate (``fargate`` allowed and the task fits it) is priced
+    as one Fargate task of its rounded-up size (``instances.fargate_usd_hour``).
     """
+    if on_fargate(resources, list(allowed)):
+        it = fargate_instance(resources)
+        if it is not None:
+            return Placement(it, 1, spot)
     best: Placement | None = None
     best_key: tuple[float, int, str] | None = None
     for it in expand(allowed_for(resources, list(allowed))):
@@ -246,6 +270,13 @@ def estimate_plan(
         "each task runs once (no retries), billed per second; no boot time, EBS, S3 or transfer costs",
         "a task pays its share of the instance it lands on (instances hold several tasks when they fit)",
     ]
+    if any((s.instance_type or "").startswith("fargate-") for s in stages):
+        assumptions.append(
+            f"Fargate stages: their size rounded up to Fargate's, at ${FARGATE_USD_VCPU_HOUR}/vCPU-h + "
+            f"${FARGATE_USD_GB_HOUR}/GB-h (+ ${FARGATE_USD_EPHEMERAL_GB_HOUR}/GB-h of disk over 20 GiB), us-east-1 "
+            f"Linux/x86 prices used for every region"
+            + (f"; Fargate Spot at {FARGATE_SPOT_FACTOR:.0%} of that (indicative)" if use_spot else "")
+        )
     if any(s.duration_source == "default" for s in stages):
         assumptions.append(
             f"stages without a given or earlier duration are assumed to take {default_duration_s / 60:g} min "

@@ -439,12 +439,15 @@ def aws_checks(
         queues = _queues(batch)
     opts = (run.options.get("aws_batch", {}) if run is not None else {}) or {}
     # the queues `corral aws setup` makes for this configuration (provisioning names them)
-    names = queue_names(settings, needs_for(plan) if plan is not None else Needs())
+    needs = needs_for(plan) if plan is not None else Needs()
+    names = queue_names(settings, needs)
     wanted = {names["cpu"]}
     gpu_needed = plan is not None and any(s.resources.gpus > 0 for s in plan.workflow.stages)
     if gpu_needed:
         wanted.add(names["gpu"])
-    for key in ("job_queue", "gpu_job_queue"):
+    if needs.fargate:
+        wanted.add(names["fargate"])
+    for key in ("job_queue", "gpu_job_queue", "fargate_job_queue"):
         if opts.get(key):
             wanted.add(str(opts[key]).rsplit("/", 1)[-1])
     by_name = {q["jobQueueName"]: q for q in queues if q.get("status") != "DELETED"}
@@ -477,6 +480,11 @@ def aws_checks(
     # -- compute environments
     seen: set[str] = set()
     stages = list(plan.workflow.stages) if plan is not None else []
+    # stages the backend sends to Fargate are not judged against the EC2 environments' types
+    from corral.instances import on_fargate
+
+    ec2_stages = [s for s in stages if not on_fargate(s.resources, list(settings.instance_types))]
+    fargate_queues = {names.get("fargate"), str(opts.get("fargate_job_queue") or "").rsplit("/", 1)[-1]}
     for qname, envs in queue_ces.items():
         for c in envs:
             cname = c["computeEnvironmentName"]
@@ -484,8 +492,8 @@ def aws_checks(
                 continue
             seen.add(cname)
             gpu_q = qname == names["gpu"] or (opts.get("gpu_job_queue") or "").endswith("/" + qname)
-            fargate_q = qname == names.get("fargate")
-            out += compute_environment_findings(c, [] if fargate_q else stages, gpu=gpu_q)
+            fargate_q = qname in fargate_queues
+            out += compute_environment_findings(c, [] if fargate_q else ec2_stages, gpu=gpu_q)
 
     # -- stages with no environment at all: judge them against the workflow's allowed types
     if stages and not queue_ces:

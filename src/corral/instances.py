@@ -55,7 +55,7 @@ def ecs_reserved_mib(memory_mib: int) -> int:
 @dataclass(frozen=True)
 class InstanceType:
     name: str
-    vcpus: int
+    vcpus: float  # whole for EC2 types; Fargate sizes (fargate_instance) may be 0.25 or 0.5
     memory_mib: int
     gpus: int
     gpu_model: str
@@ -235,6 +235,80 @@ def fargate_size(resources: Resources) -> tuple[float, int] | None:
     return None
 
 
+def fargate_only(allowed: list[str]) -> bool:
+    """``aws.instance_types`` is only ``fargate``: every stage must fit Fargate."""
+    return wants_fargate(allowed) and all(is_fargate_entry(e) for e in allowed)
+
+
+def on_fargate(resources: Resources, allowed: list[str]) -> bool:
+    """Is a task of these resources routed to the Fargate queue? Yes when the workflow asks for
+    Fargate (``fargate`` in ``aws.instance_types``) and the task fits it (:func:`fargate_size`)."""
+    return wants_fargate(allowed) and fargate_size(resources) is not None
+
+
+# Fargate prices (Linux/x86, us-east-1, on-demand), per second with a one-minute minimum; the
+# source is https://aws.amazon.com/fargate/pricing/ (figures of 2024-2026, unchanged since 2019's
+# cut). Other regions cost up to ~30% more; corral uses these everywhere (stated in estimates).
+FARGATE_USD_VCPU_HOUR = 0.04048
+FARGATE_USD_GB_HOUR = 0.004445
+FARGATE_USD_EPHEMERAL_GB_HOUR = 0.000111  # storage beyond the 20 GiB every task gets free
+FARGATE_FREE_EPHEMERAL_GIB = 20
+# Fargate Spot's price moves with spare capacity (AWS: "up to 70% off"); corral assumes 30% of
+# the on-demand rate for vCPU and memory (indicative, like the EC2 spot prices).
+FARGATE_SPOT_FACTOR = 0.30
+
+
+def fargate_usd_hour(resources: Resources, *, spot: bool = False) -> float | None:
+    """The hourly price of one task of ``resources`` on Fargate (its rounded-up size), or None
+    when Fargate cannot run it."""
+    size = fargate_size(resources)
+    if size is None:
+        return None
+    vcpus, mib = size
+    compute = vcpus * FARGATE_USD_VCPU_HOUR + mib / 1024 * FARGATE_USD_GB_HOUR
+    if spot:
+        compute *= FARGATE_SPOT_FACTOR
+    extra_disk = max(0, (resources.disk or 0) - FARGATE_FREE_EPHEMERAL_GIB)
+    return compute + extra_disk * FARGATE_USD_EPHEMERAL_GB_HOUR
+
+
+def fargate_instance(resources: Resources) -> InstanceType | None:
+    """A Fargate task size as a pseudo instance type (for cost placements): ``fargate-<v>cpu-<GB>gb``
+    holding exactly one task, priced per vCPU- and GB-hour (:func:`fargate_usd_hour`)."""
+    size = fargate_size(resources)
+    if size is None:
+        return None
+    vcpus, mib = size
+    return InstanceType(
+        name=f"fargate-{vcpus:g}cpu-{mib / 1024:g}gb", vcpus=vcpus, memory_mib=mib, gpus=0, gpu_model="",
+        on_demand_usd_hour=fargate_usd_hour(resources) or 0.0,
+        spot_usd_hour=fargate_usd_hour(resources, spot=True) or 0.0, family="fargate",
+    )
+
+
+def _fargate_field(r: Resources) -> str:
+    """The resources field that keeps a task off Fargate (for error locations)."""
+    if r.gpus:
+        return "gpus"
+    if r.disk is not None and r.disk > FARGATE_MAX_EPHEMERAL_GIB:
+        return "disk"
+    return "vcpus" if r.vcpus > max(FARGATE_SIZES) else "memory"
+
+
+def _fargate_misfit(r: Resources) -> str:
+    """Why a task does not fit Fargate, as ``asks for …, which Fargate …``."""
+    field = _fargate_field(r)
+    if field == "gpus":
+        return f"asks for resources.gpus: {r.gpus}; Fargate has no GPUs"
+    if field == "disk":
+        return f"asks for resources.disk: {r.disk} GiB; Fargate gives at most {FARGATE_MAX_EPHEMERAL_GIB} GiB"
+    if field == "vcpus":
+        return f"asks for resources.vcpus: {r.vcpus:g}; Fargate gives at most {max(FARGATE_SIZES):g} vCPUs"
+    top = FARGATE_SIZES[max(FARGATE_SIZES)][1]
+    return (f"asks for resources.memory: {r.memory} MiB with {r.vcpus:g} vCPUs; Fargate gives at most "
+            f"{top} MiB ({top // 1024} GiB)")
+
+
 def allowed_for(resources: Resources, allowed: list[str]) -> list[str]:
     """The entries of ``allowed`` a task of these resources is routed to (GPU or CPU environment)."""
     cpu, gpu = split_allowed(allowed)
@@ -260,16 +334,26 @@ def check_fits(plan: Plan, allowed: list[str]) -> None:
 
     GPU stages are checked against the GPU entries of ``allowed`` (or the default GPU families),
     others against its CPU entries (or ``optimal``), as the AWS backend routes them. The error
-    names the stage, the file:line of its resources, and the largest instance allowed.
+    names the stage, the file:line of its resources, and the largest instance allowed. With
+    ``fargate`` in ``allowed``, a stage that fits Fargate runs there (nothing more to check); when
+    ``allowed`` is only ``fargate``, a stage that does not fit Fargate is refused.
     """
     wf = plan.workflow
     seen: set[str] = set()
+    only_fargate = fargate_only(allowed)
     for stage in wf.stages:
         if stage.name in seen:
             continue
         seen.add(stage.name)
         r = stage.resources
         where = wf.stage_where(stage.name, "resources")
+        if on_fargate(r, allowed):
+            continue
+        if only_fargate:
+            raise PlanError(f"stage {stage.name!r} {_fargate_misfit(r)}; aws.instance_types is only `fargate`",
+                            "lower the stage's resources to fit Fargate, or add EC2 instance types to "
+                            "aws.instance_types (e.g. [optimal, fargate]) so it runs on EC2",
+                            where=wf.stage_where(stage.name, "resources", _fargate_field(r)))
         if r.disk is not None and r.disk > MAX_ROOT_VOLUME_GIB:
             raise PlanError(
                 f"stage {stage.name!r} asks for {r.disk} GiB of disk; the largest root volume (gp3) is "

@@ -182,6 +182,9 @@ class AwsSettings(Model):
     tags: dict[str, str] = Field(default_factory=dict)
     queue: str | None = None
     efs: bool = False
+    # Fargate jobs get a public IP (to pull images in a public subnet without a NAT gateway);
+    # false for private subnets that reach registries through NAT or VPC endpoints.
+    assign_public_ip: bool = True
 
 
 class Workflow(Model):

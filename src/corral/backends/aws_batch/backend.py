@@ -12,6 +12,7 @@ only the tasks that changed are written back (batched by the store).
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -79,6 +80,7 @@ class AwsBatchBackend:
     ) -> None:
         self.clients = clients
         self.settings = settings or AwsSettings()
+        self._settings_given = settings is not None
         self._environment = environment
         self._ensure = ensure_environment
         self.sleep = sleep
@@ -113,8 +115,16 @@ class AwsBatchBackend:
             self._environment = ensure(self.clients, self.settings, needs)
         return self._environment
 
-    def _context(self, env: Any) -> pl.JobContext:
-        return pl.JobContext.from_environment(env, partition=self.clients.partition())
+    def _aws(self, plan: Plan) -> AwsSettings:
+        """The AWS settings that route this plan: the backend's own when it was given some (the
+        CLI gives the workflow's), else the workflow's ``aws:`` section."""
+        return self.settings if self._settings_given else plan.workflow.aws
+
+    def _context(self, env: Any, plan: Plan | None = None) -> pl.JobContext:
+        ctx = pl.JobContext.from_environment(env, partition=self.clients.partition())
+        if plan is not None:
+            ctx = dataclasses.replace(ctx, assign_public_ip=self._aws(plan).assign_public_ip)
+        return ctx
 
     def _queues(self, run: RunRecord) -> Queues:
         opts = run.options.get(OPTIONS_KEY, {})
@@ -123,7 +133,7 @@ class AwsBatchBackend:
                 f"run {run.run_id} has no AWS Batch queue recorded (it was never submitted)",
                 f"`corral resume {run.run_id}` submits it",
             )
-        return Queues(opts["job_queue"], opts.get("gpu_job_queue"))
+        return Queues(opts["job_queue"], opts.get("gpu_job_queue"), opts.get("fargate_job_queue"))
 
     # -- Backend protocol ---------------------------------------------------------------------
     def check(self, plan: Plan) -> None:
@@ -155,7 +165,7 @@ class AwsBatchBackend:
             from corral.instances import check_fits
         except ImportError:  # pragma: no cover - provisioning's module
             return
-        check_fits(plan, list(self.settings.instance_types))
+        check_fits(plan, list(self._aws(plan).instance_types))
 
     @staticmethod
     def _check_transfer(plan: Plan, s: Any) -> None:
@@ -197,12 +207,14 @@ class AwsBatchBackend:
             "region": env.region,
             "job_queue": env.job_queue,
             "gpu_job_queue": getattr(env, "gpu_job_queue", None),
+            # Fargate's queue, when the workflow asks for Fargate: resume/cancel look for jobs there too
+            "fargate_job_queue": getattr(env, "fargate_job_queue", None),
             "log_group": getattr(env, "log_group", "") or "",
             "table": getattr(env, "table_name", "") or "",
         }
         records = {t.task_id: t for t in store.get_tasks(run.run_id)}
         to_submit = {tid for tid, t in records.items() if t.state == TaskState.PENDING}
-        self._submitter(env, store).submit_round(plan, run, records, to_submit, 0)
+        self._submitter(env, store, plan).submit_round(plan, run, records, to_submit, 0)
         if options.wait:
             self.wait(run, store, options)
 
@@ -214,12 +226,12 @@ class AwsBatchBackend:
         opts.setdefault("region", env.region)
         opts["job_queue"] = opts.get("job_queue") or env.job_queue
         opts["gpu_job_queue"] = opts.get("gpu_job_queue") or getattr(env, "gpu_job_queue", None)
+        opts["fargate_job_queue"] = opts.get("fargate_job_queue") or getattr(env, "fargate_job_queue", None)
         opts.setdefault("log_group", getattr(env, "log_group", "") or "")
         queues = self._queues(run)
         tasks = self.refresh(run, store)
         tasks, adopted = reconcile(
-            self.api, run, store, tasks, [queues.default, queues.gpu or ""],
-            settle_polls=self.settle_polls, sleep=self.sleep,
+            self.api, run, store, tasks, queues.all(), settle_polls=self.settle_polls, sleep=self.sleep,
         )
         if adopted:
             tasks = self.refresh(run, store)  # adopted jobs may have ended
@@ -231,7 +243,7 @@ class AwsBatchBackend:
         round_ = int(opts.get("round", -1)) + 1 if "round" in opts else 0
         if run.state != RunState.RUNNING and to_submit:
             run.state = RunState.RUNNING
-        self._submitter(env, store).submit_round(plan, run, records, to_submit, round_)
+        self._submitter(env, store, plan).submit_round(plan, run, records, to_submit, round_)
         if to_submit:
             store.save_run(run)
         if options.wait:
@@ -270,8 +282,7 @@ class AwsBatchBackend:
         if OPTIONS_KEY in run.options and run.options[OPTIONS_KEY].get("job_queue"):
             queues = self._queues(run)
             tasks, _ = reconcile(
-                self.api, run, store, tasks, [queues.default, queues.gpu or ""],
-                settle_polls=0, sleep=self.sleep,
+                self.api, run, store, tasks, queues.all(), settle_polls=0, sleep=self.sleep,
             )
         parents = list(dict.fromkeys(
             parent_of(t.external_id) for t in tasks if not t.state.terminal and is_job_id(t.external_id)
@@ -329,11 +340,13 @@ class AwsBatchBackend:
         yield from reader.follow(group, current)
 
     # -- helpers ------------------------------------------------------------------------------
-    def _submitter(self, env: Any, store: StateStore) -> Submitter:
+    def _submitter(self, env: Any, store: StateStore, plan: Plan) -> Submitter:
+        queues = Queues(env.job_queue, getattr(env, "gpu_job_queue", None), getattr(env, "fargate_job_queue", None))
         return Submitter(
-            self.api, store, self._context(env), Queues(env.job_queue, getattr(env, "gpu_job_queue", None)),
+            self.api, store, self._context(env, plan), queues,
             tags=dict(self.settings.tags or {}), after_submit=self.after_submit,
             rclone_secrets=self._secrets, s3_endpoint=self._s3_endpoint(),
+            instance_types=list(self._aws(plan).instance_types),
         )
 
     def _s3_endpoint(self) -> str | None:

@@ -121,6 +121,8 @@ class JobContext:
     efs_id: str = ""
     efs_access_point: str = ""
     tags: Mapping[str, str] = field(default_factory=dict)
+    # Fargate jobs: a public IP so they can pull images in a public subnet without NAT (aws.assign_public_ip)
+    assign_public_ip: bool = True
 
     @staticmethod
     def from_environment(env: Any, partition: str = "aws") -> JobContext:
@@ -317,13 +319,25 @@ def row_task_id(table: StageTable | Sequence[str], row: str) -> str | None:
 
 
 # -- job definitions ------------------------------------------------------------------------------
-def retry_strategy(retries: int) -> dict[str, Any]:
-    """attempts = retries + 1; retry infrastructure failures, exit on the task's own failure."""
+# Fargate Spot reclaims a task with this ECS stoppedReason (Batch's statusReason); the container
+# may have exited 137 meanwhile, so it is matched before the exit-code rule.
+FARGATE_SPOT_REASON = "Your Spot Task was interrupted*"
+
+
+def retry_strategy(retries: int, *, fargate: bool = False) -> dict[str, Any]:
+    """attempts = retries + 1; retry infrastructure failures, exit on the task's own failure.
+
+    On EC2 a spot reclaim or instance failure reads ``Host EC2 …``; Fargate has no hosts, and a
+    Fargate Spot interruption reads ``Your Spot Task was interrupted.`` (at most 5 rules)."""
     attempts = max(1, min(MAX_ATTEMPTS, retries + 1))
+    reclaim = (
+        {"onStatusReason": FARGATE_SPOT_REASON, "action": "RETRY"} if fargate
+        else {"onStatusReason": "Host EC2*", "action": "RETRY"}  # spot reclaim, instance failure
+    )
     return {
         "attempts": attempts,
         "evaluateOnExit": [
-            {"onStatusReason": "Host EC2*", "action": "RETRY"},  # spot reclaim, instance failure
+            reclaim,
             {"onStatusReason": "CannotPullContainerError*", "action": "RETRY"},
             {"onReason": "CannotPullContainerError*", "action": "RETRY"},
             {"onExitCode": "*", "action": "EXIT"},  # the command's own failure: `retries` counts them
@@ -361,20 +375,62 @@ def image_uri(image: str, ctx: JobContext) -> str:
     return resolve_image(image, account_id=ctx.account_id, region=ctx.region)
 
 
-def job_definition(stage: Stage, ctx: JobContext) -> JobDefinitionSpec:
-    """RegisterJobDefinition kwargs for a stage's runtime, named from a hash of their content."""
+def fargate_requirements(stage: Stage) -> list[dict[str, str]]:
+    """VCPU/MEMORY of the smallest Fargate size holding the stage (``"0.25"``/``"512"`` and up)."""
+    from corral.instances import fargate_size
+
+    size = fargate_size(stage.resources)
+    if size is None:
+        raise PlanError(
+            f"stage {stage.name!r} does not fit Fargate (GPUs, over 16 vCPUs / 120 GiB, or over 200 GiB of disk)",
+            "this is a corral bug: such a stage goes to the EC2 queue; report it with the workflow",
+        )
+    return [{"type": "VCPU", "value": f"{size[0]:g}"}, {"type": "MEMORY", "value": str(size[1])}]
+
+
+def fargate_properties(ctx: JobContext, disk_gib: int | None = None) -> dict[str, Any]:
+    """What a Fargate job definition adds to ``containerProperties``: its network (public IP or
+    not), platform version (LATEST: EFS needs 1.4.0 or later), and ephemeral storage over the
+    20 GiB every Fargate task gets (21–200 GiB)."""
+    props: dict[str, Any] = {
+        "networkConfiguration": {"assignPublicIp": "ENABLED" if ctx.assign_public_ip else "DISABLED"},
+        "fargatePlatformConfiguration": {"platformVersion": "LATEST"},
+    }
+    if disk_gib is not None and disk_gib > 20:
+        props["ephemeralStorage"] = {"sizeInGiB": int(disk_gib)}
+    return props
+
+
+def _require_execution_role(ctx: JobContext, what: str) -> None:
+    if not ctx.execution_role_arn:
+        raise PlanError(
+            f"{what} runs on Fargate, which needs an execution role, and the environment has none",
+            "run `corral aws setup` (it makes corral's execution role), or leave `fargate` out of aws.instance_types",
+        )
+
+
+def job_definition(stage: Stage, ctx: JobContext, *, fargate: bool = False) -> JobDefinitionSpec:
+    """RegisterJobDefinition kwargs for a stage's runtime, named from a hash of their content.
+
+    ``fargate``: a Fargate job definition (platformCapabilities FARGATE, the size rounded up to a
+    valid Fargate vCPU/memory pair, execution role, network configuration, ephemeral storage for
+    the stage's disk); otherwise an EC2 one (GPUs, scratch on the instance's root volume)."""
     if not stage.image:
         raise PlanError(
             f"stage {stage.name!r} has no image; AWS Batch runs every task in a container",
             "set `image:` on the stage or in `defaults:`",
         )
     res = stage.resources
-    requirements = [
-        {"type": "VCPU", "value": str(max(1, math.ceil(res.vcpus)))},
-        {"type": "MEMORY", "value": str(int(res.memory))},
-    ]
-    if res.gpus:
-        requirements.append({"type": "GPU", "value": str(res.gpus)})
+    if fargate:
+        _require_execution_role(ctx, f"stage {stage.name!r}")
+        requirements = fargate_requirements(stage)
+    else:
+        requirements = [
+            {"type": "VCPU", "value": str(max(1, math.ceil(res.vcpus)))},
+            {"type": "MEMORY", "value": str(int(res.memory))},
+        ]
+        if res.gpus:
+            requirements.append({"type": "GPU", "value": str(res.gpus)})
     container: dict[str, Any] = {
         "image": image_uri(stage.image, ctx),
         "command": ["/bin/sh", "-c", WRAPPER],
@@ -399,11 +455,13 @@ def job_definition(stage: Stage, ctx: JobContext) -> JobDefinitionSpec:
             efs["authorizationConfig"] = {"accessPointId": ctx.efs_access_point, "iam": "ENABLED"}
         container["volumes"] = [{"name": EFS_VOLUME, "efsVolumeConfiguration": efs}]
         container["mountPoints"] = [{"sourceVolume": EFS_VOLUME, "containerPath": EFS_MOUNT}]
+    if fargate:
+        container.update(fargate_properties(ctx, res.disk))
     content: dict[str, Any] = {
         "type": "container",
-        "platformCapabilities": ["EC2"],
+        "platformCapabilities": ["FARGATE" if fargate else "EC2"],
         "containerProperties": container,
-        "retryStrategy": retry_strategy(stage.retries),
+        "retryStrategy": retry_strategy(stage.retries, fargate=fargate),
     }
     if not content["retryStrategy"]["evaluateOnExit"]:
         del content["retryStrategy"]["evaluateOnExit"]
@@ -419,17 +477,23 @@ def job_definition(stage: Stage, ctx: JobContext) -> JobDefinitionSpec:
     return JobDefinitionSpec(name=name, kwargs=kwargs)
 
 
-def barrier_definition(image: str, ctx: JobContext) -> JobDefinitionSpec:
-    """A no-op job definition used to fan in more than 20 dependencies."""
+def barrier_definition(image: str, ctx: JobContext, *, fargate: bool = False) -> JobDefinitionSpec:
+    """A no-op job definition used to fan in more than 20 dependencies (on Fargate: the smallest
+    Fargate size, for barriers in the Fargate queue)."""
+    container: dict[str, Any] = {
+        "image": image_uri(image, ctx),
+        "command": BARRIER_COMMAND,
+        "resourceRequirements": [{"type": "VCPU", "value": "1"}, {"type": "MEMORY", "value": "128"}],
+        **({"executionRoleArn": ctx.execution_role_arn} if ctx.execution_role_arn else {}),
+    }
+    if fargate:
+        _require_execution_role(ctx, "a barrier job")
+        container["resourceRequirements"] = [{"type": "VCPU", "value": "0.25"}, {"type": "MEMORY", "value": "512"}]
+        container.update(fargate_properties(ctx))
     content = {
         "type": "container",
-        "platformCapabilities": ["EC2"],
-        "containerProperties": {
-            "image": image_uri(image, ctx),
-            "command": BARRIER_COMMAND,
-            "resourceRequirements": [{"type": "VCPU", "value": "1"}, {"type": "MEMORY", "value": "128"}],
-            **({"executionRoleArn": ctx.execution_role_arn} if ctx.execution_role_arn else {}),
-        },
+        "platformCapabilities": ["FARGATE" if fargate else "EC2"],
+        "containerProperties": container,
         "retryStrategy": {"attempts": 1},
     }
     name = _content_name(content)

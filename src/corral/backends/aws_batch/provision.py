@@ -171,12 +171,14 @@ def needs_for(plan: Plan) -> Needs:
         if repo and repo not in repos:
             repos.append(repo)
     needs.s3_read, needs.s3_write, needs.ecr_repositories = read, write, repos
-    # Fargate only when asked for (`fargate` in aws.instance_types) and some stage fits it.
-    from corral.instances import fargate_size, wants_fargate
+    # Fargate only when asked for (`fargate` in aws.instance_types) and some stage fits it; the
+    # stages that run there get their disk from Fargate's ephemeral storage, not a root volume.
+    from corral.instances import on_fargate
 
-    needs.fargate = wants_fargate(list(settings.instance_types)) and any(
-        fargate_size(s.resources) is not None for s in stages
-    )
+    allowed = list(settings.instance_types)
+    needs.fargate = any(on_fargate(s.resources, allowed) for s in stages)
+    ec2_disks = [s.resources.disk for s in stages if s.resources.disk and not on_fargate(s.resources, allowed)]
+    needs.max_disk_gib = max(ec2_disks) if ec2_disks else None
     # {workdir} is the run's shared workspace: on AWS it lives on EFS, so using it needs EFS.
     needs.efs = needs.efs or uses_workdir
     needs.bucket = bool(settings.bucket)

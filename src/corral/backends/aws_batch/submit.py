@@ -240,9 +240,22 @@ def reconcile(
 class Queues:
     default: str
     gpu: str | None = None
+    fargate: str | None = None  # platformCapabilities FARGATE jobs only
 
-    def for_stage(self, gpus: int) -> str:
+    def for_stage(self, gpus: int, fargate: bool = False) -> str:
+        if fargate:
+            if not self.fargate:
+                raise BackendError(
+                    "a stage is routed to Fargate but the run has no Fargate job queue",
+                    "run `corral aws setup --fargate` (or `corral resume`, which sets it up), or leave "
+                    "`fargate` out of aws.instance_types",
+                )
+            return self.fargate
         return self.gpu if gpus and self.gpu else self.default
+
+    def all(self) -> list[str]:
+        """Every queue the run uses (jobs are looked for in each)."""
+        return [q for q in (self.default, self.gpu, self.fargate) if q]
 
 
 @dataclass
@@ -266,8 +279,11 @@ class Submitter:
         after_submit: Callable[[str, str], None] | None = None,
         rclone_secrets: Mapping[str, str] | None = None,
         s3_endpoint: str | None = None,
+        instance_types: Sequence[str] = (),
     ) -> None:
         self.api = api
+        # the workflow's aws.instance_types: with `fargate` there, stages that fit go to Fargate
+        self.instance_types = list(instance_types)
         self.store = store
         self.ctx = ctx
         self.queues = queues
@@ -301,6 +317,12 @@ class Submitter:
             task, run_id=run_id, workdir=workdir, region=self.ctx.region, workspace_root=root,
             endpoint=self.s3_endpoint,
         )
+
+    def on_fargate(self, stage: Stage) -> bool:
+        """Does this stage (as its job runs: transfers in rclone's image) go to the Fargate queue?"""
+        from corral.instances import on_fargate
+
+        return on_fargate(self.job_stage(stage).resources, self.instance_types)
 
     # -- job definitions ----------------------------------------------------------------------
     def definition_arn(self, spec: pl.JobDefinitionSpec) -> str:
@@ -407,9 +429,10 @@ class Submitter:
         tags = {**self.tags, "corral:managed": "true", "corral:run": run_id}
         for s in plan.stage_order:
             stage = plan.workflow.stage(s)
-            spec = pl.job_definition(self.job_stage(stage), self.ctx)
+            fargate = self.on_fargate(stage)
+            spec = pl.job_definition(self.job_stage(stage), self.ctx, fargate=fargate)
             image = self.job_stage(stage).image or ""
-            queue = self.queues.for_stage(stage.resources.gpus)
+            queue = self.queues.for_stage(stage.resources.gpus, fargate=fargate)
             done: list[TaskRecord] = []
             if stage.per == "item":
                 if s not in rows:
@@ -422,7 +445,7 @@ class Submitter:
                         continue
                     deps = self._deps_item(plan, stage, members, c, n, jobs, records, to_submit)
                     name = job_name(run_id, s, round_, c)
-                    deps = self._fan_in(deps, n, name, image, queue, tags)
+                    deps = self._fan_in(deps, n, name, image, queue, tags, fargate=fargate)
                     kwargs = pl.submit_kwargs(
                         job_name=name, job_queue=queue, job_definition=self.definition_arn(spec), size=n,
                         table=pl.encode_table(rows[s][a : a + n]), env=self._chunk_env(tables[s], U[a]),
@@ -440,7 +463,7 @@ class Submitter:
                     continue
                 deps = self._deps_run(plan, stage, jobs, records, to_submit)
                 name = job_name(run_id, s, round_, None)
-                deps = self._fan_in(deps, 1, name, image, queue, tags)
+                deps = self._fan_in(deps, 1, name, image, queue, tags, fargate=fargate)
                 kwargs = pl.submit_kwargs(
                     job_name=name, job_queue=queue, job_definition=self.definition_arn(spec), size=1,
                     table=pl.encode_table([tables[s].row(task)]), env=tables[s].env, depends_on=deps, tags=tags,
@@ -533,12 +556,14 @@ class Submitter:
         return deps
 
     def _fan_in(
-        self, deps: list[dict[str, str]], size: int, name: str, image: str, queue: str, tags: Mapping[str, str]
+        self, deps: list[dict[str, str]], size: int, name: str, image: str, queue: str, tags: Mapping[str, str],
+        *, fargate: bool = False,
     ) -> list[dict[str, str]]:
-        """Collapse more than 20 dependencies through no-op barrier jobs of the same array size."""
+        """Collapse more than 20 dependencies through no-op barrier jobs of the same array size
+        (in the dependent's queue, so on Fargate with a Fargate barrier definition)."""
         level = 0
         while len(deps) > pl.MAX_DEPENDS_ON:
-            spec = pl.barrier_definition(image, self.ctx)
+            spec = pl.barrier_definition(image, self.ctx, fargate=fargate)
             arn = self.definition_arn(spec)
             merged: list[dict[str, str]] = []
             for g in range(0, len(deps), pl.MAX_DEPENDS_ON):
