@@ -183,6 +183,7 @@ class AwsSettings(Model):
     tags: dict[str, str] = Field(default_factory=dict)
     queue: str | None = None
     efs: bool = False
+    secrets: Literal["secretsmanager", "ssm"] = "secretsmanager"  # where a run's rclone config is kept
 
 
 class Workflow(Model):
