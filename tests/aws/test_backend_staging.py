@@ -172,8 +172,20 @@ stages:
     fail_all()
     api.resume(run_id, store=store, backend_impl=AwsBatchBackend(clients, wf.aws))
     assert uploads.calls == {"PutObject": 1}
+    uploads.calls.clear()
     now = _objects(clients, bucket, f"corral/staged/{run_id}/")
     assert [v for k, v in now.items() if k.endswith("/s2/a.txt")] == [b"A s2, changed"]
+
+    # A local source needed only by tasks that succeeded may be gone; one needed again may not.
+    from corral.errors import PlanError
+
+    shutil.rmtree(data / "s1")
+    store.save_tasks([t.replace(state=TaskState.FAILED) for t in store.get_tasks(run_id) if t.item_key == "s2"])
+    api.resume(run_id, store=store, backend_impl=AwsBatchBackend(clients, wf.aws))
+    assert uploads.total() == 0
+    fail_all()
+    with pytest.raises(PlanError, match=r"stage 'fetch', item s1: .*local/s1 does not exist"):
+        api.resume(run_id, store=store, backend_impl=AwsBatchBackend(clients, wf.aws))
 
 
 def test_missing_local_source_is_one_line_and_nothing_is_submitted(aws: str, tmp_path: Path) -> None:

@@ -115,6 +115,8 @@ class AwsBatchBackend:
         self._bucket = bucket or TokenBucket(clock=clock, sleep=sleep)
         self._api: BatchApi | None = None
         self._secrets: dict[str, str] = {}
+        # On resume only the tasks to resubmit need their local sources (checked when staging them).
+        self._resuming = False
 
     @property
     def api(self) -> BatchApi:
@@ -173,7 +175,7 @@ class AwsBatchBackend:
         wf = plan.workflow
         for s in wf.stages:
             if s.kind == "transfer":
-                self._check_transfer(plan, s)
+                self._check_transfer(plan, s, sources=not self._resuming)
             elif not s.image and not (s.kind == "cleanup" and s.command is None):
                 raise PlanError(
                     f"stage {s.name!r} has no image; AWS Batch runs every task in a container",
@@ -201,7 +203,7 @@ class AwsBatchBackend:
         check_fits(plan, list(self.settings.instance_types))
 
     @staticmethod
-    def _check_transfer(plan: Plan, s: Any) -> None:
+    def _check_transfer(plan: Plan, s: Any, *, sources: bool = True) -> None:
         """A transfer job reaches s3://, workspace:// and rclone remotes, not this machine's paths:
         a local ``from:`` is staged to S3 before submission (:meth:`_stage_local_sources`); a local
         ``to:`` is refused."""
@@ -223,7 +225,7 @@ class AwsBatchBackend:
                     "write to s3://bucket/key or workspace://path on AWS, then `corral pull` the results here",
                     where=wf.stage_where(s.name),
                 )
-        if s.source and not {"run", "workdir", "task"} & set(template_fields(s.source)):
+        if sources and s.source and not {"run", "workdir", "task"} & set(template_fields(s.source)):
             # Missing local sources are reported before the run is recorded (see _local_sources).
             AwsBatchBackend._local_sources(plan, "", "/nonexistent", stage=s.name)
 
@@ -338,7 +340,11 @@ class AwsBatchBackend:
             self.wait(run, store, options)
 
     def resume(self, plan: Plan, run: RunRecord, store: StateStore, options: RunOptions) -> None:
-        self.check(plan)
+        self._resuming = True
+        try:
+            self.check(plan)
+        finally:
+            self._resuming = False
         env = self.environment(plan, run.run_id)
         self._secrets = self._rclone_secrets(plan, run)
         opts = run.options.setdefault(OPTIONS_KEY, {})

@@ -228,7 +228,7 @@ def _staged_roots(ctx: Ctx, run_id: str) -> list[tuple[str, str]]:
         try:
             tags = s3.get_bucket_tagging(Bucket=b["Name"])["TagSet"]
         except Exception as exc:
-            if error_code(exc) in ("NoSuchTagSet", "NoSuchTagSetError", "AccessDenied") or is_not_found(exc):
+            if error_code(exc):  # untagged, not ours to read, in another region…: not corral's bucket here
                 continue
             raise
         if not is_managed(tags):
