@@ -14,7 +14,10 @@ state table. The secret (only the remotes the workflow's transfers use) is made 
 
 ``s3://`` URIs become rclone's on-the-fly S3 remote with ``env_auth`` (the job role's credentials);
 ``workspace://x`` becomes ``<workdir>/x`` on the run's EFS workspace. Paths on the submitting
-machine cannot be reached from a job and are refused.
+machine cannot be reached from a job: a local ``from:`` is uploaded first
+(:func:`stage_local_source`, under :func:`staged_root`) and the job reads that copy; a local
+``to:`` is refused. With ``aws: secrets: ssm`` the config secret is an SSM SecureString instead
+(:func:`corral.storage.secrets.create_parameter`).
 
 The image: any image with ``/bin/sh`` and **no ENTRYPOINT** (Batch cannot override one; the
 official ``rclone/rclone`` image has ``ENTRYPOINT ["rclone"]`` and so cannot run a wrapped

@@ -15,7 +15,8 @@ Every role lives under the path ``/corral/`` and carries ``corral:managed=true``
   ``kms:Decrypt`` allowed only via SSM for that parameter) it is that run's role: tagged
   ``corral:run`` and removed by ``corral aws teardown --run``.
   ``ecr:GetAuthorizationToken`` has no resource-level permissions in IAM, so that single action
-  is granted on ``"*"`` (the only wildcard resource; no statement has a wildcard action).
+  is granted on ``"*"`` (the only wildcard resource besides ``kms:Decrypt`` on the account's keys,
+  which holds only via SSM for the run's own parameter; no statement has a wildcard action).
 
 Job and execution roles are named by a hash of their policy, so equal needs share one role,
 different needs get their own, and a found role never needs its policy rewritten.
