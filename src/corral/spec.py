@@ -185,6 +185,7 @@ class AwsSettings(Model):
     # Fargate jobs get a public IP (to pull images in a public subnet without a NAT gateway);
     # false for private subnets that reach registries through NAT or VPC endpoints.
     assign_public_ip: bool = True
+    secrets: Literal["secretsmanager", "ssm"] = "secretsmanager"  # where a run's rclone config is kept
 
 
 class Workflow(Model):

@@ -173,7 +173,12 @@ def test_check_takes_remote_transfers_and_refuses_local_paths(aws: str) -> None:
         "  - {name: u, per: run, needs: [t], from: 'workspace://x', to: 's3://bkt-1/x'}\n"
     )
     be.check(make_plan(ok))  # no image needed: transfers run in the rclone image
-    bad = loads_workflow("name: w\nitems: [{a: 1}]\nstages:\n  - {name: t, from: '/data/{a}', to: 's3://bkt-1/x'}\n")
+    bad = loads_workflow("name: w\nitems: [{a: 1}]\nstages:\n  - {name: t, from: 's3://bkt-1/x', to: '/data/{a}'}\n")
     with pytest.raises(PlanError) as info:
         be.check(make_plan(bad))
-    assert "path on this machine" in info.value.message and info.value.hint
+    assert "path on this machine" in info.value.message and "corral pull" in (info.value.hint or "")
+    # a local `from:` is staged to S3; one that does not exist is named with its stage and item
+    missing = loads_workflow("name: w\nitems: [{a: 1}]\nstages:\n  - {name: t, from: '/data/{a}', to: 's3://bkt-1/x'}\n")
+    with pytest.raises(PlanError) as info:
+        be.check(make_plan(missing))
+    assert info.value.message == "stage 't', item 1: the transfer's local source /data/1 does not exist"

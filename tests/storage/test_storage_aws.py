@@ -156,6 +156,34 @@ def test_secret_name_taken_by_something_else_is_refused(aws_light: str) -> None:
     sm.delete_secret(SecretId="corral/r1/rclone", ForceDeleteWithoutRecovery=True)
 
 
+def test_ssm_parameter_lifecycle(aws_light: str) -> None:
+    """`aws: secrets: ssm`: a tagged SecureString per run, updated on resume, a foreign parameter of
+    the same name refused, deleted per run and all at once (and nothing else)."""
+    import boto3
+
+    ssm = boto3.client("ssm")
+    arn = ssec.create_parameter(ssm, run_id="r1", value="[a]\ntype = alias\n", account_id="123456789012")
+    assert arn == f"arn:aws:ssm:{os.environ['AWS_REGION']}:123456789012:parameter/corral/r1/rclone"
+    p = ssm.get_parameter(Name="/corral/r1/rclone", WithDecryption=True)["Parameter"]
+    assert p["Type"] == "SecureString" and p["Value"] == "[a]\ntype = alias\n"
+    tags = ssm.list_tags_for_resource(ResourceType="Parameter", ResourceId="/corral/r1/rclone")["TagList"]
+    assert {t["Key"]: t["Value"] for t in tags} == {"corral:managed": "true", "corral:run": "r1"}
+    assert ssec.create_parameter(ssm, run_id="r1", value="[b]\ntype = alias\n", account_id="123456789012") == arn
+    assert ssm.get_parameter(Name="/corral/r1/rclone", WithDecryption=True)["Parameter"]["Value"] == "[b]\ntype = alias\n"
+    ssec.create_parameter(ssm, run_id="r2", value="x", account_id="123456789012")
+    ssm.put_parameter(Name="/corral/r3/rclone", Value="not ours", Type="SecureString")
+    with pytest.raises(ProvisionError, match="not made by corral"):
+        ssec.create_parameter(ssm, run_id="r3", value="x", account_id="123456789012")
+    assert ssec.delete_parameters(ssm, "r1") == ["/corral/r1/rclone"]
+    assert ssec.delete_parameters(ssm, None) == ["/corral/r2/rclone"]
+    assert [q["Name"] for q in ssm.describe_parameters()["Parameters"]] == ["/corral/r3/rclone"]
+    assert ssm.get_parameter(Name="/corral/r3/rclone", WithDecryption=True)["Parameter"]["Value"] == "not ours"
+    ssm.delete_parameter(Name="/corral/r3/rclone")
+    stmts = ssec.parameter_statements([arn], region="us-east-2", account_id="123456789012")
+    assert stmts[0]["Action"] == ["ssm:GetParameters"] and stmts[0]["Resource"] == [arn]
+    assert stmts[1]["Condition"]["StringEquals"]["kms:ViaService"] == "ssm.us-east-2.amazonaws.com"
+
+
 def test_reader_policy_and_statement() -> None:
     pol = json.loads(ssec.reader_policy(["arn:aws:iam::123456789012:role/corral-exec"]))
     st = pol["Statement"][0]

@@ -14,7 +14,10 @@ state table. The secret (only the remotes the workflow's transfers use) is made 
 
 ``s3://`` URIs become rclone's on-the-fly S3 remote with ``env_auth`` (the job role's credentials);
 ``workspace://x`` becomes ``<workdir>/x`` on the run's EFS workspace. Paths on the submitting
-machine cannot be reached from a job and are refused.
+machine cannot be reached from a job: a local ``from:`` is uploaded first
+(:func:`stage_local_source`, under :func:`staged_root`) and the job reads that copy; a local
+``to:`` is refused. With ``aws: secrets: ssm`` the config secret is an SSM SecureString instead
+(:func:`corral.storage.secrets.create_parameter`).
 
 The image: any image with ``/bin/sh`` and **no ENTRYPOINT** (Batch cannot override one; the
 official ``rclone/rclone`` image has ``ENTRYPOINT ["rclone"]`` and so cannot run a wrapped
@@ -198,11 +201,16 @@ def stage_local_source(
     return uri
 
 
+def staged_root(*, bucket: str, prefix: str, run_id: str) -> str:
+    """``s3://bucket/<prefix>/staged/<run>/``: where every local source of the run is staged."""
+    return f"s3://{bucket}/" + "/".join(x for x in (prefix.strip("/"), "staged", run_id) if x) + "/"
+
+
 def delete_staged(s3: Any, *, bucket: str, prefix: str, run_id: str) -> int:
     """Remove what :func:`stage_local_source` uploaded for the run; the number of objects removed."""
     from corral.storage import s3 as s3mod
 
-    root = "/".join(x for x in (prefix.strip("/"), "staged", run_id) if x) + "/"
+    root = parse(staged_root(bucket=bucket, prefix=prefix, run_id=run_id)).path
     keys = [o["Key"] for o in s3mod.list_objects(s3, bucket, root)]
     for i in range(0, len(keys), 1000):
         s3.delete_objects(Bucket=bucket, Delete={"Objects": [{"Key": k} for k in keys[i : i + 1000]], "Quiet": True})

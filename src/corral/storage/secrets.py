@@ -10,6 +10,11 @@ On AWS Batch a secret reaches a container through the job definition's ``secrets
 which therefore needs ``secretsmanager:GetSecretValue`` on exactly these ARNs
 (:func:`read_statement`). :func:`restrict_readers` adds a resource policy that denies
 ``GetSecretValue`` to every other principal of the account.
+
+With ``aws: secrets: ssm`` the same value is an SSM Parameter Store **SecureString**
+``/<prefix>/<run_id>/<purpose>`` (encrypted with the account's ``aws/ssm`` key, same tags), made by
+:func:`create_parameter` and removed by :func:`delete_parameters`; the execution role reads it with
+``ssm:GetParameters`` on its ARN and ``kms:Decrypt`` only via SSM (:func:`parameter_statements`).
 """
 
 from __future__ import annotations
@@ -142,3 +147,101 @@ def restrict_readers(sm: Any, secret_arn: str, reader_role_arns: Iterable[str]) 
         sm.put_resource_policy(SecretId=secret_arn, ResourcePolicy=reader_policy(reader_role_arns))
     except Exception as exc:
         raise _fail("restrict", secret_arn, exc) from None
+
+
+# -- SSM Parameter Store (``aws: secrets: ssm``) -------------------------------------------------
+def parameter_name(run_id: str, purpose: str = "rclone", *, prefix: str = PREFIX) -> str:
+    return f"/{prefix}/{run_id}/{purpose}"
+
+
+def parameter_arn(name: str, *, region: str, account_id: str, partition: str = "aws") -> str:
+    return f"arn:{partition}:ssm:{region}:{account_id}:parameter/{name.lstrip('/')}"
+
+
+def _param_tags(ssm: Any, name: str) -> dict[str, str]:
+    tags = ssm.list_tags_for_resource(ResourceType="Parameter", ResourceId=name).get("TagList", [])
+    return {t["Key"]: t["Value"] for t in tags}
+
+
+def _param_fail(action: str, name: str, exc: BaseException) -> ProvisionError:
+    code = _code(exc) or type(exc).__name__
+    hint = (
+        "your AWS identity needs ssm:PutParameter/AddTagsToResource/DeleteParameter(s)/DescribeParameters"
+        if code in ("AccessDeniedException", "AccessDenied")
+        else "check SSM Parameter Store in this account and region"
+    )
+    return ProvisionError(f"cannot {action} SSM parameter {name}: {code}", hint)
+
+
+def create_parameter(
+    ssm: Any, *, run_id: str, value: str, account_id: str, partition: str = "aws", purpose: str = "rclone",
+    prefix: str = PREFIX, tags: Mapping[str, str] | None = None,
+) -> str:
+    """Create (or overwrite, when an earlier attempt made it) the run's SecureString; its ARN.
+
+    The value is only ever sent in PutParameter; nothing here reads it back."""
+    name = parameter_name(run_id, purpose, prefix=prefix)
+    all_tags = {**(tags or {}), MANAGED_TAG: "true", RUN_TAG: run_id}
+    common: dict[str, Any] = {
+        "Name": name, "Value": value, "Type": "SecureString", "Tier": "Advanced" if len(value) > 4096 else "Standard",
+        "Description": f"corral: {purpose} for run {run_id} (deleted with the run)",
+    }
+    try:
+        ssm.put_parameter(**common, Tags=[{"Key": k, "Value": v} for k, v in sorted(all_tags.items())])
+    except Exception as exc:
+        if _code(exc) != "ParameterAlreadyExists":
+            raise _param_fail("create", name, exc) from None
+        try:
+            have = _param_tags(ssm, name)
+            if have.get(MANAGED_TAG) != "true" or have.get(RUN_TAG) != run_id:
+                raise ProvisionError(
+                    f"SSM parameter {name} exists but was not made by corral for run {run_id}",
+                    "delete or rename that parameter, or use another corral prefix",
+                ) from None
+            ssm.put_parameter(**common, Overwrite=True)
+        except ProvisionError:
+            raise
+        except Exception as exc2:
+            raise _param_fail("update", name, exc2) from None
+    region = ssm.meta.region_name
+    return parameter_arn(name, region=region, account_id=account_id, partition=partition)
+
+
+def delete_parameters(ssm: Any, run_id: str | None, *, prefix: str = PREFIX) -> list[str]:
+    """Delete the run's corral-managed parameters under ``/<prefix>/<run_id>/`` (every
+    corral-managed one under ``/<prefix>/`` when ``run_id`` is None); their names."""
+    path = f"/{prefix}/{run_id}/" if run_id else f"/{prefix}/"
+    deleted: list[str] = []
+    try:
+        pages = ssm.get_paginator("describe_parameters").paginate(
+            ParameterFilters=[{"Key": "Name", "Option": "BeginsWith", "Values": [path]}]
+        )
+        for page in pages:
+            for p in page.get("Parameters", []):
+                name = str(p["Name"])
+                if not _managed([{"Key": k, "Value": v} for k, v in _param_tags(ssm, name).items()], run_id):
+                    continue
+                try:
+                    ssm.delete_parameter(Name=name)
+                except Exception as exc:
+                    if _code(exc) != "ParameterNotFound":
+                        raise
+                deleted.append(name)
+    except Exception as exc:
+        raise _param_fail("delete", f"(corral parameters under {path})", exc) from None
+    return deleted
+
+
+def parameter_statements(arns: Iterable[str], *, region: str, account_id: str, partition: str = "aws") -> list[dict[str, Any]]:
+    """What an execution role needs to hand these SecureStrings to containers: ``ssm:GetParameters``
+    on exactly them, and ``kms:Decrypt`` only through SSM in this region for these parameters."""
+    arns = sorted(arns)
+    if not arns:
+        return []
+    return [
+        {"Sid": "RunParameters", "Effect": "Allow", "Action": ["ssm:GetParameters"], "Resource": arns},
+        {"Sid": "RunParametersDecrypt", "Effect": "Allow", "Action": ["kms:Decrypt"],
+         "Resource": f"arn:{partition}:kms:{region}:{account_id}:key/*",
+         "Condition": {"StringEquals": {"kms:ViaService": f"ssm.{region}.amazonaws.com",
+                                        "kms:EncryptionContext:PARAMETER_ARN": arns}}},
+    ]

@@ -62,6 +62,33 @@ def _seconds(ms: Any) -> float | None:
     return None if ms in (None, 0) else float(ms) / 1000.0
 
 
+class _StderrProgress:
+    """Bytes to send and sent while staging local sources (the transfer manager calls ``advance``
+    from its threads); a line on stderr at most every 64 MiB."""
+
+    STEP = 64 * 2**20
+
+    def __init__(self) -> None:
+        import threading
+
+        self.total = 0
+        self.done = 0
+        self._next = self.STEP
+        self._lock = threading.Lock()
+
+    def add_total(self, nbytes: int) -> None:
+        self.total += nbytes
+
+    def advance(self, nbytes: int) -> None:
+        import sys
+
+        with self._lock:
+            self.done += nbytes
+            if self.done >= self._next:
+                self._next = self.done + self.STEP
+                print(f"corral: staging {self.done / 2**20:.0f} / {self.total / 2**20:.0f} MiB", file=sys.stderr)
+
+
 class AwsBatchBackend:
     name = "aws"
 
@@ -90,6 +117,8 @@ class AwsBatchBackend:
         self._bucket = bucket or TokenBucket(clock=clock, sleep=sleep)
         self._api: BatchApi | None = None
         self._secrets: dict[str, str] = {}
+        # On resume only the tasks to resubmit need their local sources (checked when staging them).
+        self._resuming = False
 
     @property
     def api(self) -> BatchApi:
@@ -104,16 +133,33 @@ class AwsBatchBackend:
 
             needs = provision.needs_for(plan)
             needs.run_id = run_id
+            if self._reads_local_paths(plan):
+                needs.bucket = True  # local sources are staged in the run's bucket
             if run_id:
                 from corral.storage.aws import workflow_remotes
-                from corral.storage.secrets import secret_name
 
-                name = secret_name(run_id, "rclone")  # the execution role reads corral/<run>/rclone-*
-                if workflow_remotes(plan.workflow) and name not in needs.secrets:
-                    needs.secrets.append(name)
+                ref = self._rclone_secret_ref(run_id)  # only the run's execution role reads it
+                if workflow_remotes(plan.workflow) and ref not in needs.run_secrets:
+                    needs.run_secrets.append(ref)
             ensure = self._ensure or provision.ensure_environment
             self._environment = ensure(self.clients, self.settings, needs)
         return self._environment
+
+    @staticmethod
+    def _reads_local_paths(plan: Plan) -> bool:
+        """Whether some transfer stage's ``from:`` is a path on this machine (staged to S3)."""
+        from corral.errors import StorageError
+        from corral.storage.uri import WORKSPACE, parse
+
+        for s in plan.workflow.stages:
+            if s.kind == "transfer" and s.source and not s.source.startswith(WORKSPACE):
+                try:
+                    if parse(s.source, base_dir=plan.workflow.base_dir).kind == "local":
+                        return True
+                except StorageError:
+                    continue
+        return False
+
 
     def _aws(self, plan: Plan) -> AwsSettings:
         """The AWS settings that route this plan: the backend's own when it was given some (the
@@ -140,7 +186,7 @@ class AwsBatchBackend:
         wf = plan.workflow
         for s in wf.stages:
             if s.kind == "transfer":
-                self._check_transfer(plan, s)
+                self._check_transfer(plan, s, sources=not self._resuming)
             elif not s.image and not (s.kind == "cleanup" and s.command is None):
                 raise PlanError(
                     f"stage {s.name!r} has no image; AWS Batch runs every task in a container",
@@ -168,36 +214,123 @@ class AwsBatchBackend:
         check_fits(plan, list(self._aws(plan).instance_types))
 
     @staticmethod
-    def _check_transfer(plan: Plan, s: Any) -> None:
-        """A transfer job reaches s3://, workspace:// and rclone remotes, not this machine's paths."""
+    def _check_transfer(plan: Plan, s: Any, *, sources: bool = True) -> None:
+        """A transfer job reaches s3://, workspace:// and rclone remotes, not this machine's paths:
+        a local ``from:`` is staged to S3 before submission (:meth:`_stage_local_sources`); a local
+        ``to:`` is refused."""
         from corral.errors import StorageError
+        from corral.plan import template_fields
         from corral.storage.uri import WORKSPACE, parse
 
         wf = plan.workflow
-        for key, uri in (("from", s.source), ("to", s.dest)):
-            if not uri or uri.startswith(WORKSPACE):
-                continue
+        uri = s.dest
+        if uri and not uri.startswith(WORKSPACE):
             try:
                 local = parse(uri, workdir="/", base_dir=Path("/nonexistent")).kind == "local"
             except StorageError:
                 local = False  # placeholders not filled in yet: refused (if at all) at submission
             if local:
                 raise PlanError(
-                    f"stage {s.name!r} is a transfer stage whose `{key}:` ({uri}) is a path on this machine, "
-                    "which an AWS Batch job cannot reach",
-                    "use s3://bucket/key, workspace://path or an rclone remote (name:path) in transfers on AWS",
+                    f"stage {s.name!r} is a transfer stage whose `to:` ({uri}) is a path on this machine, "
+                    "which an AWS Batch job cannot write",
+                    "write to s3://bucket/key or workspace://path on AWS, then `corral pull` the results here",
                     where=wf.stage_where(s.name),
                 )
+        if sources and s.source and not {"run", "workdir", "task"} & set(template_fields(s.source)):
+            # Missing local sources are reported before the run is recorded (see _local_sources).
+            AwsBatchBackend._local_sources(plan, "", "/nonexistent", stage=s.name)
+
+    @staticmethod
+    def _local_sources(
+        plan: Plan, run_id: str, workdir: str, *, to_submit: set[str] | None = None, stage: str | None = None,
+    ) -> dict[str, str]:
+        """Local ``from:`` paths of transfer tasks (placeholders filled per item) → the first task
+        label using each. A path that does not exist: a one-line PlanError naming stage, item, path."""
+        from corral.plan import render
+        from corral.storage.uri import WORKSPACE, parse
+
+        wf = plan.workflow
+        out: dict[str, str] = {}
+        for t in plan.tasks:
+            if t.stage.kind != "transfer" or not t.stage.source or (stage and t.stage.name != stage):
+                continue
+            if to_submit is not None and t.id not in to_submit:
+                continue
+            source = render(t.stage.source, t.values(run_id, workdir))
+            if source.startswith(WORKSPACE):
+                continue
+            loc = parse(source, base_dir=wf.base_dir)
+            if loc.kind != "local":
+                continue
+            if not Path(loc.path).exists():
+                raise PlanError(
+                    f"stage {t.stage.name!r}, item {t.key}: the transfer's local source {loc.path} does not exist",
+                    "fix the `from:` path (or the item's values); local sources are uploaded to S3 for AWS jobs",
+                    where=wf.stage_where(t.stage.name, "from"),
+                )
+            out.setdefault(loc.path, t.label)
+        return out
+
+    def _stage_local_sources(self, plan: Plan, run: RunRecord, env: Any, to_submit: set[str]) -> dict[str, str]:
+        """Upload the local ``from:`` paths of the tasks about to be submitted to the run's bucket
+        (``<prefix>/staged/<run>/``); local path → staged s3:// URI. Unchanged files already
+        staged (same size and mtime) are not sent again, so a resume uploads only what changed."""
+        import sys
+
+        from corral.storage.aws import stage_local_source, staged_root
+
+        workdir = pl.workdir_for(run.run_id, self._context(env))
+        paths = self._local_sources(plan, run.run_id, workdir, to_submit=to_submit)
+        if not paths:
+            return {}
+        bucket = getattr(env, "bucket", None)
+        if not bucket:
+            raise PlanError(
+                "transfers read local paths but the AWS environment has no bucket to stage them in",
+                "set `aws: bucket:` in the workflow (or let corral make its default bucket)",
+            )
+        prefix = getattr(env, "prefix", "corral")
+        progress = _StderrProgress()
+        staged: dict[str, str] = {}
+        for path, label in sorted(paths.items()):
+            before = progress.total
+            staged[path] = stage_local_source(
+                self.clients.s3, path, bucket=bucket, prefix=prefix, run_id=run.run_id, progress=progress,
+            )
+            sent = progress.total - before
+            print(f"corral: staged {path} ({label}) → {staged[path]}"
+                  f" ({'unchanged, not sent again' if sent == 0 else f'{sent} bytes sent'})", file=sys.stderr)
+        opts = run.options.setdefault(OPTIONS_KEY, {})
+        opts["staged"] = staged_root(bucket=bucket, prefix=prefix, run_id=run.run_id)
+        return staged
+
+    def _rclone_secret_ref(self, run_id: str) -> str:
+        """What the execution role is given for the run's rclone config: the Secrets Manager name
+        ``corral/<run>/rclone``, or (``aws: secrets: ssm``) the ARN of ``/corral/<run>/rclone``."""
+        from corral.storage.secrets import parameter_arn, parameter_name, secret_name
+
+        if self.settings.secrets == "ssm":
+            return parameter_arn(parameter_name(run_id), region=self.clients.region,
+                                 account_id=self.clients.account_id(), partition=self.clients.partition())
+        return secret_name(run_id, "rclone")
 
     def _rclone_secrets(self, plan: Plan, run: RunRecord) -> dict[str, str]:
-        """Make (or update) the run's rclone-config secret when its transfers use rclone remotes."""
-        from corral.storage.aws import prepare_rclone_secret, workflow_remotes
+        """Make (or update) the run's rclone-config secret when its transfers use rclone remotes:
+        ``{CORRAL_RCLONE_CONFIG: ARN}`` (Secrets Manager, or an SSM SecureString)."""
+        from corral.storage.aws import CONFIG_ENV, prepare_rclone_secret, rclone_config_text, workflow_remotes
+        from corral.storage.secrets import create_parameter
 
-        if not workflow_remotes(plan.workflow):
+        names = workflow_remotes(plan.workflow)
+        if not names:
             return {}
-        return prepare_rclone_secret(
-            self.clients.secretsmanager, plan.workflow, run.run_id, tags=dict(self.settings.tags or {})
-        )
+        tags = dict(self.settings.tags or {})
+        if self.settings.secrets == "ssm":
+            arn = create_parameter(
+                self.clients.ssm, run_id=run.run_id, value=rclone_config_text(names), tags=tags,
+                account_id=self.clients.account_id(), partition=self.clients.partition(),
+            )
+            return {CONFIG_ENV: arn}
+        return prepare_rclone_secret(self.clients.secretsmanager, plan.workflow, run.run_id, tags=tags)
 
     def start(self, plan: Plan, run: RunRecord, store: StateStore, options: RunOptions) -> None:
         self.check(plan)
@@ -214,12 +347,17 @@ class AwsBatchBackend:
         }
         records = {t.task_id: t for t in store.get_tasks(run.run_id)}
         to_submit = {tid for tid, t in records.items() if t.state == TaskState.PENDING}
-        self._submitter(env, store, plan).submit_round(plan, run, records, to_submit, 0)
+        staged = self._stage_local_sources(plan, run, env, to_submit)
+        self._submitter(env, store, plan, staged).submit_round(plan, run, records, to_submit, 0)
         if options.wait:
             self.wait(run, store, options)
 
     def resume(self, plan: Plan, run: RunRecord, store: StateStore, options: RunOptions) -> None:
-        self.check(plan)
+        self._resuming = True
+        try:
+            self.check(plan)
+        finally:
+            self._resuming = False
         env = self.environment(plan, run.run_id)
         self._secrets = self._rclone_secrets(plan, run)
         opts = run.options.setdefault(OPTIONS_KEY, {})
@@ -241,9 +379,10 @@ class AwsBatchBackend:
             if t.state in (TaskState.PENDING, TaskState.FAILED, TaskState.UPSTREAM_FAILED, TaskState.CANCELLED)
         }
         round_ = int(opts.get("round", -1)) + 1 if "round" in opts else 0
+        staged = self._stage_local_sources(plan, run, env, to_submit)
         if run.state != RunState.RUNNING and to_submit:
             run.state = RunState.RUNNING
-        self._submitter(env, store, plan).submit_round(plan, run, records, to_submit, round_)
+        self._submitter(env, store, plan, staged).submit_round(plan, run, records, to_submit, round_)
         if to_submit:
             store.save_run(run)
         if options.wait:
@@ -340,13 +479,14 @@ class AwsBatchBackend:
         yield from reader.follow(group, current)
 
     # -- helpers ------------------------------------------------------------------------------
-    def _submitter(self, env: Any, store: StateStore, plan: Plan) -> Submitter:
+    def _submitter(self, env: Any, store: StateStore, plan: Plan, staged: dict[str, str] | None = None) -> Submitter:
         queues = Queues(env.job_queue, getattr(env, "gpu_job_queue", None), getattr(env, "fargate_job_queue", None))
         return Submitter(
             self.api, store, self._context(env, plan), queues,
             tags=dict(self.settings.tags or {}), after_submit=self.after_submit,
             rclone_secrets=self._secrets, s3_endpoint=self._s3_endpoint(),
             instance_types=list(self._aws(plan).instance_types),
+            staged=staged, base_dir=plan.workflow.base_dir,
         )
 
     def _s3_endpoint(self) -> str | None:

@@ -68,7 +68,7 @@ class AwsClients:
     and benchmarks use ``before-call.*.*`` hooks to count API calls.
     """
 
-    SERVICES = ("batch", "ec2", "iam", "dynamodb", "s3", "logs", "efs", "ecr", "secretsmanager", "sts")
+    SERVICES = ("batch", "ec2", "iam", "dynamodb", "s3", "logs", "efs", "ecr", "secretsmanager", "ssm", "sts")
 
     def __init__(
         self,
@@ -166,6 +166,10 @@ class AwsClients:
     @property
     def secretsmanager(self) -> Any:
         return self.client("secretsmanager")
+
+    @property
+    def ssm(self) -> Any:
+        return self.client("ssm")
 
     @property
     def sts(self) -> Any:

@@ -10,9 +10,13 @@ Every role lives under the path ``/corral/`` and carries ``corral:managed=true``
   grants only what the workflow uses — object access under its bucket/prefix and the S3 scopes
   its stages read or write, its DynamoDB table, its log group, its secrets, its EFS file system.
 - **Execution role** ``corral-exec-<hash>``, trusted by ECS tasks of this account: pull from
-  exactly the workflow's ECR repositories, write to its log group, read exactly its secrets.
+  exactly the workflow's ECR repositories, write to its log group, read exactly its secrets. When
+  it reads a run's own rclone-config secret (a Secrets Manager secret, or an SSM SecureString with
+  ``kms:Decrypt`` allowed only via SSM for that parameter) it is that run's role: tagged
+  ``corral:run`` and removed by ``corral aws teardown --run``.
   ``ecr:GetAuthorizationToken`` has no resource-level permissions in IAM, so that single action
-  is granted on ``"*"`` (the only wildcard resource; no statement has a wildcard action).
+  is granted on ``"*"`` (the only wildcard resource besides ``kms:Decrypt`` on the account's keys,
+  which holds only via SSM for the run's own parameter; no statement has a wildcard action).
 
 Job and execution roles are named by a hash of their policy, so equal needs share one role,
 different needs get their own, and a found role never needs its policy rewritten.
@@ -62,6 +66,10 @@ class JobPolicyInputs:
     secrets: tuple[str, ...] = ()
     ecr_repositories: tuple[str, ...] = ()
     efs_id: str | None = None
+    # Secrets made for one run (its rclone config: a Secrets Manager name or an SSM parameter ARN):
+    # only the execution role may read them, and that role is then the run's (tagged corral:run).
+    run_secrets: tuple[str, ...] = ()
+    run_id: str | None = None
 
 
 def _doc(statements: list[dict[str, Any]]) -> dict[str, Any]:
@@ -172,7 +180,21 @@ def execution_policy(ctx: Ctx, inp: JobPolicyInputs) -> dict[str, Any]:
         statements.append({"Sid": "PullImages", "Effect": "Allow", "Action": ECR_PULL_ACTIONS,
                            "Resource": [ctx.arn("ecr", f"repository/{r}") for r in inp.ecr_repositories]})
     statements += _secret_statements(ctx, inp.secrets)
+    statements += _run_secret_statements(ctx, inp.run_secrets)
     return _doc(statements)
+
+
+def _run_secret_statements(ctx: Ctx, secrets: tuple[str, ...]) -> list[dict[str, Any]]:
+    from corral.storage.secrets import parameter_statements
+
+    params = [s for s in secrets if s.startswith("arn:") and ":ssm:" in s]
+    names = [s for s in secrets if s not in params]
+    out: list[dict[str, Any]] = []
+    if names:
+        out.append({"Sid": "RunSecrets", "Effect": "Allow", "Action": ["secretsmanager:GetSecretValue"],
+                    "Resource": [secret_arn(ctx, s) for s in names]})
+    out += parameter_statements(params, region=ctx.region, account_id=ctx.account, partition=ctx.partition)
+    return out
 
 
 def _get_role(ctx: Ctx, name: str) -> dict[str, Any] | None:
@@ -192,6 +214,7 @@ def ensure_role(
     description: str,
     inline: dict[str, Any] | None = None,
     managed: list[str] | None = None,
+    tags: dict[str, str] | None = None,
 ) -> str:
     """Find or create a role (path /corral/) with this trust, inline policy and managed policies.
 
@@ -205,7 +228,8 @@ def ensure_role(
         if role is None:
             role = iam.create_role(
                 Path=IAM_PATH, RoleName=name, AssumeRolePolicyDocument=json.dumps(trust),
-                Description=description[:1000], Tags=tag_list(ctx.tags), MaxSessionDuration=3600,
+                Description=description[:1000], Tags=tag_list(ctx.tags if tags is None else tags),
+                MaxSessionDuration=3600,
             )["Role"]
             ctx.created("role", name)
             have_inline: set[str] = set()
@@ -252,7 +276,10 @@ def ensure_job_roles(ctx: Ctx, inp: JobPolicyInputs) -> tuple[str, str]:
     ep = execution_policy(ctx, inp)
     job = ensure_role(ctx, f"{NAME}-job-{content_hash([trust, jp])}", trust, inline=jp,
                       description="corral: what the workflow's jobs may reach (bucket, table, logs, secrets)")
-    exe = ensure_role(ctx, f"{NAME}-exec-{content_hash([trust, ep])}", trust, inline=ep,
+    # An execution role that reads a run's own secret is that run's: tagged corral:run, removed by
+    # `corral aws teardown --run` (its name hashes the run's secret ARN, so no other run shares it).
+    run_tags = ctx.with_run(inp.run_id) if inp.run_secrets and inp.run_id else None
+    exe = ensure_role(ctx, f"{NAME}-exec-{content_hash([trust, ep])}", trust, inline=ep, tags=run_tags,
                       description="corral: pull the workflow's images, write its logs, read its secrets")
     return job, exe
 

@@ -53,6 +53,7 @@ class Needs:
     run_id: str | None = None  # when set, run-scoped things (EFS access point) carry corral:run
     efs_name: str | None = None  # the EFS CreationToken/Name; None: corral's shared workspace
     fargate: bool = False  # also Fargate environments + queue, for stages that fit Fargate
+    run_secrets: list[str] = field(default_factory=list)  # the run's own secrets: execution role only
 
 
 @dataclass

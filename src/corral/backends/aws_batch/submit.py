@@ -31,6 +31,7 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from corral.backends.aws_batch import payloads as pl
@@ -280,6 +281,8 @@ class Submitter:
         rclone_secrets: Mapping[str, str] | None = None,
         s3_endpoint: str | None = None,
         instance_types: Sequence[str] = (),
+        staged: Mapping[str, str] | None = None,
+        base_dir: Path | None = None,
     ) -> None:
         self.api = api
         # the workflow's aws.instance_types: with `fargate` there, stages that fit go to Fargate
@@ -294,6 +297,10 @@ class Submitter:
         # {CORRAL_RCLONE_CONFIG: secret ARN} for transfer stages (storage.aws.prepare_rclone_secret)
         self.rclone_secrets = dict(rclone_secrets or {})
         self.s3_endpoint = s3_endpoint  # only for S3-compatible stores and tests
+        # local `from:` path -> its staged s3:// URI (AwsBatchBackend._stage_local_sources); base_dir:
+        # the workflow's folder, which relative local paths are read against
+        self.staged = dict(staged or {})
+        self.base_dir = base_dir
 
     # -- transfer and cleanup stages ----------------------------------------------------------
     @staticmethod
@@ -315,7 +322,7 @@ class Submitter:
         root = workdir.rsplit("/", 1)[0]
         return lambda task: task_argv(
             task, run_id=run_id, workdir=workdir, region=self.ctx.region, workspace_root=root,
-            endpoint=self.s3_endpoint,
+            endpoint=self.s3_endpoint, stage_local=self._staged_uri, base_dir=self.base_dir,
         )
 
     def on_fargate(self, stage: Stage) -> bool:
@@ -323,6 +330,17 @@ class Submitter:
         from corral.instances import on_fargate
 
         return on_fargate(self.job_stage(stage).resources, self.instance_types)
+
+    def _staged_uri(self, path: str) -> str:
+        uri = self.staged.get(path)
+        if uri is None:
+            from corral.errors import StorageError
+
+            raise StorageError(
+                f"{path} is a path on this machine that was not staged to S3 for this run",
+                "use s3://bucket/key, workspace://path or an rclone remote (name:path) in transfers on AWS",
+            )
+        return uri
 
     # -- job definitions ----------------------------------------------------------------------
     def definition_arn(self, spec: pl.JobDefinitionSpec) -> str:

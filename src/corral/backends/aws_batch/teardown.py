@@ -33,6 +33,9 @@ def remove(clients: AwsClients, *, run_id: str | None = None, everything: bool =
             _job_definitions(ctx, run_id)
             _efs_access_points(ctx, run_id)
             _secrets(ctx, run_id)
+            _parameters(ctx, run_id)
+            _staged(ctx, run_id)
+            _run_roles(ctx, run_id)
         if everything:
             _queues(ctx)
             _compute_environments(ctx)
@@ -40,6 +43,7 @@ def remove(clients: AwsClients, *, run_id: str | None = None, everything: bool =
             _launch_templates(ctx)
             _file_systems(ctx)
             _secrets(ctx, None)
+            _parameters(ctx, None)
             _tables(ctx)
             _log_groups(ctx)
             _buckets(ctx, purge)
@@ -191,6 +195,91 @@ def _secrets(ctx: Ctx, run_id: str | None) -> None:
             if tag_dict(s.get("Tags")).get(key) == value and is_managed(s.get("Tags")):
                 sm.delete_secret(SecretId=s["ARN"], ForceDeleteWithoutRecovery=True)
                 _deleted(ctx, "secret", s["Name"])
+
+
+def _parameters(ctx: Ctx, run_id: str | None) -> None:
+    """corral's SSM parameters (the rclone config SecureString of runs: ``/corral/<run>/rclone``)."""
+    from corral.storage.secrets import delete_parameters
+
+    for name in delete_parameters(ctx.clients.ssm, run_id):
+        _deleted(ctx, "ssm-parameter", name)
+
+
+def _staged_roots(ctx: Ctx, run_id: str) -> list[tuple[str, str]]:
+    """(bucket, key prefix) where the run's local sources may be staged: the one its record in
+    the state table names, and ``<p>staged/<run>/`` under the top-level prefixes of corral's
+    buckets (when the record is gone)."""
+    from corral.backends.aws_batch.environment import DEFAULT_TABLE
+    from corral.backends.aws_batch.submit import OPTIONS_KEY
+    from corral.errors import CorralError
+    from corral.state.dynamodb import DynamoStore
+    from corral.storage.uri import parse
+
+    roots: list[tuple[str, str]] = []
+    try:
+        recorded = DynamoStore(DEFAULT_TABLE, ctx.clients.dynamodb).get_run(run_id).options.get(OPTIONS_KEY, {})
+    except CorralError:
+        recorded = {}
+    if recorded.get("staged"):
+        loc = parse(recorded["staged"])
+        roots.append((loc.bucket, loc.path))
+    s3 = ctx.clients.s3
+    for b in s3.list_buckets().get("Buckets", []):
+        try:
+            tags = s3.get_bucket_tagging(Bucket=b["Name"])["TagSet"]
+        except Exception as exc:
+            if error_code(exc):  # untagged, not ours to read, in another region…: not corral's bucket here
+                continue
+            raise
+        if not is_managed(tags):
+            continue
+        tops = [""]
+        for page in s3.get_paginator("list_objects_v2").paginate(Bucket=b["Name"], Delimiter="/"):
+            tops += [p["Prefix"] for p in page.get("CommonPrefixes", [])]
+        for top in tops:
+            if (b["Name"], f"{top}staged/{run_id}/") not in roots:
+                roots.append((b["Name"], f"{top}staged/{run_id}/"))
+    return roots
+
+
+def _staged(ctx: Ctx, run_id: str) -> None:
+    """The run's local sources staged to S3 (``<prefix>/staged/<run>/``)."""
+    s3 = ctx.clients.s3
+    for bucket, root in _staged_roots(ctx, run_id):
+        keys: list[dict[str, str]] = []
+        try:
+            for page in s3.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=root):
+                keys += [{"Key": o["Key"]} for o in page.get("Contents", [])]
+        except Exception as exc:
+            if is_not_found(exc) or error_code(exc) == "NoSuchBucket":
+                continue
+            raise
+        for chunk in _chunks(keys, 1000):
+            s3.delete_objects(Bucket=bucket, Delete={"Objects": chunk, "Quiet": True})
+        if keys:
+            _deleted(ctx, "s3-objects", f"s3://{bucket}/{root} ({len(keys)} staged object(s))")
+
+
+def _delete_role(iam: Any, name: str) -> None:
+    for p in iam.list_instance_profiles_for_role(RoleName=name)["InstanceProfiles"]:
+        iam.remove_role_from_instance_profile(InstanceProfileName=p["InstanceProfileName"], RoleName=name)
+    for p in iam.list_attached_role_policies(RoleName=name)["AttachedPolicies"]:
+        iam.detach_role_policy(RoleName=name, PolicyArn=p["PolicyArn"])
+    for pname in iam.list_role_policies(RoleName=name)["PolicyNames"]:
+        iam.delete_role_policy(RoleName=name, PolicyName=pname)
+    iam.delete_role(RoleName=name)
+
+
+def _run_roles(ctx: Ctx, run_id: str) -> None:
+    """Roles made for one run (the execution role that may read the run's rclone secret), tagged
+    ``corral:managed`` and ``corral:run=<run>``."""
+    iam = ctx.clients.iam
+    for page in iam.get_paginator("list_roles").paginate(PathPrefix=IAM_PATH):
+        for role in page["Roles"]:
+            name = role["RoleName"]
+            if is_managed(iam.list_role_tags(RoleName=name).get("Tags", []), run_id):
+                _delete_role(iam, name)
+                _deleted(ctx, "role", name)
 
 
 def _tables(ctx: Ctx) -> None:
