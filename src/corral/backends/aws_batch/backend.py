@@ -5,9 +5,11 @@ lives in ``run.options["aws_batch"]`` (region, queues, log group, round layout) 
 can read the state table can follow it, then submits array jobs (see ``submit``) and returns (or
 waits, with bounded polling, when ``options.wait``).
 
-``refresh`` costs, for a run of arrays: one DescribeJobs per 100 parents (their ``statusSummary``),
-and only for arrays not all succeeded, one ListJobs (pages of 1,000) per status that has children;
-only the tasks that changed are written back (batched by the store).
+``refresh`` costs, for a run of arrays: one DescribeJobs per 100 parents that still have a task in
+flight (their ``statusSummary``), and ListJobs (pages of 1,000) only for a status whose count in
+the summary differs from what the store already records for that array (see ``_children``):
+polling with nothing new costs the DescribeJobs alone; only the tasks that changed are written
+back (batched by the store).
 """
 
 from __future__ import annotations
