@@ -3,6 +3,7 @@ have changed (nothing new = one DescribeJobs) yet always agrees with a full list
 
 from __future__ import annotations
 
+import collections
 import datetime
 import random
 from pathlib import Path
@@ -193,3 +194,46 @@ def test_incremental_refresh_agrees_with_a_full_listing(aws: str, tmp_path: Path
         # The same answer from nothing known: every task in flight, refreshed in another store.
         fresh.save_tasks([t.replace(state=TaskState.SUBMITTED) for t in got])
         assert _states(be.refresh(fresh.get_run(fresh_run.run_id), fresh)) == truth
+
+
+def test_one_chunking_when_only_some_stages_carry_task_ids(aws: str, tmp_path: Path) -> None:
+    """A stage using {task} has bigger rows: the shared chunking follows it, every SubmitJob stays
+    under 30 KiB, and child k is the same item in both stages."""
+    from test_backend_support import moto_parent_jobs
+
+    from corral.backends.aws_batch import payloads as pl
+    from corral.backends.aws_batch.submit import child_tasks, job_name
+
+    clients = AwsClients()
+    env = make_environment(clients)
+    text = """
+name: mixed
+defaults: {image: busybox}
+stages:
+  - {name: a, command: "work {session}"}
+  - {name: b, needs: [a], command: "tag {session}", env: {TAG: "t-{task}"}}
+"""
+    n = 6000
+    plan = make_plan(loads_workflow(text), items=[{"session": f"ses-{i:05d}"} for i in range(n)])
+    store = SqliteStore(tmp_path / "s.db")
+    run = record_run(store, plan)
+    bodies: list[int] = []
+    clients.register_hook("before-send.batch.SubmitJob", lambda request, **kw: bodies.append(len(request.body or b"")))
+    AwsBatchBackend(clients, environment=env, sleep=lambda s: None).start(plan, run, store, RunOptions(wait=False))
+    sizes = run.options["aws_batch"]["round0_chunks"]
+    assert len(sizes) >= 3 and sum(sizes) == n  # task ids (incompressible) cut b, hence a, in chunks
+    assert bodies and max(bodies) < 30 * 1024
+    jobs = {j["jobName"]: j for j in moto_parent_jobs()}
+    ids = {t.id for t in plan.tasks}
+    runs: collections.Counter[str] = collections.Counter()
+    for c, size in enumerate(sizes):
+        a, b = jobs[job_name(run.run_id, "a", 0, c)], jobs[job_name(run.run_id, "b", 0, c)]
+        ta, tb = child_tasks(plan, run.run_id, a), child_tasks(plan, run.run_id, b)
+        assert len(ta) == len(tb) == size
+        assert all(x is not None and y is not None and x.index == y.index for x, y in zip(ta, tb, strict=True))
+        runs.update(t.id for t in ta + tb if t is not None)
+        rows = {name: pl.decode_table({e["name"]: e["value"] for e in job["container"]["environment"]}[pl.TABLE_VAR])
+                for name, job in (("a", a), ("b", b))}
+        assert not any(tid in row for row in rows["a"] for tid in ids)
+        assert all(t is not None and t.id in row for t, row in zip(tb, rows["b"], strict=True))
+    assert runs == collections.Counter({t.id: 1 for t in plan.tasks})
