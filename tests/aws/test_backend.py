@@ -18,10 +18,10 @@ from test_backend_support import (
     record_run,
 )
 
-from corral.backends.aws_batch import payloads as pl
 from corral.backends.aws_batch.backend import CANCEL_REASON, AwsBatchBackend
 from corral.backends.aws_batch.client import AwsClients
 from corral.backends.aws_batch.logs import LogReader
+from corral.backends.aws_batch.submit import child_tasks
 from corral.backends.base import RunOptions
 from corral.errors import PlanError
 from corral.model import RunState, TaskState
@@ -168,13 +168,11 @@ def test_failures_map_to_states_and_resume_resubmits_exactly_them(aws: str, tmp_
     real: collections.Counter[str] = collections.Counter()
     padding = 0
     for j in new_jobs:
-        env_ = {e["name"]: e["value"] for e in j["container"]["environment"]}
-        for row in pl.decode_table(env_[pl.TABLE_VAR]):
-            tid = pl.row_task_id(env_["CORRAL_COLUMNS"].split(), row)
-            if tid is None:
+        for task in child_tasks(plan, run.run_id, j):
+            if task is None:
                 padding += 1
             else:
-                real[tid] += 1
+                real[task.id] += 1
     assert real == collections.Counter({tid: 1 for tid in bad})
     assert padding == 1  # fetch of item 5 succeeded: a padding child keeps the arrays aligned
     by_name = {j["jobName"]: j for j in new_jobs}

@@ -53,6 +53,10 @@ stages:
     needs: [first]
     command: ["env", "-0"]
     env: {LABEL_TOO: "{label}!"}
+  - name: tagged
+    needs: [first]
+    command: ["env", "-0"]
+    env: {MARK: "task-{task}"}
 """
 
 
@@ -84,7 +88,7 @@ def test_each_child_runs_exactly_its_item(aws: str, tmp_path: Path) -> None:
 
     tasks = store.get_tasks("run-awk")
     parents = sorted({t.external_id.split(":")[0] for t in tasks})
-    assert len(parents) == 4  # three arrays and one plain job
+    assert len(parents) == 5  # four arrays and one plain job
     jobs = clients.batch.describe_jobs(jobs=parents)["jobs"]
     by_name = {j["jobName"]: j for j in jobs}
     first = by_name["corral-run-awk-first-r0-c0"]
@@ -114,7 +118,18 @@ def test_each_child_runs_exactly_its_item(aws: str, tmp_path: Path) -> None:
         assert dump.returncode == 0, dump.stderr
         seen = dict(kv.split("=", 1) for kv in dump.stdout.split("\0") if kv)
         want = plan.stage_tasks("dump")[k].env("run-awk", seen["CORRAL_WORKDIR"])
+        # ... but CORRAL_TASK_ID, which the stage does not use ({task}): the rows stay small.
+        assert "CORRAL_TASK_ID" not in seen
+        del want["CORRAL_TASK_ID"]
         assert {key: seen.get(key) for key in want} == want
+        # A stage that uses {task} gets its own task's id, in CORRAL_TASK_ID and in what it renders.
+        tagged = _run_child(by_name["corral-run-awk-tagged-r0-c0"], command, k, tmp_path)
+        assert tagged.returncode == 0, tagged.stderr
+        seen = dict(kv.split("=", 1) for kv in tagged.stdout.split("\0") if kv)
+        task = plan.stage_tasks("tagged")[k]
+        want = task.env("run-awk", seen["CORRAL_WORKDIR"])
+        assert {key: seen.get(key) for key in want} == want
+        assert seen["CORRAL_TASK_ID"] == task.id and seen["MARK"] == f"task-{task.id}"
         assert not [key for key in seen if key in ("CORRAL_TABLE", "CORRAL_COLUMNS", "CORRAL_FIELDS", "CORRAL_ARGV")]
     r3 = _run_child(total, command, None, tmp_path)
     assert r3.returncode == 0, r3.stderr
@@ -125,6 +140,13 @@ def test_each_child_runs_exactly_its_item(aws: str, tmp_path: Path) -> None:
     first_env = {e["name"]: e["value"] for e in first["container"]["environment"]}
     assert first_env["CONST"] == "same" and first_env["CORRAL_STAGE"] == "first"
     assert "GREETING" not in first_env and "label" not in first_env
+    # Task ids travel in the rows of the stage using {task} only.
+    ids = {t.id for t in plan.tasks}
+    for name, has_ids in [("first", False), ("second", False), ("dump", False), ("tagged", True)]:
+        job_env = {e["name"]: e["value"] for e in by_name[f"corral-run-awk-{name}-r0-c0"]["container"]["environment"]}
+        assert ("CORRAL_TASK_ID" in job_env["CORRAL_COLUMNS"].split()) == has_ids, name
+        table = pl.decode_table(job_env[pl.TABLE_VAR])
+        assert any(tid in row for row in table for tid in ids) == has_ids, name
     # A placeholder inside quotes ("$OUT/first-{n}"): the argv is rendered per task, as locally.
     assert "CORRAL_ARGV" in first_env["CORRAL_COLUMNS"].split()
     # Otherwise the command is rendered once, with references (a list, and a string command).
@@ -151,7 +173,7 @@ def test_sh_quote_round_trips_awkward_values(tmp_path: Path) -> None:
     for value in AWKWARD:
         line = f"{pl.sh_quote(value)} {pl.sh_quote(value + '2')}"
         assert "\n" not in line
-        assert pl.row_task_id(["V", "CORRAL_TASK_ID"], line) == value + "2"
+        assert pl.row_values(["V", "CORRAL_TASK_ID"], line) == {"V": value, "CORRAL_TASK_ID": value + "2"}
         out = subprocess.run(
             ["/bin/sh", "-c", pl.WRAPPER], capture_output=True,
             env={"PATH": os.environ["PATH"], "CORRAL_TABLE": pl.encode_table([line]), "CORRAL_FIELDS": "",
@@ -218,3 +240,36 @@ def test_chunks_respect_payload_and_array_limits() -> None:
     assert pl.chunk_bounds([["set -- true"] * 25_000], budget) == [10_000, 10_000, 5_000]
     with pytest.raises(PlanError, match="too large"):
         pl.chunk_bounds([[os.urandom(4000).hex()]], 1000)
+
+
+def test_task_id_column_only_where_the_task_id_is_used() -> None:
+    wf = loads_workflow(
+        """
+name: ids
+defaults: {image: img}
+items: [{s: a}, {s: b}]
+stages:
+  - {name: plain, command: "work {s} {item} {index} {run}"}
+  - {name: in_command, command: "work {s} --tag {task}"}
+  - {name: in_list, command: ["work", "--tag=x{task}"]}
+  - {name: in_env, command: "work {s}", env: {TAG: "t-{task}"}}
+  - {name: in_shell, command: "work {s} --tag \\"$CORRAL_TASK_ID\\""}
+  - {name: escaped, command: "echo {{task}} {s}"}
+  - {name: copy_out, from: "workspace://out/{s}", to: "s3://bucket/{task}/{s}"}
+  - {name: copy_in, from: "s3://bucket/in/{s}", to: "workspace://in/{s}"}
+  - {name: tidy, kind: cleanup, per: run, needs: [plain]}
+"""
+    )
+    plan = make_plan(wf)
+    uses = {s.name: pl.uses_task_id(s) for s in wf.stages}
+    assert uses == {"plain": False, "in_command": True, "in_list": True, "in_env": True, "in_shell": True,
+                    "escaped": False, "copy_out": True, "copy_in": False, "tidy": False}
+    ids = {t.id for t in plan.tasks}
+    for s in wf.stages:
+        tasks = plan.stage_tasks(s.name)
+        argv_of = (lambda t: ["rclone", "copy", t.id]) if s.name == "copy_out" else None
+        table = pl.StageTable(tasks, "r1", "/tmp/corral/r1", argv_of=argv_of)
+        assert ("CORRAL_TASK_ID" in table.columns) == uses[s.name], s.name
+        rows = [table.row(t) for t in tasks]
+        if not uses[s.name]:
+            assert not any(tid in row for row in rows for tid in ids), s.name

@@ -15,7 +15,7 @@ from test_backend_support import CallCounter, make_environment, moto_parent_jobs
 from corral.backends.aws_batch import payloads as pl
 from corral.backends.aws_batch.backend import AwsBatchBackend
 from corral.backends.aws_batch.client import AwsClients
-from corral.backends.aws_batch.submit import TokenBucket, job_name
+from corral.backends.aws_batch.submit import TokenBucket, child_tasks, job_name
 from corral.backends.base import RunOptions
 from corral.model import TaskState
 from corral.plan import Plan, make_plan
@@ -49,18 +49,23 @@ def _parents(clients: AwsClients, queue: str) -> list[dict[str, Any]]:
     return out
 
 
-def _runs_per_task(jobs: list[dict[str, Any]]) -> collections.Counter[str]:
-    """How many Batch children would run each task: decode every submitted item table."""
+def _runs_per_task(jobs: list[dict[str, Any]], plan: Plan, run_id: str) -> collections.Counter[str]:
+    """How many Batch children would run each task, from the layout of every submitted job (job
+    name → stage, child index → item; rows carry no task id unless the stage uses ``{task}``)."""
     count: collections.Counter[str] = collections.Counter()
     for job in jobs:
         env = {e["name"]: e["value"] for e in job["container"].get("environment", [])}
-        if pl.TABLE_VAR not in env:
-            continue  # a barrier
-        columns = env["CORRAL_COLUMNS"].split()
-        for row in pl.decode_table(env[pl.TABLE_VAR]):
-            tid = pl.row_task_id(columns, row)
-            if tid is not None:
-                count[tid] += 1
+        children = child_tasks(plan, run_id, job)
+        rows = pl.decode_table(env[pl.TABLE_VAR]) if children else []
+        for task, row in zip(children, rows, strict=True):
+            if task is None:
+                continue
+            count[task.id] += 1
+            # The child's row is that task's item (what the wrapper exports is the task's own env).
+            want = task.env(run_id, env["CORRAL_WORKDIR"])
+            got = pl.row_values(env["CORRAL_COLUMNS"].split(), row) or {}
+            assert {c: v for c, v in got.items() if c != "CORRAL_ARGV"} == {
+                c: want[c] for c in got if c != "CORRAL_ARGV"}
     return count
 
 
@@ -79,7 +84,7 @@ def test_thousand_items_three_stages_in_few_calls(aws: str, tmp_path: Path) -> N
     assert all(t.state == TaskState.SUBMITTED for t in tasks)
     assert len({t.external_id for t in tasks}) == 3000
     jobs = _parents(clients, env.job_queue)
-    assert _runs_per_task(jobs) == collections.Counter({t.task_id: 1 for t in tasks})
+    assert _runs_per_task(jobs, plan, run.run_id) == collections.Counter({t.task_id: 1 for t in tasks})
     by_name = {j["jobName"]: j for j in jobs}
     for c in range(len(run.options["aws_batch"]["round0_chunks"])):
         fetch, convert, upload = (by_name[job_name(run.run_id, s, 0, c)] for s in ("fetch", "convert", "upload"))
@@ -235,7 +240,7 @@ def test_crash_anywhere_then_resume_submits_every_task_exactly_once(aws: str, tm
     assert all(t.state in (TaskState.SUBMITTED, TaskState.SUCCEEDED) for t in tasks), collections.Counter(
         t.state for t in tasks
     )
-    runs = _runs_per_task(moto_parent_jobs())
+    runs = _runs_per_task(moto_parent_jobs(), resumed, run.run_id)
     assert runs == collections.Counter({t.task_id: 1 for t in tasks}), f"crash {where} #{crash_at}"
     # A further resume finds nothing to do.
     counter = CallCounter(clients)
@@ -303,7 +308,7 @@ def test_throttling_thirty_percent_of_calls_still_exactly_once(
     elapsed = time.monotonic() - t0
     assert stats["throttled"] >= 5
     assert all(t.state == TaskState.SUCCEEDED for t in tasks)
-    runs = _runs_per_task(moto_parent_jobs())
+    runs = _runs_per_task(moto_parent_jobs(), plan, run.run_id)
     assert runs == collections.Counter({t.task_id: 1 for t in tasks})
     assert elapsed < 45
 
@@ -393,5 +398,5 @@ def test_kill_minus_nine_after_a_submit_then_resume(aws: str, tmp_path: Path, ki
     assert before >= 1
     _backend(AwsClients(), env).resume(plan, run, store, RunOptions(wait=False))
     tasks = store.get_tasks("run-1")
-    runs = _runs_per_task(moto_parent_jobs())
+    runs = _runs_per_task(moto_parent_jobs(), plan, "run-1")
     assert runs == collections.Counter({t.task_id: 1 for t in tasks})

@@ -8,7 +8,8 @@ What a task's command can rely on, on every backend:
 - environment: each item field as ``NAME`` and ``CORRAL_ITEM_NAME``; ``CORRAL_RUN_ID``,
   ``CORRAL_STAGE``, ``CORRAL_TASK_ID``, ``CORRAL_ITEM_KEY``, ``CORRAL_ITEM_INDEX``,
   ``CORRAL_WORKDIR`` (the run's shared workspace); the stage's ``env``; its ``secrets``
-  resolved at run time (never stored).
+  resolved at run time (never stored). On AWS ``CORRAL_TASK_ID`` is set only for stages that
+  use ``{task}`` (or name ``CORRAL_TASK_ID``) in their command, env or transfer URIs.
 - a string command runs under ``/bin/sh -c``; a list runs as argv. Placeholders are substituted
   before it starts (shell-quoted in string commands).
 - locally the working directory is the workflow file's folder; on AWS it is the image's.

@@ -5,13 +5,16 @@ lives in ``run.options["aws_batch"]`` (region, queues, log group, round layout) 
 can read the state table can follow it, then submits array jobs (see ``submit``) and returns (or
 waits, with bounded polling, when ``options.wait``).
 
-``refresh`` costs, for a run of arrays: one DescribeJobs per 100 parents (their ``statusSummary``),
-and only for arrays not all succeeded, one ListJobs (pages of 1,000) per status that has children;
-only the tasks that changed are written back (batched by the store).
+``refresh`` costs, for a run of arrays: one DescribeJobs per 100 parents that still have a task in
+flight (their ``statusSummary``), and ListJobs (pages of 1,000) only for a status whose count in
+the summary differs from what the store already records for that array (see ``_children``):
+polling with nothing new costs the DescribeJobs alone; only the tasks that changed are written
+back (batched by the store).
 """
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import time
 from collections.abc import Callable, Iterator
@@ -39,6 +42,11 @@ from corral.spec import AwsSettings
 from corral.state.base import StateStore
 
 CANCEL_REASON = "cancelled by corral"
+# The Batch status behind each recorded task state (what a child in that state shows in a summary).
+_BATCH_STATUS = {
+    TaskState.SUCCEEDED: "SUCCEEDED", TaskState.FAILED: "FAILED", TaskState.UPSTREAM_FAILED: "FAILED",
+    TaskState.CANCELLED: "FAILED", TaskState.RUNNING: "RUNNING",
+}
 _WAITING_ORDER = ["STARTING", "RUNNABLE", "PENDING", "SUBMITTED"]
 RESERVED_ENV_PREFIXES = ("AWS_BATCH_", "ECS_")
 
@@ -390,25 +398,28 @@ class AwsBatchBackend:
 
     def refresh(self, run: RunRecord, store: StateStore) -> list[TaskRecord]:
         tasks = store.get_tasks(run.run_id)
-        live = [t for t in tasks if not t.state.terminal and is_job_id(t.external_id)]
-        by_parent: dict[str, list[TaskRecord]] = {}
-        for t in live:
-            by_parent.setdefault(parent_of(t.external_id), []).append(t)
+        by_parent: dict[str, list[TaskRecord]] = {}  # every task recorded in a job, live or ended
+        for t in tasks:
+            if is_job_id(t.external_id):
+                by_parent.setdefault(parent_of(t.external_id), []).append(t)
+        moving = [p for p, members in by_parent.items() if any(not t.state.terminal for t in members)]
         changed: dict[str, TaskRecord] = {}
-        if by_parent:
-            jobs = self.api.describe_jobs(list(by_parent))
-            for parent, members in by_parent.items():
+        if moving:
+            jobs = self.api.describe_jobs(moving)
+            for parent in moving:
                 job = jobs.get(parent)
                 if job is None:
                     continue  # not visible yet (DescribeJobs is eventually consistent after SubmitJob)
+                members = by_parent[parent]
+                live = [t for t in members if not t.state.terminal]
                 if "size" in job.get("arrayProperties", {}) and any(":" in t.external_id for t in members):
-                    summaries = self._children(parent, job)
-                    for t in members:
+                    summaries = self._children(parent, job, members)
+                    for t in live:
                         s = summaries.get(t.external_id)
                         if s is not None:
                             self._apply(t, s, changed)
                 else:
-                    for t in members:
+                    for t in live:
                         self._apply(t, job, changed)
         if changed:
             store.save_tasks(list(changed.values()))
@@ -498,13 +509,20 @@ class AwsBatchBackend:
             or None
         )
 
-    def _children(self, parent: str, job: dict[str, Any]) -> dict[str, dict[str, Any]]:
-        """Child job id → summary, with as few ListJobs calls as the status summary allows.
+    def _children(self, parent: str, job: dict[str, Any], members: list[TaskRecord]) -> dict[str, dict[str, Any]]:
+        """Child job id → summary for the children whose state may have changed, with as few
+        ListJobs calls as the parent's status summary and what is already recorded allow.
 
-        FAILED and RUNNING children are listed (their tasks change state); of the rest, either
-        the SUCCEEDED ones or the waiting ones (SUBMITTED…STARTING, all "submitted" to corral)
-        are listed — whichever takes fewer pages — and the other kind is inferred, checked
-        against the summary's counts (listed again if children moved meanwhile)."""
+        ``members`` are the tasks recorded in this array (ended ones included). A child's terminal
+        status never changes, so a status ``S`` is not listed when the summary's count for ``S``
+        equals the members recorded in it (SUCCEEDED; FAILED for FAILED, UPSTREAM_FAILED and
+        CANCELLED); RUNNING is not listed when its count equals the members recorded RUNNING and no
+        terminal count moved (those are still the running ones: a child retried and another started
+        in between show as soon as a count moves). Of the rest, either the SUCCEEDED children or the
+        waiting ones (SUBMITTED…STARTING, all "submitted" to corral) are listed — whichever takes
+        fewer pages — and the other kind is inferred. What was listed is checked against the
+        summary's counts: children that moved between DescribeJobs and ListJobs make it list the
+        rest rather than guess. A child absent from the result keeps its recorded state."""
         size = int(job["arrayProperties"]["size"])
         summary = job["arrayProperties"].get("statusSummary") or {}
         times = {"startedAt": job.get("startedAt"), "stoppedAt": job.get("stoppedAt")}
@@ -512,36 +530,48 @@ class AwsBatchBackend:
         waiting_summary = {"status": "SUBMITTED"}
         if job.get("status") == "SUCCEEDED" or summary.get("SUCCEEDED", 0) == size:
             return {f"{parent}:{i}": succeeded for i in range(size)}
+        known = collections.Counter(_BATCH_STATUS.get(t.state, "") for t in members)
+        n = {s: summary.get(s, 0) for s in ("SUCCEEDED", "FAILED", "RUNNING", *_WAITING_ORDER)}
+        moved = {s: n[s] != known[s] for s in ("SUCCEEDED", "FAILED", "RUNNING")}
         out: dict[str, dict[str, Any]] = {}
+        listed: list[str] = []
 
         def list_status(status: str) -> None:
+            listed.append(status)
             for s in self.api.list_jobs(f"list {status} children of {parent}", arrayJobId=parent, jobStatus=status):
                 out.setdefault(s["jobId"], s)
 
-        for status in ("FAILED", "RUNNING"):
-            if summary.get(status, 0) > 0:
-                list_status(status)
-        waiting = [s for s in _WAITING_ORDER if summary.get(s, 0) > 0]
-        n_succ = summary.get("SUCCEEDED", 0)
-        pages = lambda n: -(-n // 1000)  # noqa: E731
-        if waiting and n_succ and pages(n_succ) < sum(pages(summary[s]) for s in waiting):
-            listed, inferred, expect = ["SUCCEEDED"], waiting_summary, sum(summary[s] for s in waiting)
-        elif n_succ:
-            listed, inferred, expect = waiting, succeeded, n_succ
+        if n["FAILED"] and moved["FAILED"]:
+            list_status("FAILED")
+        running_known = not any(moved.values())  # the members recorded RUNNING are the running ones
+        if n["RUNNING"] and not running_known:
+            list_status("RUNNING")
+        waiting = [s for s in _WAITING_ORDER if n[s] > 0]
+        pages = lambda k: -(-k // 1000)  # noqa: E731
+        if n["SUCCEEDED"] and moved["SUCCEEDED"]:
+            # Some live members may have succeeded: list SUCCEEDED or the waiting ones, infer the other.
+            if waiting and pages(n["SUCCEEDED"]) < sum(pages(n[s]) for s in waiting):
+                list_status("SUCCEEDED")
+                inferred = waiting_summary
+            else:
+                for s in waiting:
+                    list_status(s)
+                inferred = succeeded
         else:
-            listed, inferred, expect = [], waiting_summary, sum(summary.get(s, 0) for s in waiting)
-        for status in listed:
-            list_status(status)
-        unlisted = size - len(out)
-        if unlisted and unlisted != expect:
-            # Children moved between DescribeJobs and ListJobs: list the rest rather than guess.
-            for status in ["SUCCEEDED", *_WAITING_ORDER]:
+            inferred = waiting_summary  # no live member is SUCCEEDED (nor FAILED, if not listed)
+        if len(out) != sum(n[s] for s in listed):
+            # Children moved between DescribeJobs and ListJobs: list the rest rather than guess (a
+            # child still missing then moved during the listing: it keeps its state until next time).
+            for status in ["FAILED", "RUNNING", "SUCCEEDED", *_WAITING_ORDER]:
                 if status not in listed:
                     list_status(status)
-            unlisted = size - len(out)
-        if unlisted:
-            for i in range(size):
-                out.setdefault(f"{parent}:{i}", inferred)
+            return out
+        for t in members:
+            if t.external_id in out or t.state.terminal:
+                continue
+            if running_known and t.state == TaskState.RUNNING:
+                continue  # still running: nothing to change
+            out[t.external_id] = inferred
         return out
 
     @staticmethod

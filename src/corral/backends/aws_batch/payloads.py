@@ -24,8 +24,9 @@ An array job of ``n`` children carries, in its container overrides' environment:
     whose task already succeeded, kept only to align N_TO_N children on resume) is ``-``.
 ``CORRAL_COLUMNS``
     the names the row's values are exported as, in order: ``CORRAL_ITEM_<field>`` for fields
-    that differ between tasks, ``CORRAL_TASK_ID``, ``CORRAL_ITEM_KEY``, ``CORRAL_ITEM_INDEX``,
-    stage ``env`` values that hold placeholders, and ``CORRAL_ARGV`` when the command is per row.
+    that differ between tasks, ``CORRAL_TASK_ID`` (only when the stage uses it, see below),
+    ``CORRAL_ITEM_KEY``, ``CORRAL_ITEM_INDEX``, stage ``env`` values that hold placeholders, and
+    ``CORRAL_ARGV`` when the command is per row.
 ``CORRAL_FIELDS``
     item fields also exported under their plain name (``session`` from ``CORRAL_ITEM_session``).
 ``CORRAL_KEY_FROM``, ``CORRAL_INDEX_BASE`` (optional)
@@ -46,8 +47,16 @@ The job definition's command is ``/bin/sh -c WRAPPER`` (:data:`WRAPPER`): it dec
 with ``base64 -d | gzip -dc``, takes line ``AWS_BATCH_JOB_ARRAY_INDEX + 1`` with ``sed``, exports
 the columns and fields, unsets its own variables and ``exec``s the argv. It needs only ``/bin/sh``,
 ``base64``, ``gzip`` and ``sed`` (coreutils or busybox): no python, corral or aws CLI in the image.
-The task ids (16 hex digits each) dominate the compressed size: about 15 bytes a row, so ~1,800
-items fit one SubmitJob; chunks are cut so every payload stays under :data:`PAYLOAD_LIMIT`.
+Chunks are cut so every payload stays under :data:`PAYLOAD_LIMIT`.
+
+Task ids (16 hex digits each, incompressible) would dominate the compressed rows (~11 of ~15 bytes
+a row), so ``CORRAL_TASK_ID`` is a column only for a stage that uses the task id
+(:func:`uses_task_id`: ``{task}`` or ``CORRAL_TASK_ID`` in its command, env values or transfer
+``from``/``to``): elsewhere an AWS child does not get ``CORRAL_TASK_ID`` (``AWS_BATCH_JOB_ID``
+identifies it) and rows hold only the item's own values — several thousand items per SubmitJob.
+Nothing maps a child back to its task through its row: the layout does (the job name gives the
+stage, round and chunk; child ``k`` is item ``CORRAL_INDEX_BASE + k``, or the row's
+``CORRAL_ITEM_INDEX`` when the round's items are not consecutive — :func:`child_item_index`).
 """
 
 from __future__ import annotations
@@ -228,6 +237,19 @@ def argv_template(stage: Stage) -> str | None:
     return " ".join(words)
 
 
+def uses_task_id(stage: Stage) -> bool:
+    """True when something rendered per task for the stage's AWS job uses the task id: ``{task}``
+    (or ``CORRAL_TASK_ID`` read from the environment) in the command, an env value or a transfer's
+    ``from``/``to``. Corral's own transfer and cleanup commands do not use it."""
+    from corral.plan import template_fields
+
+    cmd = stage.command
+    texts = [cmd] if isinstance(cmd, str) else list(cmd or [])
+    texts += list(stage.env.values())
+    texts += [u for u in (stage.source, stage.dest) if u]
+    return any("task" in template_fields(t) or "CORRAL_TASK_ID" in t for t in texts)
+
+
 class StageTable:
     """How one stage's tasks are passed to array children: constant override env + one row each.
 
@@ -258,9 +280,11 @@ class StageTable:
         # Plain field names the wrapper re-exports from CORRAL_ITEM_<f> (unless something else
         # sets that name: the stage env or corral's own variables win, as in Task.env).
         plain = [f for f in fields if f not in stage.env and not f.startswith("CORRAL_") and f not in constant]
+        self.task_id_column = uses_task_id(stage)
         self.columns = [
             k for k in first
             if k not in constant and k not in plain and (index_column or k != "CORRAL_ITEM_INDEX")
+            and (self.task_id_column or k != "CORRAL_TASK_ID")
         ]
         if len(tasks) > 1:
             for c in self.columns:
@@ -307,15 +331,27 @@ def decode_table(blob: str) -> list[str]:
     return gzip.decompress(base64.b64decode(blob)).decode().split("\n")[:-1]
 
 
-def row_task_id(table: StageTable | Sequence[str], row: str) -> str | None:
-    """The CORRAL_TASK_ID a row carries (None for padding); ``table`` gives the column order."""
+def row_values(columns: Sequence[str], row: str) -> dict[str, str] | None:
+    """A row's values by column name (None for padding), as the wrapper exports them."""
     if row == PADDING_ROW:
         return None
     import shlex
 
-    columns = table.columns if isinstance(table, StageTable) else list(table)
     values = shlex.split(row.replace("'\"$NL\"'", "\n"))
-    return values[columns.index("CORRAL_TASK_ID")]
+    return dict(zip(columns, values, strict=True))
+
+
+def child_item_index(env: Mapping[str, str], k: int, row: str) -> int | None:
+    """The item index child ``k`` of a submitted job works on, from the job's override ``env`` (and
+    row ``k`` of its table): ``CORRAL_INDEX_BASE + k``, else the row's ``CORRAL_ITEM_INDEX``. None for
+    a padding row or a per-run job."""
+    if row == PADDING_ROW:
+        return None
+    if env.get("CORRAL_INDEX_BASE"):
+        return int(env["CORRAL_INDEX_BASE"]) + k
+    values = row_values(env.get("CORRAL_COLUMNS", "").split(), row) or {}
+    index = values.get("CORRAL_ITEM_INDEX", env.get("CORRAL_ITEM_INDEX", ""))
+    return int(index) if index else None
 
 
 # -- job definitions ------------------------------------------------------------------------------

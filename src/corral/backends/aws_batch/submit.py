@@ -135,6 +135,39 @@ def job_name(run_id: str, stage: str, round_: int, chunk: int | None) -> str:
     return name if chunk is None else f"{name}-c{chunk}"
 
 
+def parse_job_name(plan: Plan, run_id: str, name: str) -> tuple[str, int, int | None] | None:
+    """(stage, round, chunk) of a job corral named with :func:`job_name`; None for barriers and
+    names of other runs."""
+    m = re.fullmatch(re.escape(run_prefix(run_id)) + r"(.+)-r(\d+)(?:-c(\d+))?", name)
+    if m is None:
+        return None
+    for s in plan.stage_order:
+        if _safe(s, 40) == m.group(1):
+            return s, int(m.group(2)), None if m.group(3) is None else int(m.group(3))
+    return None
+
+
+def child_tasks(plan: Plan, run_id: str, job: Mapping[str, Any]) -> list[Task | None]:
+    """The task each child of a submitted job (as DescribeJobs returns it) runs, from the layout
+    alone — never from a task id in its row: the job name gives the stage; child ``k`` runs the
+    stage's task of item :func:`payloads.child_item_index` (None: a padding child). Barriers: []."""
+    parsed = parse_job_name(plan, run_id, job.get("jobName", ""))
+    env = {e["name"]: e["value"] for e in (job.get("container") or {}).get("environment", [])}
+    if parsed is None or pl.TABLE_VAR not in env:
+        return []
+    stage = parsed[0]
+    tasks = plan.stage_tasks(stage)
+    rows = pl.decode_table(env[pl.TABLE_VAR])
+    if plan.workflow.stage(stage).per != "item":
+        return [tasks[0] if rows[0] != pl.PADDING_ROW else None]
+    by_index = {t.index: t for t in tasks}
+    out: list[Task | None] = []
+    for k, row in enumerate(rows):
+        index = pl.child_item_index(env, k, row)
+        out.append(None if index is None else by_index[index])
+    return out
+
+
 def parent_of(external_id: str) -> str:
     return external_id.split(":", 1)[0]
 

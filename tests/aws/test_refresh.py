@@ -1,0 +1,239 @@
+"""Status refresh against moto: 10,000 items in few arrays, and a refresh that lists only what may
+have changed (nothing new = one DescribeJobs) yet always agrees with a full listing of every child."""
+
+from __future__ import annotations
+
+import collections
+import datetime
+import random
+from pathlib import Path
+from typing import Any
+
+import pytest
+from test_backend_support import CallCounter, make_environment, moto_batch_backend, record_run
+
+from corral.backends.aws_batch.backend import AwsBatchBackend, task_state_of
+from corral.backends.aws_batch.client import AwsClients
+from corral.backends.base import RunOptions
+from corral.model import TaskRecord, TaskState
+from corral.plan import Plan, make_plan
+from corral.spec import loads_workflow
+from corral.state.sqlite import SqliteStore
+
+pytestmark = pytest.mark.aws
+
+# The bench's refresh workflow and items (bench/aws_submit.py): one stage, 10,000 items.
+ONE_STAGE = "name: wide\ndefaults: {image: busybox}\nstages:\n  - {name: work, command: 'work {session}'}\n"
+STATUSES = ["SUBMITTED", "PENDING", "RUNNABLE", "STARTING", "RUNNING", "SUCCEEDED", "FAILED"]
+_PLANS: dict[int, Plan] = {}
+
+
+def _plan(n: int) -> Plan:
+    if n not in _PLANS:
+        items = [{"session": f"ses-{i:05d}", "subject": f"sub-{i % 97:03d}"} for i in range(n)]
+        _PLANS[n] = make_plan(loads_workflow(ONE_STAGE), items=items)
+    return _PLANS[n]
+
+
+def _steer(job: Any, status: str, reason: str | None = None, exit_code: int | None = None) -> None:
+    job.status = status
+    job.job_stopped = status in ("SUCCEEDED", "FAILED")
+    job.job_stopped_at = datetime.datetime.now() if job.job_stopped else None
+    job.job_stopped_reason = reason if job.job_stopped else None
+    job.exit_code = exit_code if job.job_stopped else None
+
+
+class _ListCalls:
+    """The arrayJobId and jobStatus of every ListJobs call."""
+
+    def __init__(self, clients: AwsClients) -> None:
+        self.calls: list[tuple[str, str]] = []
+        clients.register_hook("provide-client-params.batch.ListJobs", self._hook)
+
+    def _hook(self, params: dict[str, Any], **kw: Any) -> None:
+        self.calls.append((params.get("arrayJobId", ""), params.get("jobStatus", "")))
+
+
+class _CountingStore(SqliteStore):
+    def __init__(self, path: Path) -> None:
+        super().__init__(path)
+        self.saved = 0
+
+    def save_tasks(self, tasks: Any) -> None:
+        self.saved += len(tasks)
+        super().save_tasks(tasks)
+
+
+def _full_listing(clients: AwsClients, parents: list[str]) -> dict[str, TaskState]:
+    """Every child's state from ListJobs of every status of every array: no inference at all."""
+    out: dict[str, TaskState] = {}
+    for p in parents:
+        for status in STATUSES:
+            for s in clients.batch.list_jobs(arrayJobId=p, jobStatus=status)["jobSummaryList"]:
+                out[s["jobId"]] = task_state_of(s["status"], s.get("statusReason", "") or "")
+    return out
+
+
+def _states(tasks: list[TaskRecord]) -> dict[str, TaskState]:
+    return {t.external_id: t.state for t in tasks}
+
+
+def _start(clients: AwsClients, env: Any, n: int, store: SqliteStore) -> tuple[AwsBatchBackend, Any, list[str]]:
+    plan = _plan(n)
+    run = record_run(store, plan)
+    be = AwsBatchBackend(clients, environment=env, sleep=lambda s: None)
+    be.start(plan, run, store, RunOptions(wait=False))
+    parents = sorted({t.external_id.split(":")[0] for t in store.get_tasks(run.run_id)})
+    return be, run, parents
+
+
+def test_ten_thousand_items_in_few_arrays_and_refresh_lists_only_what_changed(aws: str, tmp_path: Path) -> None:
+    clients = AwsClients()
+    env = make_environment(clients)
+    store = _CountingStore(tmp_path / "s.db")
+    be, run, parents = _start(clients, env, 10_000, store)
+    # No task ids in the rows (the stage does not use {task}): 10,000 items need few arrays.
+    assert 2 <= len(parents) <= 5, len(parents)
+    jobs = moto_batch_backend()._jobs
+    children = {p: jobs[p]._child_jobs for p in parents}
+    assert sum(len(c) for c in children.values()) == 10_000
+
+    # Mid-run at its worst: failed, running and succeeded children in every array.
+    for p in parents:
+        jobs[p].status = "RUNNING"
+        for i, child in enumerate(children[p]):
+            if i % 10 == 0:
+                _steer(child, "FAILED", "Essential container in task exited", 1)
+            elif i % 20 == 1:
+                _steer(child, "RUNNING")
+            elif i % 20 == 3:
+                _steer(child, "RUNNABLE")
+            else:
+                _steer(child, "SUCCEEDED", exit_code=0)
+    counter = CallCounter(clients)
+    lists = _ListCalls(clients)
+    got = be.refresh(store.get_run(run.run_id), store)
+    # FAILED, RUNNING and the waiting ones listed per array, SUCCEEDED inferred.
+    assert counter.count("batch") == 1 + 3 * len(parents) <= 16, counter.calls
+    assert _states(got) == _full_listing(clients, parents)
+
+    # Nothing changed: one DescribeJobs for the (≤ 100) parents, no ListJobs, nothing written.
+    counter.reset()
+    store.saved = 0
+    again = be.refresh(store.get_run(run.run_id), store)
+    assert counter.calls == [("batch", "DescribeJobs")]
+    assert store.saved == 0 and _states(again) == _states(got)
+
+    # New failures (and a start) in the first array only: only that array is listed.
+    first = parents[0]
+    moved = [c for i, c in enumerate(children[first]) if i % 20 == 1][:7]
+    for c in moved:
+        _steer(c, "FAILED", "Essential container in task exited", 2)
+    _steer(next(c for i, c in enumerate(children[first]) if i % 20 == 3), "RUNNING")
+    counter.reset()
+    lists.calls.clear()
+    store.saved = 0
+    got = be.refresh(store.get_run(run.run_id), store)
+    assert lists.calls and {p for p, _ in lists.calls} == {first}, lists.calls
+    assert counter.count("batch", "DescribeJobs") == 1
+    assert store.saved == len(moved) + 1  # only the tasks that changed are written
+    assert _states(got) == _full_listing(clients, parents)
+
+    # Everything ends: arrays all succeeded cost no ListJobs; the rest list only their new changes.
+    for p in parents:
+        for c in children[p]:
+            if c.status != "FAILED":
+                _steer(c, "SUCCEEDED", exit_code=0)
+        jobs[p].status = "FAILED"
+    counter.reset()
+    got = be.refresh(store.get_run(run.run_id), store)
+    # No new failure and nothing running or waiting: the new successes are inferred from the counts.
+    assert counter.calls == [("batch", "DescribeJobs")]
+    assert _states(got) == _full_listing(clients, parents)
+    counter.reset()
+    assert _states(be.refresh(store.get_run(run.run_id), store)) == _states(got)
+    assert counter.calls == []  # every task has ended: nothing to ask Batch
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_incremental_refresh_agrees_with_a_full_listing(aws: str, tmp_path: Path, seed: int) -> None:
+    """Random progress between refreshes (children start, fail, succeed, wait; terminal ones stay):
+    after each refresh the recorded states equal a listing of every child, and a refresh that
+    ignores what is known (all tasks reset to SUBMITTED) gives the same states."""
+    rng = random.Random(seed)
+    clients = AwsClients()
+    env = make_environment(clients)
+    store = SqliteStore(tmp_path / "s.db")
+    be, run, parents = _start(clients, env, 10_000, store)
+    jobs = moto_batch_backend()._jobs
+    kids = [c for p in parents for c in jobs[p]._child_jobs]
+    for p in parents:
+        jobs[p].status = "RUNNING"
+    for c in kids:
+        _steer(c, "RUNNABLE")
+    lists = _ListCalls(clients)
+    fresh = _CountingStore(tmp_path / "fresh.db")
+    fresh_run = record_run(fresh, _plan(10_000))
+    for step in range(6):
+        # Move a random few children of a random subset of arrays (some arrays do not move at all).
+        moving = {p for p in parents if rng.random() < 0.6}
+        for c in kids:
+            if c.job_id.split(":")[0] not in moving or c.status in ("SUCCEEDED", "FAILED") or rng.random() > 0.15:
+                continue
+            nxt = {"RUNNABLE": ["STARTING", "RUNNING", "FAILED"], "STARTING": ["RUNNING"],
+                   "RUNNING": ["SUCCEEDED", "SUCCEEDED", "FAILED"]}[c.status]
+            status = rng.choice(nxt)
+            reason = rng.choice(["Essential container in task exited", "Dependent Job failed",
+                                 "cancelled by corral"]) if status == "FAILED" else None
+            _steer(c, status, reason, 1 if status == "FAILED" else 0 if status == "SUCCEEDED" else None)
+        lists.calls.clear()
+        got = be.refresh(store.get_run(run.run_id), store)
+        assert {p for p, _ in lists.calls} <= moving  # arrays with no news are not listed
+        truth = _full_listing(clients, parents)
+        assert _states(got) == truth, f"step {step}"
+        # The same answer from nothing known: every task in flight, refreshed in another store.
+        fresh.save_tasks([t.replace(state=TaskState.SUBMITTED) for t in got])
+        assert _states(be.refresh(fresh.get_run(fresh_run.run_id), fresh)) == truth
+
+
+def test_one_chunking_when_only_some_stages_carry_task_ids(aws: str, tmp_path: Path) -> None:
+    """A stage using {task} has bigger rows: the shared chunking follows it, every SubmitJob stays
+    under 30 KiB, and child k is the same item in both stages."""
+    from test_backend_support import moto_parent_jobs
+
+    from corral.backends.aws_batch import payloads as pl
+    from corral.backends.aws_batch.submit import child_tasks, job_name
+
+    clients = AwsClients()
+    env = make_environment(clients)
+    text = """
+name: mixed
+defaults: {image: busybox}
+stages:
+  - {name: a, command: "work {session}"}
+  - {name: b, needs: [a], command: "tag {session}", env: {TAG: "t-{task}"}}
+"""
+    n = 6000
+    plan = make_plan(loads_workflow(text), items=[{"session": f"ses-{i:05d}"} for i in range(n)])
+    store = SqliteStore(tmp_path / "s.db")
+    run = record_run(store, plan)
+    bodies: list[int] = []
+    clients.register_hook("before-send.batch.SubmitJob", lambda request, **kw: bodies.append(len(request.body or b"")))
+    AwsBatchBackend(clients, environment=env, sleep=lambda s: None).start(plan, run, store, RunOptions(wait=False))
+    sizes = run.options["aws_batch"]["round0_chunks"]
+    assert len(sizes) >= 3 and sum(sizes) == n  # task ids (incompressible) cut b, hence a, in chunks
+    assert bodies and max(bodies) < 30 * 1024
+    jobs = {j["jobName"]: j for j in moto_parent_jobs()}
+    ids = {t.id for t in plan.tasks}
+    runs: collections.Counter[str] = collections.Counter()
+    for c, size in enumerate(sizes):
+        a, b = jobs[job_name(run.run_id, "a", 0, c)], jobs[job_name(run.run_id, "b", 0, c)]
+        ta, tb = child_tasks(plan, run.run_id, a), child_tasks(plan, run.run_id, b)
+        assert len(ta) == len(tb) == size
+        assert all(x is not None and y is not None and x.index == y.index for x, y in zip(ta, tb, strict=True))
+        runs.update(t.id for t in ta + tb if t is not None)
+        rows = {name: pl.decode_table({e["name"]: e["value"] for e in job["container"]["environment"]}[pl.TABLE_VAR])
+                for name, job in (("a", a), ("b", b))}
+        assert not any(tid in row for row in rows["a"] for tid in ids)
+        assert all(t is not None and t.id in row for t, row in zip(tb, rows["b"], strict=True))
+    assert runs == collections.Counter({t.id: 1 for t in plan.tasks})
