@@ -281,3 +281,35 @@ def test_resume_refuses_while_the_cleanup_after_failure_runs(
     with pytest.raises(BackendError) as info:
         _backend(env, []).resume(plan, store.get_run(RUN), store, RunOptions(wait=False))
     assert "still running" in info.value.message and info.value.hint
+
+
+def test_corral_status_says_it_once_on_stderr(aws: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Through the CLI, with the run in the DynamoDB state table (as `corral run --backend aws` records it)."""
+    from helpers import run_cli
+
+    from corral.state.dynamodb import DynamoStore
+
+    clients = AwsClients()
+    env = make_environment(clients)
+    store = DynamoStore("corral-state", clients.dynamodb)
+    store.create_table_if_missing()
+    plan = _plan()
+    run = record_run(store, plan, RUN)
+    _backend(env, []).start(plan, run, store, RunOptions(wait=False))
+    ext = {(t.stage, t.item_index): t.external_id for t in store.get_tasks(RUN)}
+    for p in {e.split(":")[0] for e in ext.values()}:
+        _steer(p, "RUNNING")
+    for e in ext.values():
+        _steer(e, "SUCCEEDED", exit_code=0)
+    _steer(ext[("fetch", 1)], "FAILED", "Essential container in task exited", 1)
+    _steer(ext[("convert", 1)], "FAILED", "Dependent Job failed")
+    _steer(ext[(CLEANUP_STAGE, None)], "FAILED", "Dependent Job failed")
+
+    first = run_cli("status", RUN, "--backend", "aws")
+    second = run_cli("status", RUN, "--backend", "aws", "--json")
+    assert first.returncode == 0 and second.returncode == 0, first.stderr + second.stderr
+    (final,) = [j for j in _jobs() if "-f" in j.job_name[len(PREFIX):]]
+    line = f"run {RUN} ended with failures; submitted its workspace cleanup (job {final.job_id})"
+    assert first.stderr.count(line) == 1 and "ended with failures" not in second.stderr
+    assert line not in first.stdout + second.stdout
+    assert len(_jobs()) == 2

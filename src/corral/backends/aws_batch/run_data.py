@@ -118,7 +118,8 @@ def remove_run_data(
     with aws_errors(f"find the EFS workspace of run {run_id}"):
         found = _access_point(clients, run_id, opts.get("efs_id") or None)
     if found is None:
-        return DataOutcome("skipped", f"run {run_id} has no EFS workspace (access point): no data to remove")
+        return DataOutcome("skipped", f"run {run_id} has no EFS workspace (no access point tagged with it: "
+                                      "it used none, or it was torn down already): no data to remove")
     fs_id, ap = found
     queue = opts.get("job_queue")
     if not queue:
