@@ -313,3 +313,26 @@ def test_corral_status_says_it_once_on_stderr(aws: str, tmp_path: Path, monkeypa
     assert first.stderr.count(line) == 1 and "ended with failures" not in second.stderr
     assert line not in first.stdout + second.stdout
     assert len(_jobs()) == 2
+
+
+def test_a_refused_submission_does_not_break_status_and_is_tried_again(
+    aws: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    env, _plan_, store, _ext = _start_and_fail(tmp_path, monkeypatch)
+
+    def refuse(**kw: Any) -> Any:
+        from botocore.exceptions import ClientError
+
+        raise ClientError({"Error": {"Code": "ClientException", "Message": "queue is disabled"}}, "SubmitJob")
+
+    clock = _Clock()
+    said: list[str] = []
+    be = _backend(env, said, clock)
+    be.clients.register_hook("before-call.batch.SubmitJob", refuse)
+    tasks = be.refresh(store.get_run(RUN), store)  # no exception: status still works
+    assert len(said) == 1 and "could not be submitted" in said[0] and "queue is disabled" in said[0]
+    assert {t.stage for t in tasks} >= {CLEANUP_STAGE} and len(_jobs()) == 1
+    clock.t += CLAIM_LEASE + 1
+    _backend(env, said, clock).refresh(store.get_run(RUN), store)
+    assert len(_jobs()) == 2 and not _jobs()[1].depends_on
+    assert "submitted its workspace cleanup" in said[-1]

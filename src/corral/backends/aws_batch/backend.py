@@ -36,7 +36,7 @@ from corral.backends.aws_batch.submit import (
     reconcile,
 )
 from corral.backends.base import RunOptions
-from corral.errors import BackendError, PlanError, UsageError
+from corral.errors import BackendError, CorralError, CredentialsError, PlanError, UsageError
 from corral.model import RunRecord, RunState, TaskRecord, TaskState, now
 from corral.plan import CLEANUP_STAGE, Plan
 from corral.spec import AwsSettings
@@ -299,7 +299,14 @@ class AwsBatchBackend:
             tasks = [changed.get(t.task_id, t) for t in tasks]
         self._update_run_state(run, store, tasks)
         if final_cleanup:
-            tasks = self._cleanup_after_failure(run, store, tasks)
+            try:
+                tasks = self._cleanup_after_failure(run, store, tasks)
+            except CredentialsError:
+                raise
+            except CorralError as exc:  # the run's state is read; the cleanup is tried again next time
+                self.say(f"run {run.run_id}: its workspace cleanup could not be submitted ({exc.one_line()}); "
+                         "a later refresh tries again")
+                tasks = store.get_tasks(run.run_id)
         return tasks
 
     def cancel(self, run: RunRecord, store: StateStore) -> None:
