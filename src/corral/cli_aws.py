@@ -125,34 +125,68 @@ def setup(region: str | None, profile: str | None, spot: bool | None, gpu: bool,
 @click.command()
 @aws_options
 @click.option("--all", "everything", is_flag=True, help="Remove everything corral made in the region.")
-@click.option("--run", "run_id", default=None, help="Remove what one run made (job definitions, EFS access point).")
+@click.option("--run", "run_id", default=None,
+              help="Remove what one run made (its data on EFS, job definitions, EFS access point, secrets).")
+@click.option("--keep-data", is_flag=True, help="With --run: keep the run's data on EFS (remove only resources).")
+@click.option("--timeout", type=click.FloatRange(min=1), default=1800, show_default=True, metavar="SECONDS",
+              help="With --run: how long to wait for the job removing the run's EFS data.")
+@click.option("--table", default=None, help="With --run: the state table the run is recorded in (default corral-state).")
 @click.option("--purge", is_flag=True, help="Also delete corral's buckets and ECR repositories that hold data.")
 @click.option("--yes", "-y", is_flag=True, help="Do not ask for confirmation.")
 @click.option("--json", "as_json", is_flag=True, help="Print what was removed as JSON on stdout.")
-def teardown(region: str | None, profile: str | None, everything: bool, run_id: str | None, purge: bool,
-             yes: bool, as_json: bool) -> None:
-    """Remove what corral made (resources tagged corral:managed), and nothing else."""
+def teardown(region: str | None, profile: str | None, everything: bool, run_id: str | None, keep_data: bool,
+             timeout: float, table: str | None, purge: bool, yes: bool, as_json: bool) -> None:
+    """Remove what corral made (resources tagged corral:managed), and nothing else.
+
+    With --run, the run's data on the EFS workspace goes first (a job runs `rm -rf` of the run's
+    folder); when that job fails, the run's access point is kept so it can be tried again."""
     from corral.backends.aws_batch.provision import teardown as do_teardown
-    from corral.errors import UsageError
+    from corral.errors import BackendError, UsageError
 
     if everything == bool(run_id):
         raise UsageError("say what to remove: --all or --run RUN_ID (one of them)",
                          "`corral aws teardown --run RUN` for one run's things, --all for everything")
+    if keep_data and not run_id:
+        raise UsageError("--keep-data goes with --run RUN_ID", "`corral aws teardown --run RUN --keep-data`")
     clients = _clients(region, profile)
     what = f"everything corral made in {clients.region}" if everything else f"what run {run_id} made"
+    if run_id and not keep_data:
+        what += ", including its data on EFS"
     if purge:
         what += ", including buckets and image repositories that hold data"
     if not yes:
         if not sys.stdin.isatty():
             raise UsageError(f"refusing to remove {what} without confirmation", "add --yes")
         click.confirm(f"Remove {what}?", abort=True, err=True)
-    report = do_teardown(clients, run_id=run_id, everything=everything, purge=purge)
+    data = None
+    if run_id and not keep_data:
+        from corral.backends.aws_batch.run_data import remove_run_data
+
+        _echo(f"removing run {run_id}'s data on EFS (waiting up to {timeout:g}s for the job) ...")
+        data = remove_run_data(clients, run_id, table=table, timeout=timeout)
+        if data.failed:
+            _echo(f"  failed   removing run {run_id}'s EFS data: {data.message}")
+        else:
+            _echo(f"  {'note' if data.status == 'skipped' else data.status:8} {data.message}")
+    kept_why = None
+    if data is not None and data.failed:
+        kept_why = f"{data.access_point}: the run's data is still on EFS"
+    report = do_teardown(clients, run_id=run_id, everything=everything, purge=purge, keep_access_point=kept_why)
     from corral.aws import forget_cached_environments
 
     forget_cached_environments()
     _print_report(report, "done: ")
     if as_json:
-        click.echo(json.dumps(report.as_dict(), indent=2))
+        out: dict[str, Any] = dict(report.as_dict())
+        if data is not None:
+            out["data"] = {"status": data.status, "message": data.message, "job_id": data.job_id}
+        click.echo(json.dumps(out, indent=2))
+    if data is not None and data.failed:
+        raise BackendError(
+            f"run {run_id}'s data on EFS was not removed ({data.message}); its access point is kept",
+            f"see the job in the AWS Batch console (its log is in CloudWatch), then run "
+            f"`corral aws teardown --run {run_id}` again (or add --keep-data to remove the rest, keeping the data)",
+        )
 
 
 @click.group()

@@ -90,3 +90,19 @@ def test_runs_are_isolated(store: StateStore) -> None:
     store.create_run(_run("b", 2.0), b"B", _tasks("b", 2))
     assert len(store.get_tasks("a")) == 3 and len(store.get_tasks("b")) == 2
     assert store.load_manifest("b") == b"B"
+
+
+def test_swap_task_writes_only_over_the_expected_record(store: StateStore) -> None:
+    store.create_run(_run(), b"{}", _tasks("r1", 3))
+    old = store.get_tasks("r1")[1]
+    failed = old.replace(state=TaskState.UPSTREAM_FAILED, external_id="job-1", ended_at=12.5, reason="dep")
+    store.save_tasks([failed])
+    claim = failed.replace(state=TaskState.PENDING, external_id="intent:x-f1:0:1", ended_at=None)
+    assert store.swap_task(old, claim) is False  # not what is stored any more
+    assert store.get_tasks("r1")[1] == failed
+    assert store.swap_task(failed, claim) is True
+    assert store.get_tasks("r1")[1] == claim
+    other = failed.replace(state=TaskState.PENDING, external_id="intent:x-f2:0:1", ended_at=None)
+    assert store.swap_task(failed, other) is False  # a second claimer of the same record loses
+    assert store.get_tasks("r1")[1] == claim
+    assert [t.state for i, t in enumerate(store.get_tasks("r1")) if i != 1] == [TaskState.PENDING] * 2

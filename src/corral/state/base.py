@@ -37,6 +37,11 @@ class StateStore(Protocol):
         """Upsert whole task records, in as few writes as the store allows."""
         ...
 
+    def swap_task(self, old: TaskRecord, new: TaskRecord) -> bool:
+        """Write ``new`` only if the stored task is still exactly ``old`` (compare-and-set); True if
+        written. Of several processes swapping the same ``old``, exactly one wins."""
+        ...
+
     def save_attempt(self, attempt: AttemptRecord) -> None:
         """Insert or replace the attempt (run_id, task_id, attempt)."""
         ...

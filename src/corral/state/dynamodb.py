@@ -213,6 +213,25 @@ class DynamoStore:
         with self._errors("save task states"):
             self._batch_put(items)
 
+    def swap_task(self, old: TaskRecord, new: TaskRecord) -> bool:
+        """A conditional PutItem: written only while the stored record is still ``old``."""
+        order = self._order.get(old.run_id)
+        if order is None or old.task_id not in order:
+            self.get_tasks(old.run_id)
+            order = self._order.get(old.run_id, {})
+        if old.task_id not in order:
+            return False
+        ordinal = order[old.task_id]
+        with self._errors(f"update task {old.task_id}"):
+            try:
+                self.client.put_item(
+                    TableName=self.table, Item=_task_item(new, ordinal), ConditionExpression="d = :old",
+                    ExpressionAttributeValues={":old": _task_item(old, ordinal)["d"]},
+                )
+            except self.client.exceptions.ConditionalCheckFailedException:
+                return False
+        return True
+
     # -- attempts -----------------------------------------------------------------------------
     def save_attempt(self, attempt: AttemptRecord) -> None:
         with self._errors(f"save attempt {attempt.attempt} of task {attempt.task_id}"):

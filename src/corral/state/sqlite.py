@@ -154,6 +154,15 @@ class SqliteStore:
         with self._tx():
             self._db.executemany(_UPDATE_TASK, [_task_update_row(t) for t in tasks])
 
+    def swap_task(self, old: TaskRecord, new: TaskRecord) -> bool:
+        with self._tx():
+            cur = self._db.execute(
+                _UPDATE_TASK + " AND state=? AND attempts=? AND exit_code IS ? AND reason=? AND started_at IS ? "
+                "AND ended_at IS ? AND external_id=? AND instance_type=?",
+                (*_task_update_row(new), *_task_update_row(old)[:8]),
+            )
+            return cur.rowcount == 1
+
     def save_batch(self, tasks: Sequence[TaskRecord], attempts: Sequence[AttemptRecord]) -> None:
         """Tasks and attempts in one transaction (the local scheduler's write path)."""
         with self._tx():

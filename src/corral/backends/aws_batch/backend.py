@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import re
+import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -25,19 +27,22 @@ from corral.backends.aws_batch import payloads as pl
 from corral.backends.aws_batch.client import AwsClients
 from corral.backends.aws_batch.logs import LogReader, log_group_of, stream_of
 from corral.backends.aws_batch.submit import (
+    INTENT,
     OPTIONS_KEY,
     BatchApi,
     Queues,
     Submitter,
     TokenBucket,
+    find_run_jobs,
     is_job_id,
+    job_name,
     parent_of,
     reconcile,
 )
 from corral.backends.base import RunOptions
-from corral.errors import BackendError, PlanError, UsageError
+from corral.errors import BackendError, CorralError, CredentialsError, PlanError, UsageError
 from corral.model import RunRecord, RunState, TaskRecord, TaskState, now
-from corral.plan import Plan
+from corral.plan import CLEANUP_STAGE, Plan
 from corral.spec import AwsSettings
 from corral.state.base import StateStore
 
@@ -49,6 +54,10 @@ _BATCH_STATUS = {
 }
 _WAITING_ORDER = ["STARTING", "RUNNABLE", "PENDING", "SUBMITTED"]
 RESERVED_ENV_PREFIXES = ("AWS_BATCH_", "ECS_")
+# A workspace cleanup resubmitted without dependencies after a failed run is named
+# ``<the cleanup's job name>-f<claim time>``; a claim with no job after CLAIM_LEASE seconds is taken over.
+FINAL_SUFFIX = re.compile(r"-f(\d+)$")
+CLAIM_LEASE = 300.0
 
 
 def task_state_of(status: str, reason: str) -> TaskState:
@@ -112,8 +121,12 @@ class AwsBatchBackend:
         clock: Callable[[], float] = time.monotonic,
         settle_polls: int = 2,
         after_submit: Callable[[str, str], None] | None = None,
+        say: Callable[[str], None] | None = None,
+        wall_clock: Callable[[], float] = time.time,
     ) -> None:
         self.clients = clients
+        self.say = say or (lambda msg: print(msg, file=sys.stderr))  # one line for people, on stderr
+        self.wall_clock = wall_clock  # claim times of the failure-path cleanup (shared across machines)
         self.settings = settings or AwsSettings()
         self._settings_given = settings is not None
         self._environment = environment
@@ -352,6 +365,7 @@ class AwsBatchBackend:
             "fargate_job_queue": getattr(env, "fargate_job_queue", None),
             "log_group": getattr(env, "log_group", "") or "",
             "table": getattr(env, "table_name", "") or "",
+            **_run_facts(plan, env),
         }
         records = {t.task_id: t for t in store.get_tasks(run.run_id)}
         to_submit = {tid for tid, t in records.items() if t.state == TaskState.PENDING}
@@ -374,18 +388,34 @@ class AwsBatchBackend:
         opts["gpu_job_queue"] = opts.get("gpu_job_queue") or getattr(env, "gpu_job_queue", None)
         opts["fargate_job_queue"] = opts.get("fargate_job_queue") or getattr(env, "fargate_job_queue", None)
         opts.setdefault("log_group", getattr(env, "log_group", "") or "")
+        for k, v in _run_facts(plan, env).items():
+            opts.setdefault(k, v)
         queues = self._queues(run)
-        tasks = self.refresh(run, store)
+        tasks = self._refresh(run, store, final_cleanup=False)
         tasks, adopted = reconcile(
             self.api, run, store, tasks, queues.all(), settle_polls=self.settle_polls, sleep=self.sleep,
         )
         if adopted:
-            tasks = self.refresh(run, store)  # adopted jobs may have ended
+            tasks = self._refresh(run, store, final_cleanup=False)  # adopted jobs may have ended
         records = {t.task_id: t for t in tasks}
         to_submit = {
             t.task_id for t in tasks
             if t.state in (TaskState.PENDING, TaskState.FAILED, TaskState.UPSTREAM_FAILED, TaskState.CANCELLED)
         }
+        cleanups = _cleanup_stages(run)
+        if any(t.stage not in cleanups and t.task_id in to_submit for t in tasks):
+            live = [t for t in tasks if t.stage in cleanups and not t.state.terminal and t.task_id not in to_submit]
+            working = any(
+                t.stage not in cleanups and not t.state.terminal and t.task_id not in to_submit for t in tasks
+            )
+            if live and not working:  # the cleanup submitted after the failures is running
+                raise BackendError(
+                    f"run {run.run_id}'s workspace cleanup ({live[0].external_id}) is still running",
+                    f"resume once it has ended (`corral status {run.run_id} --backend aws`)",
+                )
+            # The tasks resubmitted write to the workspace again: its cleanup runs after them
+            # (also when a cleanup already ran after the failures).
+            to_submit |= {t.task_id for t in tasks if t.stage in cleanups and t.state.terminal}
         round_ = int(opts.get("round", -1)) + 1 if "round" in opts else 0
         staged = self._stage_local_sources(plan, run, env, to_submit)
         if run.state != RunState.RUNNING and to_submit:
@@ -397,6 +427,11 @@ class AwsBatchBackend:
             self.wait(run, store, options)
 
     def refresh(self, run: RunRecord, store: StateStore) -> list[TaskRecord]:
+        """Read the jobs' states into the store; after a failed run, also see that its workspace
+        cleanup runs (:meth:`_cleanup_after_failure`)."""
+        return self._refresh(run, store, final_cleanup=True)
+
+    def _refresh(self, run: RunRecord, store: StateStore, *, final_cleanup: bool) -> list[TaskRecord]:
         tasks = store.get_tasks(run.run_id)
         by_parent: dict[str, list[TaskRecord]] = {}  # every task recorded in a job, live or ended
         for t in tasks:
@@ -425,6 +460,15 @@ class AwsBatchBackend:
             store.save_tasks(list(changed.values()))
             tasks = [changed.get(t.task_id, t) for t in tasks]
         self._update_run_state(run, store, tasks)
+        if final_cleanup:
+            try:
+                tasks = self._cleanup_after_failure(run, store, tasks)
+            except CredentialsError:
+                raise
+            except CorralError as exc:  # the run's state is read; the cleanup is tried again next time
+                self.say(f"run {run.run_id}: its workspace cleanup could not be submitted ({exc.one_line()}); "
+                         "a later refresh tries again")
+                tasks = store.get_tasks(run.run_id)
         return tasks
 
     def cancel(self, run: RunRecord, store: StateStore) -> None:
@@ -488,6 +532,89 @@ class AwsBatchBackend:
             return stream_of(j, attempt), j["status"] in ("SUCCEEDED", "FAILED")
 
         yield from reader.follow(group, current)
+
+    # -- the workspace cleanup after a failed run ---------------------------------------------
+    def _cleanup_after_failure(self, run: RunRecord, store: StateStore, tasks: list[TaskRecord]) -> list[TaskRecord]:
+        """Batch fails a job whose dependency failed, so after a failure the run's cleanup job never
+        runs. Once every other task has ended and the run FAILED (not cancelled: as locally, a
+        cancelled run keeps its workspace for ``resume``), submit each cleanup task that ended
+        UPSTREAM_FAILED again, without dependencies — exactly once across machines and crashes:
+
+        1. claim: a compare-and-set of the task record (still the UPSTREAM_FAILED one) to PENDING
+           with the intent ``intent:<name>:0:1``, where ``<name>`` is the cleanup's job name
+           plus ``-f<claim time>``; of processes refreshing at once, one wins;
+        2. SubmitJob with that name (a copy of the failed cleanup job's submission, no dependsOn);
+        3. record the job id. A crash between 1 and 3 leaves the intent: a later refresh adopts
+           the job found by that name (ListJobs) or, once the claim is ``CLAIM_LEASE`` seconds old
+           and still no job has that name, claims it again (compare-and-set) and submits."""
+        cleanups = _cleanup_stages(run)
+        mine = [t for t in tasks if t.stage in cleanups]
+        if (
+            run.state != RunState.FAILED or not mine
+            or any(not t.state.terminal for t in tasks if t.stage not in cleanups)
+            or not any(t.state == TaskState.UPSTREAM_FAILED or _claim_of(t) for t in mine)
+        ):
+            return tasks
+        fresh = store.get_run(run.run_id)
+        if fresh.state != RunState.FAILED or not fresh.options.get(OPTIONS_KEY, {}).get("job_queue"):
+            return tasks
+        changed: dict[str, TaskRecord] = {}
+        found: dict[str, list[dict[str, Any]]] | None = None
+        for t in mine:
+            new: TaskRecord | None = None
+            if t.state == TaskState.UPSTREAM_FAILED and is_job_id(t.external_id):
+                new = self._claim_and_submit(fresh, store, t, t.external_id)
+            elif (claim := _claim_of(t)) is not None:
+                name, claimed_at = claim
+                if found is None:
+                    queues = self._queues(fresh)
+                    found = find_run_jobs(self.api, queues.all(), run.run_id)
+                if name in found:  # submitted, then the submitter stopped before recording it
+                    job_id = found[name][0]["jobId"]
+                    new = t.replace(state=TaskState.SUBMITTED, external_id=job_id, reason="")
+                    if store.swap_task(t, new):
+                        self.say(f"run {run.run_id} ended with failures; its workspace cleanup runs (job {job_id})")
+                    else:
+                        new = None
+                elif self.wall_clock() - claimed_at > CLAIM_LEASE:
+                    base = FINAL_SUFFIX.sub("", name)
+                    original = (found.get(base) or [{}])[0].get("jobId")
+                    if original:
+                        new = self._claim_and_submit(fresh, store, t, original)
+            if new is not None:
+                changed[t.task_id] = new
+        return [changed.get(t.task_id, t) for t in tasks] if changed else tasks
+
+    def _claim_and_submit(self, run: RunRecord, store: StateStore, t: TaskRecord, original: str) -> TaskRecord | None:
+        job = self.api.describe_jobs([original]).get(original)
+        if job is None:
+            gone = t.replace(
+                state=TaskState.FAILED, external_id="",
+                reason="not run after the run's failures: AWS Batch no longer knows its job; "
+                       f"`corral aws teardown --run {run.run_id}` removes the run's workspace",
+            )
+            if store.swap_task(t, gone):
+                self.say(f"run {run.run_id} ended with failures; its workspace cleanup could not be submitted "
+                         f"(AWS Batch no longer knows job {original}): `corral aws teardown --run {run.run_id}` "
+                         "removes the workspace")
+                return gone
+            return None
+        round_ = int(run.options.get(OPTIONS_KEY, {}).get("round", 0))
+        name = f"{job_name(run.run_id, t.stage, round_, None)}-f{int(self.wall_clock())}"
+        claim = t.replace(
+            state=TaskState.PENDING, external_id=f"{INTENT}{name}:0:1", exit_code=None, ended_at=None,
+            reason="workspace cleanup after the run's failures",
+        )
+        if not store.swap_task(t, claim):
+            return None  # another process claimed it (or the task changed): it is not ours to submit
+        kwargs = _resubmission(job, name)
+        job_id: str = self.api.call("submit_job", f"submit job {name}", **kwargs)["jobId"]
+        if self.after_submit is not None:
+            self.after_submit(name, job_id)
+        done = claim.replace(state=TaskState.SUBMITTED, external_id=job_id, reason="")
+        store.save_tasks([done])
+        self.say(f"run {run.run_id} ended with failures; submitted its workspace cleanup (job {job_id})")
+        return done
 
     # -- helpers ------------------------------------------------------------------------------
     def _submitter(self, env: Any, store: StateStore, plan: Plan, staged: dict[str, str] | None = None) -> Submitter:
@@ -629,3 +756,50 @@ class AwsBatchBackend:
                 return
             self.sleep(delay)
             delay = min(max_delay, delay * 1.5)
+
+
+def _cleanup_stages(run: RunRecord) -> set[str]:
+    """The run's cleanup stages (recorded at submission; older runs: the ``cleanup: true`` stage)."""
+    return set(run.options.get(OPTIONS_KEY, {}).get("cleanup_stages", [CLEANUP_STAGE]))
+
+
+def _claim_of(t: TaskRecord) -> tuple[str, float] | None:
+    """(job name, claim time) when ``t`` is claimed for a cleanup after failure but not yet recorded."""
+    if t.state != TaskState.PENDING or not t.external_id.startswith(INTENT):
+        return None
+    name = t.external_id[len(INTENT):].rsplit(":", 2)[0]
+    m = FINAL_SUFFIX.search(name)
+    return (name, float(m.group(1))) if m else None
+
+
+def _resubmission(job: dict[str, Any], name: str) -> dict[str, Any]:
+    """SubmitJob kwargs repeating a (plain) job's submission under ``name``, without dependencies."""
+    container = job.get("container") or {}
+    env = [
+        {"name": e["name"], "value": e.get("value", "")}
+        for e in container.get("environment") or []
+        if not e["name"].startswith(RESERVED_ENV_PREFIXES)
+    ]
+    kwargs: dict[str, Any] = {
+        "jobName": name,
+        "jobQueue": job["jobQueue"],
+        "jobDefinition": job["jobDefinition"],
+        "containerOverrides": {"environment": env},
+    }
+    tags = {k: v for k, v in (job.get("tags") or {}).items() if not k.startswith("aws:")}
+    if tags:
+        kwargs["tags"] = tags
+        kwargs["propagateTags"] = True
+    return kwargs
+
+
+def _run_facts(plan: Plan, env: Any) -> dict[str, Any]:
+    """What the run records beyond its queues: its cleanup stages (for the cleanup after a failure)
+    and its EFS workspace with the roles that mount it (for ``corral aws teardown --run``)."""
+    return {
+        "cleanup_stages": [s.name for s in plan.workflow.stages if s.kind == "cleanup"],
+        "efs_id": getattr(env, "efs_id", "") or "",
+        "efs_access_point": getattr(env, "efs_access_point", "") or "",
+        "job_role_arn": getattr(env, "job_role_arn", "") or "",
+        "execution_role_arn": getattr(env, "execution_role_arn", "") or "",
+    }

@@ -196,7 +196,8 @@ def ensure_environment(
 
 
 def teardown(
-    clients: AwsClients, *, run_id: str | None = None, everything: bool = False, purge: bool = False
+    clients: AwsClients, *, run_id: str | None = None, everything: bool = False, purge: bool = False,
+    keep_access_point: str | None = None,
 ) -> ProvisionReport:
     """Remove what corral made: a run's things (``run_id``) or everything tagged (``everything``).
 
@@ -205,4 +206,4 @@ def teardown(
     """
     from corral.backends.aws_batch.teardown import remove
 
-    return remove(clients, run_id=run_id, everything=everything, purge=purge)
+    return remove(clients, run_id=run_id, everything=everything, purge=purge, keep_access_point=keep_access_point)

@@ -21,7 +21,9 @@ TIMEOUT = 1200.0
 
 
 def remove(clients: AwsClients, *, run_id: str | None = None, everything: bool = False,
-           purge: bool = False) -> Any:
+           purge: bool = False, keep_access_point: str | None = None) -> Any:
+    """``keep_access_point`` (why): keep the run's EFS access point, e.g. when its data could not
+    be removed (:mod:`corral.backends.aws_batch.run_data`), so removing it can be tried again."""
     from corral.backends.aws_batch.provision import ProvisionReport
 
     if not everything and not run_id:
@@ -31,7 +33,10 @@ def remove(clients: AwsClients, *, run_id: str | None = None, everything: bool =
     with aws_errors("tear down corral's AWS resources"):
         if run_id:
             _job_definitions(ctx, run_id)
-            _efs_access_points(ctx, run_id)
+            if keep_access_point:
+                _kept(ctx, "efs-access-point", f"of run {run_id}", keep_access_point)
+            else:
+                _efs_access_points(ctx, run_id)
             _secrets(ctx, run_id)
             _parameters(ctx, run_id)
             _staged(ctx, run_id)
