@@ -131,11 +131,12 @@ def setup(region: str | None, profile: str | None, spot: bool | None, gpu: bool,
 @click.option("--timeout", type=click.FloatRange(min=1), default=1800, show_default=True, metavar="SECONDS",
               help="With --run: how long to wait for the job removing the run's EFS data.")
 @click.option("--table", default=None, help="With --run: the state table the run is recorded in (default corral-state).")
+@click.option("--force", is_flag=True, help="With --run: go on even while the run still has jobs in flight.")
 @click.option("--purge", is_flag=True, help="Also delete corral's buckets and ECR repositories that hold data.")
 @click.option("--yes", "-y", is_flag=True, help="Do not ask for confirmation.")
 @click.option("--json", "as_json", is_flag=True, help="Print what was removed as JSON on stdout.")
 def teardown(region: str | None, profile: str | None, everything: bool, run_id: str | None, keep_data: bool,
-             timeout: float, table: str | None, purge: bool, yes: bool, as_json: bool) -> None:
+             timeout: float, table: str | None, force: bool, purge: bool, yes: bool, as_json: bool) -> None:
     """Remove what corral made (resources tagged corral:managed), and nothing else.
 
     With --run, the run's data on the EFS workspace goes first (a job runs `rm -rf` of the run's
@@ -149,6 +150,14 @@ def teardown(region: str | None, profile: str | None, everything: bool, run_id: 
     if keep_data and not run_id:
         raise UsageError("--keep-data goes with --run RUN_ID", "`corral aws teardown --run RUN --keep-data`")
     clients = _clients(region, profile)
+    if run_id and not force:
+        from corral.backends.aws_batch.run_data import still_running
+
+        if still_running(clients, run_id, table=table):
+            raise UsageError(
+                f"run {run_id} still has jobs in flight; tearing it down now would pull its workspace from under them",
+                f"`corral cancel {run_id} --backend aws` first (or wait for it), or add --force",
+            )
     what = f"everything corral made in {clients.region}" if everything else f"what run {run_id} made"
     if run_id and not keep_data:
         what += ", including its data on EFS"

@@ -174,3 +174,37 @@ def test_cli_teardown_keeps_the_access_point_when_the_data_job_fails(
     assert res.returncode == 0, res.stderr
     assert ap not in _aps(clients)
     assert len(_data_jobs()) == 1  # --keep-data submitted no data job
+
+
+def test_cli_teardown_refuses_a_run_with_jobs_in_flight_unless_forced(
+    aws: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    clients, ap = _efs_run(tmp_path, monkeypatch)
+    for job_id, job in list(moto_batch_backend()._jobs.items()):
+        if job.job_name.startswith("corral-"):
+            _steer(job_id, "RUNNING")  # the run's jobs are still at work
+    res = run_cli("aws", "teardown", "--run", RUN, "--yes")
+    assert res.returncode == 2, res.stderr
+    errors = [line for line in res.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and f"run {RUN} still has jobs in flight" in errors[0]
+    assert "--force" in res.stderr and f"corral cancel {RUN}" in res.stderr and "Traceback" not in res.stderr
+    assert ap in _aps(clients) and _data_jobs() == []  # nothing removed, no data job
+
+    res = run_cli("aws", "teardown", "--run", RUN, "--yes", "--force")
+    assert res.returncode == 0, res.stderr
+    assert ap not in _aps(clients) and len(_data_jobs()) == 1
+
+
+def test_cli_teardown_goes_on_once_the_run_has_ended(
+    aws: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The record still says RUNNING (nobody refreshed it), but Batch says every job ended."""
+    clients, ap = _efs_run(tmp_path, monkeypatch)
+    from corral.api import corral_home
+
+    store = SqliteStore(corral_home() / "state.db")
+    assert store.get_run(RUN).state.value == "RUNNING"
+    store.close()
+    res = run_cli("aws", "teardown", "--run", RUN, "--yes")
+    assert res.returncode == 0, res.stderr
+    assert ap not in _aps(clients)

@@ -22,7 +22,8 @@ from corral.backends.aws_batch.common import RUN_TAG, is_managed
 from corral.backends.aws_batch.submit import OPTIONS_KEY, run_prefix
 from corral.backends.aws_batch.waiting import Poller
 from corral.errors import ProvisionError, StateError
-from corral.model import RunRecord
+from corral.model import RunRecord, RunState
+from corral.state.base import StateStore
 
 DATA_TIMEOUT = 1800.0  # seconds: a queue may need to start an instance first
 DATA_STAGE = "corral-teardown-data"
@@ -42,14 +43,15 @@ class DataOutcome:
         return self.status == "failed"
 
 
-def find_run(clients: AwsClients, run_id: str, *, table: str | None = None) -> RunRecord | None:
-    """The run's record: in the DynamoDB state table (``table``, else corral's default), else in
-    this machine's SQLite store (an AWS run recorded locally); None when neither has it."""
+def _open_run(clients: AwsClients, run_id: str, table: str | None) -> tuple[StateStore, RunRecord] | None:
+    """(store, record) of the run: the DynamoDB state table (``table``, else corral's default),
+    else this machine's SQLite store (an AWS run recorded locally); None when neither has it."""
     from corral.backends.aws_batch.environment import DEFAULT_TABLE
     from corral.state.dynamodb import DynamoStore
 
+    dynamo = DynamoStore(table or DEFAULT_TABLE, clients.dynamodb)
     try:
-        return DynamoStore(table or DEFAULT_TABLE, clients.dynamodb).get_run(run_id)
+        return dynamo, dynamo.get_run(run_id)
     except StateError:
         pass
     from corral.api import corral_home
@@ -63,10 +65,41 @@ def find_run(clients: AwsClients, run_id: str, *, table: str | None = None) -> R
     try:
         run = store.get_run(run_id)
     except StateError:
+        store.close()
         return None
+    if run.backend != "aws":
+        store.close()
+        return None
+    return store, run
+
+
+def find_run(clients: AwsClients, run_id: str, *, table: str | None = None) -> RunRecord | None:
+    """The run's record (see :func:`_open_run`), or None."""
+    found = _open_run(clients, run_id, table)
+    if found is None:
+        return None
+    store, run = found
+    store.close()
+    return run
+
+
+def still_running(clients: AwsClients, run_id: str, *, table: str | None = None) -> bool:
+    """Whether the run still has tasks in flight, after reading their states from Batch (a record
+    says RUNNING until some client refreshes it). The failure-path cleanup is not submitted here:
+    teardown removes the data itself."""
+    found = _open_run(clients, run_id, table)
+    if found is None:
+        return False
+    store, run = found
+    try:
+        if run.state != RunState.RUNNING:
+            return False
+        from corral.backends.aws_batch.backend import AwsBatchBackend
+
+        tasks = AwsBatchBackend(clients)._refresh(run, store, final_cleanup=False)
+        return any(not t.state.terminal for t in tasks)
     finally:
         store.close()
-    return run if run.backend == "aws" else None
 
 
 def _access_point(clients: AwsClients, run_id: str, fs_id: str | None) -> tuple[str, str] | None:
