@@ -1,11 +1,15 @@
 """Local backend overhead: N no-op tasks through corral vs ``xargs -P2`` running the same commands.
 
-    python bench/local_overhead.py [--tasks 1000] [--rounds 5]
+    python bench/local_overhead.py [--tasks 1000] [--rounds 5] [--dir DIR]
 
 Both sides run ``/bin/sh -c true`` once per task on 2 workers; corral also records every
 transition in SQLite. The ratio is corral's median wall time over xargs's (target ≤ 1.5×), for
 the whole CLI (``corral run``, interpreter start-up included) and for the API call alone.
 Then the peak memory of planning 10,000 tasks (a child process's max RSS).
+
+corral writes two log files per task attempt under ``CORRAL_HOME`` (xargs writes nothing), so the
+file system of ``--dir`` (default: the system's temp folder) matters; the table says how long one
+file creation takes there, measured before the rounds.
 """
 
 from __future__ import annotations
@@ -55,13 +59,26 @@ print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
 BASELINE_SNIPPET = "import resource, yaml, pydantic; print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)"
 
 
+def file_create_us(folder: Path, n: int = 2000) -> float:
+    """Microseconds to create (and close) one empty file in ``folder``, over ``n`` files."""
+    probe = folder / "probe"
+    probe.mkdir()
+    flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC
+    t = time.perf_counter()
+    for i in range(n):
+        os.close(os.open(probe / f"f{i}", flags, 0o644))
+    return (time.perf_counter() - t) / n * 1e6
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--tasks", type=int, default=1000)
     ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--dir", default=None, help="where CORRAL_HOME and the workflow live (default: the temp folder)")
     args = ap.parse_args()
-    with tempfile.TemporaryDirectory() as tmp:
+    with tempfile.TemporaryDirectory(dir=args.dir) as tmp:
         folder = Path(tmp)
+        create_us = file_create_us(folder)
         wf = make_workflow(folder, args.tasks)
         xs, cli, api = [], [], []
         for r in range(args.rounds):
@@ -80,6 +97,7 @@ def main() -> None:
             ("corral.run() (API, in process)", statistics.median(api), statistics.median(api) / base),
         ]
         print(f"\n{args.tasks} no-op tasks on 2 workers, median of {args.rounds} rounds (target: ≤ 1.5× xargs)")
+        print(f"(in {folder.parent}: creating a file takes {create_us:.1f} µs; corral creates 2 per task)")
         print(f"{'runner':<36} {'seconds':>9} {'ratio':>7}")
         for name, sec, ratio in rows:
             print(f"{name:<36} {sec:>9.3f} {ratio:>6.2f}×")
