@@ -100,15 +100,20 @@ def secret_arn(ctx: Ctx, name: str) -> str:
     return ctx.arn("secretsmanager", f"secret:{name}-??????")
 
 
-def _secret_statements(ctx: Ctx, secrets: tuple[str, ...]) -> list[dict[str, Any]]:
-    """Read exactly these secrets: Secrets Manager names/ARNs, and SSM parameter ARNs."""
+def _secret_statements(ctx: Ctx, secrets: tuple[str, ...], *, run: bool = False) -> list[dict[str, Any]]:
+    """Read exactly these secrets: Secrets Manager names/ARNs, and SSM parameter ARNs. A run's own
+    SecureStrings (``run``) also get ``kms:Decrypt`` only via SSM for exactly those parameters."""
+    from corral.storage.secrets import parameter_statements
+
     params = [s for s in secrets if s.startswith("arn:") and ":ssm:" in s]
     names = [s for s in secrets if s not in params]
     out: list[dict[str, Any]] = []
     if names:
-        out.append({"Sid": "Secrets", "Effect": "Allow", "Action": ["secretsmanager:GetSecretValue"],
-                    "Resource": [secret_arn(ctx, s) for s in names]})
-    if params:
+        out.append({"Sid": "RunSecrets" if run else "Secrets", "Effect": "Allow",
+                    "Action": ["secretsmanager:GetSecretValue"], "Resource": [secret_arn(ctx, s) for s in names]})
+    if params and run:
+        out += parameter_statements(params, region=ctx.region, account_id=ctx.account, partition=ctx.partition)
+    elif params:
         out.append({"Sid": "Parameters", "Effect": "Allow", "Action": ["ssm:GetParameters"], "Resource": params})
     return out
 
@@ -180,21 +185,8 @@ def execution_policy(ctx: Ctx, inp: JobPolicyInputs) -> dict[str, Any]:
         statements.append({"Sid": "PullImages", "Effect": "Allow", "Action": ECR_PULL_ACTIONS,
                            "Resource": [ctx.arn("ecr", f"repository/{r}") for r in inp.ecr_repositories]})
     statements += _secret_statements(ctx, inp.secrets)
-    statements += _run_secret_statements(ctx, inp.run_secrets)
+    statements += _secret_statements(ctx, inp.run_secrets, run=True)
     return _doc(statements)
-
-
-def _run_secret_statements(ctx: Ctx, secrets: tuple[str, ...]) -> list[dict[str, Any]]:
-    from corral.storage.secrets import parameter_statements
-
-    params = [s for s in secrets if s.startswith("arn:") and ":ssm:" in s]
-    names = [s for s in secrets if s not in params]
-    out: list[dict[str, Any]] = []
-    if names:
-        out.append({"Sid": "RunSecrets", "Effect": "Allow", "Action": ["secretsmanager:GetSecretValue"],
-                    "Resource": [secret_arn(ctx, s) for s in names]})
-    out += parameter_statements(params, region=ctx.region, account_id=ctx.account, partition=ctx.partition)
-    return out
 
 
 def _get_role(ctx: Ctx, name: str) -> dict[str, Any] | None:

@@ -381,11 +381,5 @@ def _iam(ctx: Ctx) -> None:
             tags = iam.list_role_tags(RoleName=name).get("Tags", [])
             if not is_managed(tags):
                 continue
-            for p in iam.list_instance_profiles_for_role(RoleName=name)["InstanceProfiles"]:
-                iam.remove_role_from_instance_profile(InstanceProfileName=p["InstanceProfileName"], RoleName=name)
-            for p in iam.list_attached_role_policies(RoleName=name)["AttachedPolicies"]:
-                iam.detach_role_policy(RoleName=name, PolicyArn=p["PolicyArn"])
-            for pname in iam.list_role_policies(RoleName=name)["PolicyNames"]:
-                iam.delete_role_policy(RoleName=name, PolicyName=pname)
-            iam.delete_role(RoleName=name)
+            _delete_role(iam, name)
             _deleted(ctx, "role", name)
