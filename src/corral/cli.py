@@ -321,7 +321,7 @@ def plan(workflow: str, show_tasks: bool, as_json: bool, with_cost: bool, spot: 
                  "tasks": len(p.stage_tasks(s.name)), "vcpus": s.resources.vcpus,
                  "memory_mib": s.resources.memory, "gpus": s.resources.gpus, "disk_gib": s.resources.disk,
                  "retries": s.retries, "timeout_s": s.timeout}
-                for s in (wf.stage(n) for n in p.stage_order)
+                for s in (p.workflow.stage(n) for n in p.stage_order)
             ],
             "tasks": [
                 {"task_id": t.id, "stage": t.stage.name, "item": t.key, "needs": list(t.needs),
@@ -337,10 +337,11 @@ def plan(workflow: str, show_tasks: bool, as_json: bool, with_cost: bool, spot: 
         return
     table = Table(title=f"{wf.name}: {len(p.items)} items, {len(p.tasks)} tasks", title_justify="left",
                   show_edge=False, pad_edge=False)
-    for c in ("stage", "per", "needs", "tasks", "vcpus", "memory", "gpus", "retries", "timeout", "image"):
+    table.add_column("stage", no_wrap=True, min_width=max(len(n) for n in p.stage_order))  # names stay whole
+    for c in ("per", "needs", "tasks", "vcpus", "memory", "gpus", "retries", "timeout", "image"):
         table.add_column(c)
     for name in p.stage_order:
-        s = wf.stage(name)
+        s = p.workflow.stage(name)
         table.add_row(name, s.per, ", ".join(s.needs) or "-", str(len(p.stage_tasks(name))),
                       f"{s.resources.vcpus:g}", format_size_mib(s.resources.memory), str(s.resources.gpus),
                       str(s.retries), format_duration(s.timeout), s.image or "-")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -373,3 +374,21 @@ stages:
     assert by["a[a]"].state == TaskState.FAILED and by["a[a]"].attempts == 2
     assert by["a[a]"].reason == "cannot start 'no-such-program-xyz': No such file or directory"
     assert by["b[a]"].state == TaskState.UPSTREAM_FAILED
+
+
+def test_plan_shows_the_cleanup_stage_that_cleanup_true_adds(tmp_path: Path) -> None:
+    wf = write_workflow(tmp_path, """
+name: withcleanup
+items: [{s: a}, {s: b}]
+cleanup: true
+stages:
+  - {name: work, command: "echo {s}"}
+""")
+    for args in (("plan", str(wf)), ("plan", str(wf), "--cost"), ("plan", str(wf), "--json")):
+        res = run_cli(*args)
+        assert res.returncode == 0, res.stderr
+        assert "Traceback" not in res.stderr
+        assert "corral-cleanup" in res.stdout + res.stderr
+    data = json.loads(run_cli("plan", str(wf), "--json").stdout)
+    assert [s["name"] for s in data["stages"]] == ["work", "corral-cleanup"]
+    assert data["stages"][1]["needs"] == ["work"] and data["stages"][1]["tasks"] == 1
