@@ -146,7 +146,7 @@ def test_cli_teardown_run_removes_data_then_access_point(
     clients, ap = _efs_run(tmp_path, monkeypatch)
     res = run_cli("aws", "teardown", "--run", RUN, "--yes")
     assert res.returncode == 0, res.stderr
-    assert f"removed  removed run {RUN}'s EFS data" in res.stderr
+    assert f"removed  run {RUN}'s EFS data" in res.stderr
     assert ap not in _aps(clients)
     (job,) = _data_jobs()
     assert job.container_overrides["command"] == cleanup_container_argv(

@@ -199,5 +199,5 @@ def remove_run_data(
         why = job.get("statusReason") or (job.get("container") or {}).get("reason") or "no reason given"
         return DataOutcome("failed", f"job {job_id} failed: {why}", access_point=ap,
                            job_id=job_id)
-    return DataOutcome("removed", f"removed run {run_id}'s EFS data ({workdir}, job {job_id})", access_point=ap,
+    return DataOutcome("removed", f"run {run_id}'s EFS data ({workdir}, job {job_id})", access_point=ap,
                        job_id=job_id)
