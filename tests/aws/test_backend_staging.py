@@ -239,6 +239,9 @@ stages:
     res = run_cli("run", str(ssm_wf), "--backend", "aws", "--json")
     assert res.returncode == 0, res.stderr
     assert CANARY not in res.stdout + res.stderr
+    # The first run says what it made in the account (stderr; stdout stays the JSON).
+    assert "corral: provisioned what the workflow needs in" in res.stderr
+    assert "  created  job-queue corral" in res.stderr and "  created  role corral-job-" in res.stderr
     run_a = json.loads(res.stdout)["run_id"]
     rec_b = api.run(load_workflow(sm_wf), backend="aws", options=RunOptions(wait=False))
     run_b = rec_b.run_id

@@ -125,3 +125,23 @@ def test_image_commands(aws: str, capsys: pytest.CaptureFixture[str], monkeypatc
     monkeypatch.setenv("PATH", "/nonexistent")  # no engine at all
     code, out, err = run(["aws", "image", "push", "my-sorter:1.2"], capsys)
     assert code == 1 and "no container engine is running" in err and out == ""
+
+
+def test_run_says_what_it_provisioned_once(aws: str, tmp_path: object, capsys: pytest.CaptureFixture[str]) -> None:
+    """`corral run --backend aws` on an empty account lists what it made (stderr); the next run,
+    finding everything, says nothing about provisioning."""
+    from pathlib import Path
+
+    wf = Path(str(tmp_path)) / "wf.yaml"
+    wf.write_text("name: say\nitems: [{s: a}]\ndefaults: {image: busybox}\nstages:\n  - {name: w, command: 'echo {s}'}\n")
+    code, out, err = run(["run", str(wf), "--backend", "aws"], capsys)
+    assert code == 0, err
+    assert "corral: provisioned what the workflow needs in" in err
+    created = [line for line in err.splitlines() if line.startswith("  created  ")]
+    assert any("job-queue corral" in line for line in created) and any("role corral-job-" in line for line in created)
+    assert out.strip().startswith("say-")  # stdout: the run id alone
+    from helpers import run_cli
+
+    again = run_cli("run", str(wf), "--backend", "aws")  # another process: nothing cached
+    assert again.returncode == 0, again.stderr
+    assert "provisioned" not in again.stderr and "  created  " not in again.stderr

@@ -162,9 +162,23 @@ class AwsBatchBackend:
                 ref = self._rclone_secret_ref(run_id)  # only the run's execution role reads it
                 if workflow_remotes(plan.workflow) and ref not in needs.run_secrets:
                     needs.run_secrets.append(ref)
-            ensure = self._ensure or provision.ensure_environment
-            self._environment = ensure(self.clients, self.settings, needs)
+            if self._ensure is not None:
+                self._environment = self._ensure(self.clients, self.settings, needs)
+            else:
+                report = provision.ProvisionReport()
+                self._environment = provision.ensure_environment(self.clients, self.settings, needs, report)
+                self._say_provisioned(report)
         return self._environment
+
+    def _say_provisioned(self, report: Any) -> None:
+        """What the run made or changed in the account (nothing when all was there), on stderr."""
+        made = [("created", x) for x in report.created] + [("updated", x) for x in report.updated]
+        if not made:
+            return
+        self.say(f"corral: provisioned what the workflow needs in {self.clients.region} "
+                 f"({len(report.created)} created, {len(report.updated)} updated):")
+        for verb, what in made:
+            self.say(f"  {verb:8} {what}")
 
     @staticmethod
     def _reads_local_paths(plan: Plan) -> bool:
