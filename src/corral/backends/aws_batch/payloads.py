@@ -84,6 +84,7 @@ MAX_ATTEMPTS = 10
 EFS_VOLUME = "corral-efs"
 EFS_MOUNT = "/mnt/corral"
 TABLE_VAR = "CORRAL_TABLE"
+RESERVED_ENV_PREFIXES = ("AWS_BATCH_", "ECS_")  # names AWS Batch sets in every job
 
 WRAPPER = """set -eu
 NL='
