@@ -93,15 +93,20 @@ class _Flaky:
         self._real = real
         self.failures = failures
         self.calls = 0
+        import threading
+
+        self._lock = threading.Lock()
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._real, name)
 
     def batch_write_item(self, RequestItems: dict[str, list[Any]]) -> dict[str, Any]:  # noqa: N803
-        self.calls += 1
         (table, reqs), = RequestItems.items()
-        if self.failures > 0 and len(reqs) > 1:
-            self.failures -= 1
+        with self._lock:  # chunks are written from several threads
+            self.calls += 1
+            fail = self.failures > 0 and len(reqs) > 1
+            self.failures -= int(fail)
+        if fail:
             half = len(reqs) // 2
             self._real.batch_write_item(RequestItems={table: reqs[:half]})
             return {"UnprocessedItems": {table: reqs[half:]}}
@@ -122,3 +127,30 @@ def test_missing_table_is_a_state_error(aws: str) -> None:
     with pytest.raises(StateError, match="does not exist") as info:
         s.get_run("r")
     assert info.value.hint and "corral aws setup" in info.value.hint
+
+
+def test_many_chunks_written_in_parallel_last_version_wins(store: DynamoStore) -> None:
+    """save_tasks of 1,000 records goes out as 40 BatchWriteItem calls, several in flight at once;
+    a task given twice in one call ends with its last version."""
+    import threading
+
+    run = RunRecord("rp", "wf", "aws", created_at=1.0)
+    tasks = _tasks("rp", 1000)
+    store.create_run(run, b"m", tasks)
+    calls: list[int] = []
+    threads: set[int] = set()
+    lock = threading.Lock()
+
+    def count(params: dict[str, Any], **kw: Any) -> None:
+        with lock:
+            calls.append(len(params["RequestItems"][TABLE]))
+            threads.add(threading.get_ident())
+
+    store.client.meta.events.register("before-parameter-build.dynamodb.BatchWriteItem", count)
+    first = tasks[7].replace(state=TaskState.RUNNING)
+    updated = [t.replace(state=TaskState.SUCCEEDED, exit_code=0) for t in tasks]
+    store.save_tasks([first, *updated])  # tasks[7] twice: RUNNING, then SUCCEEDED
+    assert sum(calls) == 1000 and len(calls) == 40 and max(calls) == 25
+    assert len(threads) > 1  # written by more than one thread
+    got = store.get_tasks("rp")
+    assert len(got) == 1000 and all(t.state == TaskState.SUCCEEDED and t.exit_code == 0 for t in got)

@@ -28,6 +28,7 @@ from corral.model import AttemptRecord, RunRecord, RunState, TaskRecord, TaskSta
 
 MANIFEST_PART = 350_000  # bytes per item (DynamoDB's limit is 400 KB per item, names included)
 BATCH_WRITE = 25
+WRITERS = 8  # BatchWriteItem calls in flight at once (boto3 clients are thread-safe)
 BATCH_GET = 100
 MAX_UNPROCESSED_ROUNDS = 12
 
@@ -271,19 +272,35 @@ class DynamoStore:
         self._sleep(min(2.0, 0.05 * 2**round_) * (0.5 + random.random() / 2))
 
     def _batch_put(self, items: list[dict[str, Any]]) -> None:
-        for i in range(0, len(items), BATCH_WRITE):
-            pending: list[dict[str, Any]] = [{"PutRequest": {"Item": it}} for it in items[i : i + BATCH_WRITE]]
-            for round_ in range(MAX_UNPROCESSED_ROUNDS + 1):
-                resp = self.client.batch_write_item(RequestItems={self.table: pending})
-                pending = resp.get("UnprocessedItems", {}).get(self.table, [])
-                if not pending:
-                    break
-                if round_ == MAX_UNPROCESSED_ROUNDS:
-                    raise StateError(
-                        f"DynamoDB table {self.table} kept {len(pending)} writes unprocessed",
-                        "the table is throttled; try again in a minute",
-                    )
-                self._backoff(round_)
+        """BatchWriteItem in chunks of 25, up to WRITERS chunks at once (each chunk retries its own
+        unprocessed items with backoff); returns when every item is written. An item given twice
+        is written once, with its last value, so parallel chunks cannot reorder two versions."""
+        last = {(it["pk"]["S"], it["sk"]["S"]): it for it in items}
+        unique = list(last.values())
+        chunks = [unique[i : i + BATCH_WRITE] for i in range(0, len(unique), BATCH_WRITE)]
+        if len(chunks) <= 1:
+            for chunk in chunks:
+                self._put_chunk(chunk)
+            return
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(max_workers=min(WRITERS, len(chunks))) as pool:
+            for future in [pool.submit(self._put_chunk, chunk) for chunk in chunks]:
+                future.result()  # the first error is raised (the others still finish)
+
+    def _put_chunk(self, chunk: list[dict[str, Any]]) -> None:
+        pending: list[dict[str, Any]] = [{"PutRequest": {"Item": it}} for it in chunk]
+        for round_ in range(MAX_UNPROCESSED_ROUNDS + 1):
+            resp = self.client.batch_write_item(RequestItems={self.table: pending})
+            pending = resp.get("UnprocessedItems", {}).get(self.table, [])
+            if not pending:
+                return
+            if round_ == MAX_UNPROCESSED_ROUNDS:
+                raise StateError(
+                    f"DynamoDB table {self.table} kept {len(pending)} writes unprocessed",
+                    "the table is throttled; try again in a minute",
+                )
+            self._backoff(round_)
 
     def _batch_get(self, keys: list[dict[str, Any]]) -> list[dict[str, Any]]:
         out: list[dict[str, Any]] = []
