@@ -173,6 +173,10 @@ def run(workflow: str, backend: str, max_parallel: int | None, runtime: str, for
         out.print(rec.run_id, markup=False)
     if backend == "aws" and not wait:
         err.print(f"submitted; follow it with `corral status {rec.run_id} --backend aws --watch`", markup=False)
+        if any(s.kind == "cleanup" for s in p.workflow.stages):
+            err.print("note: Batch runs the workspace cleanup when everything succeeded; after a failure it is "
+                      "submitted by the first `corral status` (or --watch) that sees the run end",
+                      markup=False, soft_wrap=True)
         return
     sys.exit(_report_end(rec, tasks))
 

@@ -145,3 +145,21 @@ def test_run_says_what_it_provisioned_once(aws: str, tmp_path: object, capsys: p
     again = run_cli("run", str(wf), "--backend", "aws")  # another process: nothing cached
     assert again.returncode == 0, again.stderr
     assert "provisioned" not in again.stderr and "  created  " not in again.stderr
+
+
+def test_run_without_wait_says_when_a_failed_runs_cleanup_happens(aws: str, tmp_path: object) -> None:
+    from pathlib import Path
+
+    from helpers import run_cli
+
+    base = "items: [{s: a}]\ndefaults: {image: busybox}\nstages:\n  - {name: w, command: 'echo {s}'}\n"
+    plain, cleaned = Path(str(tmp_path)) / "plain.yaml", Path(str(tmp_path)) / "cleaned.yaml"
+    plain.write_text("name: plain\n" + base)
+    cleaned.write_text("name: cleaned\ncleanup: true\n" + base)
+    res = run_cli("run", str(plain), "--backend", "aws")
+    assert res.returncode == 0, res.stderr
+    assert "workspace cleanup" not in res.stderr
+    res = run_cli("run", str(cleaned), "--backend", "aws")
+    assert res.returncode == 0, res.stderr
+    note = [line for line in res.stderr.splitlines() if line.startswith("note: ")]
+    assert len(note) == 1 and "after a failure" in note[0] and "corral status" in note[0]
