@@ -304,3 +304,35 @@ def test_cost_prices_fargate_stages_per_vcpu_and_gb_hour() -> None:
     assert spot["report"].usd_per_task_hour == pytest.approx(0.3 * (0.04048 + 3 * 0.004445))
     notes = " ".join(estimate_plan(plan).assumptions)
     assert "Fargate" in notes and "us-east-1" in notes
+
+
+def test_fargate_only_makes_no_ec2_environment_and_everything_runs_on_fargate(aws: str, tmp_path: Path) -> None:
+    """`instance_types: [fargate]`: no EC2 compute environment or queue is made; every job (and the
+    job `teardown --run` sends to remove the run's EFS data) is a FARGATE job in the Fargate queue."""
+    from corral import api
+    from corral.backends.aws_batch.run_data import remove_run_data
+    from corral.spec import load_workflow
+
+    text = (
+        "name: fgonly\ncleanup: true\naws: {instance_types: [fargate]}\ndefaults: {image: busybox}\n"
+        "items: [{s: a}, {s: b}]\nstages:\n  - {name: w, command: 'echo {s} > {workdir}/{s}', resources: {vcpus: 0.5}}\n"
+    )
+    rec = api.run(load_workflow(write_workflow(tmp_path, text)), backend="aws", options=RunOptions(wait=False))
+    clients = AwsClients()
+    batch = clients.batch
+    ces = batch.describe_compute_environments()["computeEnvironments"]
+    assert ces and all(c["computeResources"]["type"].startswith("FARGATE") for c in ces)
+    queues = batch.describe_job_queues()["jobQueues"]
+    assert [q["jobQueueName"] for q in queues] == ["corral-fargate"]
+    opts = rec.options["aws_batch"]
+    assert opts["job_queue"] == opts["fargate_job_queue"] == queues[0]["jobQueueArn"]
+    jobs = [j for j in moto_batch_backend()._jobs.values() if ":" not in j.job_id]
+    assert len(jobs) == 2  # the array of `w`, the cleanup
+    assert all(j.job_queue.arn == opts["fargate_job_queue"] for j in jobs)
+    assert all(j.job_definition.platform_capabilities == ["FARGATE"] for j in jobs)
+
+    out = remove_run_data(clients, rec.run_id, sleep=lambda s: None)
+    assert out.status == "removed", out.message
+    (data_job,) = [j for j in moto_batch_backend()._jobs.values() if j.job_name.endswith("-teardown-data")]
+    assert data_job.job_queue.arn == opts["fargate_job_queue"]
+    assert data_job.job_definition.platform_capabilities == ["FARGATE"]

@@ -476,4 +476,5 @@ def _run_facts(plan: Plan, env: Any) -> dict[str, Any]:
         "efs_access_point": getattr(env, "efs_access_point", "") or "",
         "job_role_arn": getattr(env, "job_role_arn", "") or "",
         "execution_role_arn": getattr(env, "execution_role_arn", "") or "",
+        "assign_public_ip": plan.workflow.aws.assign_public_ip,
     }

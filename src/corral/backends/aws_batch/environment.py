@@ -17,7 +17,7 @@ from corral.backends.aws_batch import compute, iam, network, storage
 from corral.backends.aws_batch.client import AwsClients
 from corral.backends.aws_batch.common import MANAGED_TAG, NAME, Ctx, content_hash
 from corral.errors import ProvisionError
-from corral.instances import expand, split_allowed
+from corral.instances import expand, is_fargate_entry, split_allowed
 
 if TYPE_CHECKING:  # pragma: no cover
     from corral.backends.aws_batch.provision import Environment, Needs, ProvisionReport
@@ -132,10 +132,14 @@ def build_environment(clients: AwsClients, settings: AwsSettings, needs: Needs,
 
     cpu_entries, gpu_entries = split_allowed(list(settings.instance_types))
     names = queue_names(settings, needs)
+    # `instance_types: [fargate]` alone: every job runs on Fargate, so no EC2 environment is made and
+    # the Fargate queue is the run's default queue too.
+    fargate_only = (needs.fargate and not needs.gpu and not settings.queue
+                    and all(is_fargate_entry(e) for e in settings.instance_types))
     queue_name = names["cpu"]
     queue_arn = compute.existing_foreign_queue(ctx, queue_name) if settings.queue else None
     cpu_ces: list[str] = []
-    if queue_arn is None:
+    if queue_arn is None and not fargate_only:
         cpu_ces = _environments(ctx, "", cpu_entries, net, profile_arn, settings, template, None)
         queue_arn = compute.ensure_queue(ctx, queue_name, cpu_ces)
     gpu_queue_arn = None
@@ -149,6 +153,8 @@ def build_environment(clients: AwsClients, settings: AwsSettings, needs: Needs,
     if needs.fargate:
         fargate_ces = _environments(ctx, "fargate", [], net, profile_arn, settings, None, None)
         fargate_queue_arn = compute.ensure_queue(ctx, names["fargate"], fargate_ces)
+    if fargate_only:
+        queue_arn = fargate_queue_arn
 
     return Environment(
         region=clients.region, account_id=account, job_queue=queue_arn, gpu_job_queue=gpu_queue_arn,

@@ -166,11 +166,14 @@ def remove_run_data(
         region=clients.region, account_id=clients.account_id(), partition=clients.partition(),
         job_role_arn=job_role, execution_role_arn=exec_role, log_group=opts.get("log_group", "") or "",
         efs_id=fs_id, efs_access_point=ap, tags={"corral:managed": "true", RUN_TAG: run_id},
+        assign_public_ip=bool(opts.get("assign_public_ip", True)),
     )
+    # A Fargate-only run has no EC2 queue: its default queue is the Fargate one.
+    fargate = bool(opts.get("fargate_job_queue")) and opts.get("fargate_job_queue") == queue
     from corral.spec import Stage
     from corral.storage.aws import cleanup_container_argv, job_stage
 
-    spec = pl.job_definition(job_stage(Stage(name=DATA_STAGE, kind="cleanup", per="run")), ctx)
+    spec = pl.job_definition(job_stage(Stage(name=DATA_STAGE, kind="cleanup", per="run")), ctx, fargate=fargate)
     workdir = pl.workdir_for(run_id, ctx)
     argv = cleanup_container_argv(workdir, root=workdir.rsplit("/", 1)[0])
     batch = clients.batch
