@@ -223,12 +223,16 @@ def test_fargate_environments_and_queue_when_asked(clients: AwsClients) -> None:
     spot, od = (_ce(clients, a)["computeResources"] for a in env.fargate_compute_environments)
     assert spot["type"] == "FARGATE_SPOT" and od["type"] == "FARGATE"
     assert "instanceTypes" not in od and "instanceRole" not in od and od["subnets"] == env.subnets
-    # the EC2 side is there too (for what does not fit Fargate), without the keyword in its types
-    assert _ce(clients, env.compute_environments[0])["computeResources"]["instanceTypes"] == ["optimal"]
+    # Fargate only: no EC2 side; the Fargate queue is the default queue too
+    assert env.compute_environments == [] and env.job_queue == env.fargate_job_queue
     log = CallLog(clients)
     assert ensure_environment(clients, AwsSettings(spot=True, instance_types=["fargate"]),
                               Needs(fargate=True)) == env
     assert log.mutating() == []
+    # with EC2 types beside the keyword, the EC2 side is there too (for what does not fit Fargate)
+    both = ensure_environment(clients, AwsSettings(spot=True, instance_types=["optimal", "fargate"]), Needs(fargate=True))
+    assert _ce(clients, both.compute_environments[0])["computeResources"]["instanceTypes"] == ["optimal"]
+    assert both.job_queue != both.fargate_job_queue
 
 
 def test_needs_for_asks_fargate_only_when_allowed_and_fitting() -> None:
