@@ -6,7 +6,6 @@ removes the run's staged objects, SSM parameter and execution role — and nothi
 
 from __future__ import annotations
 
-import gzip
 import json
 import os
 import shutil
@@ -16,6 +15,7 @@ from typing import Any
 
 import pytest
 from helpers import run_cli, write_workflow
+from test_backend_support import item_text
 
 from corral.backends.aws_batch.backend import AwsBatchBackend
 from corral.backends.aws_batch.client import AwsClients
@@ -33,17 +33,6 @@ needs_rclone = pytest.mark.skipif(RCLONE is None, reason="rclone is not installe
 BIG = 9 * 2**20 + 123  # over boto3's 8 MiB multipart threshold
 
 
-def _text(value: Any) -> str:
-    if isinstance(value, dict):
-        return " ".join(f"{k} {_text(v)}" for k, v in value.items())
-    if isinstance(value, list):
-        return " ".join(_text(v) for v in value)
-    if isinstance(value, bytes):
-        try:
-            return gzip.decompress(value).decode(errors="replace")
-        except OSError:
-            return value.decode(errors="replace")
-    return str(value)
 
 
 def _out_bucket(clients: AwsClients) -> None:
@@ -281,8 +270,8 @@ stages:
 
     # The canary is in no job definition, no submitted job and no state row.
     items = clients.dynamodb.scan(TableName="corral-state")["Items"]
-    assert any(run_a in _text(i) for i in items)
-    for blob in (json.dumps(defs, default=str), json.dumps(jobs_a, default=str), _text(items)):
+    assert any(run_a in item_text(i) for i in items)
+    for blob in (json.dumps(defs, default=str), json.dumps(jobs_a, default=str), item_text(items)):
         assert CANARY not in blob and "[vault]" not in blob
 
     # The children copy for real: the remote with the config ECS would fill in, the staged local folder.

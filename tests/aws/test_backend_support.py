@@ -123,3 +123,20 @@ def moto_parent_jobs() -> list[dict[str, Any]]:
             "dependsOn": job.depends_on or [], "size": len(job._child_jobs or []) or 1,
         })
     return out
+
+
+def item_text(value: Any) -> str:
+    """A DynamoDB item (or any value) as text, binary attributes decompressed when they are gzip:
+    what a canary search looks through."""
+    import gzip
+
+    if isinstance(value, dict):
+        return " ".join(f"{k} {item_text(v)}" for k, v in value.items())
+    if isinstance(value, list):
+        return " ".join(item_text(v) for v in value)
+    if isinstance(value, bytes):
+        try:
+            return gzip.decompress(value).decode(errors="replace")
+        except OSError:
+            return value.decode(errors="replace")
+    return str(value)

@@ -5,7 +5,6 @@ submitted child really copies with rclone under /bin/sh, and ``ecr://name:tag`` 
 
 from __future__ import annotations
 
-import gzip
 import json
 import os
 import shutil
@@ -14,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from test_backend_support import item_text
 
 from corral.backends.aws_batch import payloads as pl
 from corral.backends.aws_batch.client import AwsClients
@@ -44,18 +44,6 @@ def _conf(tmp_path: Path) -> tuple[Path, Path]:
     return conf, src
 
 
-def _text(value: Any) -> str:
-    """A DynamoDB item (or value) as text, binary attributes decompressed when they are gzip."""
-    if isinstance(value, dict):
-        return " ".join(f"{k} {_text(v)}" for k, v in value.items())
-    if isinstance(value, list):
-        return " ".join(_text(v) for v in value)
-    if isinstance(value, bytes):
-        try:
-            return gzip.decompress(value).decode(errors="replace")
-        except OSError:
-            return value.decode(errors="replace")
-    return str(value)
 
 
 def _all_jobs(batch: Any, job_ids: list[str]) -> list[dict[str, Any]]:
@@ -127,9 +115,9 @@ stages:
     assert len(jobs) == len(parents) == 2
     table = rec.options["aws_batch"]["table"]
     items = clients.dynamodb.scan(TableName=table)["Items"]
-    assert any(run_id in _text(i) for i in items)
-    assert any("fetch" in _text(i) for i in items)
-    for blob in (json.dumps(defs, default=str), json.dumps(jobs, default=str), _text(items)):
+    assert any(run_id in item_text(i) for i in items)
+    assert any("fetch" in item_text(i) for i in items)
+    for blob in (json.dumps(defs, default=str), json.dumps(jobs, default=str), item_text(items)):
         assert CANARY not in blob
         assert "[vault]" not in blob
 

@@ -39,6 +39,20 @@ RUN = "run-1"
 PREFIX = f"corral-{RUN}-{CLEANUP_STAGE}-"
 
 
+
+def _fail_item_one(store: Any) -> dict[tuple[str, int | None], str]:
+    """Steer moto: every job succeeded except item 1's fetch (its convert and the cleanup then
+    fail as Batch fails dependents); (stage, item index) → job id."""
+    ext = {(t.stage, t.item_index): t.external_id for t in store.get_tasks(RUN)}
+    for p in {e.split(":")[0] for e in ext.values()}:
+        _steer(p, "RUNNING")
+    for e in ext.values():
+        _steer(e, "SUCCEEDED", exit_code=0)
+    _steer(ext[("fetch", 1)], "FAILED", "Essential container in task exited", 1)
+    _steer(ext[("convert", 1)], "FAILED", "Dependent Job failed")
+    _steer(ext[(CLEANUP_STAGE, None)], "FAILED", "Dependent Job failed")
+    return ext
+
 def _plan() -> Any:
     return make_plan(loads_workflow(WF), items=[{"session": f"s{i}"} for i in range(3)])
 
@@ -72,14 +86,7 @@ def _start_and_fail(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[An
     store = SqliteStore(tmp_path / "s.db")
     run = record_run(store, plan, RUN)
     _backend(env, []).start(plan, run, store, RunOptions(wait=False))
-    ext = {(t.stage, t.item_index): t.external_id for t in store.get_tasks(RUN)}
-    for p in {e.split(":")[0] for e in ext.values()}:
-        _steer(p, "RUNNING")
-    for e in ext.values():
-        _steer(e, "SUCCEEDED", exit_code=0)
-    _steer(ext[("fetch", 1)], "FAILED", "Essential container in task exited", 1)
-    _steer(ext[("convert", 1)], "FAILED", "Dependent Job failed")
-    _steer(ext[(CLEANUP_STAGE, None)], "FAILED", "Dependent Job failed")
+    ext = _fail_item_one(store)
     return env, plan, store, ext
 
 
@@ -296,14 +303,7 @@ def test_corral_status_says_it_once_on_stderr(aws: str, tmp_path: Path, monkeypa
     plan = _plan()
     run = record_run(store, plan, RUN)
     _backend(env, []).start(plan, run, store, RunOptions(wait=False))
-    ext = {(t.stage, t.item_index): t.external_id for t in store.get_tasks(RUN)}
-    for p in {e.split(":")[0] for e in ext.values()}:
-        _steer(p, "RUNNING")
-    for e in ext.values():
-        _steer(e, "SUCCEEDED", exit_code=0)
-    _steer(ext[("fetch", 1)], "FAILED", "Essential container in task exited", 1)
-    _steer(ext[("convert", 1)], "FAILED", "Dependent Job failed")
-    _steer(ext[(CLEANUP_STAGE, None)], "FAILED", "Dependent Job failed")
+    _fail_item_one(store)
 
     first = run_cli("status", RUN, "--backend", "aws")
     second = run_cli("status", RUN, "--backend", "aws", "--json")

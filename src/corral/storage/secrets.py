@@ -39,14 +39,19 @@ def _code(exc: BaseException) -> str:
     return str(resp.get("Error", {}).get("Code", "")) if isinstance(resp, dict) else ""
 
 
-def _fail(action: str, name: str, exc: BaseException) -> ProvisionError:
+def _fail(action: str, name: str, exc: BaseException, *, ssm: bool = False) -> ProvisionError:
+    """A one-line error for a failed Secrets Manager (or, ``ssm``, Parameter Store) call."""
     code = _code(exc) or type(exc).__name__
-    hint = (
-        "your AWS identity needs secretsmanager:CreateSecret/PutSecretValue/TagResource/DeleteSecret"
-        if code in ("AccessDeniedException", "AccessDenied")
-        else "check Secrets Manager in this account and region"
+    what, service, actions = (
+        ("SSM parameter", "SSM Parameter Store",
+         "ssm:PutParameter/AddTagsToResource/DeleteParameter(s)/DescribeParameters") if ssm
+        else ("secret", "Secrets Manager", "secretsmanager:CreateSecret/PutSecretValue/TagResource/DeleteSecret")
     )
-    return ProvisionError(f"cannot {action} secret {name}: {code}", hint)
+    hint = (
+        f"your AWS identity needs {actions}" if code in ("AccessDeniedException", "AccessDenied")
+        else f"check {service} in this account and region"
+    )
+    return ProvisionError(f"cannot {action} {what} {name}: {code}", hint)
 
 
 def create_secret(
@@ -163,16 +168,6 @@ def _param_tags(ssm: Any, name: str) -> dict[str, str]:
     return {t["Key"]: t["Value"] for t in tags}
 
 
-def _param_fail(action: str, name: str, exc: BaseException) -> ProvisionError:
-    code = _code(exc) or type(exc).__name__
-    hint = (
-        "your AWS identity needs ssm:PutParameter/AddTagsToResource/DeleteParameter(s)/DescribeParameters"
-        if code in ("AccessDeniedException", "AccessDenied")
-        else "check SSM Parameter Store in this account and region"
-    )
-    return ProvisionError(f"cannot {action} SSM parameter {name}: {code}", hint)
-
-
 def create_parameter(
     ssm: Any, *, run_id: str, value: str, account_id: str, partition: str = "aws", purpose: str = "rclone",
     prefix: str = PREFIX, tags: Mapping[str, str] | None = None,
@@ -190,7 +185,7 @@ def create_parameter(
         ssm.put_parameter(**common, Tags=[{"Key": k, "Value": v} for k, v in sorted(all_tags.items())])
     except Exception as exc:
         if _code(exc) != "ParameterAlreadyExists":
-            raise _param_fail("create", name, exc) from None
+            raise _fail("create", name, exc, ssm=True) from None
         try:
             have = _param_tags(ssm, name)
             if have.get(MANAGED_TAG) != "true" or have.get(RUN_TAG) != run_id:
@@ -202,7 +197,7 @@ def create_parameter(
         except ProvisionError:
             raise
         except Exception as exc2:
-            raise _param_fail("update", name, exc2) from None
+            raise _fail("update", name, exc2, ssm=True) from None
     region = ssm.meta.region_name
     return parameter_arn(name, region=region, account_id=account_id, partition=partition)
 
@@ -228,7 +223,7 @@ def delete_parameters(ssm: Any, run_id: str | None, *, prefix: str = PREFIX) -> 
                         raise
                 deleted.append(name)
     except Exception as exc:
-        raise _param_fail("delete", f"(corral parameters under {path})", exc) from None
+        raise _fail("delete", f"(corral parameters under {path})", exc, ssm=True) from None
     return deleted
 
 
