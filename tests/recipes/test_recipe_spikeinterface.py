@@ -65,6 +65,7 @@ def test_real_sort_sweep_through_the_local_backend(tmp_path: Path) -> None:
     for r in rows.values():
         assert r["recording"] == "rec-a" and r["gt_units"] == "5"
         assert int(r["units"]) > 0 and 0.0 <= float(r["mean_accuracy"]) <= 1.0
-    # the lower detection threshold finds these generated units well
-    assert float(rows["simple-kmeans-t4"]["mean_accuracy"]) > 0.5
+    # the sort did real work: a sorting unrelated to the ground truth scores near 0. (The score
+    # itself varies between runs — 0.45 to 0.6 seen on the same seeds — so no tighter bound.)
+    assert float(rows["simple-kmeans-t4"]["mean_accuracy"]) > 0.3
     assert (work / "results" / "rec-a" / "simple-kmeans-t4" / "sorting").is_dir()
