@@ -237,16 +237,7 @@ class AwsBatchBackend:
         self.check(plan)
         env = self.environment(plan, run.run_id)
         self._secrets = self._rclone_secrets(plan, run)
-        run.options[OPTIONS_KEY] = {
-            "region": env.region,
-            "job_queue": env.job_queue,
-            "gpu_job_queue": getattr(env, "gpu_job_queue", None),
-            # Fargate's queue, when the workflow asks for Fargate: resume/cancel look for jobs there too
-            "fargate_job_queue": getattr(env, "fargate_job_queue", None),
-            "log_group": getattr(env, "log_group", "") or "",
-            "table": getattr(env, "table_name", "") or "",
-            **_run_facts(plan, env),
-        }
+        _record_where(run, plan, env)
         records = {t.task_id: t for t in store.get_tasks(run.run_id)}
         to_submit = {tid for tid, t in records.items() if t.state == TaskState.PENDING}
         staged = self._stage(plan, run, env, to_submit)
@@ -262,21 +253,14 @@ class AwsBatchBackend:
             self._resuming = False
         env = self.environment(plan, run.run_id)
         self._secrets = self._rclone_secrets(plan, run)
-        opts = run.options.setdefault(OPTIONS_KEY, {})
-        opts.setdefault("region", env.region)
-        opts["job_queue"] = opts.get("job_queue") or env.job_queue
-        opts["gpu_job_queue"] = opts.get("gpu_job_queue") or getattr(env, "gpu_job_queue", None)
-        opts["fargate_job_queue"] = opts.get("fargate_job_queue") or getattr(env, "fargate_job_queue", None)
-        opts.setdefault("log_group", getattr(env, "log_group", "") or "")
-        for k, v in _run_facts(plan, env).items():
-            opts.setdefault(k, v)
+        opts = _record_where(run, plan, env)
         queues = self._queues(run)
-        tasks = self._refresh(run, store, final_cleanup=False)
+        tasks = self.refresh(run, store, final_cleanup=False)
         tasks, adopted = reconcile(
             self.api, run, store, tasks, queues.all(), settle_polls=self.settle_polls, sleep=self.sleep,
         )
         if adopted:
-            tasks = self._refresh(run, store, final_cleanup=False)  # adopted jobs may have ended
+            tasks = self.refresh(run, store, final_cleanup=False)  # adopted jobs may have ended
         records = {t.task_id: t for t in tasks}
         to_submit = {
             t.task_id for t in tasks
@@ -306,12 +290,9 @@ class AwsBatchBackend:
         if options.wait:
             self.wait(run, store, options)
 
-    def refresh(self, run: RunRecord, store: StateStore) -> list[TaskRecord]:
+    def refresh(self, run: RunRecord, store: StateStore, *, final_cleanup: bool = True) -> list[TaskRecord]:
         """Read the jobs' states into the store; after a failed run, also see that its workspace
-        cleanup runs (:class:`final_cleanup.FinalCleanup`)."""
-        return self._refresh(run, store, final_cleanup=True)
-
-    def _refresh(self, run: RunRecord, store: StateStore, *, final_cleanup: bool) -> list[TaskRecord]:
+        cleanup runs (:class:`final_cleanup.FinalCleanup`) unless ``final_cleanup`` is false."""
         tasks = store.get_tasks(run.run_id)
         by_parent: dict[str, list[TaskRecord]] = {}  # every task recorded in a job, live or ended
         for t in tasks:
@@ -467,10 +448,19 @@ class AwsBatchBackend:
             delay = min(max_delay, delay * 1.5)
 
 
-def _run_facts(plan: Plan, env: Any) -> dict[str, Any]:
-    """What the run records beyond its queues: its cleanup stages (for the cleanup after a failure)
-    and its EFS workspace with the roles that mount it (for ``corral aws teardown --run``)."""
-    return {
+def _record_where(run: RunRecord, plan: Plan, env: Any) -> dict[str, Any]:
+    """Record in ``run.options["aws_batch"]`` where the run lives, so any machine can follow it:
+    its queues (a queue missing from the record is filled in from ``env``; resume/cancel look for
+    jobs in each), region, log group and state table, its cleanup stages (for the cleanup after a
+    failure) and its EFS workspace with the roles that mount it (for ``corral aws teardown --run``).
+    What is recorded already stays: a resume keeps the run's first answers."""
+    opts: dict[str, Any] = run.options.setdefault(OPTIONS_KEY, {})
+    for key in ("job_queue", "gpu_job_queue", "fargate_job_queue"):
+        opts[key] = opts.get(key) or getattr(env, key, None)
+    facts = {
+        "region": env.region,
+        "log_group": getattr(env, "log_group", "") or "",
+        "table": getattr(env, "table_name", "") or "",
         "cleanup_stages": [s.name for s in plan.workflow.stages if s.kind == "cleanup"],
         "efs_id": getattr(env, "efs_id", "") or "",
         "efs_access_point": getattr(env, "efs_access_point", "") or "",
@@ -478,3 +468,6 @@ def _run_facts(plan: Plan, env: Any) -> dict[str, Any]:
         "execution_role_arn": getattr(env, "execution_role_arn", "") or "",
         "assign_public_ip": plan.workflow.aws.assign_public_ip,
     }
+    for key, value in facts.items():
+        opts.setdefault(key, value)
+    return opts

@@ -96,7 +96,7 @@ def still_running(clients: AwsClients, run_id: str, *, table: str | None = None)
             return False
         from corral.backends.aws_batch.backend import AwsBatchBackend
 
-        tasks = AwsBatchBackend(clients)._refresh(run, store, final_cleanup=False)
+        tasks = AwsBatchBackend(clients).refresh(run, store, final_cleanup=False)
         return any(not t.state.terminal for t in tasks)
     finally:
         store.close()
