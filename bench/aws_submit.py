@@ -224,6 +224,7 @@ def refresh_scenarios(n: int) -> dict[str, dict[str, float]]:
     from corral.backends.aws_batch.backend import AwsBatchBackend
     from corral.backends.aws_batch.client import AwsClients
     from corral.backends.base import RunOptions
+    from corral.model import TaskState
     from corral.state.sqlite import SqliteStore
 
     plan = make_plan_for(ONE_STAGE, n)
@@ -251,7 +252,7 @@ def refresh_scenarios(n: int) -> dict[str, dict[str, float]]:
         def measure(label: str, known: bool = False) -> None:
             if not known:  # every task "in flight" in the store: nothing known from an earlier refresh
                 saved = store.get_tasks(run.run_id)
-                reset_tasks = [t.replace(state=__import__("corral.model").model.TaskState.SUBMITTED) for t in saved]
+                reset_tasks = [t.replace(state=TaskState.SUBMITTED) for t in saved]
                 store.save_tasks(reset_tasks)
             counter.calls.clear()
             wall, _ = timed(lambda: backend.refresh(store.get_run(run.run_id), store))

@@ -57,9 +57,6 @@ def cli(ctx: click.Context, debug: bool, home: str | None) -> None:
 
 
 # -- helpers ------------------------------------------------------------------------------------
-_store_for = api.open_run_store
-
-
 def _stage_table(tasks: list[TaskRecord], title: str | None = None) -> Table:
     table = Table(title=title, title_justify="left", show_edge=False, pad_edge=False)
     table.add_column("stage")
@@ -189,7 +186,7 @@ def run(workflow: str, backend: str, max_parallel: int | None, runtime: str, for
 @click.option("--force", is_flag=True, help="Run tasks even when their outputs exist.")
 def resume(run_id: str, backend: str | None, max_parallel: int | None, runtime: str, force: bool) -> None:
     """Go on with RUN_ID: run only what has not succeeded (after a crash, failure or cancel)."""
-    store = _store_for(backend, run_id)
+    store = api.open_run_store(backend, run_id)
     rec = store.get_run(run_id)
     plan = api.load_plan(store, run_id)
     live = LiveProgress(plan.stage_order)
@@ -213,7 +210,7 @@ def resume(run_id: str, backend: str | None, max_parallel: int | None, runtime: 
 def status(run_id: str | None, backend: str | None, all_runs: bool, show_tasks: bool, as_json: bool,
            watch: bool, interval: float) -> None:
     """Where RUN_ID stands (default: the latest run): stages × states, durations, failures."""
-    store = _store_for(backend, run_id)
+    store = api.open_run_store(backend, run_id)
     if all_runs:
         runs = store.list_runs(limit=50)
         if as_json:
@@ -269,7 +266,7 @@ def status(run_id: str | None, backend: str | None, all_runs: bool, show_tasks: 
 @click.option("-f", "--follow", is_flag=True, help="Keep printing until the task ends.")
 def logs(run_id: str, task: str, backend: str | None, attempt: int | None, follow: bool) -> None:
     """Output of one TASK of RUN_ID (id, id prefix, or stage[item])."""
-    store = _store_for(backend, run_id)
+    store = api.open_run_store(backend, run_id)
     for line in api.logs(run_id, task, attempt=attempt, follow=follow, store=store):
         click.echo(line)
 
@@ -279,7 +276,7 @@ def logs(run_id: str, task: str, backend: str | None, attempt: int | None, follo
 @backend_option
 def cancel(run_id: str, backend: str | None) -> None:
     """Stop RUN_ID: kill (local) or cancel (aws) what runs; nothing more starts."""
-    store = _store_for(backend, run_id)
+    store = api.open_run_store(backend, run_id)
     api.cancel(run_id, store=store)
     tasks = store.get_tasks(run_id)
     n = sum(1 for t in tasks if t.state == TaskState.CANCELLED)

@@ -29,9 +29,6 @@ def _backend_option(f: Any) -> Any:
                         help="Where the run lives: local (default) or aws (DynamoDB state table).")(f)
 
 
-_open_store = api.open_run_store
-
-
 def print_findings(findings: list[Any]) -> None:
     """One line per finding on stderr (``level  check  message``), its fix indented below."""
     for f in findings:
@@ -91,7 +88,7 @@ def register(cli: click.Group) -> None:
         findings = dr.local_checks(api.corral_home())
         store = run = plan = tasks = None
         if run_id:
-            store = _open_store(backend, run_id)
+            store = api.open_run_store(backend, run_id)
             run = store.get_run(run_id)
             try:
                 plan = api.load_plan(store, run_id)
@@ -140,7 +137,7 @@ def register(cli: click.Group) -> None:
         """Write one self-contained HTML file about RUN_ID: summary, stages, timeline, failures, cost."""
         from corral.report import write_report
 
-        store = _open_store(backend, run_id)
+        store = api.open_run_store(backend, run_id)
         rec = store.get_run(run_id)
         be = None if no_logs else api.get_backend(rec.backend, run=rec)
         path = Path(output or f"report-{run_id}.html")

@@ -4,6 +4,8 @@ staged copy. Unchanged files already staged (same size and mtime) are not sent a
 
 from __future__ import annotations
 
+import sys
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -20,8 +22,6 @@ class StderrProgress:
     STEP = 64 * 2**20
 
     def __init__(self) -> None:
-        import threading
-
         self.total = 0
         self.done = 0
         self._next = self.STEP
@@ -31,8 +31,6 @@ class StderrProgress:
         self.total += nbytes
 
     def advance(self, nbytes: int) -> None:
-        import sys
-
         with self._lock:
             self.done += nbytes
             if self.done >= self._next:
@@ -92,8 +90,6 @@ def stage_local_sources(
     """Upload the local ``from:`` paths of the tasks about to be submitted to the run's bucket
     (``<prefix>/staged/<run>/``); local path → staged s3:// URI. Unchanged files already
     staged (same size and mtime) are not sent again, so a resume uploads only what changed."""
-    import sys
-
     from corral.storage.aws import stage_local_source, staged_root
 
     paths = local_sources(plan, run.run_id, workdir, to_submit=to_submit)
