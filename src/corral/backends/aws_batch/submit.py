@@ -37,6 +37,7 @@ from typing import Any
 from corral.backends.aws_batch import payloads as pl
 from corral.backends.aws_batch.client import aws_errors
 from corral.errors import BackendError
+from corral.instances import on_fargate
 from corral.model import RunRecord, TaskRecord, TaskState
 from corral.plan import Plan, Task
 from corral.spec import Stage
@@ -330,7 +331,7 @@ class Submitter:
         # {CORRAL_RCLONE_CONFIG: secret ARN} for transfer stages (storage.aws.prepare_rclone_secret)
         self.rclone_secrets = dict(rclone_secrets or {})
         self.s3_endpoint = s3_endpoint  # only for S3-compatible stores and tests
-        # local `from:` path -> its staged s3:// URI (AwsBatchBackend._stage_local_sources); base_dir:
+        # local `from:` path -> its staged s3:// URI (staging.stage_local_sources); base_dir:
         # the workflow's folder, which relative local paths are read against
         self.staged = dict(staged or {})
         self.base_dir = base_dir
@@ -357,12 +358,6 @@ class Submitter:
             task, run_id=run_id, workdir=workdir, region=self.ctx.region, workspace_root=root,
             endpoint=self.s3_endpoint, stage_local=self._staged_uri, base_dir=self.base_dir,
         )
-
-    def on_fargate(self, stage: Stage) -> bool:
-        """Does this stage (as its job runs: transfers in rclone's image) go to the Fargate queue?"""
-        from corral.instances import on_fargate
-
-        return on_fargate(self.job_stage(stage).resources, self.instance_types)
 
     def _staged_uri(self, path: str) -> str:
         uri = self.staged.get(path)
@@ -480,9 +475,10 @@ class Submitter:
         tags = {**self.tags, "corral:managed": "true", "corral:run": run_id}
         for s in plan.stage_order:
             stage = plan.workflow.stage(s)
-            fargate = self.on_fargate(stage)
-            spec = pl.job_definition(self.job_stage(stage), self.ctx, fargate=fargate)
-            image = self.job_stage(stage).image or ""
+            job = self.job_stage(stage)  # (same resources as the stage: it only swaps image and secrets)
+            fargate = on_fargate(stage.resources, self.instance_types)
+            spec = pl.job_definition(job, self.ctx, fargate=fargate)
+            image = job.image or ""
             queue = self.queues.for_stage(stage.resources.gpus, fargate=fargate)
             done: list[TaskRecord] = []
             if stage.per == "item":
