@@ -16,7 +16,7 @@ import click
 from rich.console import Console
 from rich.table import Table
 
-from corral import api
+from corral import api, runstate
 from corral.backends.base import RunOptions
 from corral.cli_ops import stage_time
 from corral.errors import CorralError
@@ -140,10 +140,19 @@ def _report_end(run: RunRecord, tasks: list[TaskRecord]) -> int:
     return 1 if failed or run.state.value in ("FAILED", "CANCELLED", "INTERRUPTED") else 0
 
 
+def _note_unused_flags(be: Any, given: dict[str, bool]) -> None:
+    """One note per flag given that this backend does not honour (e.g. --wait locally)."""
+    for flag, used in given.items():
+        if used and flag not in be.flags:
+            name = "--" + flag.replace("_", "-")
+            extra = " (it always waits)" if flag == "wait" and be.always_waits else ""
+            err.print(f"note: {name} does not apply to the {be.name} backend{extra}", markup=False)
+
+
 # -- commands -----------------------------------------------------------------------------------
 @cli.command()
 @click.argument("workflow", type=click.Path(dir_okay=False))
-@click.option("--backend", type=click.Choice(api.BACKENDS), default="local", show_default=True)
+@click.option("--backend", type=click.Choice(api.BACKENDS), default=api.backends.DEFAULT, show_default=True)
 @click.option("--max-parallel", type=click.IntRange(min=1), help="Local: at most N tasks at once (default: CPUs).")
 @click.option("--runtime", type=click.Choice(["auto", "process", "container"]), default="auto", show_default=True,
               help="Local: run stages with an image in a container (auto: when an engine answers).")
@@ -157,19 +166,25 @@ def run(workflow: str, backend: str, max_parallel: int | None, runtime: str, for
     p = api.plan(wf)
     err.print(f"corral: {wf.name}: {len(p.items)} items × {len(wf.stages)} stages = {len(p.tasks)} tasks "
               f"on {backend}", markup=False)
+    be = api.get_backend(backend, wf)
+    given = {"force": force, "max_parallel": max_parallel is not None, "runtime": runtime != "auto",
+             "wait": wait is not None}
+    _note_unused_flags(be, given)
     live = LiveProgress(p.stage_order)
+    waits = be.always_waits or bool(wait)
     opts = RunOptions(force=force, max_parallel=max_parallel, runtime=runtime,  # type: ignore[arg-type]
-                      wait=bool(wait) if backend == "aws" else True, progress=live.update)
-    store = api.open_store(backend, wf)
+                      wait=waits, progress=live.update)
+    store = be.open_store(workflow=wf)
     with live:
-        rec = api.run(wf, backend, store=store, options=opts)
+        rec = api.run(wf, backend, store=store, options=opts, backend_impl=be)
     tasks = store.get_tasks(rec.run_id)
     if as_json:
         out.print_json(json.dumps(_run_json(rec, tasks)))
     else:
         out.print(rec.run_id, markup=False)
-    if backend == "aws" and not wait:
-        err.print(f"submitted; follow it with `corral status {rec.run_id} --backend aws --watch`", markup=False)
+    if not waits:
+        err.print(f"submitted; follow it with `corral status {rec.run_id} --backend {backend} --watch`",
+                  markup=False)
         if any(s.kind == "cleanup" for s in p.workflow.stages):
             err.print("note: Batch runs the workspace cleanup when everything succeeded; after a failure it is "
                       "submitted by the first `corral status` (or --watch) that sees the run end",
@@ -239,7 +254,7 @@ def status(run_id: str | None, backend: str | None, all_runs: bool, show_tasks: 
         out.print_json(json.dumps(_run_json(rec, tasks)))
         return
     err.print(_stage_table(tasks, title=f"run {rec.run_id} ({rec.workflow_name}, {rec.backend}): {rec.state.value.lower()}"))
-    if rec.backend == "aws":
+    if be.cost_basis == "actual":
         from corral.cost import status_cost_line
 
         line = status_cost_line(store, rec.run_id, tasks)
@@ -277,10 +292,14 @@ def logs(run_id: str, task: str, backend: str | None, attempt: int | None, follo
 def cancel(run_id: str, backend: str | None) -> None:
     """Stop RUN_ID: kill (local) or cancel (aws) what runs; nothing more starts."""
     store = api.open_run_store(backend, run_id)
-    api.cancel(run_id, store=store)
-    tasks = store.get_tasks(run_id)
-    n = sum(1 for t in tasks if t.state == TaskState.CANCELLED)
-    err.print(f"cancelled {run_id}: {n} task(s) cancelled", markup=False)
+    before = store.get_run(run_id)
+    rec = api.cancel(run_id, store=store)
+    if before.state in runstate.ENDED:
+        err.print(f"run {run_id} had already ended ({rec.state.value.lower()}): nothing to cancel", markup=False)
+    else:
+        tasks = store.get_tasks(run_id)
+        n = sum(1 for t in tasks if t.state == TaskState.CANCELLED)
+        err.print(f"cancelled {run_id}: {n} task(s) cancelled", markup=False)
     out.print(run_id, markup=False)
 
 
@@ -312,7 +331,7 @@ def plan(workflow: str, show_tasks: bool, as_json: bool, with_cost: bool, spot: 
 
         estimate = estimate_plan(
             p, spot=spot, durations=parse_durations(durations, p.stage_order),
-            store=api.open_store("local"),
+            store=api.open_store(),
         )
     if as_json:
         data = {

@@ -24,7 +24,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from corral import storage
+from corral import runstate, storage
 from corral.backends.base import RunOptions
 from corral.backends.runtime import container_argv, detect_engine, require_engine
 from corral.errors import BackendError, StorageError, UsageError
@@ -134,6 +134,45 @@ class LocalBackend:
     """Runs a plan on this machine; see the module docstring."""
 
     name = "local"
+    always_waits = True
+    records_attempts = True
+    driven_from_host = True
+    cost_basis = "hypothetical"  # what the same attempts would cost on AWS Batch
+    flags = frozenset({"force", "max_parallel", "runtime", "force_stages", "reuse"})
+
+    @classmethod
+    def create(cls, *, workflow: object = None, run: RunRecord | None = None, **settings: object) -> LocalBackend:
+        from corral.home import corral_home
+
+        return cls(corral_home())
+
+    @classmethod
+    def open_store(cls, *, workflow: object = None, **settings: object) -> StateStore:
+        from corral.home import corral_home
+        from corral.state.sqlite import SqliteStore
+
+        return SqliteStore(corral_home() / "state.db")
+
+    @classmethod
+    def store_exists(cls) -> bool:
+        from corral.home import corral_home
+
+        return (corral_home() / "state.db").exists()
+
+    def run_options(self, workflow: object) -> dict[str, object]:
+        return {}
+
+    def workspace(self, run: RunRecord) -> str | None:
+        return str(workspace_dir(self.home, run.run_id))
+
+    def attempt_history(self, run: RunRecord, tasks: object) -> dict[str, list[AttemptRecord]]:
+        return {}  # every attempt is in the store
+
+    def diagnose(self, run: RunRecord | None, store: StateStore | None, plan: Plan | None,
+                 tasks: list[TaskRecord] | None, *, runnable_after_s: float) -> list[object]:
+        from corral.doctor import run_checks
+
+        return run_checks(store, run, plan) if run is not None and store is not None else []
 
     def __init__(
         self,
@@ -187,12 +226,16 @@ class LocalBackend:
         self._execute(plan, run, store, options, first_attempts={t.task_id: t.attempts for t in tasks})
 
     def refresh(self, run: RunRecord, store: StateStore) -> list[TaskRecord]:
-        """The store is the truth locally; a run whose scheduler died is marked INTERRUPTED."""
-        if run.state == RunState.RUNNING and run.host == socket.gethostname() and not scheduler_alive(run):
-            store.save_run(run.replace(state=RunState.INTERRUPTED, pid=None))
+        """The store is the truth locally; a run whose scheduler died is marked INTERRUPTED
+        (read from the store, never from the caller's possibly stale ``run``)."""
+        if run.host == socket.gethostname():
+            runstate.interrupt_if_dead(store, run, scheduler_alive)
         return store.get_tasks(run.run_id)
 
     def cancel(self, run: RunRecord, store: StateStore) -> None:
+        run = store.get_run(run.run_id)
+        if run.state in runstate.ENDED:
+            return  # an ended run keeps its state (only `resume` changes it)
         if run.state == RunState.RUNNING and scheduler_alive(run):
             assert run.pid is not None
             os.kill(run.pid, signal.SIGTERM)  # the scheduler kills its children and records the states
@@ -209,7 +252,7 @@ class LocalBackend:
             if not t.state.terminal
         ]
         store.save_tasks(changed)
-        store.save_run(store.get_run(run.run_id).replace(state=RunState.CANCELLED, pid=None))
+        runstate.settle(store, run.run_id, RunState.CANCELLED, pid=None)
 
     def logs(
         self, run: RunRecord, store: StateStore, task: TaskRecord, attempt: int | None, follow: bool
@@ -356,12 +399,8 @@ class Scheduler:
         storage.prepare_workspace(str(self.workdir))
         self.logdir.mkdir(parents=True, exist_ok=True)
         me = os.getpid()
-        self.store.save_run(
-            self.run_rec.replace(
-                state=RunState.RUNNING, pid=me, host=self.host,
-                options={**self.run_rec.options, "scheduler_start": process_start_time(me)},
-            )
-        )
+        runstate.reopen(self.store, self.run_rec, pid=me, host=self.host,
+                        options={**self.run_rec.options, "scheduler_start": process_start_time(me)})
         rfd, wfd = os.pipe()
         os.set_blocking(wfd, False)
         os.set_blocking(rfd, False)
@@ -387,15 +426,8 @@ class Scheduler:
                 self._abandon()
             self._flush()
             if crashed:  # leave a state that `corral resume` completes
-                self.store.save_run(self.store.get_run(self.run_rec.run_id).replace(state=RunState.INTERRUPTED, pid=None))
-        tasks = list(self.records.values())
-        if self.cancelled:
-            state = RunState.CANCELLED
-        elif all(t.state.ok for t in tasks):
-            state = RunState.SUCCEEDED
-        else:
-            state = RunState.FAILED
-        self.store.save_run(self.store.get_run(self.run_rec.run_id).replace(state=state, pid=None))
+                runstate.settle(self.store, self.run_rec.run_id, RunState.INTERRUPTED, pid=None)
+        runstate.end(self.store, self.run_rec.run_id, list(self.records.values()), cancelled=self.cancelled, pid=None)
         self._progress(force=True)
 
     def _on_signal(self, signum: int, frame: object) -> None:

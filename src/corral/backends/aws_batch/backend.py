@@ -21,6 +21,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+from corral import runstate
 from corral.backends.aws_batch import payloads as pl
 from corral.backends.aws_batch import staging
 from corral.backends.aws_batch.client import AwsClients
@@ -50,6 +51,62 @@ __all__ = ["CANCEL_REASON", "CLAIM_LEASE", "AwsBatchBackend", "task_state_of"]
 
 class AwsBatchBackend:
     name = "aws"
+    always_waits = False  # `run` returns once submitted unless RunOptions.wait
+    records_attempts = False  # Batch keeps each attempt (attempt_history reads them)
+    driven_from_host = False  # Batch runs it: no client needs to stay up
+    cost_basis = "actual"
+    flags = frozenset({"force", "wait", "force_stages", "reuse"})
+
+    # -- what callers need to know (Backend protocol) ------------------------------------------
+    @classmethod
+    def create(cls, *, workflow: Any = None, run: RunRecord | None = None, region: str | None = None,
+               profile: str | None = None, **settings: Any) -> AwsBatchBackend:
+        if workflow is not None:
+            aws = workflow.aws
+        else:
+            aws = AwsSettings(**(run.options.get("aws", {}) if run else {}))
+        if region or profile:
+            aws = aws.model_copy(update={k: v for k, v in (("region", region), ("profile", profile)) if v})
+        return cls(AwsClients(region=aws.region, profile=aws.profile), aws)
+
+    @classmethod
+    def open_store(cls, *, workflow: Any = None, **settings: Any) -> StateStore:
+        from corral.state.dynamodb import DynamoStore
+
+        aws = workflow.aws if workflow is not None else AwsSettings(
+            **{k: v for k, v in settings.items() if v is not None and k in AwsSettings.model_fields})
+        clients = AwsClients(region=aws.region, profile=aws.profile)
+        return DynamoStore(settings.get("table") or "corral-state", clients.dynamodb)
+
+    @classmethod
+    def store_exists(cls) -> bool:
+        return True  # a DynamoDB table: asking costs a call; the store says when it is missing
+
+    def run_options(self, workflow: Any) -> dict[str, Any]:
+        return {"aws": workflow.aws.model_dump(mode="json")}
+
+    def workspace(self, run: RunRecord) -> str | None:
+        return None  # on EFS (or the instance's disk): not a path on this machine
+
+    def attempt_history(self, run: RunRecord, tasks: Any) -> dict[str, list[Any]]:
+        """Every attempt Batch still knows (Batch forgets jobs ~7 days after they end)."""
+        from corral.report import batch_attempts
+
+        ecs = self.clients.client("ecs")
+        clusters: list[str] = []
+        try:
+            for page in self.clients.batch.get_paginator("describe_compute_environments").paginate():
+                clusters += [c["ecsClusterArn"] for c in page.get("computeEnvironments", []) if c.get("ecsClusterArn")]
+        except Exception:  # noqa: BLE001 - only used to find old-format container instance ARNs
+            clusters = []
+        return batch_attempts(run.run_id, list(tasks), self.api.describe_jobs, ecs, clusters)
+
+    def diagnose(self, run: RunRecord | None, store: StateStore | None, plan: Plan | None,
+                 tasks: list[TaskRecord] | None, *, runnable_after_s: float) -> list[Any]:
+        from corral.doctor import aws_checks
+
+        return aws_checks(self.clients, plan.workflow.aws if plan is not None else self.settings, plan=plan, run=run,
+                          tasks=tasks, runnable_after_s=runnable_after_s)
 
     def __init__(
         self,
@@ -354,7 +411,7 @@ class AwsBatchBackend:
         ]
         store.save_tasks(cancelled)
         if cancelled:  # a run that had already ended keeps its state
-            store.save_run(store.get_run(run.run_id).replace(state=RunState.CANCELLED))
+            runstate.settle(store, run.run_id, RunState.CANCELLED)
 
     def logs(
         self, run: RunRecord, store: StateStore, task: TaskRecord, attempt: int | None, follow: bool
@@ -421,14 +478,7 @@ class AwsBatchBackend:
     def _update_run_state(run: RunRecord, store: StateStore, tasks: list[TaskRecord]) -> None:
         if not tasks or run.state != RunState.RUNNING or not all(t.state.terminal for t in tasks):
             return
-        state = RunState.SUCCEEDED if all(t.state.ok for t in tasks) else RunState.FAILED
-        if any(t.state == TaskState.CANCELLED for t in tasks):
-            state = RunState.CANCELLED
-        run.state = state
-        # Re-read before writing: another machine may have changed the run's options (a resume).
-        fresh = store.get_run(run.run_id)
-        if fresh.state == RunState.RUNNING:
-            store.save_run(fresh.replace(state=state))
+        run.state = runstate.end(store, run.run_id, tasks).state  # (from the stored run, not ours)
 
     def wait(self, run: RunRecord, store: StateStore, options: RunOptions, max_delay: float = 30.0) -> None:
         """Poll until every task is terminal, with backoff (2 s → ``max_delay``)."""
