@@ -28,6 +28,10 @@ from corral.state.base import StateStore
 
 ProgressFn = Callable[[list[TaskRecord]], None]
 
+# A task that exits 0 but lacks a declared output is FAILED with the reason
+# f"{OUTPUT_MISSING}: {the first missing output}", and retried like any failure (every backend).
+OUTPUT_MISSING = "declared output missing"
+
 
 @dataclass
 class RunOptions:

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from corral import runstate, storage
-from corral.backends.base import RunOptions
+from corral.backends.base import OUTPUT_MISSING, RunOptions
 from corral.backends.runtime import container_argv, detect_engine, require_engine
 from corral.errors import BackendError, StorageError, UsageError
 from corral.model import AttemptRecord, RunRecord, RunState, TaskRecord, TaskState, now
@@ -562,6 +562,21 @@ class Scheduler:
             run_id=run_id, workdir=workdir, base_dir=self.plan.workflow.base_dir,
         )
 
+    def _missing_output(self, task: Task) -> str:
+        """After exit 0: "" when every declared output exists, else the reason naming the first
+        missing one (a task that exits 0 without its outputs has failed, on every backend)."""
+        if not task.stage.outputs:
+            return ""
+        run_id, workdir = self.run_rec.run_id, str(self.workdir)
+        for uri in task.paths("outputs", run_id, workdir):
+            try:
+                exists = storage.uri_times(storage.parse(uri, workdir=workdir, base_dir=self.plan.workflow.base_dir))[0]
+            except StorageError as exc:
+                return f"cannot check output {uri}: {exc.one_line()}"
+            if not exists:
+                return f"{OUTPUT_MISSING}: {uri}"
+        return ""
+
     def _argv(self, task: Task, workdir: str) -> tuple[list[str], dict[str, str]]:
         run_id = self.run_rec.run_id
         if task.stage.kind == "transfer":
@@ -710,6 +725,9 @@ class Scheduler:
             reason = r.kill_reason
         elif code == 0:
             state, reason = TaskState.SUCCEEDED, ""
+            missing = self._missing_output(r.task)
+            if missing:
+                state, reason = TaskState.FAILED, missing
         elif code < 0:
             state, reason = TaskState.FAILED, f"killed by signal {signal.Signals(-code).name}"
         else:

@@ -39,7 +39,7 @@ from corral.backends.aws_batch.submit import (
     parent_of,
     reconcile,
 )
-from corral.backends.base import RunOptions
+from corral.backends.base import OUTPUT_MISSING, RunOptions
 from corral.errors import BackendError, CorralError, CredentialsError, PlanError, UsageError
 from corral.model import RunRecord, RunState, TaskRecord, TaskState, now
 from corral.plan import Plan
@@ -122,6 +122,7 @@ class AwsBatchBackend:
         after_submit: Callable[[str, str], None] | None = None,
         say: Callable[[str], None] | None = None,
         wall_clock: Callable[[], float] = time.time,
+        api: BatchApi | None = None,
     ) -> None:
         self.clients = clients
         self.say = say or (lambda msg: print(msg, file=sys.stderr))  # one line for people, on stderr
@@ -135,7 +136,8 @@ class AwsBatchBackend:
         self.settle_polls = settle_polls
         self.after_submit = after_submit
         self._bucket = bucket or TokenBucket(clock=clock, sleep=sleep)
-        self._api: BatchApi | None = None
+        self._api: BatchApi | None = api  # (tests give a BatchApi that plays Batch: the contract suite)
+        self._max_attempts: dict[str, int] = {}  # job definition ARN -> retryStrategy.attempts
         self._secrets: dict[str, str] = {}
         # On resume only the tasks to resubmit need their local sources (checked when staging them).
         self._resuming = False
@@ -297,8 +299,11 @@ class AwsBatchBackend:
         _record_where(run, plan, env)
         records = {t.task_id: t for t in store.get_tasks(run.run_id)}
         to_submit = {tid for tid, t in records.items() if t.state == TaskState.PENDING}
+        to_submit -= skip_done(plan, run, store, records, to_submit, options)
         staged = self._stage(plan, run, env, to_submit)
         self._submitter(env, store, plan, staged).submit_round(plan, run, records, to_submit, 0)
+        if not to_submit:  # everything was skipped: the run has ended
+            self._update_run_state(run, store, store.get_tasks(run.run_id))
         if options.wait:
             self.wait(run, store, options)
 
@@ -338,6 +343,8 @@ class AwsBatchBackend:
             # (also when a cleanup already ran after the failures).
             to_submit |= {t.task_id for t in tasks if t.stage in cleanups and t.state.terminal}
         round_ = int(opts.get("round", -1)) + 1 if "round" in opts else 0
+        never_tried = {tid for tid in to_submit if records[tid].attempts == 0}
+        to_submit -= skip_done(plan, run, store, records, never_tried, options)
         staged = self._stage(plan, run, env, to_submit)
         if run.state != RunState.RUNNING and to_submit:
             run.state = RunState.RUNNING
@@ -357,6 +364,7 @@ class AwsBatchBackend:
                 by_parent.setdefault(parent_of(t.external_id), []).append(t)
         moving = [p for p, members in by_parent.items() if any(not t.state.terminal for t in members)]
         changed: dict[str, TaskRecord] = {}
+        jobs: dict[str, dict[str, Any]] = {}
         if moving:
             jobs = self.api.describe_jobs(moving)
             for parent in moving:
@@ -375,6 +383,8 @@ class AwsBatchBackend:
                     for t in live:
                         apply_summary(t, job, changed)
         if changed:
+            self._count_attempts(changed, jobs)
+            self._name_missing_outputs(run, store, changed)
             store.save_tasks(list(changed.values()))
             tasks = [changed.get(t.task_id, t) for t in tasks]
         self._update_run_state(run, store, tasks)
@@ -390,6 +400,56 @@ class AwsBatchBackend:
                          "a later refresh tries again")
                 tasks = store.get_tasks(run.run_id)
         return tasks
+
+    def _count_attempts(self, changed: dict[str, TaskRecord], parents: dict[str, dict[str, Any]]) -> None:
+        """Attempts of array children that just ended, where their definition allows more than one.
+
+        ListJobs summaries carry no attempts: those children are described (100 per call, once:
+        an ended child never changes), so ``attempts`` means what it means locally."""
+        ended = [t for t in changed.values() if t.state in (TaskState.SUCCEEDED, TaskState.FAILED)
+                 and ":" in t.external_id]
+        want: list[str] = []
+        for t in ended:
+            arn = parents.get(parent_of(t.external_id), {}).get("jobDefinition", "")
+            if arn and self._attempts_allowed(arn) > 1:
+                want.append(t.external_id)
+        if not want:
+            return
+        described = self.api.describe_jobs(want)
+        for t in ended:
+            job = described.get(t.external_id)
+            if job is not None and job.get("attempts"):
+                changed[t.task_id] = changed[t.task_id].replace(attempts=len(job["attempts"]))
+
+    @staticmethod
+    def _name_missing_outputs(run: RunRecord, store: StateStore, changed: dict[str, TaskRecord]) -> None:
+        """A child whose wrapper found a declared output missing exits OUTPUT_MISSING_BASE + i
+        (payloads.outputs_words): its reason names output i, as the local backend's does."""
+        base = pl.OUTPUT_MISSING_BASE
+        hits = [t for t in changed.values() if t.state == TaskState.FAILED and t.exit_code is not None
+                and base <= t.exit_code < base + pl.MAX_CHECKED_OUTPUTS]
+        if not hits:
+            return
+        try:
+            plan = Plan.from_manifest(store.load_manifest(run.run_id)).with_keys(
+                {t.task_id: t.item_key for t in hits})
+        except CorralError:
+            return
+        for t in hits:
+            task = plan.by_id.get(t.task_id)
+            i = int(t.exit_code or 0) - base
+            if task is None or i >= len(task.stage.outputs):
+                continue
+            uri = task.paths("outputs", run.run_id, "")[i]
+            changed[t.task_id] = changed[t.task_id].replace(reason=f"{OUTPUT_MISSING}: {uri}")
+
+    def _attempts_allowed(self, definition_arn: str) -> int:
+        if definition_arn not in self._max_attempts:
+            found = self.api.call("describe_job_definitions", "look up a job definition",
+                                  jobDefinitions=[definition_arn]).get("jobDefinitions", [])
+            self._max_attempts[definition_arn] = int(
+                ((found[0].get("retryStrategy") or {}).get("attempts") or 1) if found else 1)
+        return self._max_attempts[definition_arn]
 
     def cancel(self, run: RunRecord, store: StateStore) -> None:
         tasks = store.get_tasks(run.run_id)
@@ -496,6 +556,38 @@ class AwsBatchBackend:
                 return
             self.sleep(delay)
             delay = min(max_delay, delay * 1.5)
+
+
+def skip_done(plan: Plan, run: RunRecord, store: StateStore, records: dict[str, TaskRecord], candidates: set[str],
+              options: RunOptions) -> set[str]:
+    """Skip-if-done before submission, as locally: a task whose declared outputs all exist where
+    this machine can see them (s3://, rclone remotes, local paths; not workspace://, which only a
+    job sees) and are not older than its inputs is recorded SKIPPED ("outputs exist") and not
+    submitted — unless ``options.force``. Returns the ids skipped (``records`` updated)."""
+    from corral import storage
+    from corral.errors import StorageError
+
+    if options.force:
+        return set()
+    skipped: list[TaskRecord] = []
+    for task in plan.tasks:
+        if task.id not in candidates or not task.stage.outputs:
+            continue
+        if any(o.startswith("workspace://") or "{workdir}" in o for o in task.stage.outputs):
+            continue
+        try:
+            done = storage.outputs_exist(
+                task.paths("outputs", run.run_id, ""), task.paths("inputs", run.run_id, ""),
+                run_id=run.run_id, workdir="/nonexistent-workspace", base_dir=plan.workflow.base_dir,
+            )
+        except StorageError:
+            continue  # cannot tell from here: the job runs
+        if done:
+            rec = records[task.id].replace(state=TaskState.SKIPPED, reason="outputs exist", ended_at=now())
+            records[task.id] = rec
+            skipped.append(rec)
+    store.save_tasks(skipped)
+    return {t.task_id for t in skipped}
 
 
 def _record_where(run: RunRecord, plan: Plan, env: Any) -> dict[str, Any]:
