@@ -16,7 +16,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from corral import backends, runstate
+from corral import backends, reuse, runstate
 from corral.backends.base import Backend, RunOptions
 from corral.errors import CorralError, UsageError
 from corral.home import corral_home
@@ -69,8 +69,16 @@ def run(
         state=RunState.RUNNING, workflow_path=wf.source, base_dir=str(wf.base_dir), host=socket.gethostname(),
         options=be.run_options(wf),
     )
+    reused = {} if options.force or not options.reuse else reuse.reusable(
+        p, store, backend=be.name, force_stages=options.force_stages)
+    if not reused:
+        reuse.forced_stages(p, options.force_stages)  # (checks the names)
+    t_now = now()
     tasks = [
         TaskRecord(run_id=rec.run_id, task_id=t.id, stage=t.stage.name, item_key=t.key, item_index=t.index)
+        if t.id not in reused else
+        TaskRecord(run_id=rec.run_id, task_id=t.id, stage=t.stage.name, item_key=t.key, item_index=t.index,
+                   state=TaskState.REUSED, reason=reuse.REUSED_FROM + reused[t.id], ended_at=t_now)
         for t in p.tasks
     ]
     store.create_run(rec, p.manifest(), tasks)

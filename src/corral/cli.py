@@ -31,7 +31,7 @@ out = Console(highlight=False, soft_wrap=True)
 F = TypeVar("F", bound=Callable[..., Any])
 
 STATE_STYLE = {
-    "PENDING": "dim", "SUBMITTED": "cyan", "RUNNING": "blue", "SUCCEEDED": "green", "SKIPPED": "green",
+    "PENDING": "dim", "SUBMITTED": "cyan", "RUNNING": "blue", "SUCCEEDED": "green", "SKIPPED": "green", "REUSED": "green",
     "FAILED": "red", "UPSTREAM_FAILED": "yellow", "CANCELLED": "magenta",
 }
 
@@ -125,7 +125,8 @@ class LiveProgress:
         for stage, per in summarize(tasks).items():
             total = sum(per.values())
             done = sum(n for s, n in per.items() if TaskState(s).terminal)
-            bits = [f"{per[s]} {s.lower()}" for s in ("RUNNING", "FAILED", "UPSTREAM_FAILED", "SKIPPED") if per.get(s)]
+            bits = [f"{per[s]} {s.lower()}" for s in ("RUNNING", "FAILED", "UPSTREAM_FAILED", "SKIPPED", "REUSED")
+                    if per.get(s)]
             self.progress.update(self.ids[stage], total=total, completed=done, detail=", ".join(bits))
 
 
@@ -138,6 +139,25 @@ def _report_end(run: RunRecord, tasks: list[TaskRecord]) -> int:
         err.print(f"hint: `corral logs {run.run_id} <task>` shows a task's output; "
                   f"`corral resume {run.run_id}` runs what did not succeed", markup=False)
     return 1 if failed or run.state.value in ("FAILED", "CANCELLED", "INTERRUPTED") else 0
+
+
+def _note_workflow_changed(rec: RunRecord, plan: Any) -> None:
+    """`corral resume` runs the run as recorded; say so when its workflow file has changed since."""
+    path = Path(rec.workflow_path) if rec.workflow_path else None
+    if path is None or not path.is_file():
+        return
+    try:
+        now_plan = api.plan(api.load_workflow(path))
+    except CorralError:
+        err.print(f"note: {path} has changed since run {rec.run_id} started (it no longer loads); resume runs "
+                  "the run as recorded", markup=False)
+        return
+    before = {t.id for t in plan.tasks}
+    changed = [n for n in now_plan.stage_order if {t.id for t in now_plan.stage_tasks(n)} - before]
+    if changed:
+        err.print(f"note: {path} has changed since run {rec.run_id} started (stages {', '.join(changed)}); "
+                  f"resume runs the run as recorded. To run the edit: `corral run {path}` (tasks that "
+                  "succeeded before and did not change are reused)", markup=False, soft_wrap=True)
 
 
 def _note_unused_flags(be: Any, given: dict[str, bool]) -> None:
@@ -156,11 +176,14 @@ def _note_unused_flags(be: Any, given: dict[str, bool]) -> None:
 @click.option("--max-parallel", type=click.IntRange(min=1), help="Local: at most N tasks at once (default: CPUs).")
 @click.option("--runtime", type=click.Choice(["auto", "process", "container"]), default="auto", show_default=True,
               help="Local: run stages with an image in a container (auto: when an engine answers).")
-@click.option("--force", is_flag=True, help="Run tasks even when their outputs exist.")
+@click.option("--force", is_flag=True, help="Run every task: even when its outputs exist or it succeeded before.")
+@click.option("--force-stage", "force_stages", multiple=True, metavar="STAGE",
+              help="Run STAGE and every stage that needs it, even where done before (repeatable).")
+@click.option("--no-reuse", is_flag=True, help="Do not reuse tasks that succeeded in earlier runs of the workflow.")
 @click.option("--wait/--no-wait", default=None, help="AWS: wait for the run to end (default: return after submitting).")
 @click.option("--json", "as_json", is_flag=True, help="Print the run's final state as JSON on stdout.")
 def run(workflow: str, backend: str, max_parallel: int | None, runtime: str, force: bool,
-        wait: bool | None, as_json: bool) -> None:
+        force_stages: tuple[str, ...], no_reuse: bool, wait: bool | None, as_json: bool) -> None:
     """Plan WORKFLOW and run it (local) or submit it (aws). Prints the run id."""
     wf = api.load_workflow(workflow)
     p = api.plan(wf)
@@ -173,11 +196,15 @@ def run(workflow: str, backend: str, max_parallel: int | None, runtime: str, for
     live = LiveProgress(p.stage_order)
     waits = be.always_waits or bool(wait)
     opts = RunOptions(force=force, max_parallel=max_parallel, runtime=runtime,  # type: ignore[arg-type]
-                      wait=waits, progress=live.update)
+                      wait=waits, progress=live.update, force_stages=force_stages, reuse=not no_reuse)
     store = be.open_store(workflow=wf)
     with live:
         rec = api.run(wf, backend, store=store, options=opts, backend_impl=be)
     tasks = store.get_tasks(rec.run_id)
+    n_reused = sum(1 for t in tasks if t.state == TaskState.REUSED)
+    if n_reused:
+        err.print(f"corral: {n_reused} task(s) reused: they succeeded in earlier runs of {wf.name} "
+                  "(`--force-stage STAGE` or `--force` runs them again)", markup=False)
     if as_json:
         out.print_json(json.dumps(_run_json(rec, tasks)))
     else:
@@ -204,6 +231,7 @@ def resume(run_id: str, backend: str | None, max_parallel: int | None, runtime: 
     store = api.open_run_store(backend, run_id)
     rec = store.get_run(run_id)
     plan = api.load_plan(store, run_id)
+    _note_workflow_changed(rec, plan)
     live = LiveProgress(plan.stage_order)
     opts = RunOptions(force=force, max_parallel=max_parallel, runtime=runtime, progress=live.update)  # type: ignore[arg-type]
     todo = [t for t in store.get_tasks(run_id) if not t.state.ok]

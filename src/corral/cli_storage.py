@@ -139,7 +139,7 @@ def run_outputs(run_id: str, backend: str | None) -> list[tuple[str, str, Locati
     try:
         rec = store.get_run(run_id)
         plan = api.load_plan(store, run_id)
-        done = {t.task_id for t in store.get_tasks(run_id, [TaskState.SUCCEEDED, TaskState.SKIPPED])}
+        done = {t.task_id for t in store.get_tasks(run_id, [TaskState.SUCCEEDED, TaskState.SKIPPED, TaskState.REUSED])}
     finally:
         store.close()
     workdir = api.get_backend(rec.backend, run=rec).workspace(rec) or ""

@@ -37,6 +37,7 @@ TASK_ROWS_UP_TO = 150  # up to this many tasks the timeline has one labelled row
 COLOURS = {
     "SUCCEEDED": "#2e9e44",
     "SKIPPED": "#9ccc9c",
+    "REUSED": "#b5d9b5",
     "FAILED": "#d62728",
     "RUNNING": "#1f77b4",
     "SUBMITTED": "#17becf",
@@ -110,6 +111,7 @@ def _summary(data: ReportData) -> str:
     cards = [
         ("state", run.state.value.lower()), ("tasks", str(len(tasks))), ("attempts", str(n_attempts)),
         ("succeeded", str(counts.get("SUCCEEDED", 0) + counts.get("SKIPPED", 0))),
+        ("reused", str(counts.get("REUSED", 0))),
         ("failed", str(counts.get("FAILED", 0))), ("upstream failed", str(counts.get("UPSTREAM_FAILED", 0))),
         ("wall time", format_duration(wall)),
     ]

@@ -41,9 +41,11 @@ class Harness:
     def resume(self, run_id: str, **options: Any) -> RunRecord:
         raise NotImplementedError
 
-    def kill_then_resume(self, wf: Path, killed: Callable[[], bool]) -> tuple[str, RunRecord]:
+    def kill_then_resume(self, wf: Path, killed: Callable[[], bool], before_resume: Callable[[], None]
+                         ) -> tuple[str, RunRecord]:
         """Start ``wf``, kill the process driving it (kill -9) once ``killed()`` holds or at the
-        backend's own point of no return; then ``resume``. Returns (run id, resumed run)."""
+        backend's own point of no return; call ``before_resume()``, then ``resume``. Returns
+        (run id, resumed run)."""
         raise NotImplementedError
 
     def cancel_midway(self, wf: Path, ready: Callable[[], bool]) -> RunRecord:
@@ -94,7 +96,8 @@ class LocalHarness(Harness):
 
         return wait_for(lambda: [r.run_id for r in self.store.list_runs(limit=1)], 20, "the run's record")[0]
 
-    def kill_then_resume(self, wf: Path, killed: Callable[[], bool]) -> tuple[str, RunRecord]:
+    def kill_then_resume(self, wf: Path, killed: Callable[[], bool], before_resume: Callable[[], None]
+                         ) -> tuple[str, RunRecord]:
         from helpers import wait_for
 
         proc = self._spawn(wf)
@@ -106,6 +109,7 @@ class LocalHarness(Harness):
             if proc.poll() is None:
                 proc.kill()
         run_id = self._latest()
+        before_resume()
         return run_id, self.resume(run_id)
 
     def cancel_midway(self, wf: Path, ready: Callable[[], bool]) -> RunRecord:
@@ -163,7 +167,8 @@ class AwsHarness(Harness):
     def resume(self, run_id: str, **options: Any) -> RunRecord:
         return api.resume(run_id, store=self.store, options=self._opts(**options), backend_impl=self.backend())
 
-    def kill_then_resume(self, wf: Path, killed: Callable[[], bool]) -> tuple[str, RunRecord]:
+    def kill_then_resume(self, wf: Path, killed: Callable[[], bool], before_resume: Callable[[], None]
+                         ) -> tuple[str, RunRecord]:
         from contract.batch_sim import KilledSubmitter
 
         self.sim.crash_after_submits = 1  # the submitter dies right after its first SubmitJob
@@ -171,6 +176,7 @@ class AwsHarness(Harness):
             api.run(wf, "aws", store=self.store, options=self._opts(), backend_impl=self.backend())
         (run,) = self.store.list_runs(limit=1)
         self.runs.append(run.run_id)
+        before_resume()
         return run.run_id, self.resume(run.run_id)
 
     def cancel_midway(self, wf: Path, ready: Callable[[], bool]) -> RunRecord:

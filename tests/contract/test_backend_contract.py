@@ -220,13 +220,7 @@ stages:
   - {name: b, needs: [a], command: "echo {s} >> OUT/b.runs"}
 """, out)
 
-    def at_s3() -> bool:
-        if (out / "go").exists():
-            (out / "resumed").touch()
-            return True
-        return False
-
-    run_id, resumed = backend.kill_then_resume(wf, at_s3)
+    run_id, resumed = backend.kill_then_resume(wf, (out / "go").exists, (out / "resumed").touch)
     assert resumed.state == RunState.SUCCEEDED
     assert {t.state for t in backend.tasks(run_id).values()} == {TaskState.SUCCEEDED}
     a_runs = (out / "a.runs").read_text().split()
@@ -278,3 +272,62 @@ def test_an_ended_run_keeps_its_state_whatever_reads_or_cancels_it(backend: Harn
     be.cancel(stale, backend.store)  # the backend itself, given a stale record
     assert backend.store.get_run(run.run_id).state == RunState.SUCCEEDED
     assert {t.state for t in backend.tasks(run.run_id).values()} == {TaskState.SUCCEEDED}
+
+
+# -- incremental re-runs -------------------------------------------------------------------------
+GROWING = """
+name: growing
+items: {table: sessions.csv}
+stages:
+  - {name: fetch, command: "echo {session} >> OUT/fetch.runs"}
+  - {name: convert, needs: [fetch], command: "echo {session} >> OUT/convert.runs"}
+  - {name: summary, per: run, needs: [convert], command: "echo once >> OUT/summary.runs"}
+"""
+
+
+def _runs(out: Path, stage: str) -> list[str]:
+    p = out / f"{stage}.runs"
+    return p.read_text().split() if p.exists() else []
+
+
+def test_adding_items_to_a_finished_run_runs_only_their_tasks(backend: Harness, tmp_path: Path, out: Path) -> None:
+    n, extra = 30, 3
+    table = tmp_path / "sessions.csv"
+    table.write_text("session\n" + "".join(f"s{i:04d}\n" for i in range(n)))
+    wf = _workflow(tmp_path, GROWING, out)
+    first = backend.run(wf)
+    assert first.state == RunState.SUCCEEDED and len(_runs(out, "fetch")) == n
+    table.write_text(table.read_text() + "".join(f"s{i:04d}\n" for i in range(n, n + extra)))
+    second = backend.run(wf)
+    t = backend.tasks(second.run_id)
+    reused = [x for x in t.values() if x.state == TaskState.REUSED]
+    ran = [x for x in t.values() if x.state == TaskState.SUCCEEDED]
+    print(f"\n{backend.name}: {n} items, then {extra} added: second run ran {len(ran)} task(s), reused {len(reused)}")
+    assert len(reused) == 2 * n and all(x.reason == f"reused: succeeded in run {first.run_id}" for x in reused)
+    assert sorted(x.label for x in ran) == sorted(
+        [f"fetch[s{i:04d}]" for i in range(n, n + extra)] + [f"convert[s{i:04d}]" for i in range(n, n + extra)]
+        + ["summary[run]"])
+    assert len(_runs(out, "fetch")) == n + extra and len(_runs(out, "summary")) == 2
+    assert second.state == RunState.SUCCEEDED
+    # --force-stage convert: convert and what needs it run again; fetch is reused.
+    third = backend.run(wf, force_stages=("convert",))
+    states = {x.stage: set() for x in backend.tasks(third.run_id).values()}
+    for x in backend.tasks(third.run_id).values():
+        states[x.stage].add(x.state)
+    assert states == {"fetch": {TaskState.REUSED}, "convert": {TaskState.SUCCEEDED}, "summary": {TaskState.SUCCEEDED}}
+    # --force runs everything.
+    fourth = backend.run(wf, force=True)
+    assert {x.state for x in backend.tasks(fourth.run_id).values()} == {TaskState.SUCCEEDED}
+
+
+def test_resume_after_the_workflow_changed_says_how_to_run_the_edit(tmp_path: Path, out: Path) -> None:
+    from helpers import run_cli
+
+    wf = _workflow(tmp_path, "name: edit\nitems: [{s: a}]\nstages:\n  - {name: a, command: 'exit 1'}\n", out)
+    res = run_cli("run", str(wf), cwd=tmp_path)
+    run_id = res.stdout.strip()
+    assert res.returncode == 1 and run_id
+    wf.write_text(wf.read_text().replace("exit 1", "true"))
+    res = run_cli("resume", run_id, cwd=tmp_path)
+    assert f"has changed since run {run_id} started (stages a)" in res.stderr
+    assert f"corral run {wf}" in res.stderr

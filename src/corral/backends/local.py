@@ -379,6 +379,9 @@ class Scheduler:
         self.free_vcpus = float(backend.vcpus)
         self.free_mem = backend.memory_mib
         self.max_parallel = options.max_parallel or backend.vcpus
+        from corral.reuse import forced_stages
+
+        self.forced = forced_stages(plan, options.force_stages)  # --force-stage and what needs them
         self.last_progress = 0.0
         self.dirty_tasks: dict[str, TaskRecord] = {}
         self.dirty_attempts: list[AttemptRecord] = []
@@ -554,7 +557,7 @@ class Scheduler:
             heapq.heappush(self.ready, entry)
 
     def _outputs_exist(self, task: Task) -> bool:
-        if not task.stage.outputs or self.options.force:
+        if not task.stage.outputs or self.options.force or task.stage.name in self.forced:
             return False
         run_id, workdir = self.run_rec.run_id, str(self.workdir)
         return storage.outputs_exist(

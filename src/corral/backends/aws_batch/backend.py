@@ -566,12 +566,14 @@ def skip_done(plan: Plan, run: RunRecord, store: StateStore, records: dict[str, 
     submitted — unless ``options.force``. Returns the ids skipped (``records`` updated)."""
     from corral import storage
     from corral.errors import StorageError
+    from corral.reuse import forced_stages
 
     if options.force:
         return set()
+    forced = forced_stages(plan, options.force_stages)
     skipped: list[TaskRecord] = []
     for task in plan.tasks:
-        if task.id not in candidates or not task.stage.outputs:
+        if task.id not in candidates or not task.stage.outputs or task.stage.name in forced:
             continue
         if any(o.startswith("workspace://") or "{workdir}" in o for o in task.stage.outputs):
             continue
