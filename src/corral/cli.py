@@ -166,8 +166,9 @@ def _report_end(run: RunRecord, tasks: list[TaskRecord]) -> int:
         err.print(line, markup=False)
     failed = any(t.state in (TaskState.FAILED, TaskState.UPSTREAM_FAILED) for t in tasks)
     if failed:
-        err.print(f"hint: `corral logs {run.run_id} <task>` shows a task's output; "
-                  f"`corral resume {run.run_id}` runs what did not succeed", markup=False)
+        flag = "" if run.backend == "local" else f" --backend {run.backend}"  # as the run was started
+        err.print(f"hint: `corral logs {run.run_id} <task>{flag}` shows a task's output; "
+                  f"`corral resume {run.run_id}{flag}` runs what did not succeed", markup=False)
     return 1 if failed or run.state.value in ("FAILED", "CANCELLED", "INTERRUPTED") else 0
 
 
@@ -416,7 +417,8 @@ def main(argv: list[str] | None = None) -> None:
         exc.show()
         sys.exit(exc.exit_code)
     except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
+        print("interrupted: what had started is recorded as cancelled; `corral status` shows it and "
+              "`corral resume RUN` goes on", file=sys.stderr)
         sys.exit(130)
     except SystemExit:
         raise

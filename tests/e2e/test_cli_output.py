@@ -84,3 +84,24 @@ def test_write_json_does_not_hold_a_streamed_list(tmp_path: Path) -> None:
     write_json({"rows": rows()}, buf)
     assert buf.max_ahead == 0  # each row is written before the next one is made
     assert len(json.loads(buf.getvalue())["rows"]) == 1000
+
+
+def test_a_resumed_task_s_time_is_its_new_attempt_not_the_gap(tmp_path: Path) -> None:
+    import time
+
+    from corral import api
+
+    flag = tmp_path / "ok"
+    wf = tmp_path / "wf.yaml"
+    wf.write_text(f"name: gap\nitems: [{{i: 1}}]\nstages:\n  - {{name: a, command: 'test -e {flag}'}}\n")
+    res = run_cli("run", str(wf))
+    assert res.returncode == 1
+    run_id = json.loads(run_cli("status", "--json").stdout)["run_id"]
+    assert f"corral resume {run_id}`" in res.stderr  # local: no --backend flag to add
+    flag.write_text("")
+    before = time.time()
+    assert run_cli("resume", run_id).returncode == 0
+    store = api.open_store("local")
+    (task,) = store.get_tasks(run_id)
+    assert task.started_at is not None and task.started_at >= before
+    assert task.attempts == 2
