@@ -105,3 +105,13 @@ def test_a_resumed_task_s_time_is_its_new_attempt_not_the_gap(tmp_path: Path) ->
     (task,) = store.get_tasks(run_id)
     assert task.started_at is not None and task.started_at >= before
     assert task.attempts == 2
+
+
+def test_install_commands_in_the_docs_name_no_package_index_release() -> None:
+    """corral is installed from its checkout (`pip install -e`); no index has a `corral[...]` release."""
+    root = Path(__file__).parents[2]
+    docs = [root / "README.md", *root.glob("examples/*/README.md")]
+    for doc in docs:
+        for line in doc.read_text().splitlines():
+            if "pip install" in line and "corral[" in line:
+                raise AssertionError(f"{doc.relative_to(root)}: {line.strip()}")
