@@ -99,7 +99,7 @@ def test_a_cancelled_stage_does_not_read_as_done() -> None:
                         started_at=0.0, ended_at=5.0)
              for i, st in enumerate([TaskState.SUCCEEDED, TaskState.CANCELLED, TaskState.CANCELLED])]
     buf = io.StringIO()
-    Console(file=buf, width=60, color_system=None).print(status_view(run, tasks))
+    Console(file=buf, width=140, color_system=None).print(status_view(run, tasks))
     row = next(line for line in buf.getvalue().splitlines() if line.startswith("s "))
     assert "1/3" in row  # the bar fills for the one task that finished, not for the cancelled ones
     assert buf.getvalue().splitlines()[0] == "run r (w, local): cancelled"  # the title is not wrapped
