@@ -331,3 +331,30 @@ def test_resume_after_the_workflow_changed_says_how_to_run_the_edit(tmp_path: Pa
     res = run_cli("resume", run_id, cwd=tmp_path)
     assert f"has changed since run {run_id} started (stages a)" in res.stderr
     assert f"corral run {wf}" in res.stderr
+
+
+# -- max_parallel per stage ------------------------------------------------------------------------
+def test_max_parallel_caps_one_stage(backend: Harness, tmp_path: Path, out: Path) -> None:
+    wf = _workflow(tmp_path, """
+name: capped
+items: [{s: a}, {s: b}, {s: c}, {s: d}, {s: e}]
+stages:
+  - name: upload
+    max_parallel: 2
+    command: echo start >> OUT/events; sleep 0.3; echo end >> OUT/events
+  - {name: free, command: "true"}
+""", out)
+    if backend.name != "local":
+        from corral.errors import PlanError
+
+        with pytest.raises(PlanError, match="max_parallel"):  # refused, never silently ignored
+            backend.run(wf)
+        assert not backend.store.list_runs()
+        return
+    run = backend.run(wf, max_parallel=4)
+    assert run.state == RunState.SUCCEEDED
+    level = peak = 0
+    for e in (out / "events").read_text().split():
+        level += 1 if e == "start" else -1
+        peak = max(peak, level)
+    assert peak == 2

@@ -557,6 +557,10 @@ class Scheduler:
                 continue
             vcpus = min(task.stage.resources.vcpus, float(self.b.vcpus))
             mem = min(task.stage.resources.memory, self.b.memory_mib)
+            if self._stage_full(task):
+                deferred.append(entry)  # the stage's max_parallel is reached; other stages may start
+                self.unmet[tid] = 0
+                continue
             if self.running and not (self.free_vcpus >= vcpus - 1e-9 and self.free_mem >= mem):
                 deferred.append(entry)  # does not fit now; smaller tasks behind it may
                 self.unmet[tid] = 0
@@ -564,6 +568,11 @@ class Scheduler:
             self._spawn(task, vcpus, mem)
         for entry in deferred:
             heapq.heappush(self.ready, entry)
+
+    def _stage_full(self, task: Task) -> bool:
+        """The stage's ``max_parallel`` tasks are running (the cap of that stage alone)."""
+        cap = task.stage.max_parallel
+        return cap is not None and sum(1 for r in self.running.values() if r.task.stage.name == task.stage.name) >= cap
 
     def _outputs_exist(self, task: Task) -> bool:
         if not task.stage.outputs or self.options.force or task.stage.name in self.forced:

@@ -205,6 +205,14 @@ class AwsBatchBackend:
     def check(self, plan: Plan) -> None:
         wf = plan.workflow
         for s in wf.stages:
+            if s.max_parallel is not None:
+                # Not silently ignored: a lab's cap (DANDI uploads, licences) must hold.
+                raise PlanError(
+                    f"stage {s.name!r} sets max_parallel, which the AWS backend does not enforce yet",
+                    "remove max_parallel for --backend aws (or cap the whole run with aws.max_vcpus); "
+                    "the local backend enforces it",
+                    where=wf.stage_where(s.name, "max_parallel"),
+                )
             if s.kind == "transfer":
                 self._check_transfer(plan, s, sources=not self._resuming)
             elif not s.image and not (s.kind == "cleanup" and s.command is None):
