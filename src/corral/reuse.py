@@ -20,7 +20,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 from corral import storage
-from corral.errors import StorageError, UsageError, did_you_mean
+from corral.errors import StateError, StorageError, UsageError, did_you_mean
 from corral.model import TaskState
 from corral.plan import Plan, Task
 from corral.spec import Stage
@@ -75,7 +75,10 @@ def succeeded_before(store: StateStore, workflow: str, backend: str) -> dict[str
 def reusable(plan: Plan, store: StateStore, *, backend: str, force_stages: Iterable[str] = ()) -> dict[str, str]:
     """Task id → the earlier run whose success the new run reuses (see the module docstring)."""
     forced = forced_stages(plan, force_stages)
-    done = succeeded_before(store, plan.workflow.name, backend)
+    try:
+        done = succeeded_before(store, plan.workflow.name, backend)
+    except StateError:
+        return {}  # no store yet (the first run makes it): nothing to reuse
     if not done:
         return {}
     out: dict[str, str] = {}

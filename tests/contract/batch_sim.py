@@ -146,6 +146,7 @@ class SimulatedBatch(BatchApi):
             if c.exit_code is not None:
                 out["container"] = {**base["container"], "exitCode": c.exit_code}
             return out
+        base["retryStrategy"] = self._definition(job.definition).get("retryStrategy") or {"attempts": 1}
         counts: dict[str, int] = {}
         for c in job.children:
             counts[c.status] = counts.get(c.status, 0) + 1

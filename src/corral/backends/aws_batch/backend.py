@@ -137,7 +137,6 @@ class AwsBatchBackend:
         self.after_submit = after_submit
         self._bucket = bucket or TokenBucket(clock=clock, sleep=sleep)
         self._api: BatchApi | None = api  # (tests give a BatchApi that plays Batch: the contract suite)
-        self._max_attempts: dict[str, int] = {}  # job definition ARN -> retryStrategy.attempts
         self._secrets: dict[str, str] = {}
         # On resume only the tasks to resubmit need their local sources (checked when staging them).
         self._resuming = False
@@ -410,24 +409,32 @@ class AwsBatchBackend:
         return tasks
 
     def _count_attempts(self, changed: dict[str, TaskRecord], parents: dict[str, dict[str, Any]]) -> None:
-        """Attempts of array children that just ended, where their definition allows more than one.
+        """Attempts of array children that just ended, where their job allows more than one
+        (``retryStrategy.attempts`` in the parent's DescribeJobs, which AWS returns; moto does not).
 
-        ListJobs summaries carry no attempts: those children are described (100 per call, once:
-        an ended child never changes), so ``attempts`` means what it means locally."""
-        ended = [t for t in changed.values() if t.state in (TaskState.SUCCEEDED, TaskState.FAILED)
-                 and ":" in t.external_id]
+        Every failure is retried while attempts remain (payloads.retry_strategy), so a FAILED child
+        used them all. A SUCCEEDED one may have needed 1..N: ListJobs summaries carry no attempts,
+        so those are described (100 per call, once: an ended child never changes) — ``attempts``
+        then means what it means locally."""
         want: list[str] = []
-        for t in ended:
-            arn = parents.get(parent_of(t.external_id), {}).get("jobDefinition", "")
-            if arn and self._attempts_allowed(arn) > 1:
+        for t in changed.values():
+            if ":" not in t.external_id or t.state not in (TaskState.SUCCEEDED, TaskState.FAILED):
+                continue
+            allowed = int(((parents.get(parent_of(t.external_id)) or {}).get("retryStrategy") or {})
+                          .get("attempts") or 1)
+            if allowed <= 1:
+                continue
+            if t.state == TaskState.FAILED:
+                changed[t.task_id] = t.replace(attempts=allowed)
+            else:
                 want.append(t.external_id)
         if not want:
             return
         described = self.api.describe_jobs(want)
-        for t in ended:
+        for t in list(changed.values()):
             job = described.get(t.external_id)
             if job is not None and job.get("attempts"):
-                changed[t.task_id] = changed[t.task_id].replace(attempts=len(job["attempts"]))
+                changed[t.task_id] = t.replace(attempts=len(job["attempts"]))
 
     @staticmethod
     def _name_missing_outputs(run: RunRecord, store: StateStore, changed: dict[str, TaskRecord]) -> None:
@@ -450,14 +457,6 @@ class AwsBatchBackend:
                 continue
             uri = task.paths("outputs", run.run_id, "")[i]
             changed[t.task_id] = changed[t.task_id].replace(reason=f"{OUTPUT_MISSING}: {uri}")
-
-    def _attempts_allowed(self, definition_arn: str) -> int:
-        if definition_arn not in self._max_attempts:
-            found = self.api.call("describe_job_definitions", "look up a job definition",
-                                  jobDefinitions=[definition_arn]).get("jobDefinitions", [])
-            self._max_attempts[definition_arn] = int(
-                ((found[0].get("retryStrategy") or {}).get("attempts") or 1) if found else 1)
-        return self._max_attempts[definition_arn]
 
     def cancel(self, run: RunRecord, store: StateStore) -> None:
         tasks = store.get_tasks(run.run_id)
