@@ -73,6 +73,11 @@ class YamlFloat(float):
         return self.text
 
 
+for _dumper in (yaml.SafeDumper, getattr(yaml, "CSafeDumper", yaml.SafeDumper)):
+    # written back as a plain float (what a YAML 1.1 reader such as NeuroConv's also reads as one)
+    _dumper.add_representer(YamlFloat, yaml.representer.SafeRepresenter.represent_float)
+
+
 def resolve_plain(value: str) -> Any:
     """The YAML 1.2 meaning (as described in this module's docstring) of a plain scalar."""
     if not value or value[0] in _MAYBE_TYPED:
