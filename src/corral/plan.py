@@ -22,6 +22,7 @@ import graphlib
 import hashlib
 import json
 import os
+import re
 import shlex
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
@@ -102,7 +103,8 @@ def render(text: str, values: Mapping[str, Any], *, quote: bool = False) -> str:
 #   in a heredoc body    <<EOF     -> value with \ $ ` backslash-escaped (<<'EOF': as is), and the
 #                                     rendered script is scanned again to prove no value ended it
 #   in a # comment                 -> value with newlines as spaces
-# A placeholder inside backticks, $((...)), $'...' or right after a backslash has no safe
+#   in $((...))                    -> whole numbers only (checked for every item when planned)
+# A placeholder inside backticks, $'...' or right after a backslash has no safe
 # encoding: the command is refused at validate time, with a hint.
 class ShellTemplateError(ValueError):
     """A placeholder stands where no quoting keeps its value from being read as code."""
@@ -148,14 +150,13 @@ def _scan(tokens: list[Any], *, render_values: Mapping[str, Any] | None = None
             if prev == "\\" and mode in ("cmd", "dq", _HEREDOC):
                 raise ShellTemplateError(f"placeholder {{{tok.name}}} right after a backslash",
                                          "remove the backslash before the placeholder")
-            if mode in ("bt", "arith", "dsq"):
-                where = {"bt": "inside backticks", "arith": "inside $((...))", "dsq": "inside $'...'"}[mode]
+            if mode in ("bt", "dsq"):
+                where = {"bt": "inside backticks", "dsq": "inside $'...'"}[mode]
                 hint = {"bt": "use $(...) instead of backticks",
-                        "arith": "assign it to a variable first (n={x}) and do arithmetic on \"$n\" in a program",
                         "dsq": "use '...' or \"...\" quotes around the placeholder"}[mode]
                 raise ShellTemplateError(f"placeholder {{{tok.name}}} stands {where}, where no quoting keeps "
                                          "its value from running as code", hint)
-            ctx = mode if mode in ("dq", "sq", "comment", _HEREDOC) else "bare"
+            ctx = mode if mode in ("dq", "sq", "comment", _HEREDOC, "arith") else "bare"
             if ctx == _HEREDOC and heredoc is not None and heredoc[1]:
                 ctx = "hdq"
             contexts.append((ctx, len(bodies)))
@@ -368,7 +369,15 @@ def _heredoc_word(tokens: list[Any], i: int, pending: list[tuple[str, bool, bool
     return i
 
 
+_WHOLE = re.compile(r"-?[0-9]+")
+
+
 def _encode(value: str, ctx: str) -> str:
+    if ctx == "arith":
+        if not _WHOLE.fullmatch(value):
+            raise ShellTemplateError(f"the value {value[:40]!r} stands inside $((...)), where only a whole number "
+                                     "is safe", "give that field whole numbers, or move the arithmetic into a program")
+        return value
     if ctx == "bare":
         return shlex.quote(value)
     if ctx == "dq":
@@ -482,7 +491,7 @@ def _interpreter_code(argv: list[str]) -> int | None:
 
 
 # -- plan model ---------------------------------------------------------------------------------
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Task:
     """One stage applied to one item (or once per run): the unit that runs and is tracked."""
 
@@ -594,8 +603,17 @@ class Plan:
         return make_plan(wf)
 
 
+_ENCODER = json.JSONEncoder(sort_keys=True, default=str)  # the bytes json.dumps(obj, sort_keys=True) gives
+
+
 def _hash(obj: Any) -> str:
-    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
+    return hashlib.sha256(_ENCODER.encode(obj).encode()).hexdigest()
+
+
+def _task_id(fingerprint: str, item_hash: str) -> str:
+    """``_hash([fingerprint, item_hash])[:16]`` without the JSON encoder (both are hex digits or
+    "run", which JSON writes as they are): the same ids, at a fraction of the cost."""
+    return hashlib.sha256(f'["{fingerprint}", "{item_hash}"]'.encode()).hexdigest()[:16]
 
 
 def stage_fingerprint(stage: Stage) -> str:
@@ -801,12 +819,15 @@ def _check_items(wf: Workflow, items: list[Item], item_hashes: list[str], ctx: S
                         )
 
 
+_VALUE_CHECKED = frozenset({"hd", "hdq", "arith"})
+
+
 def _check_heredoc_values(wf: Workflow, tasks: list[Task]) -> None:
-    """Values in heredoc bodies are checked when planned (not when the task starts)."""
+    """Values in heredoc bodies and $((...)) are checked when planned (not when the task starts)."""
     risky = {s.name for s in wf.stages
-             if isinstance(s.command, str) and {"hd", "hdq"} & set(shell_contexts(s.command))
+             if isinstance(s.command, str) and _VALUE_CHECKED & set(shell_contexts(s.command))
              or isinstance(s.command, list) and (j := shell_script_index(s.command)) is not None
-             and {"hd", "hdq"} & set(shell_contexts(s.command[j]))}
+             and _VALUE_CHECKED & set(shell_contexts(s.command[j]))}
     if not risky:
         return
     for t in tasks:
@@ -880,30 +901,29 @@ def make_plan(wf: Workflow, items: list[Item] | None = None) -> Plan:
     fingerprints = {n: stage_fingerprint(s) for n, s in stages.items()}
     item_hashes = [_hash(it) for it in items]
     _check_items(wf, items, item_hashes, ctx)
-    ids: dict[tuple[str, int | None], str] = {}
+    ids: dict[str, list[str]] = {}  # stage -> its task ids (one per item, or the run task's)
     tasks: list[Task] = []
     for name in order:
         s = stages[name]
         always = s.kind == "cleanup"
-        idxs: list[int | None] = list(range(len(items))) if s.per == "item" else [None]
-        for idx in idxs:
-            tid = _hash([fingerprints[name], item_hashes[idx] if idx is not None else "run"])[:16]
-            needs: list[str] = []
+        fp = fingerprints[name]
+        if s.per == "item":
+            # in `needs` order: an item stage's task of the same item, or the run stage's one task
+            needed = [(stages[need].per == "item", ids[need]) for need in s.needs]
+            own: list[str] = []
+            for idx, ih in enumerate(item_hashes):
+                tid = _task_id(fp, ih)
+                own.append(tid)
+                needs = tuple([got[idx] if per_item else got[0] for per_item, got in needed]) if needed else ()
+                tasks.append(Task(tid, s, idx, keys[idx], items[idx], needs, always))
+            ids[name] = own
+        else:
+            tid = _task_id(fp, "run")
+            needs_list: list[str] = []
             for need in s.needs:
-                ns = stages[need]
-                if ns.per == "item" and s.per == "item":
-                    needs.append(ids[(need, idx)])
-                elif ns.per == "item":
-                    needs.extend(ids[(need, j)] for j in range(len(items)))
-                else:
-                    needs.append(ids[(need, None)])
-            ids[(name, idx)] = tid
-            tasks.append(
-                Task(
-                    id=tid, stage=s, index=idx, key=keys[idx] if idx is not None else RUN_KEY,
-                    item=dict(items[idx]) if idx is not None else {}, needs=tuple(needs), always=always,
-                )
-            )
+                needs_list.extend(ids[need])
+            ids[name] = [tid]
+            tasks.append(Task(tid, s, None, RUN_KEY, {}, tuple(needs_list), always))
     _check_heredoc_values(wf, tasks)
     return Plan(workflow=wf, items=items, keys=keys, tasks=tasks, stage_order=order)
 
