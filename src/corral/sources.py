@@ -88,7 +88,7 @@ def resolve_items(spec: Any, ctx: SourceContext) -> list[Item]:
     if spec is None:
         return []
     if isinstance(spec, list):
-        return _inline(spec, ctx)
+        return normalise_items(_inline(spec, ctx), ctx)
     if not isinstance(spec, dict):
         raise ctx.error(
             f"expected a list of mappings or a source mapping, got {type(spec).__name__}",
