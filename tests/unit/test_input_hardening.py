@@ -329,3 +329,34 @@ def test_validate_exits_2_in_one_line(tmp_path: Path, case: str) -> None:
 def test_yaml_workflow_loads_from_file(tmp_path: Path) -> None:
     (tmp_path / "wf.yaml").write_text("name: x\nitems: [{x: 01}]\n" + STAGE)
     assert load_workflow(tmp_path / "wf.yaml").items == [{"x": "01"}]
+
+
+AWS_CONTEXTS = {
+    "bare": "printf '%s' {x}",
+    "double quotes": 'printf "%s" "{x}"',
+    "single quotes": "printf '%s' '{x}'",
+    "heredoc": "cat <<EOF\n{x}\nEOF",
+}
+
+
+@pytest.mark.parametrize("context", sorted(AWS_CONTEXTS) + ["sh -c list"])
+def test_aws_array_children_print_values_as_written(tmp_path: Path, context: str) -> None:
+    """The AWS wrapper (item table + CORRAL_ARGV, run by /bin/sh as a Batch child) gives the same."""
+    from corral.backends.aws_batch import payloads as pl
+
+    if context == "sh -c list":
+        command = json.dumps(["sh", "-c", "printf '%s' {x}"])
+    else:
+        command = json.dumps(AWS_CONTEXTS[context])
+    wf = loads_workflow(f"name: x\nitems: [{{x: a}}]\nstages:\n  - name: s\n    command: {command}\n")
+    values = HOSTILE + ["PATH"]
+    plan = make_plan(wf, items=[{"x": v, "PATH": "/evil"} for v in values])
+    tasks = plan.stage_tasks("s")
+    table = pl.StageTable(tasks, "r", str(tmp_path / "w"))
+    env = {**table.env, pl.TABLE_VAR: pl.encode_table([table.row(t) for t in tasks]), "PATH": os.environ["PATH"]}
+    for k, value in enumerate(values):
+        res = subprocess.run(["/bin/sh", "-c", pl.WRAPPER], env={**env, "AWS_BATCH_JOB_ARRAY_INDEX": str(k)},
+                             cwd=tmp_path, capture_output=True, timeout=10)
+        want = value + ("\n" if context == "heredoc" else "")
+        assert res.returncode == 0 and res.stdout.decode() == want, (context, value, res.stderr)
+        assert not (tmp_path / "PWNED").exists()
