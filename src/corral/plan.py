@@ -759,7 +759,8 @@ def _path_templates(s: Stage) -> list[tuple[tuple[str | int, ...], str, set[str]
     """(where, template, fields used as path segments) for the stage's paths: every placeholder
     in inputs, outputs, from and to; in a command, those written next to a ``/``."""
     out: list[tuple[tuple[str | int, ...], str, set[str]]] = []
-    texts = [(("inputs", j), p) for j, p in enumerate(s.inputs)] + [(("outputs", j), p) for j, p in enumerate(s.outputs)]
+    texts: list[tuple[tuple[str | int, ...], str]] = [(("inputs", j), p) for j, p in enumerate(s.inputs)]
+    texts += [(("outputs", j), p) for j, p in enumerate(s.outputs)]
     texts += [(("from",), s.source)] if s.source else []
     texts += [(("to",), s.dest)] if s.dest else []
     for path, text in texts:
@@ -767,7 +768,8 @@ def _path_templates(s: Stage) -> list[tuple[tuple[str | int, ...], str, set[str]
         if names:
             out.append((path, text, names))
     cmd = s.command
-    args = [(("command",), cmd)] if isinstance(cmd, str) else [(("command", j), a) for j, a in enumerate(cmd or [])]
+    args: list[tuple[tuple[str | int, ...], str]] = (
+        [(("command",), cmd)] if isinstance(cmd, str) else [(("command", j), a) for j, a in enumerate(cmd or [])])
     for path, text in args:
         parts = parse_template(text)
         names = set()

@@ -30,6 +30,7 @@ answers from that index.
 
 from __future__ import annotations
 
+import contextlib
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -103,10 +104,8 @@ class Located:
     def _index(self) -> None:
         if self.text is not None:
             text, self.text = self.text, None
-            try:
+            with contextlib.suppress(SpecError):  # the text parsed once already
                 _Builder(text, self.source, self).run()
-            except SpecError:  # pragma: no cover - the text parsed once already
-                pass
 
     def where(self, path: Path_, *, key: bool = False) -> str:
         """``file:line:col`` (1-based) of the value at ``path`` (or of its key), else the closest parent."""
