@@ -785,6 +785,12 @@ def _path_templates(s: Stage) -> list[tuple[tuple[str | int, ...], str, set[str]
     return out
 
 
+def _short(value: Any) -> str:
+    """A value for a one-line message: its repr, at most 40 characters."""
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
 def _leaves(value: str) -> bool:
     """True when a value, put in a path, climbs out of the folder it is put in (a ``..`` segment)."""
     return ".." in value and ".." in value.replace("\\", "/").split("/")
@@ -797,7 +803,7 @@ def _check_items(wf: Workflow, items: list[Item], item_hashes: list[str], ctx: S
         for j, h in enumerate(item_hashes):
             if h in first:
                 i = first[h]
-                shown = ", ".join(f"{k}={v}" for k, v in list(items[j].items())[:3])
+                shown = ", ".join(f"{k}={_short(v)}" for k, v in list(items[j].items())[:3])
                 raise SpecError(
                     f"items {i + 1} and {j + 1} are identical ({shown}), so their tasks would be one; "
                     f"the first is at {ctx.where_item(i)}",
@@ -814,7 +820,7 @@ def _check_items(wf: Workflow, items: list[Item], item_hashes: list[str], ctx: S
                     v = it.get(name)
                     if isinstance(v, str) and _leaves(v):
                         raise SpecError(
-                            f"item {j + 1}: {name}={v!r} climbs out of the folder it is put in "
+                            f"item {j + 1}: {name}={_short(v)} climbs out of the folder it is put in "
                             f"(stage {s.name!r}, {'.'.join(map(str, path))}: {wf.where('stages', si, *path)})",
                             "item values used in paths may not hold `..` segments; fix the item",
                             where=ctx.where_item(j),

@@ -133,9 +133,14 @@ def normalise_value(v: Any) -> Any:
 
 def normalise_items(items: list[Item], ctx: SourceContext) -> list[Item]:
     """Check each item's field names and values; values as :func:`normalise_value` gives them."""
+    valid: set[str] = set()  # field names already checked (most items share theirs)
     for i, it in enumerate(items):
         for k, v in it.items():
-            if not isinstance(k, str) or not FIELD_RE.match(k):
+            if k in valid:
+                pass
+            elif isinstance(k, str) and FIELD_RE.match(k):
+                valid.add(k)
+            else:
                 raise SpecError(
                     f"items: item {i + 1} has field {k!r}, which is not a valid name",
                     "field names are letters, digits and _ (they become {placeholders} and env vars)",
@@ -162,6 +167,7 @@ def normalise_items(items: list[Item], ctx: SourceContext) -> list[Item]:
 
 def _inline(spec: list[Any], ctx: SourceContext) -> list[Item]:
     out: list[Item] = []
+    valid: set[str] = set()
     for i, it in enumerate(spec):
         if isinstance(it, (str, int, float)) and not isinstance(it, bool):
             out.append({"item": it})
@@ -169,7 +175,11 @@ def _inline(spec: list[Any], ctx: SourceContext) -> list[Item]:
         if not isinstance(it, dict) or not it:
             raise ctx.error(f"item {i} must be a mapping of fields", "write e.g. `- {session: s1, n: 3}`", i)
         for k, v in it.items():
-            if not isinstance(k, str) or not FIELD_RE.match(k):
+            if type(v) is str and k in valid:
+                continue
+            if isinstance(k, str) and FIELD_RE.match(k):
+                valid.add(k)
+            else:
                 raise ctx.error(
                     f"field name {k!r} is not valid", "use letters, digits and _ (e.g. session_id)", i
                 )

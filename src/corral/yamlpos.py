@@ -211,9 +211,14 @@ class _Builder:
                     path = top.path + ((len(c),) if type(c) is list else (() if top.key is _NO_KEY else (_pkey(top.key),)))
                 if t is SC:
                     self.nodes += 1
-                    value = self.scalar(e)
-                    if e.anchor is not None:
-                        self.anchors[e.anchor] = (value, 1)
+                    value = e.value
+                    if e.tag is None and e.anchor is None and "\x00" not in value:  # the common case, inline
+                        if e.implicit[0] and (not value or value[0] in _MAYBE_TYPED):
+                            value = resolve_plain(value)
+                    else:
+                        value = self.scalar(e)
+                        if e.anchor is not None:
+                            self.anchors[e.anchor] = (value, 1)
                 elif t is MS or t is SS:
                     self.nodes += 1
                     tag = e.tag

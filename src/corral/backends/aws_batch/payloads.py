@@ -231,10 +231,11 @@ def argv_template(stage: Stage) -> str | None:
             return None
         text = "".join(v if k == "text" else f'"{_reference(v)}"' for k, v in parse_template(cmd))
         return " ".join(sh_quote(a) for a in ["/bin/sh", "-c", text])
-    from corral.plan import shell_script_index
+    from corral.plan import shell_script_index, template_fields
 
-    if shell_script_index(cmd) is not None:
-        return None  # a script for sh -c: rendered per task, each value quoted for where it stands
+    script = shell_script_index(cmd)
+    if script is not None and template_fields(cmd[script]):
+        return None  # placeholders in a script for sh -c: rendered per task, quoted for where they stand
     words = []
     for arg in cmd:
         parts = parse_template(arg)
