@@ -360,3 +360,11 @@ def test_aws_array_children_print_values_as_written(tmp_path: Path, context: str
         want = value + ("\n" if context == "heredoc" else "")
         assert res.returncode == 0 and res.stdout.decode() == want, (context, value, res.stderr)
         assert not (tmp_path / "PWNED").exists()
+
+
+def test_planning_a_valid_workflow_records_no_positions() -> None:
+    """Positions are indexed only when an error asks for one (so 100,000 inline items plan fast)."""
+    wf = loads_workflow("name: x\nitems: [{x: a}, {x: b}]\n" + STAGE, "wf.yaml")
+    make_plan(wf)
+    assert wf._located is not None and wf._located.positions == {}
+    assert wf.where("items", 1) == "wf.yaml:2:16" and wf._located.positions  # indexed on demand
