@@ -367,4 +367,4 @@ def test_planning_a_valid_workflow_records_no_positions() -> None:
     wf = loads_workflow("name: x\nitems: [{x: a}, {x: b}]\n" + STAGE, "wf.yaml")
     make_plan(wf)
     assert wf._located is not None and wf._located.positions == {}
-    assert wf.where("items", 1) == "wf.yaml:2:16" and wf._located.positions  # indexed on demand
+    assert wf.where("items", 1) == "wf.yaml:2:17" and wf._located.positions  # indexed on demand
