@@ -368,3 +368,14 @@ def test_planning_a_valid_workflow_records_no_positions() -> None:
     make_plan(wf)
     assert wf._located is not None and wf._located.positions == {}
     assert wf.where("items", 1) == "wf.yaml:2:17" and wf._located.positions  # indexed on demand
+
+
+def test_task_ids_are_the_same_as_before_the_fast_path() -> None:
+    """Task ids (recorded in every run) are still sha256 of the JSON list [fingerprint, item hash]."""
+    from corral.plan import _hash, _task_id, stage_fingerprint
+
+    p = plan_of("name: x\nitems: [{x: a}, {x: b}]\n" + STAGE + "  - {name: r, per: run, needs: [s], command: e}\n")
+    fp = stage_fingerprint(p.workflow.stage("s"))
+    for t, it in zip(p.stage_tasks("s"), p.items, strict=True):
+        assert t.id == _hash([fp, _hash(it)])[:16] == _task_id(fp, _hash(it))
+    assert p.stage_tasks("r")[0].id == _hash([stage_fingerprint(p.workflow.stage("r")), "run"])[:16]
