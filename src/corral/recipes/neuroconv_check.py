@@ -81,7 +81,8 @@ def check(located: Located, sessions: list[dict[str, Any]]) -> str | None:
     if not _importable():
         return NOT_CHECKED.format(n=len(sessions), file=Path(located.source).name)
     spec_validator, metadata_validator, _ = _schemas()
-    errors = sorted(spec_validator.iter_errors(located.data), key=lambda e: _line(located, tuple(e.absolute_path)))
+    errors = sorted(spec_validator.iter_errors(located.data),
+                    key=lambda e: (_line(located, tuple(e.absolute_path)), _specific_first(e)))
     if errors:
         raise _error(located, errors[0], tuple(errors[0].absolute_path), len(errors))
     _check_interfaces(located, sessions)
@@ -124,11 +125,16 @@ def _check_interfaces(located: Located, sessions: list[dict[str, Any]]) -> None:
         for name, args in located.data["experiments"][s["experiment"]]["sessions"][s["index"]]["source_data"].items():
             if name not in validators:
                 validators[name] = Draft7Validator(classes[name].get_source_schema())
-            found = sorted(validators[name].iter_errors(_as_json(args)), key=lambda e: list(e.absolute_path))
+            found = sorted(validators[name].iter_errors(_as_json(args)), key=_specific_first)
             if found:
                 err = found[0]
                 raise _error(located, err, (*base, name, *err.absolute_path), len(found),
                              what=f"source_data of {name!r} ({located.data['data_interfaces'][name]})")
+
+
+def _specific_first(err: Any) -> tuple[Any, ...]:
+    """An unknown key before the missing key it was probably meant to be (file_pth / file_path)."""
+    return (list(map(str, err.absolute_path)), 0 if err.validator == "additionalProperties" else 1)
 
 
 def _metadata_origin(located: Located, s: dict[str, Any], path: tuple[Any, ...]) -> tuple[Any, ...]:
