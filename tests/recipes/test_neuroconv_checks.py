@@ -11,11 +11,11 @@ import re
 import shutil
 import sys
 import textwrap
-import tomllib
 from pathlib import Path
 from typing import Any
 
 import pytest
+import tomllib
 from helpers import run_cli
 
 import corral

@@ -187,7 +187,7 @@ def _error(located: Located, err: Any, path: tuple[Any, ...], count: int, *, wha
     validator = err.validator
     label = what or _dotted(path[-2:] if len(path) >= 2 else path)
     if validator == "additionalProperties":
-        allowed = list((err.schema.get("properties") or {}))
+        allowed = list(err.schema.get("properties") or {})
         extra = [k for k in err.instance if k not in allowed] if isinstance(err.instance, dict) else []
         key = extra[0] if extra else "?"
         close = difflib.get_close_matches(str(key), allowed, n=1)
