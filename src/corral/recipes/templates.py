@@ -119,7 +119,7 @@ def bids_workflow(s: BidsStarter) -> str:
     gpus = f", gpus: {s.gpus}" if s.gpus else ""
     return f"""# Written by `corral recipe bids`: a starting point, edit freely.
 # One chain of tasks per scan (subject × session) of {s.dataset}:
-#   pull (the dataset's top-level files + the scan's folder) -> {app} (BIDS App, participant level)
+#   pull (the dataset's top-level files, what the scan inherits, the scan's folder) -> {app} (BIDS App, participant level)
 #   -> push (outputs to {s.results}) -> cleanup
 name: {s.name}
 defaults:
@@ -131,11 +131,13 @@ items:
   bids: {_q(s.dataset)}{filters}
 
 stages:
-  # A BIDS App reads a whole dataset: give each scan a small one of its own.
+  # A BIDS App reads a whole dataset: give each scan a small one of its own: the dataset's top-level
+  # files, and what applies to the scan by BIDS inheritance from above its folder ({{inherit_filter}}:
+  # top-level dwi.bval/dwi.bvec, task-*_bold.json, sub-<label>/ sidecars of a subject with sessions).
   - name: pull-top
     from: {_q(s.dataset)}
     to: "workspace://scans/{{item}}"
-    filters: ["+ /*.json", "+ /*.tsv", "- *"]
+    filters: ["+ /*.json", "+ /*.tsv", "+ {{inherit_filter}}", "- *"]
 
   - name: pull
     needs: [pull-top]
