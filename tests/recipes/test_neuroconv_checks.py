@@ -341,3 +341,21 @@ def test_everything_neuroconvs_schema_accepts_is_accepted(tmp_path: Path) -> Non
         assert list(validator.iter_errors(one)) == []
     with pytest.raises(SpecError, match="unknown key 'conversion_option'"):  # the top level is closed
         plan_of(write(tmp_path, "conversion_option: {}\n" + conv))
+
+
+# -- filters take placeholders, on every backend ---------------------------------------------------
+def test_transfer_filters_take_item_fields_and_keep_rclones_own_braces(tmp_path: Path) -> None:
+    from corral.storage.aws import task_argv
+
+    stages = ("  - name: fetch\n    from: s3://lab/raw/{source_dir}\n    to: workspace://data/{stem}\n"
+              '    filters: ["+ {source_filter}", "+ /{{keep-as-is}}", "+ *.{json,tsv}", "- *"]\n')
+    plan = plan_of(write(tmp_path, conversion(session("a b/s1.dat", "s1")), stages=stages))
+    (task,) = plan.tasks
+    rules = task.filter_rules("r", "/w")
+    assert rules == [r"+ /{{(s1(\.[^/]*)?)}}", "+ /{{keep-as-is}}", "+ *.{json,tsv}", "- *"]
+    argv = task_argv(task, run_id="r", workdir="/w", region="us-east-1", workspace_root="/w")
+    assert r"/{{(s1(\.[^/]*)?)}}" in " ".join(argv)  # the AWS job gets the same rules as a local run
+    with pytest.raises(SpecError, match=r"placeholder \{source_filer\}") as exc:
+        plan_of(write(tmp_path, conversion(session("a/s1.dat", "s1")),
+                      stages=stages.replace("{source_filter}", "{source_filer}")))
+    assert "did you mean `{source_filter}`?" in (exc.value.hint or "") or "source_filter" in (exc.value.hint or "")

@@ -4,7 +4,6 @@ errors, the m2g example (planned against S3, run offline), and `corral recipe bi
 from __future__ import annotations
 
 import json
-
 import shutil
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path

@@ -29,6 +29,7 @@ from typing import Any
 from corral.errors import SpecError
 from corral.yamlpos import Located
 
+FLOOR = (0, 10, 2)  # corral.recipes.neuroconv.NEUROCONV_FLOOR
 NOT_CHECKED = (
     "NeuroConv is not installed here, so {n} session(s) of {file} were checked for shape only: their metadata "
     "(NWBFile, Subject) and source_data were not checked against NeuroConv's schemas, and will be when each "
@@ -80,6 +81,12 @@ def check(located: Located, sessions: list[dict[str, Any]]) -> str | None:
     """Raise SpecError on the first problem (in file order); a note when NeuroConv is not here."""
     if not _importable():
         return NOT_CHECKED.format(n=len(sessions), file=Path(located.source).name)
+    version = neuroconv_version() or ()
+    note = None
+    if version < FLOOR:
+        note = (f"NeuroConv {'.'.join(map(str, version))} is installed here, older than "
+                f"{'.'.join(map(str, FLOOR))}: {Path(located.source).name} was checked with its schemas, but the "
+                "starter's convert stage refuses it (pip install -U 'corral[neuroconv]')")
     spec_validator, metadata_validator, _ = _schemas()
     errors = sorted(spec_validator.iter_errors(located.data),
                     key=lambda e: (_line(located, tuple(e.absolute_path)), _specific_first(e)))
@@ -92,7 +99,7 @@ def check(located: Located, sessions: list[dict[str, Any]]) -> str | None:
             err = found[0]
             raise _error(located, err, _metadata_origin(located, s, tuple(err.absolute_path)), len(found),
                          merged=True)
-    return None
+    return note
 
 
 def _as_json(obj: Any) -> Any:
