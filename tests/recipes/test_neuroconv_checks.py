@@ -206,7 +206,7 @@ BAD = [
     ("sex", "  metadata: {NWBFile: {session_id: s1}, Subject: {subject_id: m01, sex: female}}\n",
      "'female', which NWB does not allow", "M, F, U, O"),
     ("007", "  metadata: {NWBFile: {session_id: s1}, Subject: {subject_id: 007}}\n",
-     "YAML reads as a int", 'quote it: subject_id: "007"'),
+     "YAML reads as an integer", 'quote it: subject_id: "007"'),
     ("Subject", "  metadata: {Subject: {subject_id: m01}}\n", "has no 'NWBFile'", "NWBFile: {}"),
     ("file_pth", "", "unknown key 'file_pth'", "file_path"),
 ]

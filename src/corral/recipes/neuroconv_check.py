@@ -22,6 +22,7 @@ from __future__ import annotations
 import difflib
 import importlib
 import importlib.metadata
+import re
 from functools import cache
 from pathlib import Path
 from typing import Any
@@ -105,9 +106,11 @@ def check(located: Located, sessions: list[dict[str, Any]]) -> str | None:
 def _as_json(obj: Any) -> Any:
     import json
 
-    from neuroconv.utils.json_schema import _NWBMetaDataEncoder
-
-    return json.loads(_NWBMetaDataEncoder().encode(obj))  # as NeuroConv's validate_metadata sees it
+    try:  # as NeuroConv's validate_metadata sees it (its encoder is private: other versions may lack it)
+        from neuroconv.utils.json_schema import _NWBMetaDataEncoder
+    except ImportError:
+        return json.loads(json.dumps(obj, default=str))
+    return json.loads(_NWBMetaDataEncoder().encode(obj))
 
 
 def _check_interfaces(located: Located, sessions: list[dict[str, Any]]) -> None:
@@ -179,8 +182,8 @@ def _raw_text(located: Located, path: tuple[Any, ...]) -> str | None:
         text = Path(located.source).read_text(encoding="utf-8").splitlines()[line - 1][col - 1:]
     except (OSError, IndexError, UnicodeDecodeError):
         return None
-    token = text.split("#", 1)[0].strip().rstrip(",}]").strip()
-    return token or None
+    m = re.match(r"[^\s,}\]#]+", text)  # a number or true/false as written: up to a separator
+    return m.group(0) if m else None
 
 
 def _dotted(path: tuple[Any, ...]) -> str:
@@ -214,8 +217,10 @@ def _error(located: Located, err: Any, path: tuple[Any, ...], count: int, *, wha
         raw = _raw_text(located, path)
         if "string" in (wanted if isinstance(wanted, list) else [wanted]) and not isinstance(err.instance, str):
             shown = raw if raw is not None else str(err.instance)
+            kind = {"int": "an integer", "float": "a number", "bool": "true/false"}.get(
+                type(err.instance).__name__, f"a {type(err.instance).__name__}")
             return SpecError(
-                f"{label} is {shown!r}, which YAML reads as a {type(err.instance).__name__}; NeuroConv wants text{more}",
+                f"{label} is {shown!r}, which YAML reads as {kind}; NeuroConv wants text{more}",
                 f'quote it: {field}: "{shown}"', where=where)
         return SpecError(f"{label} must be of type {wanted}, got {type(err.instance).__name__}{more}",
                          "see NeuroConv's metadata schema", where=where)
