@@ -276,6 +276,7 @@ def test_the_neuroconv_extra_has_the_floor_corral_matches() -> None:
     extra = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]["neuroconv"]
     assert any(re.search(r"neuroconv\[.*\]>=0\.10\.2\b", e) for e in extra)
     assert nc.NEUROCONV_FLOOR == (0, 10, 2)
+    assert nc.VERSION_GUARD in (ROOT / "examples" / "neuroconv" / "workflow.yaml").read_text()
 
 
 @pytest.mark.parametrize(("version", "ok"), [("0.10.1", False), ("0.9.9", False), ("0.10.2", True), ("0.11.0rc1", True)])
@@ -308,6 +309,7 @@ def test_a_convert_that_writes_no_nwb_file_fails(tmp_path: Path, monkeypatch: py
     (tmp_path / "workflow.yaml").write_text(text)
     wf = load_workflow(tmp_path / "workflow.yaml")
     assert wf.stage("convert").outputs == ["workspace://nwb/{stem}/{nwbfile_name}"]
+    assert nc.VERSION_GUARD in str(wf.stage("convert").command)
     fake = tmp_path / "bin"
     fake.mkdir()
     (fake / "neuroconv").write_text("#!/bin/sh\necho fake neuroconv: converts nothing\n")
