@@ -94,6 +94,9 @@ def render(text: str, values: Mapping[str, Any], *, quote: bool = False) -> str:
     return "".join(out)
 
 
+_FILTER_FIELD = re.compile(r"(?<!\{)\{([A-Za-z_][A-Za-z0-9_]*)\}(?!\})")
+
+
 # -- placeholders in shell commands ---------------------------------------------------------------
 # A value must come out of the shell as written and never run as code, wherever the placeholder
 # stands. The command is scanned once (as POSIX sh reads it) to learn each placeholder's quoting
@@ -545,6 +548,13 @@ class Task:
         env.update({k: render(v, vals) for k, v in self.stage.env.items()})
         return env
 
+    def filter_rules(self, run_id: str, workdir: str) -> list[str]:
+        """A transfer's rclone filters with ``{field}`` placeholders filled in; everything else is
+        kept as written (rclone's own ``{{regexp}}`` and ``{a,b}`` syntax)."""
+        vals = self.values(run_id, workdir)
+        return [_FILTER_FIELD.sub(lambda m: str(vals[m.group(1)]) if m.group(1) in vals else m.group(0), f)
+                for f in self.stage.filters]
+
     def paths(self, which: str, run_id: str, workdir: str) -> list[str]:
         vals = self.values(run_id, workdir)
         return [render(p, vals) for p in getattr(self.stage, which)]
@@ -686,6 +696,8 @@ def _check_placeholders(wf: Workflow, items: list[Item]) -> None:
         texts += [(("env", k), v) for k, v in s.env.items()]
         texts += [(("inputs", j), p) for j, p in enumerate(s.inputs)]
         texts += [(("outputs", j), p) for j, p in enumerate(s.outputs)]
+        texts += [(("filters", j), " ".join(f"{{{n}}}" for n in _FILTER_FIELD.findall(f)))
+                  for j, f in enumerate(s.filters)]
         if s.source:
             texts.append((("from",), s.source))
         if s.dest:

@@ -77,9 +77,14 @@ def _filter_rule(v: object) -> object:
     if not isinstance(v, str) or len(v) < 3 or v[:2] not in ("+ ", "- ") or not v[2:].strip():
         raise ValueError(f"filter {v!r} is not an rclone filter rule: write `+ PATTERN` to include or "
                          "`- PATTERN` to exclude (e.g. '+ *.nwb', '- *')")
+    pattern = v[2:]
+    if "{{" in pattern:  # rclone's {{regexp}}: only the regexp delimiters are checked here
+        if pattern.count("{{") != pattern.count("}}"):
+            raise ValueError(f"filter {v!r}: its {{{{ and }}}} do not pair up (rclone refuses the pattern)")
+        return v
     depth_brace = depth_bracket = 0
     escaped = False
-    for c in v[2:]:
+    for c in pattern:
         if escaped:
             escaped = False
         elif c == "\\":
