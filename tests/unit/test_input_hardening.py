@@ -82,9 +82,10 @@ def test_merge_keys_in_conversion_spec(tmp_path: Path) -> None:
 
     spec = tmp_path / "conversion.yml"
     spec.write_text("base: &b {session_start_time: 2020-01-01T10:00:00, x: 1}\nmetadata:\n  NWBFile:\n"
-                    "    <<: *b\n    x: 2\n")
+                    "    <<: *b\n    x: 2\n  Subject: {subject_id: 007}\n")
     data = load_conversion_spec(spec).data
     assert data["metadata"]["NWBFile"] == {"session_start_time": "2020-01-01T10:00:00", "x": 2}
+    assert data["metadata"]["Subject"] == {"subject_id": "007"}  # YAML 1.1 (NeuroConv's reader) says 7
 
 
 @pytest.mark.parametrize("tag", ["!!python/object:os.system", "!!python/name:os.system", "!Ref", "!!timestamp",
