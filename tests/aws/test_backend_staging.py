@@ -143,11 +143,12 @@ stages:
     _run_children(clients, jobs[0], 2, tmp_path)
     assert _objects(clients, OUT) == {"raw/s1/big.bin": big, "raw/s1/sub/a.txt": b"A s1", "raw/s2/a.txt": b"A s2"}
 
-    # The job role may read the staging prefix (its bucket's corral/ prefix).
+    # The job role may read the run's own staging prefix (and no other run's).
     role = jd["containerProperties"]["jobRoleArn"].rsplit("/", 1)[-1]
     doc = clients.iam.get_role_policy(RoleName=role, PolicyName="corral")["PolicyDocument"]
     readable = [r for st in doc["Statement"] if "s3:GetObject" in st["Action"] for r in st["Resource"]]
-    assert f"arn:aws:s3:::{bucket}/corral/*" in readable
+    assert f"arn:aws:s3:::{bucket}/corral/staged/{run_id}/*" in readable
+    assert f"arn:aws:s3:::{bucket}/corral/*" not in readable
 
     # Resume after a failure: the same files are not sent again; a changed one is.
     def fail_all() -> None:
