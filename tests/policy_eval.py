@@ -147,6 +147,8 @@ def decide(
 ) -> str:
     """ALLOW, DENY (an explicit Deny applied) or IMPLICIT_DENY, for a request within one account."""
     allowed = False
+    if req.principal is not None:  # AWS puts the principal's ARN in every request's context
+        req = Request(req.action, req.resource, req.principal, {"aws:PrincipalArn": req.principal, **req.context})
     for docs, is_resource in ((_docs(identity), False), (_docs(resource), True)):
         for doc in docs:
             for stmt in _as_list(doc["Statement"]):

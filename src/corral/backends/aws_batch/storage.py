@@ -134,11 +134,11 @@ def ensure_bucket(ctx: Ctx, name: str | None) -> str:
                            "BucketKeyEnabled": True}]
             },
         )
+        s3.put_bucket_tagging(Bucket=name, Tagging={"TagSet": tag_list(ctx.tags)})
         if speaks_tls(s3):
             s3.put_bucket_policy(Bucket=name, Policy=json.dumps(tls_only_bucket_policy(ctx, name)))
         else:
             ctx.report.kept.append(f"s3-bucket {name} (no TLS-only policy: the S3 endpoint is plain http)")
-        s3.put_bucket_tagging(Bucket=name, Tagging={"TagSet": tag_list(ctx.tags)})
     return name
 
 
