@@ -144,7 +144,9 @@ def ensure_bucket(ctx: Ctx, name: str | None) -> str:
 
 def speaks_tls(s3: Any) -> bool:
     """Whether corral reaches S3 over https (always, on AWS). A TLS-only policy on a bucket of a
-    plain-http S3-compatible endpoint (or an emulator) would lock every client out of it."""
+    plain-http S3-compatible endpoint (or an emulator) would lock every client out of it. (moto
+    5.2 also treats a Deny statement whose condition does not hold as a Deny, so on its http
+    endpoint the policy would refuse every object request.)"""
     return str(getattr(s3.meta, "endpoint_url", "") or "https://").startswith("https://")
 
 
