@@ -296,7 +296,8 @@ stages:
     assert not any(run_b in d or b_role in d for d in deleted)
     assert ssm.describe_parameters()["Parameters"] == []
     roles = {r["RoleName"] for r in clients.iam.list_roles(PathPrefix="/corral/")["Roles"]}
-    assert exec_role not in roles and b_role in roles and job_role in roles
+    # Run A's job role is A's own now (issue 13): removed with it; B's roles stay.
+    assert exec_role not in roles and b_role in roles and job_role not in roles and f"role {job_role}" in deleted
     assert _objects(clients, staged_bucket, f"corral/staged/{run_a}/") == {}
     assert _objects(clients, staged_bucket, f"corral/staged/{run_b}/")
     assert clients.secretsmanager.list_secrets()["SecretList"]  # B's secret is still there
@@ -308,4 +309,5 @@ stages:
     assert f"secret corral/{run_b}/rclone" in deleted and f"role {b_role}" in deleted
     assert _objects(clients, staged_bucket, "corral/staged/") == {}
     assert clients.secretsmanager.list_secrets()["SecretList"] == []
-    assert job_role in {r["RoleName"] for r in clients.iam.list_roles(PathPrefix="/corral/")["Roles"]}
+    # Each run's job role went with its run: only the shared instance role is left.
+    assert {r["RoleName"] for r in clients.iam.list_roles(PathPrefix="/corral/")["Roles"]} == {"corral-ecs-instance"}
