@@ -73,12 +73,31 @@ class FakeEfs:
         self.targets.append(t)
         return t
 
+    policy: str | None = None
+
+    def describe_file_system_policy(self, FileSystemId: str) -> dict[str, Any]:
+        if self.policy is None:
+            from botocore.exceptions import ClientError
+
+            raise ClientError({"Error": {"Code": "PolicyNotFound", "Message": "none"}}, "DescribeFileSystemPolicy")
+        return {"Policy": self.policy}
+
+    def put_file_system_policy(self, FileSystemId: str, Policy: str) -> dict[str, Any]:
+        self.policy = Policy
+        return {"Policy": Policy}
+
 
 class FakeClients:
     region = "us-east-2"
 
     def __init__(self, efs: FakeEfs) -> None:
         self.efs = efs
+
+    def account_id(self) -> str:
+        return "123456789012"
+
+    def partition(self) -> str:
+        return "aws"
 
 
 def test_efs_is_waited_for_by_polling_with_one_target_per_zone() -> None:

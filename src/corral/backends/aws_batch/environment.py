@@ -122,7 +122,7 @@ def build_environment(clients: AwsClients, settings: AwsSettings, needs: Needs,
         table=table, log_group=log_group, bucket=bucket, prefix=settings.prefix,
         s3_read=tuple(needs.s3_read), s3_write=tuple(needs.s3_write), secrets=tuple(needs.secrets),
         ecr_repositories=tuple(needs.ecr_repositories), efs_id=efs_id,
-        run_secrets=tuple(needs.run_secrets), run_id=needs.run_id,
+        run_secrets=tuple(needs.run_secrets), run_id=needs.run_id, efs_access_point=access_point,
     )
     profile_arn = iam.ensure_instance_profile(ctx)
     job_role, exec_role = iam.ensure_job_roles(ctx, policy_inputs)

@@ -103,13 +103,24 @@ class ProvisionReport:
 _S3_URI = re.compile(r"^s3://([^/{}]+)/?([^{}]*)")
 
 
-def _s3_scope(uri: str) -> str | None:
-    """``s3://bucket/a/b/{x}/c`` → ``bucket/a/b/`` (the fixed part: what a policy may grant)."""
-    m = _S3_URI.match(uri)
-    if not m:
-        return None
-    bucket, path = m.group(1), m.group(2)
-    return f"{bucket}/{path}"
+def _s3_scope(uri: str, run_id: str | None = None) -> str | None:
+    """``s3://bucket/a/b/{x}/c`` → ``bucket/a/b/`` (the fixed part: what a policy may grant).
+    With ``run_id``, ``{run}`` is part of the fixed part: ``s3://b/out/{run}/{x}`` → ``b/out/<run>/``."""
+    from corral.plan import parse_template
+
+    fixed, whole = "", True
+    for kind, value in parse_template(uri):
+        if kind == "text":
+            fixed += value
+        elif value == "run" and run_id:
+            fixed += run_id
+        else:
+            whole = False
+            break
+    m = _S3_URI.match(fixed)
+    if not m or (not whole and "/" not in fixed[len("s3://"):]):
+        return None  # not s3://, or the bucket name itself is a placeholder
+    return f"{m.group(1)}/{m.group(2)}"
 
 
 def ecr_repository_of(image: str | None) -> str | None:
@@ -129,14 +140,15 @@ def ecr_repository_of(image: str | None) -> str | None:
     return rest or None
 
 
-def needs_for(plan: Plan) -> Needs:
-    """What the plan's stages ask of AWS: GPUs, the largest disk, EFS, a bucket, secrets…"""
+def needs_for(plan: Plan, run_id: str | None = None) -> Needs:
+    """What the plan's stages ask of AWS: GPUs, the largest disk, EFS, a bucket, secrets… With
+    ``run_id``, the S3 scopes have ``{run}`` filled in (the run's job role reaches only its own)."""
     from corral.plan import template_fields
 
     wf = plan.workflow
     settings = wf.aws
     stages = wf.stages
-    needs = Needs()
+    needs = Needs(run_id=run_id)
     needs.gpu = any(s.resources.gpus > 0 for s in stages)
     disks = [s.resources.disk for s in stages if s.resources.disk]
     needs.max_disk_gib = max(disks) if disks else None
@@ -161,11 +173,11 @@ def needs_for(plan: Plan) -> Needs:
         if any("workdir" in template_fields(t) for t in texts if t):
             uses_workdir = True
         for uri in [*s.inputs, s.source or ""]:
-            scope = _s3_scope(uri)
+            scope = _s3_scope(uri, run_id)
             if scope and scope not in read:
                 read.append(scope)
         for uri in [*s.outputs, s.dest or ""]:
-            scope = _s3_scope(uri)
+            scope = _s3_scope(uri, run_id)
             if scope and scope not in write:
                 write.append(scope)
         repo = ecr_repository_of(s.image)
