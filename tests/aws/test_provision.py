@@ -90,7 +90,7 @@ def test_teardown_all_leaves_no_managed_resource_and_spares_others(clients: AwsC
     clients.logs.create_log_group(logGroupName="/aws/batch/corral-theirs")
     assert managed_census(clients)
 
-    report = teardown(clients, everything=True)
+    report = teardown(clients, everything=True, purge=True)
     assert managed_census(clients) == {}
     assert any(d.startswith("compute-environment") for d in report.deleted)
     assert clients.iam.get_role(RoleName="someone-elses")
@@ -208,7 +208,7 @@ def test_queue_order_is_spot_then_on_demand(clients: AwsClients) -> None:
     assert [o["computeEnvironment"] for o in order] == env.compute_environments
     spot = clients.batch.describe_compute_environments(computeEnvironments=[env.compute_environments[0]])[
         "computeEnvironments"][0]["computeResources"]
-    assert spot["type"] == "SPOT" and spot["allocationStrategy"] == "SPOT_CAPACITY_OPTIMIZED"
+    assert spot["type"] == "SPOT" and spot["allocationStrategy"] == "SPOT_PRICE_CAPACITY_OPTIMIZED"
 
 
 def test_configurations_never_share_a_queue(clients: AwsClients) -> None:

@@ -1,9 +1,10 @@
 """Compute environments, their launch template, and the job queues in front of them.
 
 - One managed EC2 on-demand environment (BEST_FIT_PROGRESSIVE, minvCpus 0: nothing runs, nothing
-  is paid, while the queue is empty); with ``spot`` also a SPOT one (SPOT_CAPACITY_OPTIMIZED) that
-  the queue tries first. GPU stages get the same pair over GPU families, on the ECS GPU-optimized
-  AMI (``ec2Configuration.imageType = ECS_AL2_NVIDIA``), behind a queue of their own.
+  is paid, while the queue is empty); with ``spot`` also a SPOT one (SPOT_PRICE_CAPACITY_OPTIMIZED)
+  that the queue tries first. Every EC2 environment names its AMI type: ``ECS_AL2023`` for CPU,
+  ``ECS_AL2023_NVIDIA`` (the ECS GPU-optimized AMI) for GPU stages, which get the same pair over
+  GPU families behind a queue of their own. Never Amazon Linux 2 (see ``CPU_IMAGE_TYPE``).
 - Scratch disk: when a stage asks more disk than the default root volume (30 GiB), the
   environments get a launch template whose root volume (gp3) holds the largest such stage plus
   room for images. There is one template, ``corral-batch``; each distinct content is one of its
@@ -36,7 +37,17 @@ ROOT_DEVICE = "/dev/xvda"  # root device of the ECS-optimized Amazon Linux AMIs 
 IMAGE_ROOM_GIB = 30  # room on the root volume for the OS, Docker and images, beside the scratch
 DISK_STEP_GIB = 50  # root volumes are rounded up to this, so similar stages share a template version
 STUCK_RUNNABLE_SECONDS = 4 * 3600
-GPU_IMAGE_TYPE = "ECS_AL2_NVIDIA"
+# Batch-provided Amazon Linux 2 AMIs (ECS_AL2, ECS_AL2_NVIDIA) are retired: from 2026-06-30 Batch
+# refuses new compute environments on them. AWS Batch User Guide, "How to migrate from ECS AL2 to
+# ECS AL2023" (https://docs.aws.amazon.com/batch/latest/userguide/ecs-migration-2023.html) and the
+# Ec2Configuration API reference (imageType: ECS_AL2023, ECS_AL2023_NVIDIA).
+CPU_IMAGE_TYPE = "ECS_AL2023"
+GPU_IMAGE_TYPE = "ECS_AL2023_NVIDIA"
+# SPOT_PRICE_CAPACITY_OPTIMIZED: the strategy the ComputeResource API reference marks recommended
+# for spot (lowest interruption chance at a low price); SPOT_CAPACITY_OPTIMIZED ignores the price.
+# https://docs.aws.amazon.com/batch/latest/APIReference/API_ComputeResource.html
+SPOT_STRATEGY = "SPOT_PRICE_CAPACITY_OPTIMIZED"
+ON_DEMAND_STRATEGY = "BEST_FIT_PROGRESSIVE"
 
 
 @dataclass
@@ -71,7 +82,7 @@ class ComputeSpec:
             }
         r: dict[str, Any] = {
             "type": "SPOT" if self.spot else "EC2",
-            "allocationStrategy": "SPOT_CAPACITY_OPTIMIZED" if self.spot else "BEST_FIT_PROGRESSIVE",
+            "allocationStrategy": SPOT_STRATEGY if self.spot else ON_DEMAND_STRATEGY,
             "minvCpus": 0,
             "maxvCpus": self.max_vcpus,
             "instanceTypes": list(self.instance_types),
@@ -83,8 +94,7 @@ class ComputeSpec:
         }
         if self.launch_template:
             r["launchTemplate"] = dict(self.launch_template)
-        if self.image_type:
-            r["ec2Configuration"] = [{"imageType": self.image_type}]
+        r["ec2Configuration"] = [{"imageType": self.image_type or CPU_IMAGE_TYPE}]
         return r
 
     @property

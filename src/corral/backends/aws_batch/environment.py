@@ -1,7 +1,8 @@
 """``ensure_environment``'s body: the order in which things are found or made.
 
 1. refuse what no allowed instance can hold (before any API call),
-2. account and network (default VPC or the settings' subnets/security groups),
+2. account and network (default VPC or the settings' subnets/security groups), and the network
+   preflight (a way out for every subnet, egress allowed): refused before anything is made,
 3. log group, state table, bucket (when needed), EFS (when needed),
 4. IAM: instance role/profile, job role and execution role for exactly these needs,
 5. launch template (when a stage needs more disk than the default root volume),
@@ -107,10 +108,17 @@ def build_environment(clients: AwsClients, settings: AwsSettings, needs: Needs,
     ctx = Ctx(clients=clients, report=report, tags=base_tags(settings))
     account = ctx.account
     net = network.discover(ctx, list(settings.subnets), list(settings.security_groups))
+    # `instance_types: [fargate]` alone: every job runs on Fargate, so no EC2 environment is made and
+    # the Fargate queue is the run's default queue too.
+    fargate_only = (needs.fargate and not needs.gpu and not settings.queue
+                    and all(is_fargate_entry(e) for e in settings.instance_types))
+    # before anything is made: a network jobs cannot work in is refused (network.check_network)
+    network.preflight(ctx, net, efs=needs.efs,
+                      public_ip_from_job=fargate_only and getattr(settings, "assign_public_ip", True))
 
     log_group = getattr(settings, "log_group", None) or DEFAULT_LOG_GROUP
     table = getattr(settings, "table", None) or DEFAULT_TABLE
-    storage.ensure_log_group(ctx, log_group)
+    storage.ensure_log_group(ctx, log_group, getattr(settings, "log_retention_days", None))
     storage.ensure_table(ctx, table)
     bucket = storage.ensure_bucket(ctx, settings.bucket) if (needs.bucket or settings.bucket) else None
     efs_id = access_point = None
@@ -132,10 +140,6 @@ def build_environment(clients: AwsClients, settings: AwsSettings, needs: Needs,
 
     cpu_entries, gpu_entries = split_allowed(list(settings.instance_types))
     names = queue_names(settings, needs)
-    # `instance_types: [fargate]` alone: every job runs on Fargate, so no EC2 environment is made and
-    # the Fargate queue is the run's default queue too.
-    fargate_only = (needs.fargate and not needs.gpu and not settings.queue
-                    and all(is_fargate_entry(e) for e in settings.instance_types))
     queue_name = names["cpu"]
     queue_arn = compute.existing_foreign_queue(ctx, queue_name) if settings.queue else None
     cpu_ces: list[str] = []

@@ -197,13 +197,15 @@ def ensure_environment(
 
 def teardown(
     clients: AwsClients, *, run_id: str | None = None, everything: bool = False, purge: bool = False,
-    keep_access_point: str | None = None,
+    keep_access_point: str | None = None, force: bool = False,
 ) -> ProvisionReport:
     """Remove what corral made: a run's things (``run_id``) or everything tagged (``everything``).
 
     Only resources tagged ``corral:managed=true`` are touched (and, for a run, ``corral:run=<id>``).
-    A bucket or ECR repository that still holds data is kept (and reported) unless ``purge``.
+    A bucket or ECR repository that still holds data, the state table and the EFS file system are
+    kept (and reported) unless ``purge``; ``everything`` refuses while jobs are in flight unless ``force``.
     """
     from corral.backends.aws_batch.teardown import remove
 
-    return remove(clients, run_id=run_id, everything=everything, purge=purge, keep_access_point=keep_access_point)
+    return remove(clients, run_id=run_id, everything=everything, purge=purge, keep_access_point=keep_access_point,
+                  force=force)
