@@ -111,3 +111,32 @@ def test_cli_teardown_all_refuses_in_flight_jobs(clients: AwsClients, capsys: py
     assert code == 0, err
     kept = json.loads(out)["kept"]
     assert any(k.startswith("dynamodb-table corral-state") for k in kept)
+
+
+def test_the_root_volume_holds_every_task_that_can_share_an_instance(clients: AwsClients) -> None:
+    from corral.backends.aws_batch.provision import needs_for
+    from corral.errors import ProvisionError
+    from corral.plan import make_plan
+
+    def plan(n: int, disk: str = "300GiB", types: str = "[m5]") -> object:
+        items = ", ".join(f"{{k: {i}}}" for i in range(n))
+        return make_plan(loads_workflow(f"""
+name: disky
+items: [{items}]
+aws: {{instance_types: {types}}}
+stages:
+  - {{name: sort, resources: {{vcpus: 1, memory: 2GiB, disk: {disk}}}, command: "true"}}
+"""))
+
+    env = ensure_environment(clients, AwsSettings(instance_types=["m5"]), needs_for(plan(15)))
+    assert env.root_volume_gib == 4550  # 15 tasks × 300 GiB + 30 GiB for images (was 350: one task's worth)
+    (v,) = clients.ec2.describe_launch_template_versions(LaunchTemplateName="corral-batch")["LaunchTemplateVersions"]
+    assert v["LaunchTemplateData"]["BlockDeviceMappings"][0]["Ebs"]["VolumeSize"] == 4550
+    # 100 such tasks could share an m5.24xlarge (96 of them): 28,800 GiB, more than any gp3 volume
+    with pytest.raises(ProvisionError) as err:
+        ensure_environment(clients, AwsSettings(instance_types=["m5"]), needs_for(plan(100)))
+    assert "up to 96 of its tasks can share one m5.24xlarge" in err.value.one_line()
+    assert "smaller instance types" in err.value.hint
+    # limiting the sizes is the fix: m5.2xlarge holds 8 of them (2,400 GiB)
+    small = ensure_environment(clients, AwsSettings(instance_types=["m5.2xlarge"]), needs_for(plan(100, types="[m5.2xlarge]")))
+    assert small.root_volume_gib == 2450

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+from corral import routes
 from corral.backends.aws_batch import compute, iam, network, storage
 from corral.backends.aws_batch.client import AwsClients
 from corral.backends.aws_batch.common import MANAGED_TAG, NAME, Ctx, content_hash
@@ -71,7 +72,12 @@ def check_needs_fit(settings: AwsSettings, needs: Needs) -> None:
             f"a task asks for {needs.max_vcpus_per_task:g} vCPUs but aws.max_vcpus is {settings.max_vcpus}",
             "raise aws.max_vcpus (or --max-vcpus), or lower the stage's resources.vcpus",
         )
-    compute.root_volume_gib(needs.max_disk_gib)  # raises for a disk no root volume can hold
+    too_much = routes.too_much_scratch(needs.disk_needs)
+    if too_much:
+        raise ProvisionError(too_much, "allow only smaller instance types in aws.instance_types (e.g. m6i.4xlarge "
+                             "instead of m6i), ask more vcpus/memory per task so fewer share an instance, or lower "
+                             "resources.disk and stream data from S3/EFS")
+    compute.root_volume_gib(needs.scratch_per_instance)  # raises for a disk no root volume can hold
 
 
 def queue_names(settings: AwsSettings, needs: Needs) -> dict[str, str]:
@@ -85,7 +91,7 @@ def queue_names(settings: AwsSettings, needs: Needs) -> dict[str, str]:
     """
     from corral.instances import DEFAULT_GPU_FAMILIES
 
-    root = compute.root_volume_gib(needs.max_disk_gib)
+    root = compute.root_volume_gib(needs.scratch_per_instance)
     cpu_entries, gpu_entries = split_allowed(list(settings.instance_types))
 
     def name(base: str, config: dict[str, Any], plain: dict[str, Any]) -> str:
@@ -135,7 +141,7 @@ def build_environment(clients: AwsClients, settings: AwsSettings, needs: Needs,
     profile_arn = iam.ensure_instance_profile(ctx)
     job_role, exec_role = iam.ensure_job_roles(ctx, policy_inputs)
 
-    size = compute.root_volume_gib(needs.max_disk_gib)
+    size = compute.root_volume_gib(needs.scratch_per_instance)
     template = compute.ensure_launch_template(ctx, size) if size else None
 
     cpu_entries, gpu_entries = split_allowed(list(settings.instance_types))
