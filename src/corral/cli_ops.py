@@ -60,7 +60,10 @@ def estimate_table(est: Any) -> Table:
         table.add_row(s.stage, str(s.tasks), inst, f"{format_duration(s.duration_s)} ({src})", usd(s.usd_per_task),
                       usd(s.usd))
     per_item = f", {usd(est.per_item_usd)} per item" if est.per_item_usd is not None else ""
-    table.caption = f"total {usd(est.total_usd)}{per_item}"
+    parts = [f"instances {usd(est.compute_usd)}", f"root volumes {usd(est.root_volumes_usd)}"]
+    if est.efs_usd:
+        parts.append(f"EFS {usd(est.efs_usd)}")
+    table.caption = f"total {usd(est.total_usd)}{per_item} ({', '.join(parts)})"
     table.caption_justify = "left"
     return table
 

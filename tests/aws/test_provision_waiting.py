@@ -68,6 +68,7 @@ class FakeEfs:
 
     def create_mount_target(self, FileSystemId: str, SubnetId: str, SecurityGroups: list[str]) -> dict[str, Any]:
         self.left = 3
+        assert SecurityGroups == ["sg-efs"]  # corral's own group, not the compute group
         t = {"MountTargetId": f"fsmt-{SubnetId}", "SubnetId": SubnetId, "LifeCycleState": "creating",
              "AvailabilityZoneName": {"s1": "a", "s2": "b", "s3": "a"}[SubnetId]}
         self.targets.append(t)
@@ -87,11 +88,22 @@ class FakeEfs:
         return {"Policy": Policy}
 
 
+class FakeEc2:
+    """corral's EFS security group, already there and open to NFS from the compute group sg-1."""
+
+    def describe_security_groups(self, Filters: list[dict[str, Any]]) -> dict[str, Any]:
+        return {"SecurityGroups": [{
+            "GroupId": "sg-efs", "Tags": [{"Key": "corral:managed", "Value": "true"}],
+            "IpPermissions": [{"IpProtocol": "tcp", "FromPort": 2049, "ToPort": 2049,
+                               "UserIdGroupPairs": [{"GroupId": "sg-1"}]}]}]}
+
+
 class FakeClients:
     region = "us-east-2"
 
     def __init__(self, efs: FakeEfs) -> None:
         self.efs = efs
+        self.ec2 = FakeEc2()
 
     def account_id(self) -> str:
         return "123456789012"

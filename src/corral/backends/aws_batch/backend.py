@@ -533,6 +533,8 @@ class AwsBatchBackend:
             rclone_secrets=self._secrets, s3_endpoint=self._s3_endpoint(),
             instance_types=list(self._aws(plan).instance_types),
             staged=staged, base_dir=plan.workflow.base_dir,
+            share_identifier=getattr(self._aws(plan), "share_identifier", "corral"),
+            user_queues=[q for q in [self._aws(plan).queue] if q],
         )
 
     def _s3_endpoint(self) -> str | None:

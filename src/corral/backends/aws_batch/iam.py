@@ -56,9 +56,13 @@ INLINE_POLICY = NAME
 ECS_INSTANCE_POLICY = "service-role/AmazonEC2ContainerServiceforEC2Role"
 BATCH_SERVICE = "batch.amazonaws.com"
 
-# What the job role may do with objects under a scope it reads / writes.
-S3_READ_ACTIONS = ["s3:GetObject", "s3:GetObjectTagging"]
-S3_WRITE_ACTIONS = ["s3:GetObject", "s3:PutObject", "s3:PutObjectTagging", "s3:DeleteObject",
+# What the job role may do with objects under a scope it reads / writes: exactly what rclone's
+# copy/sync does (and boto3's transfer manager). PutObject covers Create/UploadPart/Complete of a
+# multipart upload; Abort and ListParts are their own actions; DeleteObject is sync's. No tagging:
+# rclone keeps its metadata (mtime) in the object's headers. Amazon S3 User Guide, "Actions,
+# resources, and condition keys for Amazon S3" and "Multipart upload API and permissions".
+S3_READ_ACTIONS = ["s3:GetObject"]
+S3_WRITE_ACTIONS = ["s3:GetObject", "s3:PutObject", "s3:DeleteObject",
                     "s3:AbortMultipartUpload", "s3:ListMultipartUploadParts"]
 DYNAMODB_ACTIONS = ["dynamodb:GetItem", "dynamodb:PutItem", "dynamodb:UpdateItem", "dynamodb:Query",
                     "dynamodb:BatchGetItem", "dynamodb:BatchWriteItem", "dynamodb:ConditionCheckItem"]
@@ -154,7 +158,9 @@ def _s3_statements(ctx: Ctx, read: list[str], write: list[str]) -> list[dict[str
     if read:
         out.append({"Sid": "ReadObjects", "Effect": "Allow", "Action": S3_READ_ACTIONS,
                     "Resource": [f"arn:{p}:s3:::{b}/{pre}*" for b, pre in map(_split_scope, read)]})
-    # Listing is granted per bucket, limited to the prefixes used.
+    # Listing is granted per bucket, limited to the prefixes used: rclone lists a directory with
+    # ListObjectsV2 `prefix=<dir>/` (so the request carries s3:prefix), and with no_check_bucket
+    # (corral.storage.rclone.s3_connection) it never sends HeadBucket, which has no s3:prefix.
     by_bucket: dict[str, list[str]] = {}
     for scope in [*write, *read]:
         b, pre = _split_scope(scope)

@@ -23,6 +23,7 @@ from corral.backends.aws_batch.environment import (
     GPU_QUEUE,
     queue_names,
 )
+from corral.routes import DiskNeed, disk_needs, scratch_per_instance_gib
 
 if TYPE_CHECKING:  # pragma: no cover
     from corral.plan import Plan
@@ -54,6 +55,16 @@ class Needs:
     efs_name: str | None = None  # the EFS CreationToken/Name; None: corral's shared workspace
     fargate: bool = False  # also Fargate environments + queue, for stages that fit Fargate
     run_secrets: list[str] = field(default_factory=list)  # the run's own secrets: execution role only
+    # the EC2 stages' scratch (corral.routes): the root volume holds every task that can share an
+    # instance. Empty (Needs made by hand, `setup --disk`): one task of max_disk_gib per instance.
+    disk_needs: list[DiskNeed] = field(default_factory=list)
+
+    @property
+    def scratch_per_instance(self) -> int | None:
+        """GiB of scratch one instance must hold (what sizes the root volume)."""
+        if self.disk_needs:
+            return max(scratch_per_instance_gib(self.disk_needs) or 0, self.max_disk_gib or 0) or None
+        return self.max_disk_gib
 
 
 @dataclass
@@ -192,6 +203,7 @@ def needs_for(plan: Plan, run_id: str | None = None) -> Needs:
     needs.fargate = any(on_fargate(s.resources, allowed) for s in stages)
     ec2_disks = [s.resources.disk for s in stages if s.resources.disk and not on_fargate(s.resources, allowed)]
     needs.max_disk_gib = max(ec2_disks) if ec2_disks else None
+    needs.disk_needs = disk_needs(((s.name, s.resources, len(plan.stage_tasks(s.name))) for s in stages), allowed)
     # {workdir} is the run's shared workspace: on AWS it lives on EFS, so using it needs EFS.
     needs.efs = needs.efs or uses_workdir
     needs.bucket = bool(settings.bucket)
@@ -209,13 +221,15 @@ def ensure_environment(
 
 def teardown(
     clients: AwsClients, *, run_id: str | None = None, everything: bool = False, purge: bool = False,
-    keep_access_point: str | None = None,
+    keep_access_point: str | None = None, force: bool = False,
 ) -> ProvisionReport:
     """Remove what corral made: a run's things (``run_id``) or everything tagged (``everything``).
 
     Only resources tagged ``corral:managed=true`` are touched (and, for a run, ``corral:run=<id>``).
-    A bucket or ECR repository that still holds data is kept (and reported) unless ``purge``.
+    A bucket or ECR repository that still holds data, the state table and the EFS file system are
+    kept (and reported) unless ``purge``; ``everything`` refuses while jobs are in flight unless ``force``.
     """
     from corral.backends.aws_batch.teardown import remove
 
-    return remove(clients, run_id=run_id, everything=everything, purge=purge, keep_access_point=keep_access_point)
+    return remove(clients, run_id=run_id, everything=everything, purge=purge, keep_access_point=keep_access_point,
+                  force=force)

@@ -22,7 +22,7 @@ from typing import Any
 
 from corral.backends.aws_batch.client import aws_errors, error_code, is_not_found
 from corral.backends.aws_batch.common import IAM_PATH, NAME, RUN_TAG, Ctx, is_managed, tag_list
-from corral.backends.aws_batch.network import Network
+from corral.backends.aws_batch.network import Network, ensure_efs_group
 from corral.errors import ProvisionError
 
 TABLE_KEYS = (("pk", "HASH"), ("sk", "RANGE"))  # what corral's DynamoDB store reads and writes
@@ -36,19 +36,28 @@ EFS_CLIENT_ACTIONS = ["elasticfilesystem:ClientMount", "elasticfilesystem:Client
 
 
 # -- CloudWatch Logs ------------------------------------------------------------------------------
-def ensure_log_group(ctx: Ctx, name: str) -> str:
+def ensure_log_group(ctx: Ctx, name: str, retention_days: int | None = None) -> str:
+    """The log group, keeping logs ``retention_days`` (PutRetentionPolicy; None: for ever, as
+    CloudWatch's default). A found group with another retention is set to this one."""
     logs = ctx.clients.logs
     with aws_errors(f"set up log group {name}"):
+        found = None
         for page in logs.get_paginator("describe_log_groups").paginate(logGroupNamePrefix=name):
-            if any(g["logGroupName"] == name for g in page["logGroups"]):
-                ctx.found("log-group", name)
-                return name
+            found = next((g for g in page["logGroups"] if g["logGroupName"] == name), None) or found
+        if found is not None:
+            ctx.found("log-group", name)
+            if retention_days is not None and found.get("retentionInDays") != retention_days:
+                logs.put_retention_policy(logGroupName=name, retentionInDays=retention_days)
+                ctx.updated("log-group", f"{name} (keeps logs {retention_days} days)")
+            return name
         try:
             logs.create_log_group(logGroupName=name, tags=dict(ctx.tags))
         except Exception as exc:
             if error_code(exc) != "ResourceAlreadyExistsException":  # made meanwhile by another setup
                 raise
         ctx.created("log-group", name)
+        if retention_days is not None:
+            logs.put_retention_policy(logGroupName=name, retentionInDays=retention_days)
     return name
 
 
@@ -195,7 +204,8 @@ def _file_system(ctx: Ctx, token: str) -> dict[str, Any] | None:
 def ensure_efs(ctx: Ctx, network: Network, *, name: str = EFS_WORKSPACE, run_id: str | None = None,
                timeout: float = 600) -> tuple[str, str | None]:
     """An encrypted EFS file system (idempotent by CreationToken = ``name``) with a mount target in
-    each zone of the network, waited for until available; and, for a run, an access point rooted
+    each zone of the network behind corral's ``corral-efs`` security group (NFS from the compute
+    groups only, :func:`network.ensure_efs_group`), waited for until available; and, for a run, an access point rooted
     at ``/runs/<run_id>`` tagged with the run. Returns (file system id, access point id or None)."""
     efs = ctx.clients.efs
     with aws_errors(f"set up EFS file system {name}"):
@@ -214,7 +224,14 @@ def ensure_efs(ctx: Ctx, network: Network, *, name: str = EFS_WORKSPACE, run_id:
                 lambda: (_file_system(ctx, name) or {}).get("LifeCycleState") == "available",
                 what=f"EFS file system {fs_id} to become available", timeout=timeout,
             )
+        group = ensure_efs_group(ctx, network)
         targets = efs.describe_mount_targets(FileSystemId=fs_id)["MountTargets"]
+        for t in targets:  # a mount target made before corral had its own group gets it
+            have = efs.describe_mount_target_security_groups(MountTargetId=t["MountTargetId"])["SecurityGroups"]
+            if group not in have:
+                efs.modify_mount_target_security_groups(MountTargetId=t["MountTargetId"],
+                                                        SecurityGroups=[group, *have][:5])
+                ctx.updated("efs-mount-target", f"{fs_id} {t['SubnetId']} (security group {group})")
         zones_covered = {t.get("AvailabilityZoneName") for t in targets} | {t["SubnetId"] for t in targets}
         made = False
         for subnet in network.one_subnet_per_zone():
@@ -222,7 +239,7 @@ def ensure_efs(ctx: Ctx, network: Network, *, name: str = EFS_WORKSPACE, run_id:
             if subnet in zones_covered or (zone and zone in zones_covered):
                 ctx.found("efs-mount-target", f"{fs_id} {subnet}")
                 continue
-            efs.create_mount_target(FileSystemId=fs_id, SubnetId=subnet, SecurityGroups=network.security_groups)
+            efs.create_mount_target(FileSystemId=fs_id, SubnetId=subnet, SecurityGroups=[group])
             ctx.created("efs-mount-target", f"{fs_id} {subnet}")
             made = True
 
