@@ -121,13 +121,14 @@ class _Running:
     attempt: AttemptRecord
     pid: int
     pidfd: int | None
-    deadline: float | None
+    deadline: float | None  # time.monotonic() at which the stage's timeout kills it
     memory_limit_mib: int | None
     vcpus: float
     memory_mib: int
     container_name: str | None = None
     kill_reason: str = ""
-    kill_at: float | None = None  # when to escalate SIGTERM -> SIGKILL
+    kill_at: float | None = None  # when (monotonic) to escalate SIGTERM -> SIGKILL
+    started_mono: float = 0.0  # time.monotonic() at start: durations never go negative on a clock jump
 
 
 class LocalBackend:
@@ -414,15 +415,21 @@ class Scheduler:
                     continue  # tasks became ready while launching (skips, failed starts)
                 break
             self._progress()
+            exited = []
             for key, _ in self.sel.select(self._next_timeout()):
                 if key.data == "signal":
                     with contextlib.suppress(BlockingIOError):
                         os.read(rfd, 4096)
                     continue
-                self._reap(key.data)
+                if self._reap(key.data):
+                    exited.append(key.data)
             if not _HAS_PIDFD:
-                for pid in list(self.running):
-                    self._reap(pid)
+                exited += [pid for pid in list(self.running) if self._reap(pid)]
+            if exited:
+                # Commit the exits before anything else (no task starts, nothing is killed
+                # first): a finished task is recorded once the scheduler has seen it end.
+                self._flush()
+                _release(exited)
             self._enforce_limits()
         left = [tid for tid, r in self.records.items() if not r.state.terminal]
         if left and not self.cancelled:
@@ -480,7 +487,7 @@ class Scheduler:
                     stack.append((dep, False))
 
     def _next_timeout(self) -> float:
-        t = now()
+        t = time.monotonic()
         candidates = [1.0 if any(r.memory_limit_mib for r in self.running.values()) else 30.0]
         for r in self.running.values():
             if r.kill_at is not None:
@@ -556,6 +563,7 @@ class Scheduler:
         out_path, err_path = f"{base}.out", f"{base}.err"
         workdir = str(self.workdir)
         started = now()
+        mono = time.monotonic()
         container_name = None
         argv: list[str] = []
         try:
@@ -607,7 +615,7 @@ class Scheduler:
         limit = task.stage.resources.memory if _explicit_memory(task) and container_name is None else None
         self.running[pid] = _Running(
             task=task, attempt=attempt, pid=pid, pidfd=pidfd,
-            deadline=started + task.stage.timeout if task.stage.timeout else None,
+            deadline=mono + task.stage.timeout if task.stage.timeout else None, started_mono=mono,
             memory_limit_mib=limit, vcpus=vcpus, memory_mib=mem, container_name=container_name,
         )
 
@@ -653,17 +661,21 @@ class Scheduler:
         return out
 
     # -- completion ---------------------------------------------------------------------------
-    def _reap(self, pid: int) -> None:
+    def _reap(self, pid: int) -> bool:
+        """Record the attempt's end if ``pid`` has exited; True if so. The exit is read with
+        WNOWAIT: the process stays a zombie (its pid and group cannot be reused) until the caller
+        has committed the record and releases it with :func:`_release`."""
         r = self.running.get(pid)
         if r is None:
-            return
+            return False
         try:
-            got, status = os.waitpid(pid, os.WNOHANG)
+            info = os.waitid(os.P_PID, pid, os.WEXITED | os.WNOHANG | os.WNOWAIT)
         except ChildProcessError:
-            got, status = pid, 255 << 8
-        if got == 0:
-            return
-        code = os.waitstatus_to_exitcode(status)
+            code = 255
+        else:
+            if info is None or info.si_pid == 0:
+                return False
+            code = info.si_status if info.si_code == os.CLD_EXITED else -info.si_status
         del self.running[pid]
         if r.pidfd is not None:
             self.sel.unregister(r.pidfd)
@@ -682,9 +694,10 @@ class Scheduler:
             state, reason = TaskState.FAILED, f"killed by signal {signal.Signals(-code).name}"
         else:
             state, reason = TaskState.FAILED, f"exit code {code}"
-        attempt = r.attempt.replace(state=state, exit_code=code, reason=reason, ended_at=now())
+        attempt = r.attempt.replace(state=state, exit_code=code, reason=reason, ended_at=_ended(r))
         self.dirty_attempts.append(attempt)
         self._finish(r.task, attempt)
+        return True
 
     def _finish(self, task: Task, attempt: AttemptRecord, retryable: bool = True) -> None:
         rec = self.records[task.id]
@@ -705,7 +718,7 @@ class Scheduler:
             self._resolved(task.id)
 
     def _enforce_limits(self) -> None:
-        t = now()
+        t = time.monotonic()
         for r in list(self.running.values()):
             if r.kill_at is not None:
                 if t >= r.kill_at:
@@ -721,7 +734,7 @@ class Scheduler:
 
     def _kill(self, r: _Running, reason: str) -> None:
         r.kill_reason = reason
-        r.kill_at = now() + KILL_GRACE_S
+        r.kill_at = time.monotonic() + KILL_GRACE_S
         if r.container_name and self.use_engine is not None:
             import subprocess
 
@@ -752,7 +765,7 @@ class Scheduler:
             if r.pidfd is not None:
                 os.close(r.pidfd)
             self.dirty_attempts.append(r.attempt.replace(
-                state=TaskState.FAILED, reason="interrupted: the scheduler stopped", ended_at=now()))
+                state=TaskState.FAILED, reason="interrupted: the scheduler stopped", ended_at=_ended(r)))
             self._set(self.records[r.task.id].replace(state=TaskState.PENDING, reason="interrupted"))
         self.running.clear()
 
@@ -777,6 +790,19 @@ class Scheduler:
         if force or t - self.last_progress >= PROGRESS_EVERY_S:
             self.last_progress = t
             cb(list(self.records.values()))
+
+
+def _release(pids: list[int]) -> None:
+    """Reap zombies whose exits are recorded."""
+    for pid in pids:
+        with contextlib.suppress(ChildProcessError):
+            os.waitpid(pid, 0)
+
+
+def _ended(r: _Running) -> float:
+    """Wall-clock end of an attempt measured on the monotonic clock from its start (a clock jump
+    neither shortens nor lengthens it, and never makes it negative)."""
+    return (r.attempt.started_at or now()) + max(0.0, time.monotonic() - r.started_mono)
 
 
 def _explicit_memory(task: Task) -> bool:

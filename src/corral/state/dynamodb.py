@@ -18,17 +18,17 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import gzip
-import secrets
-import threading
 import json
 import random
+import secrets
+import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
 from corral.errors import StateError
-from corral.state.lease import LEASE_WAIT_S, Holder, LeaseHeld
 from corral.model import AttemptRecord, RunRecord, RunState, TaskRecord, TaskState, now
+from corral.state.lease import LEASE_WAIT_S, Holder, LeaseHeld
 
 MANIFEST_PART = 350_000  # bytes per item (DynamoDB's limit is 400 KB per item, names included)
 BATCH_WRITE = 25

@@ -12,8 +12,8 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from corral.errors import StateError
-from corral.state.lease import LEASE_WAIT_S, file_lease
 from corral.model import AttemptRecord, RunRecord, RunState, TaskRecord, TaskState, now
+from corral.state.lease import LEASE_WAIT_S, file_lease
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS runs (
