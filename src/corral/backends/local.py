@@ -31,8 +31,12 @@ from corral.errors import BackendError, StorageError, UsageError
 from corral.model import AttemptRecord, RunRecord, RunState, TaskRecord, TaskState, now
 from corral.plan import Plan, Task
 from corral.state.base import StateStore
+from corral.state.lease import LeaseHeld
 
 KILL_GRACE_S = 5.0
+LOG_TAIL_LINES = 2000  # `corral logs` shows at most the last lines of each stream...
+LOG_TAIL_BYTES = 1 << 20  # ... and at most the last MiB, read from the end of the file
+LOG_CHUNK = 1 << 16  # `logs --follow` reads this much at a time; longer lines come out in pieces
 PROGRESS_EVERY_S = 0.1
 
 
@@ -97,6 +101,41 @@ def _proc_has_env(pid: int, needle: bytes) -> bool:
         return needle in Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
     except OSError:
         return False
+
+
+def task_marker(run_id: str, task_id: str) -> tuple[bytes, bytes]:
+    """The environment entries every process of a task inherits (its own and its descendants')."""
+    return f"CORRAL_RUN_ID={run_id}".encode(), f"CORRAL_TASK_ID={task_id}".encode()
+
+
+def marked_processes(marker: tuple[bytes, bytes]) -> list[int]:
+    """Processes whose environment carries ``marker``: a task's descendants, also those that left
+    its session with ``setsid`` (daemons). Limit: a process that clears its environment (or was
+    started by a service manager) is not found; this machine has no cgroup v2 corral may use."""
+    out = []
+    me = os.getpid()
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit() or int(entry.name) == me:
+            continue
+        try:
+            env = Path(entry.path, "environ").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if marker[0] in env and marker[1] in env:
+            out.append(int(entry.name))
+    return out
+
+
+def kill_task(pid: int, marker: tuple[bytes, bytes], sig: int = signal.SIGKILL, *, ours: bool = True) -> None:
+    """Signal a task's whole session (its process group) and every process carrying its marker.
+    ``ours``: ``pid`` is our child (it cannot have been reused); else its group is signalled only
+    while ``pid`` still carries the marker."""
+    if ours or _proc_has_env(pid, marker[1]):
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(pid, sig)
+    for p in marked_processes(marker):
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.kill(p, sig)
 
 
 def group_rss_mib(pgid: int) -> int:
@@ -188,10 +227,44 @@ class LocalBackend:
         self._execute(plan, run, store, options, first_attempts={t.task_id: t.attempts for t in tasks})
 
     def refresh(self, run: RunRecord, store: StateStore) -> list[TaskRecord]:
-        """The store is the truth locally; a run whose scheduler died is marked INTERRUPTED."""
-        if run.state == RunState.RUNNING and run.host == socket.gethostname() and not scheduler_alive(run):
-            store.save_run(run.replace(state=RunState.INTERRUPTED, pid=None))
+        """The store is the truth locally. A run whose scheduler died is marked INTERRUPTED and
+        those of its tasks still running past their timeout are stopped (:meth:`stop_overdue`);
+        both under the run's lease, skipped while another command holds it."""
+        live = run.state in (RunState.RUNNING, RunState.INTERRUPTED)
+        if live and run.host == socket.gethostname() and not scheduler_alive(run):
+            with contextlib.suppress(LeaseHeld), store.lease(run.run_id, "status", wait=0):
+                fresh = store.get_run(run.run_id)
+                if fresh.state in (RunState.RUNNING, RunState.INTERRUPTED) and not scheduler_alive(fresh):
+                    self.stop_overdue(fresh, store)
+                    if fresh.state == RunState.RUNNING:
+                        store.save_run(fresh.replace(state=RunState.INTERRUPTED, pid=None))
         return store.get_tasks(run.run_id)
+
+    def stop_overdue(self, run: RunRecord, store: StateStore) -> int:
+        """The reaper for a dead scheduler's tasks: kill (whole session and marked descendants)
+        every attempt still running past its stage's timeout and record it FAILED; the number
+        stopped. Runs from `corral status`; the deadline is on the wall clock here (the scheduler
+        that knew the monotonic one is gone)."""
+        stopped = 0
+        plan: Plan | None = None
+        for t in store.get_tasks(run.run_id, [TaskState.RUNNING]):
+            for a in store.get_attempts(run.run_id, t.task_id):
+                marker = task_marker(run.run_id, t.task_id)
+                if a.state != TaskState.RUNNING or not a.pid or not _proc_has_env(a.pid, marker[1]):
+                    continue
+                plan = plan or Plan.from_manifest(store.load_manifest(run.run_id))
+                task = plan.by_id.get(t.task_id)
+                timeout = task.stage.timeout if task is not None else None
+                started = a.started_at or now()
+                if not timeout or now() < started + timeout:
+                    continue
+                kill_task(a.pid, marker, ours=False)
+                why = f"timed out after {timeout:g}s (stopped by `corral status`: its scheduler had stopped)"
+                end = started + timeout
+                store.save_attempt(a.replace(state=TaskState.FAILED, reason=why, ended_at=end))
+                store.save_tasks([t.replace(state=TaskState.FAILED, reason=why, ended_at=end)])
+                stopped += 1
+        return stopped
 
     def cancel(self, run: RunRecord, store: StateStore) -> None:
         if run.state == RunState.RUNNING and scheduler_alive(run):
@@ -202,15 +275,16 @@ class LocalBackend:
                 _wait_exit(run.pid, 0.5)
             if not process_alive(run.pid):
                 return
-        # No live scheduler: record the cancellation ourselves.
-        self._reap_orphans(run, store)
-        changed = [
-            t.replace(state=TaskState.CANCELLED, reason="cancelled", ended_at=t.ended_at or now())
-            for t in store.get_tasks(run.run_id)
-            if not t.state.terminal
-        ]
-        store.save_tasks(changed)
-        store.save_run(store.get_run(run.run_id).replace(state=RunState.CANCELLED, pid=None))
+        # No live scheduler: record the cancellation ourselves, as the run's one writer.
+        with store.lease(run.run_id, "cancel"):
+            self._reap_orphans(run, store)
+            changed = [
+                t.replace(state=TaskState.CANCELLED, reason="cancelled", ended_at=t.ended_at or now())
+                for t in store.get_tasks(run.run_id)
+                if not t.state.terminal
+            ]
+            store.save_tasks(changed)
+            store.save_run(store.get_run(run.run_id).replace(state=RunState.CANCELLED, pid=None))
 
     def logs(
         self, run: RunRecord, store: StateStore, task: TaskRecord, attempt: int | None, follow: bool
@@ -225,30 +299,38 @@ class LocalBackend:
                 f"task {task.label} has no attempt {attempt}",
                 f"it has attempts 1..{attempts[-1].attempt}",
             )
+        ends: dict[str, int] = {}
         for stream, path in (("stdout", chosen.stdout), ("stderr", chosen.stderr)):
             yield f"==> {stream} of {task.label}, attempt {chosen.attempt} ({path}) <=="
             try:
-                with open(path, errors="replace") as fh:
-                    yield from (line.rstrip("\n") for line in fh)
+                yield from tail_lines(path, ends)
             except OSError:
                 yield "(no output file)"
         if follow:
-            yield from self._follow(run, store, task, chosen)
+            yield from self._follow(run, store, task, chosen, ends.get(chosen.stdout, 0))
 
-    def _follow(self, run: RunRecord, store: StateStore, task: TaskRecord, attempt: AttemptRecord) -> Iterator[str]:
-        """Follow the attempt's stdout until the task ends (bounded backoff between reads)."""
-        pos = os.path.getsize(attempt.stdout) if os.path.exists(attempt.stdout) else 0
+    def _follow(
+        self, run: RunRecord, store: StateStore, task: TaskRecord, attempt: AttemptRecord, pos: int
+    ) -> Iterator[str]:
+        """Follow the attempt's stdout from ``pos`` until the task ends (bounded backoff between
+        reads; at most LOG_CHUNK bytes in memory, a longer line comes out in pieces)."""
         delay = 0.1
+        pending = b""
         while True:
-            rec = next(t for t in store.get_tasks(run.run_id) if t.task_id == task.task_id)
-            with contextlib.suppress(OSError), open(attempt.stdout, errors="replace") as fh:
+            rec = next((t for t in store.get_tasks(run.run_id) if t.task_id == task.task_id), None)
+            with contextlib.suppress(OSError), open(attempt.stdout, "rb") as fh:
                 fh.seek(pos)
-                chunk = fh.read()
-                pos = fh.tell()
-                if chunk:
+                while chunk := fh.read(LOG_CHUNK):
+                    pos += len(chunk)
                     delay = 0.1
-                    yield from chunk.rstrip("\n").split("\n")
-            if rec.state.terminal or rec.attempts != attempt.attempt:
+                    *lines, pending = (pending + chunk).split(b"\n")
+                    yield from (line.decode(errors="replace") for line in lines)
+                    while len(pending) >= LOG_CHUNK:
+                        yield pending[:LOG_CHUNK].decode(errors="replace")
+                        pending = pending[LOG_CHUNK:]
+            if rec is None or rec.state.terminal or rec.attempts != attempt.attempt:
+                if pending:
+                    yield pending.decode(errors="replace")
                 return
             if attempt.pid:
                 _wait_exit(attempt.pid, delay)
@@ -266,9 +348,8 @@ class LocalBackend:
             for a in store.get_attempts(run.run_id, t.task_id):
                 if a.state != TaskState.RUNNING:
                     continue
-                if a.pid and _proc_has_env(a.pid, f"CORRAL_TASK_ID={t.task_id}".encode()):
-                    with contextlib.suppress(ProcessLookupError, PermissionError):
-                        os.killpg(a.pid, signal.SIGKILL)
+                if a.pid:
+                    kill_task(a.pid, task_marker(run.run_id, t.task_id), ours=False)
                 store.save_attempt(
                     a.replace(state=TaskState.FAILED, reason="interrupted: the scheduler stopped", ended_at=now())
                 )
@@ -682,9 +763,13 @@ class Scheduler:
             os.close(r.pidfd)
         self.free_vcpus += r.vcpus
         self.free_mem += r.memory_mib
-        # The group may hold children the task left behind: they go with it.
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(pid, signal.SIGKILL)
+        # The group may hold children the task left behind: they go with it (after a timeout or
+        # cancel, also the daemons it started in sessions of their own).
+        if r.kill_reason:
+            kill_task(pid, task_marker(self.run_rec.run_id, r.task.id))
+        else:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(pid, signal.SIGKILL)
         if r.kill_reason:
             state = TaskState.CANCELLED if r.kill_reason == "cancelled" else TaskState.FAILED
             reason = r.kill_reason
@@ -741,10 +826,9 @@ class Scheduler:
             subprocess.run([self.use_engine.path, "kill", r.container_name], capture_output=True, timeout=30)
         self._signal(r, signal.SIGTERM if "memory" not in reason else signal.SIGKILL)
 
-    @staticmethod
-    def _signal(r: _Running, sig: signal.Signals) -> None:
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(r.pid, sig)
+    def _signal(self, r: _Running, sig: signal.Signals) -> None:
+        """Timeout, cancel, memory: the task's whole session and its marked descendants."""
+        kill_task(r.pid, task_marker(self.run_rec.run_id, r.task.id), sig)
 
     def _cancel_all(self) -> None:
         for r in self.running.values():
@@ -790,6 +874,39 @@ class Scheduler:
         if force or t - self.last_progress >= PROGRESS_EVERY_S:
             self.last_progress = t
             cb(list(self.records.values()))
+
+
+def tail_lines(
+    path: str, ends: dict[str, int] | None = None, max_lines: int = LOG_TAIL_LINES, max_bytes: int = LOG_TAIL_BYTES
+) -> Iterator[str]:
+    """The last ``max_lines`` lines of a file, reading at most ``max_bytes`` backwards from its end
+    (a 2 GB log or a 512 MB line costs one MiB); a first line says what was left out. The size
+    read up to goes into ``ends[path]`` (where ``--follow`` goes on)."""
+    with open(path, "rb") as fh:
+        size = fh.seek(0, os.SEEK_END)
+        start = max(0, size - max_bytes)
+        pos, blocks, newlines = size, [], 0
+        while pos > start and newlines <= max_lines:
+            n = min(LOG_CHUNK, pos - start)
+            pos -= n
+            fh.seek(pos)
+            block = fh.read(n)
+            blocks.append(block)
+            newlines += block.count(b"\n")
+    if ends is not None:
+        ends[path] = size
+    data = b"".join(reversed(blocks))
+    lines = data.split(b"\n")
+    if lines and lines[-1] == b"":
+        lines.pop()
+    cut = pos > 0
+    if len(lines) > max_lines:
+        lines, cut = lines[-max_lines:], True
+    if cut:
+        shown = sum(len(x) + 1 for x in lines)
+        yield f"(... {max(0, size - shown)} earlier bytes not shown; the whole file is {path})"
+    for line in lines:
+        yield line.decode(errors="replace")
 
 
 def _release(pids: list[int]) -> None:
