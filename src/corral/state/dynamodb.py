@@ -542,10 +542,17 @@ class _StoreErrors:
                 f"DynamoDB table {self.table} does not exist (while trying to {self.action})",
                 "run `corral aws setup` (it creates the state table) or check the region",
             ) from exc
-        raise StateError(
-            f"could not {self.action} in DynamoDB table {self.table}: {err.message if err else exc}",
-            "check the table and your permissions; rerun with --debug for details",
-        ) from exc
+        from botocore.exceptions import ConnectionError as BotoConnectionError
+        from botocore.exceptions import HTTPClientError
+
+        if isinstance(exc, (BotoConnectionError, HTTPClientError)):
+            raise StateError(
+                f"lost the connection to DynamoDB (table {self.table}) while trying to {self.action}: {exc}",
+                "check the network (and AWS_ENDPOINT_URL if set), then run the command again: "
+                "a run is recorded whole or not at all",
+            ) from exc
+        message = err.message if err else f"could not {self.action} in DynamoDB table {self.table}: {exc}"
+        raise StateError(message, "check the table and your permissions; rerun with --debug for details") from exc
 
 
 def _run_pk(run_id: str) -> str:
