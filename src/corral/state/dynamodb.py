@@ -367,7 +367,8 @@ class DynamoStore:
                 with contextlib.suppress(Exception), self._errors(f"release the lease of run {run_id}"):
                     self.client.delete_item(
                         TableName=self.table, Key={"pk": _s(_run_pk(run_id)), "sk": _s("LEASE")},
-                        ConditionExpression="owner = :me", ExpressionAttributeValues={":me": _s(held.owner)},
+                        ConditionExpression="#o = :me", ExpressionAttributeValues={":me": _s(held.owner)},
+                        ExpressionAttributeNames={"#o": "owner"},  # OWNER is a reserved word
                     )
 
     def _acquire(self, run_id: str, purpose: str, wait: float) -> _DynamoLease:
@@ -383,8 +384,8 @@ class DynamoStore:
                         TableName=self.table,
                         Item={**key, "owner": _s(owner), "holder": _s(me.as_json()),
                               "expires": _n(time.time() + LEASE_TTL_S)},
-                        ConditionExpression="attribute_not_exists(pk) OR expires < :now",
-                        ExpressionAttributeValues={":now": _n(time.time())},
+                        ConditionExpression="attribute_not_exists(pk) OR #e < :now",
+                        ExpressionAttributeValues={":now": _n(time.time())}, ExpressionAttributeNames={"#e": "expires"},
                     )
                     break
                 except self.client.exceptions.ConditionalCheckFailedException:
@@ -404,8 +405,9 @@ class DynamoStore:
             with contextlib.suppress(Exception):
                 self.client.update_item(
                     TableName=self.table, Key={"pk": _s(_run_pk(run_id)), "sk": _s("LEASE")},
-                    UpdateExpression="SET expires = :e", ConditionExpression="owner = :me",
+                    UpdateExpression="SET #e = :e", ConditionExpression="#o = :me",
                     ExpressionAttributeValues={":e": _n(time.time() + LEASE_TTL_S), ":me": _s(held.owner)},
+                    ExpressionAttributeNames={"#e": "expires", "#o": "owner"},
                 )
 
     # -- attempts -----------------------------------------------------------------------------
