@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import secrets
@@ -113,9 +114,10 @@ def run(
         try:
             be.start(p, rec, store, _no_wait(be, options))
         except BaseException:
-            now_rec = store.get_run(rec.run_id)
-            if backend == "local" and now_rec.state == RunState.RUNNING:
-                store.save_run(now_rec.replace(state=RunState.INTERRUPTED, pid=None))
+            with contextlib.suppress(CorralError):  # a store that fails again: the first error is the one
+                now_rec = store.get_run(rec.run_id)
+                if backend == "local" and now_rec.state == RunState.RUNNING:
+                    store.save_run(now_rec.replace(state=RunState.INTERRUPTED, pid=None))
             raise
     _wait(be, rec, store, options)
     return store.get_run(rec.run_id)

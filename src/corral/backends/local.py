@@ -27,7 +27,7 @@ from pathlib import Path
 from corral import storage
 from corral.backends.base import RunOptions
 from corral.backends.runtime import container_argv, detect_engine, require_engine
-from corral.errors import BackendError, StorageError, UsageError
+from corral.errors import BackendError, CorralError, StorageError, UsageError
 from corral.model import AttemptRecord, RunRecord, RunState, TaskRecord, TaskState, now
 from corral.plan import Plan, Task
 from corral.state.base import StateStore
@@ -467,9 +467,15 @@ class Scheduler:
             self.sel.close()
             if crashed:
                 self._abandon()
-            self._flush()
-            if crashed:  # leave a state that `corral resume` completes
-                self.store.save_run(self.store.get_run(self.run_rec.run_id).replace(state=RunState.INTERRUPTED, pid=None))
+                # Leave a state that `corral resume` completes, as far as the store still takes
+                # writes (a full disk): the error that stopped the loop is the one reported.
+                with contextlib.suppress(CorralError):
+                    self._flush()
+                with contextlib.suppress(CorralError):
+                    self.store.save_run(
+                        self.store.get_run(self.run_rec.run_id).replace(state=RunState.INTERRUPTED, pid=None))
+            else:
+                self._flush()
         tasks = list(self.records.values())
         if self.cancelled:
             state = RunState.CANCELLED
