@@ -70,9 +70,9 @@ def test_a_second_writer_is_told_who_holds_the_run(store: StateStore, tmp_path: 
         proc.kill()
         proc.wait(timeout=10)
     if store.param == "sqlite":  # type: ignore[attr-defined]
-        with store.lease("r1", "resume", wait=0):  # the OS released it with the process (kill -9)
-            with store.lease("r1", "resume", wait=0):  # re-entrant in one process
-                pass
+        # the OS released it with the process (kill -9); re-entrant in one process
+        with store.lease("r1", "resume", wait=0), store.lease("r1", "resume", wait=0):
+            pass
 
 
 def test_an_expired_dynamodb_lease_is_taken_over(aws: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
