@@ -150,6 +150,8 @@ def test_status_stops_a_dead_schedulers_task_past_its_timeout(tmp_path: Path) ->
     proc = subprocess.Popen(corral_cmd("run", str(wf)), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             start_new_session=True)
     wait_for(lambda: (tmp_path / "pid").exists() and (tmp_path / "pid").read_text().strip(), 30, "task start")
+    for dog in _watchdogs_of(proc.pid):  # no watchdog either: status is the reaper here
+        os.kill(dog, signal.SIGKILL)
     os.kill(proc.pid, signal.SIGKILL)  # the scheduler only: its task (own session) goes on
     proc.wait(timeout=10)
     pid = int((tmp_path / "pid").read_text())
@@ -168,6 +170,35 @@ def test_status_stops_a_dead_schedulers_task_past_its_timeout(tmp_path: Path) ->
     (task,) = _store().get_tasks(run_id)
     assert task.state == TaskState.FAILED and "timed out after 5s" in task.reason
     assert _store().get_run(run_id).state == RunState.INTERRUPTED
+
+
+def _watchdogs_of(pid: int) -> list[int]:
+    out = []
+    for entry in os.scandir("/proc"):
+        if entry.name.isdigit():
+            try:
+                cmd = Path(entry.path, "cmdline").read_bytes()
+                ppid = int(Path(entry.path, "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, ValueError, IndexError):
+                continue
+            if b"corral.backends.watchdog" in cmd and ppid == pid:
+                out.append(int(entry.name))
+    return out
+
+
+def test_the_watchdog_stops_a_dead_schedulers_task_at_its_deadline(tmp_path: Path) -> None:
+    wf = write_workflow(tmp_path, "name: dog\nitems: [{i: 1}]\nstages:\n"
+                                  "  - {name: a, command: 'echo $$ > pid; exec sleep 300', timeout: 3}\n")
+    proc = subprocess.Popen(corral_cmd("run", str(wf)), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    wait_for(lambda: (tmp_path / "pid").exists() and (tmp_path / "pid").read_text().strip(), 30, "task start")
+    started = time.monotonic()
+    wait_for(lambda: _watchdogs_of(proc.pid), 10, "the watchdog")
+    os.killpg(proc.pid, signal.SIGKILL)  # the scheduler's whole group; nobody runs `corral status`
+    proc.wait(timeout=10)
+    pid = int((tmp_path / "pid").read_text())
+    wait_for(lambda: not _alive(pid), 30, "the watchdog to kill the overdue task")
+    assert time.monotonic() - started >= 2.5  # at its deadline, not before
 
 
 # -- logs: tails read from the end, follow in bounded pieces -------------------------------------------

@@ -422,6 +422,7 @@ class Scheduler:
         self.dirty_tasks: dict[str, TaskRecord] = {}
         self.dirty_attempts: list[AttemptRecord] = []
         self.made_dirs: set[Path] = set()
+        self.watchdog: tuple[int, int] | None = None  # (pid, write end of its stdin)
         self.host = socket.gethostname()
         self.base_env = dict(os.environ)  # read once: copying os.environ per task is measurable
         self.use_engine = None
@@ -453,6 +454,8 @@ class Scheduler:
         old_handlers = {s: signal.signal(s, self._on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
         old_cwd = os.getcwd()
         os.chdir(self.plan.workflow.base_dir)  # every task runs in the workflow's folder
+        if any(s.timeout for s in self.plan.workflow.stages):
+            self._start_watchdog()
         crashed = True
         try:
             self._loop(rfd)
@@ -476,6 +479,7 @@ class Scheduler:
                         self.store.get_run(self.run_rec.run_id).replace(state=RunState.INTERRUPTED, pid=None))
             else:
                 self._flush()
+            self._stop_watchdog()
         tasks = list(self.records.values())
         if self.cancelled:
             state = RunState.CANCELLED
@@ -485,6 +489,47 @@ class Scheduler:
             state = RunState.FAILED
         self.store.save_run(self.store.get_run(self.run_rec.run_id).replace(state=state, pid=None))
         self._progress(force=True)
+
+    # -- the watchdog (corral.backends.watchdog) ---------------------------------------------------
+    def _start_watchdog(self) -> None:
+        """A process in its own session that enforces the timeouts if this scheduler dies."""
+        r, w = os.pipe()  # both ends close-on-exec: tasks never hold the write end
+        out = os.open(os.devnull, os.O_WRONLY | os.O_CLOEXEC)
+        try:
+            pid = os.posix_spawn(
+                sys.executable, [sys.executable, "-m", "corral.backends.watchdog"], self.base_env, setsid=True,
+                file_actions=[(os.POSIX_SPAWN_DUP2, r, 0), (os.POSIX_SPAWN_DUP2, out, 1),
+                              (os.POSIX_SPAWN_DUP2, out, 2)],
+            )
+        except OSError:
+            os.close(w)
+            self.b._note("no watchdog could start: if the scheduler dies, its tasks run past their timeouts "
+                         "until `corral status` or `resume`")
+            return
+        finally:
+            os.close(r)
+            os.close(out)
+        self.watchdog = (pid, w)
+
+    def _tell_watchdog(self, line: str) -> None:
+        if self.watchdog is None:
+            return
+        try:
+            os.write(self.watchdog[1], line.encode() + b"\n")
+        except OSError:  # it died: the scheduler goes on without it
+            os.close(self.watchdog[1])
+            self.watchdog = None
+
+    def _stop_watchdog(self) -> None:
+        if self.watchdog is None:
+            return
+        pid, _ = self.watchdog
+        self._tell_watchdog("bye")
+        if self.watchdog is not None:
+            os.close(self.watchdog[1])
+            self.watchdog = None
+        with contextlib.suppress(ChildProcessError):
+            os.waitpid(pid, 0)
 
     def _on_signal(self, signum: int, frame: object) -> None:
         self.cancelled = True
@@ -699,6 +744,8 @@ class Scheduler:
                 pidfd = None
         attempt = attempt.replace(pid=pid)
         self.dirty_attempts.append(attempt)
+        if task.stage.timeout:
+            self._tell_watchdog(f"start {pid} {mono + task.stage.timeout!r} {run_id} {task.id}")
         limit = task.stage.resources.memory if _explicit_memory(task) and container_name is None else None
         self.running[pid] = _Running(
             task=task, attempt=attempt, pid=pid, pidfd=pidfd,
@@ -764,6 +811,8 @@ class Scheduler:
                 return False
             code = info.si_status if info.si_code == os.CLD_EXITED else -info.si_status
         del self.running[pid]
+        if r.deadline is not None:
+            self._tell_watchdog(f"end {pid}")
         if r.pidfd is not None:
             self.sel.unregister(r.pidfd)
             os.close(r.pidfd)
