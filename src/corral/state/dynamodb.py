@@ -378,6 +378,7 @@ class DynamoStore:
         deadline = time.monotonic() + max(0.0, wait)
         delay = 0.05
         with self._errors(f"take the lease of run {run_id}"):
+            made = False
             while True:
                 try:
                     self.client.put_item(
@@ -388,6 +389,11 @@ class DynamoStore:
                         ExpressionAttributeValues={":now": _n(time.time())}, ExpressionAttributeNames={"#e": "expires"},
                     )
                     break
+                except self.client.exceptions.ResourceNotFoundException:
+                    if made:
+                        raise
+                    self.create_table_if_missing()  # first use in this account/region, as create_run does
+                    made = True
                 except self.client.exceptions.ConditionalCheckFailedException:
                     if time.monotonic() >= deadline:
                         item = self._get(key["pk"]["S"], "LEASE") or {}
