@@ -29,7 +29,7 @@ from corral.backends.base import RunOptions
 from corral.backends.runtime import container_argv, detect_engine, require_engine
 from corral.errors import BackendError, CorralError, StorageError, UsageError
 from corral.model import AttemptRecord, RunRecord, RunState, TaskRecord, TaskState, now
-from corral.plan import Plan, Task
+from corral.plan import Plan, Task, check_local_secrets
 from corral.state.base import StateStore
 from corral.state.lease import LeaseHeld
 
@@ -192,6 +192,7 @@ class LocalBackend:
     # -- Backend protocol ---------------------------------------------------------------------
     def check(self, plan: Plan) -> None:
         storage.check_workflow(plan.workflow)  # transfers that can never work: no rclone, unknown remote
+        check_local_secrets(plan.workflow)  # env:/file: secrets exist before any task starts
         for s in plan.workflow.stages:
             r = s.resources
             if r.vcpus > self.vcpus:
@@ -684,7 +685,7 @@ class Scheduler:
             return storage.transfer_argv(
                 _render(task, task.stage.source or "", run_id, workdir),
                 _render(task, task.stage.dest or "", run_id, workdir),
-                mode=task.stage.mode, filters=task.stage.filters, run_id=run_id, workdir=workdir,
+                mode=task.stage.mode, filters=task.filter_rules(run_id, workdir), run_id=run_id, workdir=workdir,
                 base_dir=self.plan.workflow.base_dir,
             )
         if task.stage.kind == "cleanup" and task.stage.command is None:
