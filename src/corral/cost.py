@@ -445,9 +445,15 @@ def run_cost(store: StateStore, run_id: str, *, spot: bool | None = None, tasks:
 
 
 def reads_attempts(run: RunRecord) -> bool:
-    """Whether reading attempts task by task is worth it: the local backend records them; the AWS
-    backend (so far) records a task's start/end and external id only."""
-    return run.backend == "local"
+    """Whether reading attempts task by task is worth it: only where the backend records every
+    attempt in the store (others record a task's start/end and external id)."""
+    from corral.backends import backend_class
+    from corral.errors import UsageError
+
+    try:
+        return backend_class(run.backend).records_attempts
+    except UsageError:
+        return False
 
 
 def status_cost_line(store: StateStore, run_id: str, tasks: Sequence[TaskRecord] | None = None) -> str | None:

@@ -143,8 +143,14 @@ def check_interrupted(store: StateStore, *, limit: int = 50) -> list[Finding]:
 
     out = []
     host = socket.gethostname()
+    from corral.backends import backend_class
+    from corral.errors import UsageError
+
     for run in store.list_runs(limit=limit):
-        if run.backend != "local":
+        try:
+            if not backend_class(run.backend).driven_from_host:
+                continue  # nothing on this machine drives it: it cannot be interrupted here
+        except UsageError:
             continue
         if run.state == RunState.INTERRUPTED or (
             run.state == RunState.RUNNING and run.host == host and not scheduler_alive(run)

@@ -172,6 +172,8 @@ class Stage(StageFields):
     command: str | list[str] | None = None
     needs: list[str] = Field(default_factory=list)
     per: Literal["item", "run"] = "item"
+    # at most this many of the stage's tasks at once (e.g. 20 DANDI uploads, 8 GPU sorts)
+    max_parallel: int | None = Field(None, ge=1, le=100_000)
     inputs: list[str] = Field(default_factory=list)
     outputs: list[str] = Field(default_factory=list)
     # transfer stages
