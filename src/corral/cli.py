@@ -9,20 +9,28 @@ import time
 import traceback
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
 from rich.console import Console, Group
 from rich.table import Table
 from rich.text import Text
 
-from corral import api, runstate
-from corral.backends.base import RunOptions
-from corral.cli_ops import stage_time
+from corral import backends
 from corral.errors import CorralError
 from corral.jsonout import write_json
-from corral.model import RunRecord, TaskRecord, TaskState, finished_count, summarize
+from corral.lazy import LazyModule
 from corral.units import format_duration, format_size_mib
+
+if TYPE_CHECKING:
+    from corral.model import RunRecord, TaskRecord
+
+# What a command needs is imported when it runs (`corral --help` stays fast): the API, the models
+# (pydantic) and the backends load on first use through these two module proxies.
+api: Any = LazyModule("corral.api")
+runstate: Any = LazyModule("corral.runstate")
+model: Any = LazyModule("corral.model")
+cli_ops: Any = LazyModule("corral.cli_ops")
 
 EXTENSIONS = ["corral.cli_aws", "corral.cli_aws_jobs", "corral.cli_storage", "corral.cli_ops", "corral.cli_recipes"]
 
@@ -40,7 +48,7 @@ STATE_STYLE = {
 
 def backend_option(f: F) -> F:
     return click.option(
-        "--backend", type=click.Choice(api.BACKENDS), default=None,
+        "--backend", type=click.Choice(backends.NAMES), default=None,
         help="Where the run lives: local (default) or aws (reads the DynamoDB state table).",
     )(f)
 
@@ -62,14 +70,14 @@ def cli(ctx: click.Context, debug: bool, home: str | None) -> None:
 def _stage_table(tasks: list[TaskRecord], title: str | None = None) -> Any:
     table = Table(show_edge=False, pad_edge=False)
     table.add_column("stage")
-    states = [s.value for s in TaskState if any(t.state == s for t in tasks)]
+    states = [s.value for s in model.TaskState if any(t.state == s for t in tasks)]
     for s in states:
         table.add_column(s.lower().replace("_", " "), justify="right", style=STATE_STYLE.get(s, ""))
     table.add_column("total", justify="right")
     table.add_column("time (median / max)", justify="right")
-    for stage, per in summarize(tasks).items():
+    for stage, per in model.summarize(tasks).items():
         table.add_row(stage, *[str(per.get(s, 0) or "") for s in states], str(sum(per.values())),
-                      stage_time(tasks, stage))
+                      cli_ops.stage_time(tasks, stage))
     if title is None:
         return table
     # The title on a line of its own: as a table title rich would wrap it to the table's width.
@@ -78,7 +86,7 @@ def _stage_table(tasks: list[TaskRecord], title: str | None = None) -> Any:
 
 def _failures(tasks: list[TaskRecord], limit: int = 10) -> list[str]:
     lines = []
-    bad = [t for t in tasks if t.state in (TaskState.FAILED, TaskState.UPSTREAM_FAILED)]
+    bad = [t for t in tasks if t.state in (model.TaskState.FAILED, model.TaskState.UPSTREAM_FAILED)]
     for t in bad[:limit]:
         lines.append(f"  {t.state.value.lower():<15} {t.label}  {t.task_id[:12]}  {t.reason}")
     if len(bad) > limit:
@@ -116,7 +124,7 @@ def _run_json(run: RunRecord, tasks: list[TaskRecord]) -> dict[str, Any]:
     return {
         "run_id": run.run_id, "workflow": run.workflow_name, "backend": run.backend, "state": run.state.value,
         "created_at": run.created_at, "counts": api.counts(tasks),
-        "stages": summarize(tasks),
+        "stages": model.summarize(tasks),
         "tasks": (  # a generator: streamed by write_json, one task per line
             {
                 "task_id": t.task_id, "stage": t.stage, "item": t.item_key, "index": t.item_index,
@@ -153,9 +161,9 @@ class LiveProgress:
     def update(self, tasks: list[TaskRecord]) -> None:
         if not self.enabled:
             return
-        for stage, per in summarize(tasks).items():
+        for stage, per in model.summarize(tasks).items():
             total = sum(per.values())
-            done = finished_count(per)  # a cancelled run's bars do not read full
+            done = model.finished_count(per)  # a cancelled run's bars do not read full
             bits = [f"{per[s]} {s.lower()}"
                     for s in ("RUNNING", "FAILED", "UPSTREAM_FAILED", "SKIPPED", "REUSED", "CANCELLED")
                     if per.get(s)]
@@ -166,7 +174,7 @@ def _report_end(run: RunRecord, tasks: list[TaskRecord]) -> int:
     err.print(_stage_table(tasks, title=f"run {run.run_id}: {run.state.value.lower()}"))
     for line in _failures(tasks):
         err.print(line, markup=False)
-    failed = any(t.state in (TaskState.FAILED, TaskState.UPSTREAM_FAILED) for t in tasks)
+    failed = any(t.state in (model.TaskState.FAILED, model.TaskState.UPSTREAM_FAILED) for t in tasks)
     if failed:
         flag = "" if run.backend == api.backends.DEFAULT else f" --backend {run.backend}"  # as the run was started
         err.print(f"hint: `corral logs {run.run_id} <task>{flag}` shows a task's output; "
@@ -205,7 +213,7 @@ def _note_unused_flags(be: Any, given: dict[str, bool]) -> None:
 # -- commands -----------------------------------------------------------------------------------
 @cli.command()
 @click.argument("workflow", type=click.Path(dir_okay=False))
-@click.option("--backend", type=click.Choice(api.BACKENDS), default=api.backends.DEFAULT, show_default=True)
+@click.option("--backend", type=click.Choice(backends.NAMES), default=backends.DEFAULT, show_default=True)
 @click.option("--max-parallel", type=click.IntRange(min=1), help="Local: at most N tasks at once (default: CPUs).")
 @click.option("--runtime", type=click.Choice(["auto", "process", "container"]), default="auto", show_default=True,
               help="Local: run stages with an image in a container (auto: when an engine answers).")
@@ -228,13 +236,13 @@ def run(workflow: str, backend: str, max_parallel: int | None, runtime: str, for
     _note_unused_flags(be, given)
     live = LiveProgress(p.stage_order)
     waits = be.always_waits or bool(wait)
-    opts = RunOptions(force=force, max_parallel=max_parallel, runtime=runtime,  # type: ignore[arg-type]
+    opts = api.RunOptions(force=force, max_parallel=max_parallel, runtime=runtime,  # type: ignore[arg-type]
                       wait=waits, progress=live.update, force_stages=force_stages, reuse=not no_reuse)
     store = be.open_store(workflow=wf)
     with live:
         rec = api.run(wf, backend, store=store, options=opts, backend_impl=be, plan=p)
     tasks = store.get_tasks(rec.run_id)
-    n_reused = sum(1 for t in tasks if t.state == TaskState.REUSED)
+    n_reused = sum(1 for t in tasks if t.state == model.TaskState.REUSED)
     if n_reused:
         err.print(f"corral: {n_reused} task(s) reused: they succeeded in earlier runs of {wf.name} "
                   "(`--force-stage STAGE` or `--force` runs them again)", markup=False)
@@ -266,7 +274,7 @@ def resume(run_id: str, backend: str | None, max_parallel: int | None, runtime: 
     plan = api.load_plan(store, run_id)
     _note_workflow_changed(rec, plan)
     live = LiveProgress(plan.stage_order)
-    opts = RunOptions(force=force, max_parallel=max_parallel, runtime=runtime, progress=live.update)  # type: ignore[arg-type]
+    opts = api.RunOptions(force=force, max_parallel=max_parallel, runtime=runtime, progress=live.update)  # type: ignore[arg-type]
     todo = [t for t in store.get_tasks(run_id) if not t.state.ok]
     err.print(f"corral: resuming {run_id}: {len(todo)} task(s) not done", markup=False)
     with live:
@@ -353,7 +361,7 @@ def cancel(run_id: str, backend: str | None) -> None:
         err.print(f"run {run_id} had already ended ({rec.state.value.lower()}): nothing to cancel", markup=False)
     else:
         tasks = store.get_tasks(run_id)
-        n = sum(1 for t in tasks if t.state == TaskState.CANCELLED)
+        n = sum(1 for t in tasks if t.state == model.TaskState.CANCELLED)
         err.print(f"cancelled {run_id}: {n} task(s) cancelled", markup=False)
     out.print(run_id, markup=False)
 

@@ -14,9 +14,12 @@ import click
 from rich.console import Console
 from rich.table import Table
 
-from corral import api
+from corral import backends
 from corral.errors import CorralError, UsageError
 from corral.jsonout import write_json
+from corral.lazy import LazyModule
+
+api: Any = LazyModule("corral.api")  # imported when a command runs, not for `corral --help`
 
 err = Console(stderr=True, highlight=False)
 out = Console(highlight=False, soft_wrap=True)
@@ -25,7 +28,7 @@ LEVEL_STYLE = {"ok": "green", "info": "cyan", "warn": "yellow", "error": "red"}
 
 
 def _backend_option(f: Any) -> Any:
-    return click.option("--backend", type=click.Choice(api.BACKENDS), default=None,
+    return click.option("--backend", type=click.Choice(backends.NAMES), default=None,
                         help="Where the run lives: local (default) or aws (DynamoDB state table).")(f)
 
 
@@ -57,7 +60,10 @@ def estimate_table(est: Any) -> Table:
         table.add_row(s.stage, str(s.tasks), inst, f"{format_duration(s.duration_s)} ({src})", usd(s.usd_per_task),
                       usd(s.usd))
     per_item = f", {usd(est.per_item_usd)} per item" if est.per_item_usd is not None else ""
-    table.caption = f"total {usd(est.total_usd)}{per_item}"
+    parts = [f"instances {usd(est.compute_usd)}", f"root volumes {usd(est.root_volumes_usd)}"]
+    if est.efs_usd:
+        parts.append(f"EFS {usd(est.efs_usd)}")
+    table.caption = f"total {usd(est.total_usd)}{per_item} ({', '.join(parts)})"
     table.caption_justify = "left"
     return table
 
@@ -148,7 +154,7 @@ def register(cli: click.Group) -> None:
                   help="How long one task of STAGE takes, e.g. --duration sort=90m (repeatable).")
     @click.option("--default-duration", default="1h", show_default=True,
                   help="For stages with no --duration and no earlier run.")
-    @click.option("--backend", type=click.Choice(api.BACKENDS), default=api.backends.DEFAULT, show_default=True,
+    @click.option("--backend", type=click.Choice(backends.NAMES), default=backends.DEFAULT, show_default=True,
                   help="Which state store to read earlier runs' durations from.")
     @click.option("--json", "as_json", is_flag=True, help="The estimate as JSON on stdout.")
     def cost(workflow: str, spot: bool | None, durations: tuple[str, ...], default_duration: str, backend: str,

@@ -485,7 +485,7 @@ class Scheduler:
     # -- main loop ----------------------------------------------------------------------------
     def run(self) -> None:
         storage.prepare_workspace(str(self.workdir))
-        self.logdir.mkdir(parents=True, exist_ok=True)
+        self.logdir.mkdir(parents=True, exist_ok=True, mode=0o700)
         me = os.getpid()
         runstate.reopen(self.store, self.run_rec, pid=me, host=self.host,
                         options={**self.run_rec.options, "scheduler_start": process_start_time(me)})
@@ -755,7 +755,7 @@ class Scheduler:
         number = rec.attempts + 1
         folder = self.logdir / task.stage.name
         if folder not in self.made_dirs:
-            folder.mkdir(parents=True, exist_ok=True)
+            folder.mkdir(parents=True, exist_ok=True, mode=0o700)
             self.made_dirs.add(folder)
         base = f"{folder}/{task.key}.{task.id[:8]}.{number}"
         out_path, err_path = f"{base}.out", f"{base}.err"
@@ -823,7 +823,9 @@ class Scheduler:
         self, task: Task, number: int, started: float, out_path: str, err_path: str, why: str, *, retryable: bool
     ) -> None:
         with contextlib.suppress(OSError):
-            Path(err_path).write_text(f"corral: {why}\n")
+            fd = os.open(err_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+            with os.fdopen(fd, "w") as fh:
+                fh.write(f"corral: {why}\n")
         attempt = AttemptRecord(
             run_id=self.run_rec.run_id, task_id=task.id, attempt=number, state=TaskState.FAILED, exit_code=127,
             reason=why, started_at=started, ended_at=now(), stdout=out_path, stderr=err_path, host=self.host,
@@ -1054,9 +1056,9 @@ def _explicit_memory(task: Task) -> bool:
 def _start_process(argv: list[str], env: dict[str, str], out_path: str, err_path: str, devnull: int) -> int:
     """Create the attempt's log files and start it in a new session (posix_spawn); returns the pid."""
     flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC
-    fd_out = os.open(out_path, flags, 0o644)
+    fd_out = os.open(out_path, flags, 0o600)  # logs are the user's alone (CORRAL_HOME is 0700)
     try:
-        fd_err = os.open(err_path, flags, 0o644)
+        fd_err = os.open(err_path, flags, 0o600)
         try:
             return os.posix_spawnp(
                 argv[0], argv, env, setsid=True,

@@ -153,8 +153,7 @@ class AwsBatchBackend:
         if self._environment is None:
             from corral.backends.aws_batch import provision
 
-            needs = provision.needs_for(plan)
-            needs.run_id = run_id
+            needs = provision.needs_for(plan, run_id)  # {run} in S3 URIs: this run's scope only
             if staging.reads_local_paths(plan):
                 needs.bucket = True  # local sources are staged in the run's bucket
             if run_id:
@@ -286,7 +285,7 @@ class AwsBatchBackend:
         """Make (or update) the run's rclone-config secret when its transfers use rclone remotes:
         ``{CORRAL_RCLONE_CONFIG: ARN}`` (Secrets Manager, or an SSM SecureString)."""
         from corral.storage.aws import CONFIG_ENV, prepare_rclone_secret, rclone_config_text, workflow_remotes
-        from corral.storage.secrets import create_parameter
+        from corral.storage.secrets import create_parameter, restrict_readers
 
         names = workflow_remotes(plan.workflow)
         if not names:
@@ -298,7 +297,11 @@ class AwsBatchBackend:
                 account_id=self.clients.account_id(), partition=self.clients.partition(),
             )
             return {CONFIG_ENV: arn}
-        return prepare_rclone_secret(self.clients.secretsmanager, plan.workflow, run.run_id, tags=tags)
+        made = prepare_rclone_secret(self.clients.secretsmanager, plan.workflow, run.run_id, tags=tags)
+        reader = getattr(self.environment(plan, run.run_id), "execution_role_arn", "")
+        if reader:  # the secret's resource policy: nobody but the run's execution role reads it
+            restrict_readers(self.clients.secretsmanager, made[CONFIG_ENV], [reader])
+        return made
 
     def start(self, plan: Plan, run: RunRecord, store: StateStore, options: RunOptions) -> None:
         self.check(plan)
@@ -548,6 +551,8 @@ class AwsBatchBackend:
             rclone_secrets=self._secrets, s3_endpoint=self._s3_endpoint(),
             instance_types=list(self._aws(plan).instance_types),
             staged=staged, base_dir=plan.workflow.base_dir,
+            share_identifier=getattr(self._aws(plan), "share_identifier", "corral"),
+            user_queues=[q for q in [self._aws(plan).queue] if q],
         )
 
     def _s3_endpoint(self) -> str | None:
