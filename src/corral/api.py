@@ -26,7 +26,7 @@ from corral.plan import Plan, make_plan
 from corral.spec import Workflow, load_workflow
 from corral.state.base import StateStore
 
-BACKENDS = ("local", "aws")
+BACKENDS = ("local", "aws", "slurm")
 
 
 def corral_home() -> Path:
@@ -43,7 +43,7 @@ def _check_backend(name: str) -> None:
 def open_store(backend: str = "local", workflow: Workflow | None = None, **aws: Any) -> StateStore:
     """The state store a backend records into: SQLite locally, DynamoDB for AWS runs."""
     _check_backend(backend)
-    if backend == "local":
+    if backend in ("local", "slurm"):  # Slurm runs are recorded on the submitting side, as local ones
         from corral.state.sqlite import SqliteStore
 
         return SqliteStore(corral_home() / "state.db")
@@ -63,6 +63,10 @@ def get_backend(backend: str, workflow: Workflow | None = None, run: RunRecord |
         from corral.backends.local import LocalBackend
 
         return LocalBackend(corral_home())
+    if backend == "slurm":
+        from corral.backends.slurm import SlurmBackend
+
+        return SlurmBackend(corral_home(), workflow.slurm if workflow is not None else None)
     from corral.backends.aws_batch.backend import AwsBatchBackend
     from corral.backends.aws_batch.client import AwsClients
     from corral.spec import AwsSettings

@@ -148,7 +148,7 @@ def _report_end(run: RunRecord, tasks: list[TaskRecord]) -> int:
 @click.option("--runtime", type=click.Choice(["auto", "process", "container"]), default="auto", show_default=True,
               help="Local: run stages with an image in a container (auto: when an engine answers).")
 @click.option("--force", is_flag=True, help="Run tasks even when their outputs exist.")
-@click.option("--wait/--no-wait", default=None, help="AWS: wait for the run to end (default: return after submitting).")
+@click.option("--wait/--no-wait", default=None, help="AWS, Slurm: wait for the run to end (default: return after submitting).")
 @click.option("--json", "as_json", is_flag=True, help="Print the run's final state as JSON on stdout.")
 def run(workflow: str, backend: str, max_parallel: int | None, runtime: str, force: bool,
         wait: bool | None, as_json: bool) -> None:
@@ -159,7 +159,7 @@ def run(workflow: str, backend: str, max_parallel: int | None, runtime: str, for
               f"on {backend}", markup=False)
     live = LiveProgress(p.stage_order)
     opts = RunOptions(force=force, max_parallel=max_parallel, runtime=runtime,  # type: ignore[arg-type]
-                      wait=bool(wait) if backend == "aws" else True, progress=live.update)
+                      wait=bool(wait) if backend != "local" else True, progress=live.update)
     store = api.open_store(backend, wf)
     with live:
         rec = api.run(wf, backend, store=store, options=opts)
@@ -168,9 +168,10 @@ def run(workflow: str, backend: str, max_parallel: int | None, runtime: str, for
         out.print_json(json.dumps(_run_json(rec, tasks)))
     else:
         out.print(rec.run_id, markup=False)
-    if backend == "aws" and not wait:
-        err.print(f"submitted; follow it with `corral status {rec.run_id} --backend aws --watch`", markup=False)
-        if any(s.kind == "cleanup" for s in p.workflow.stages):
+    if backend != "local" and not wait:
+        err.print(f"submitted; follow it with `corral status {rec.run_id} --backend {backend} --watch`",
+                  markup=False)
+        if backend == "aws" and any(s.kind == "cleanup" for s in p.workflow.stages):
             err.print("note: Batch runs the workspace cleanup when everything succeeded; after a failure it is "
                       "submitted by the first `corral status` (or --watch) that sees the run end",
                       markup=False, soft_wrap=True)
