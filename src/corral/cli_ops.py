@@ -94,8 +94,8 @@ def register(cli: click.Group) -> None:
                 plan = api.load_plan(store, run_id)
             except CorralError:
                 plan = None
-            if run.backend == "aws":  # bring reasons and states up to date (as `status` does)
-                tasks = api.get_backend("aws", run=run).refresh(run, store)
+            if run.backend in ("aws", "slurm"):  # bring reasons and states up to date (as `status` does)
+                tasks = api.get_backend(run.backend, run=run).refresh(run, store)
                 run = store.get_run(run_id)
             else:
                 tasks = store.get_tasks(run_id)
@@ -121,6 +121,11 @@ def register(cli: click.Group) -> None:
             else:
                 findings += dr.aws_checks(clients, settings, plan=plan, run=run, tasks=tasks,
                                           runnable_after_s=after_s)
+        if backend == "slurm" or (run is not None and run.backend == "slurm"):
+            from corral.backends.slurm.client import SlurmClient
+            from corral.backends.slurm.doctor import slurm_checks
+
+            findings += slurm_checks(SlurmClient(), api.corral_home(), run=run, tasks=tasks or [])
         if as_json:
             out.print_json(json.dumps({"worst": dr.worst(findings), "findings": [f.to_dict() for f in findings]}))
         else:
