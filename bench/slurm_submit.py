@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
 import tempfile
 import time
@@ -34,6 +35,7 @@ def main() -> int:
     ap.add_argument("--items", type=int, default=1000)
     ap.add_argument("--wait", action="store_true", help="also wait for every task to end")
     args = ap.parse_args()
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # stop the cluster on `timeout` too
     tmp = Path(tempfile.mkdtemp(prefix="corral-bench-slurm-"))
     os.environ["CORRAL_HOME"] = str(tmp / "home")
     wf_path = tmp / "workflow.yaml"
@@ -80,7 +82,7 @@ def main() -> int:
             client.scancel(sorted({a["job"] for a in store.get_run(run.run_id).options["slurm"]["arrays"]}))
     width = [max(len(r[i]) for r in rows + [("metric", "corral", "baseline", "ratio")]) for i in range(4)]
     for r in [("metric", "corral", "baseline", "ratio"), tuple("-" * w for w in width), *rows]:
-        print("  ".join(c.ljust(w) for c, w in zip(r, width)))
+        print("  ".join(c.ljust(w) for c, w in zip(r, width, strict=True)))
     ok = sbatch <= 6 and refresh_calls == 1
     print(f"\ntargets: ≤ 6 sbatch calls, 1 call per refresh: {'met' if ok else 'NOT met'}")
     return 0 if ok else 1

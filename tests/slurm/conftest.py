@@ -1,12 +1,13 @@
-"""One real Slurm cluster (munged, slurmctld, slurmd on 127.0.0.1) for the whole session.
+"""Real Slurm clusters (munged, slurmctld, slurmd on 127.0.0.1), each started once per session.
 
-Tests that use ``slurm`` skip, saying why, where the daemons cannot start (not root, packages
-missing). ``SLURM_CONF`` points every client command at the cluster.
+``slurm``: no accounting (``accounting_storage/none``): the backend reads squeue.
+``any_slurm``: the same tests on that cluster and on one with accounting (MariaDB + slurmdbd), where
+the backend reads sacct. Tests skip, saying why, where the daemons cannot start (not root, packages
+missing). ``SLURM_CONF`` points every client command at the test's cluster.
 """
 
 from __future__ import annotations
 
-import os
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -14,29 +15,39 @@ from pathlib import Path
 import pytest
 from slurm_cluster import ClusterUnavailable, SlurmCluster
 
-_CLUSTER: dict[str, object] = {}
 
-
-@pytest.fixture(scope="session")
-def slurm_cluster() -> Iterator[SlurmCluster]:
+def _cluster(accounting: bool) -> Iterator[SlurmCluster]:
     root = Path(tempfile.mkdtemp(prefix="corral-slurm-"))
     try:
-        cluster = SlurmCluster(root).start()
+        cluster = SlurmCluster(root, accounting=accounting, node="node2" if accounting else "node1").start()
     except ClusterUnavailable as exc:
-        pytest.skip(f"no Slurm cluster here: {exc}")
-    old = os.environ.get("SLURM_CONF")
-    os.environ["SLURM_CONF"] = str(cluster.conf)
+        what = "with accounting (slurmdbd + MariaDB)" if accounting else ""
+        pytest.skip(f"no Slurm cluster {what} here: {exc}")
     try:
         yield cluster
     finally:
         cluster.stop()
-        if old is None:
-            os.environ.pop("SLURM_CONF", None)
-        else:
-            os.environ["SLURM_CONF"] = old
+
+
+@pytest.fixture(scope="session")
+def slurm_cluster() -> Iterator[SlurmCluster]:
+    yield from _cluster(False)
+
+
+@pytest.fixture(scope="session")
+def slurm_acct_cluster() -> Iterator[SlurmCluster]:
+    yield from _cluster(True)
 
 
 @pytest.fixture
 def slurm(slurm_cluster: SlurmCluster, monkeypatch: pytest.MonkeyPatch) -> SlurmCluster:
     monkeypatch.setenv("SLURM_CONF", str(slurm_cluster.conf))
     return slurm_cluster
+
+
+@pytest.fixture(params=["squeue", "sacct"])
+def any_slurm(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> SlurmCluster:
+    cluster: SlurmCluster = request.getfixturevalue("slurm_cluster" if request.param == "squeue"
+                                                    else "slurm_acct_cluster")
+    monkeypatch.setenv("SLURM_CONF", str(cluster.conf))
+    return cluster

@@ -394,7 +394,11 @@ class SlurmBackend:
         if not pending:
             return
         names = [a["name"] for a in pending]
-        rows = (self.client.sacct(names=names) if state.get("accounting") else self.client.squeue(names=names))
+        # squeue asks slurmctld itself (a job submitted a moment ago may not be in the accounting
+        # database yet); sacct, where it exists, also finds jobs that left squeue after MinJobAge.
+        rows = self.client.squeue(names=names)
+        if state.get("accounting"):
+            rows += self.client.sacct(names=names)
         found = {r.name: r.array_job for r in rows}
         for a in pending:
             job = found.get(a["name"]) or _job_from_records(self._records_dir(run.run_id), a["tasks"])
@@ -429,7 +433,8 @@ class SlurmBackend:
                 exit_code=r.get("exit_code"), reason=r.get("reason", ""), started_at=r.get("start"),
                 ended_at=r.get("end"), stdout=f"{base}.out", stderr=f"{base}.err", external_id=t.external_id,
                 host=r.get("host", "")))
-        last = recs[-1] if recs else None
+        mine = [r for r in recs if r.get("job") == t.external_id]  # this submission's tries, not a past round's
+        last = mine[-1] if mine else None
         slurm_state = row.state if row else None
         attempts = max([t.attempts] + [int(r["attempt"]) for r in recs])
         started = t.started_at or (recs[0].get("start") if recs else None)
@@ -460,6 +465,8 @@ class SlurmBackend:
         elif last["state"] == "FAILED":
             new = t.replace(state=TaskState.FAILED, exit_code=last.get("exit_code"), reason=last.get("reason", ""),
                             ended_at=last.get("end") or now())
+        elif row is None and run.options.get("slurm", {}).get("accounting"):
+            new = t.replace(state=TaskState.RUNNING)  # not in the accounting database yet: decide later
         else:  # a try started and its job ended without a final record
             if slurm_state == "CANCELLED":
                 new = t.replace(state=TaskState.CANCELLED, reason="cancelled in Slurm", ended_at=now())
