@@ -132,10 +132,12 @@ def resume(
     store: StateStore | None = None,
     options: RunOptions | None = None,
     backend_impl: Backend | None = None,
+    plan: Plan | None = None,
 ) -> RunRecord:
+    """Go on with RUN_ID; ``plan`` is the run's stored plan when the caller has loaded it already."""
     store = store or open_store("local")
     rec = store.get_run(run_id)
-    p = load_plan(store, run_id)
+    p = plan if plan is not None else load_plan(store, run_id)
     be = backend_impl or get_backend(rec.backend, p.workflow, rec)
     be.resume(p, rec, store, options or RunOptions())
     return store.get_run(run_id)

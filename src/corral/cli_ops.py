@@ -6,7 +6,6 @@ Ids, paths and ``--json`` go to stdout; everything for people goes to stderr.
 
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 from typing import Any
@@ -17,6 +16,7 @@ from rich.table import Table
 
 from corral import api
 from corral.errors import CorralError, UsageError
+from corral.jsonout import write_json
 
 err = Console(stderr=True, highlight=False)
 out = Console(highlight=False, soft_wrap=True)
@@ -127,7 +127,7 @@ def register(cli: click.Group) -> None:
 
             findings += slurm_checks(SlurmClient(), api.corral_home(), run=run, tasks=tasks or [])
         if as_json:
-            out.print_json(json.dumps({"worst": dr.worst(findings), "findings": [f.to_dict() for f in findings]}))
+            write_json({"worst": dr.worst(findings), "findings": [f.to_dict() for f in findings]})
         else:
             print_findings(findings)
         sys.exit(1 if dr.worst(findings) == "error" else 0)
@@ -183,7 +183,7 @@ def register(cli: click.Group) -> None:
             err.print(f"note: earlier durations not read ({exc.one_line()})", markup=False)
         est = estimate_plan(p, spot=spot, durations=given, store=store, default_duration_s=default_s)
         if as_json:
-            out.print_json(json.dumps(est.to_dict()))
+            write_json(est.to_dict())
             return
         err.print(estimate_table(est))
         for a in est.assumptions:
