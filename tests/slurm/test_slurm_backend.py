@@ -339,3 +339,45 @@ def test_doctor_backend_slurm(slurm, tmp_path: Path) -> None:
     assert checks["slurm-controller"]["level"] == "ok"
     assert "no accounting" in checks["slurm-accounting"]["message"]
     assert checks["slurm-shared-fs"]["level"] in ("ok", "info")
+
+
+def test_logs_follow_waits_for_the_task_and_reads_to_its_end(slurm, tmp_path: Path) -> None:
+    wf = write(tmp_path, """
+name: chatty
+items: [{n: 1}]
+stages:
+  - {name: talk, command: "for i in 1 2 3; do echo line$i; sleep 0.3; done"}
+""")
+    run = api.run(wf, "slurm", options=RunOptions(wait=False))
+    lines = list(api.logs(run.run_id, "talk[1]", follow=True, store=api.open_store("slurm")))
+    body = [ln for ln in lines if ln.startswith("line")]
+    assert body == ["line1", "line2", "line3"]
+    assert api.open_store("slurm").get_tasks(run.run_id)[0].state == TaskState.SUCCEEDED
+
+
+def test_resume_pads_arrays_so_aftercorr_finds_every_index(slurm, tmp_path: Path) -> None:
+    """a fails for item 1, b for item 2; resume runs a[1], b[1], b[2] only: a's new array holds
+    index 1 as a padding row (b[2] waits on it with aftercorr) that runs nothing."""
+    wf = write(tmp_path, """
+name: pad
+items: [{n: 1}, {n: 2}, {n: 3}]
+stages:
+  - {name: a, command: "if [ {n} = 1 ] && [ ! -e {workdir}/ok ]; then exit 5; fi; echo x >> {workdir}/a-{n}"}
+  - {name: b, needs: [a], command: "if [ {n} = 2 ] && [ ! -e {workdir}/ok ]; then exit 6; fi; echo x >> {workdir}/b-{n}"}
+""")
+    run = api.run(wf, "slurm", options=RunOptions(wait=True))
+    store = api.open_store("slurm")
+    assert states(store.get_tasks(run.run_id)) == {
+        "a[1]": "FAILED", "a[2]": "SUCCEEDED", "a[3]": "SUCCEEDED",
+        "b[1]": "UPSTREAM_FAILED", "b[2]": "FAILED", "b[3]": "SUCCEEDED"}
+    work = api.corral_home() / "runs" / run.run_id / "workspace"
+    (work / "ok").touch()
+    rec = api.resume(run.run_id, store=store, options=RunOptions(wait=True))
+    assert rec.state == RunState.SUCCEEDED
+    for name in ("a-1", "a-2", "a-3", "b-1", "b-2", "b-3"):
+        assert (work / name).read_text() == "x\n", name
+    arrays = store.get_run(run.run_id).options["slurm"]["arrays"]
+    second = [a for a in arrays if a["round"] == 2]
+    assert [(a["stage"], sorted(a["tasks"].values())) for a in second] == [("a", [0]), ("b", [0, 1])]
+    table = api.corral_home() / "runs" / run.run_id / "slurm" / "tables" / f"{second[0]['name']}.tab"
+    assert table.read_text().splitlines()[1] == "-"

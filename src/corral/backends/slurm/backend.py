@@ -217,6 +217,12 @@ class SlurmBackend:
              follow: bool) -> Iterator[str]:
         task = next(t for t in self.refresh(run, store) if t.task_id == task.task_id)
         attempts = store.get_attempts(run.run_id, task.task_id)
+        delay = 0.2
+        while follow and not attempts and not task.state.terminal:  # -f on a queued task: wait for it to start
+            time.sleep(delay)
+            delay = min(delay * 1.5, WAIT_MAX_S)
+            task = next(t for t in self.refresh(store.get_run(run.run_id), store) if t.task_id == task.task_id)
+            attempts = store.get_attempts(run.run_id, task.task_id)
         if not attempts:
             yield f"(task {task.label} has not started yet: {task.state.value})"
             return
