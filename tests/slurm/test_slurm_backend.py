@@ -381,3 +381,23 @@ stages:
     assert [(a["stage"], sorted(a["tasks"].values())) for a in second] == [("a", [0]), ("b", [0, 1])]
     table = api.corral_home() / "runs" / run.run_id / "slurm" / "tables" / f"{second[0]['name']}.tab"
     assert table.read_text().splitlines()[1] == "-"
+
+
+def test_exit_zero_without_a_declared_output_fails_and_is_retried(slurm, tmp_path: Path) -> None:
+    wf = write(tmp_path, """
+name: outs
+items: [{n: 1}, {n: 2}]
+stages:
+  - name: make
+    retries: 1
+    outputs: ["out/{n}.txt", "{workdir}/done-{n}"]
+    command: "mkdir -p out && echo hi > out/{n}.txt && if [ {n} = 1 ]; then touch {workdir}/done-{n}; fi"
+""")
+    run = api.run(wf, "slurm", options=RunOptions(wait=True))
+    store = api.open_store("slurm")
+    by = {t.label: t for t in store.get_tasks(run.run_id)}
+    assert by["make[1]"].state == TaskState.SUCCEEDED
+    work = api.corral_home() / "runs" / run.run_id / "workspace"
+    assert by["make[2]"].state == TaskState.FAILED and by["make[2]"].attempts == 2
+    assert by["make[2]"].reason == f"declared output missing: {work}/done-2"
+    assert [a.exit_code for a in store.get_attempts(run.run_id, by["make[2]"].task_id)] == [0, 0]

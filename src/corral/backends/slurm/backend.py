@@ -96,6 +96,43 @@ def container_argv(engine: Engine, image: str, argv: list[str], *, binds: list[s
 
 class SlurmBackend:
     name = "slurm"
+    always_waits = False  # `corral run` returns once everything is submitted (unless --wait)
+    records_attempts = True  # refresh copies every attempt record into the store
+    driven_from_host = False  # Slurm's scheduler drives the run; no client has to stay up
+    cost_basis = "hypothetical"  # what the same attempts would cost on AWS Batch
+    flags = frozenset({"force", "runtime", "wait"})
+
+    @classmethod
+    def create(cls, *, workflow: Any = None, run: RunRecord | None = None, **settings: Any) -> SlurmBackend:
+        from corral.api import corral_home
+
+        return cls(corral_home(), workflow.slurm if workflow is not None else None)
+
+    @classmethod
+    def open_store(cls, *, workflow: Any = None, **settings: Any) -> StateStore:
+        """Slurm runs are recorded on the submitting side, in the same SQLite file as local runs."""
+        from corral.api import corral_home
+        from corral.state.sqlite import SqliteStore
+
+        return SqliteStore(corral_home() / "state.db")
+
+    @classmethod
+    def store_exists(cls) -> bool:
+        from corral.api import corral_home
+
+        return (corral_home() / "state.db").exists()
+
+    def run_options(self, workflow: Any) -> dict[str, Any]:
+        return {}  # start() records what following the run needs (folder, accounting, arrays)
+
+    def attempt_history(self, run: RunRecord, tasks: Any) -> dict[str, list[AttemptRecord]]:
+        return {}
+
+    def diagnose(self, run: RunRecord | None, store: StateStore | None, plan: Plan | None,
+                 tasks: list[TaskRecord] | None, *, runnable_after_s: float = 0) -> list[Any]:
+        from corral.backends.slurm.doctor import slurm_checks
+
+        return slurm_checks(self.client, self.home, run=run, tasks=tasks or [])
 
     def __init__(self, home: Path, settings: SlurmSettings | None = None, *, client: SlurmClient | None = None,
                  log: Callable[[str], None] | None = None,
@@ -111,8 +148,9 @@ class SlurmBackend:
     def run_dir(self, run_id: str) -> Path:
         return self.home / "runs" / run_id
 
-    def workspace(self, run_id: str) -> str:
-        return str(self.run_dir(run_id) / "workspace")
+    def workspace(self, run: RunRecord | str) -> str:
+        """The run's shared workspace (``CORRAL_WORKDIR``), a path on this machine and on the nodes."""
+        return str(self.run_dir(run if isinstance(run, str) else run.run_id) / "workspace")
 
     def _records_dir(self, run_id: str) -> Path:
         return self.run_dir(run_id) / "slurm" / "records"
@@ -374,7 +412,13 @@ class SlurmBackend:
             if engine is not None and stage.image:
                 argv = container_argv(engine, stage.image, argv, binds=[workdir, str(plan.workflow.base_dir)],
                                       cwd=str(plan.workflow.base_dir), gpus=stage.resources.gpus)
-        return script.row(task, env, argv, attempts_before=attempts, tries=stage.retries + 1)
+        outputs = []
+        for uri in task.paths("outputs", run_id, workdir):
+            with contextlib.suppress(StorageError):
+                loc = storage.parse(uri, workdir=workdir, base_dir=plan.workflow.base_dir)
+                if loc.kind == "local":
+                    outputs.append((loc.path, uri))  # remote outputs: checked when the refresh sees success
+        return script.row(task, env, argv, attempts_before=attempts, tries=stage.retries + 1, outputs=outputs)
 
     def _dependency(self, plan: Plan, stage: Any, tasks: list[Task], job_of: dict[str, str],
                     records: dict[str, TaskRecord]) -> str:

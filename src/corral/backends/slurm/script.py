@@ -65,6 +65,15 @@ _c_term() {
   _c_write "$_c_a" FAILED 143 "stopped by Slurm (time limit, scancel or preemption)" "$_c_start" "$(_c_now)"
   exit 143
 }
+_c_missing() {  # the first declared output (local path _c_oN, as written _c_uN) that does not exist
+  _c_i=1
+  while [ "$_c_i" -le "${_c_on:-0}" ]; do
+    eval "_c_p=\$_c_o$_c_i"
+    if [ ! -e "$_c_p" ]; then eval "_c_miss=\$_c_u$_c_i"; return 0; fi
+    _c_i=$((_c_i + 1))
+  done
+  return 1
+}
 trap _c_term TERM INT
 if [ -n "${CORRAL_WORKDIR:-}" ]; then mkdir -p "$CORRAL_WORKDIR" 2>/dev/null || true; fi
 while [ "$_c_a" -lt "$((_c_b + _c_n))" ]; do
@@ -82,6 +91,12 @@ while [ "$_c_a" -lt "$((_c_b + _c_n))" ]; do
   _c_code=$?
   if [ -n "${_c_to:-}" ] && [ "$_c_code" -eq 124 ]; then
     _c_write "$_c_a" FAILED 124 "timed out after ${_c_to}s" "$_c_start" "$(_c_now)"
+    continue
+  fi
+  if [ "$_c_code" -eq 0 ] && _c_missing; then
+    _c_write "$_c_a" FAILED 0 "declared output missing: $_c_miss" "$_c_start" "$(_c_now)"
+    echo "corral: declared output missing: $_c_miss" >&2
+    _c_code=1
     continue
   fi
   if [ "$_c_code" -eq 0 ]; then
@@ -120,9 +135,16 @@ def secret_exports(stage: Stage) -> list[str]:
     return out
 
 
-def row(task: Task, env: Mapping[str, str], argv: Sequence[str], *, attempts_before: int, tries: int) -> str:
+def row(task: Task, env: Mapping[str, str], argv: Sequence[str], *, attempts_before: int, tries: int,
+        outputs: Sequence[tuple[str, str]] = ()) -> str:
+    """``outputs``: (local path, output as declared and rendered) the wrapper checks after exit 0."""
     timeout = f" _c_to={math.ceil(task.stage.timeout)}" if task.stage.timeout else ""
-    parts = [f"_c_t={task.id} _c_b={attempts_before} _c_n={tries}{timeout};"]
+    parts = [f"_c_t={task.id} _c_b={attempts_before} _c_n={tries}{timeout}"]
+    if outputs:
+        parts.append(f"_c_on={len(outputs)}")
+        for i, (path, shown) in enumerate(outputs, 1):
+            parts.append(f"_c_o{i}={sh_word(path)} _c_u{i}={sh_word(shown)}")
+    parts[-1] += ";"
     if env:
         parts.append("export " + " ".join(f"{k}={sh_word(v)}" for k, v in env.items()) + ";")
     parts += [e + ";" for e in secret_exports(task.stage)]
