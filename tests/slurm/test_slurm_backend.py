@@ -201,14 +201,17 @@ stages:
         time.sleep(0.2)
 
 
-def _killing_sbatch(bin_dir: Path, after: int) -> None:
-    """A stand-in sbatch that runs the real one, then kills the corral that called it on call ``after``."""
+def _killing_sbatch(bin_dir: Path, after: int, before_submitting: bool = False) -> None:
+    """A stand-in sbatch that kills the corral calling it on call ``after``: right after the real
+    sbatch returned (the job exists, corral has not read its id), or before it ran."""
     real = shutil.which("sbatch")
     bin_dir.mkdir()
     p = bin_dir / "sbatch"
+    early = f'if [ "$n" -eq {after} ]; then kill -9 $PPID; exit 1; fi' if before_submitting else ""
     p.write_text(f"""#!/bin/sh
-out=$({real} "$@"); rc=$?
 n=$(cat {bin_dir}/count 2>/dev/null || echo 0); n=$((n + 1)); echo $n > {bin_dir}/count
+{early}
+out=$({real} "$@"); rc=$?
 if [ "$n" -eq {after} ]; then kill -9 $PPID; fi
 echo "$out"
 exit $rc
@@ -216,7 +219,9 @@ exit $rc
     p.chmod(p.stat().st_mode | stat.S_IEXEC)
 
 
-def test_kill_mid_submission_then_resume_runs_every_task_once(any_slurm, tmp_path: Path) -> None:
+@pytest.mark.parametrize("before_submitting", [False, True], ids=["after-sbatch", "before-sbatch"])
+def test_kill_mid_submission_then_resume_runs_every_task_once(any_slurm, tmp_path: Path,
+                                                              before_submitting: bool) -> None:
     wf = write(tmp_path, """
 name: crash
 items: [{n: 1}, {n: 2}, {n: 3}, {n: 4}]
@@ -226,13 +231,13 @@ stages:
   - {name: c, per: run, needs: [b], command: "echo x >> {workdir}/c"}
 """)
     bin_dir = tmp_path / "bin"
-    _killing_sbatch(bin_dir, after=2)
+    _killing_sbatch(bin_dir, after=2, before_submitting=before_submitting)
     res = corral("run", str(wf), "--backend", "slurm", env={"PATH": f"{bin_dir}:{os.environ['PATH']}"})
     assert res.returncode == -9, (res.returncode, res.stderr)
     store = api.open_store("slurm")
     run = store.list_runs(limit=1)[0]
     arrays = run.options["slurm"]["arrays"]
-    assert [a["stage"] for a in arrays] == ["a", "b"] and arrays[1]["job"] is None  # killed after sbatch
+    assert [a["stage"] for a in arrays] == ["a", "b"] and arrays[1]["job"] is None  # killed around sbatch
     res = corral("resume", run.run_id)
     assert res.returncode == 0, res.stderr
     tasks = wait_run(run.run_id)
@@ -401,3 +406,50 @@ stages:
     assert by["make[2]"].state == TaskState.FAILED and by["make[2]"].attempts == 2
     assert by["make[2]"].reason == f"declared output missing: {work}/done-2"
     assert [a.exit_code for a in store.get_attempts(run.run_id, by["make[2]"].task_id)] == [0, 0]
+
+
+def test_secrets_are_read_on_the_node_and_never_written(slurm, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    canary = "s3cr3t-canary-7f1c"
+    monkeypatch.setenv("LAB_TOKEN", canary)
+    (tmp_path / "key.txt").write_text("file-canary-93ab\n")
+    wf = write(tmp_path, f"""
+name: secret
+items: [{{n: 1}}]
+stages:
+  - name: use
+    secrets: {{TOKEN: "env:LAB_TOKEN", KEY: "file:{tmp_path}/key.txt"}}
+    command: printf '%s %s' "$TOKEN" "$KEY" > {{workdir}}/seen
+""")
+    run = api.run(wf, "slurm", options=RunOptions(wait=True))
+    folder = api.corral_home() / "runs" / run.run_id
+    assert (folder / "workspace" / "seen").read_text() == f"{canary} file-canary-93ab"
+    for f in folder.rglob("*"):
+        if f.is_file() and f.name != "seen":
+            text = f.read_text(errors="replace")
+            assert canary not in text and "file-canary" not in text, f
+    assert canary.encode() not in (api.corral_home() / "state.db").read_bytes()
+
+
+def test_max_parallel_caps_the_array_and_doctor_explains_the_wait(slurm, tmp_path: Path) -> None:
+    wf = write(tmp_path, """
+name: capped
+items: [{n: 1}, {n: 2}, {n: 3}]
+stages:
+  - {name: nap, command: "sleep 3"}
+""")
+    res = corral("run", str(wf), "--backend", "slurm", "--max-parallel", "1")
+    assert res.returncode == 0, res.stderr
+    run_id = res.stdout.strip().splitlines()[-1]
+    folder = api.corral_home() / "runs" / run_id / "slurm" / "scripts"
+    [script_file] = folder.iterdir()
+    assert "#SBATCH --array=0-2%1" in script_file.read_text()
+    deadline = time.monotonic() + 30
+    while True:
+        doc = corral("doctor", run_id, "--json")
+        found = [f for f in json.loads(doc.stdout)["findings"] if f["check"] == "slurm-pending"]
+        if found:
+            break
+        assert time.monotonic() < deadline, doc.stdout
+        time.sleep(0.3)
+    assert "JobArrayTaskLimit" in found[0]["message"] and "max_parallel" in found[0]["message"]
+    corral("cancel", run_id)

@@ -100,7 +100,7 @@ class SlurmBackend:
     records_attempts = True  # refresh copies every attempt record into the store
     driven_from_host = False  # Slurm's scheduler drives the run; no client has to stay up
     cost_basis = "hypothetical"  # what the same attempts would cost on AWS Batch
-    flags = frozenset({"force", "runtime", "wait"})
+    flags = frozenset({"force", "runtime", "wait", "max_parallel"})  # --max-parallel N: %N on every array
 
     @classmethod
     def create(cls, *, workflow: Any = None, run: RunRecord | None = None, **settings: Any) -> SlurmBackend:
@@ -244,6 +244,9 @@ class SlurmBackend:
         return tasks
 
     def cancel(self, run: RunRecord, store: StateStore) -> None:
+        run = store.get_run(run.run_id)
+        if run.state != RunState.RUNNING:
+            return  # an ended run keeps its state (only `resume` changes it)
         tasks = store.get_tasks(run.run_id)
         jobs = sorted({a["job"] for a in run.options.get("slurm", {}).get("arrays", []) if a.get("job")})
         self.client.scancel(jobs)
@@ -344,7 +347,7 @@ class SlurmBackend:
                 log_dir.mkdir(parents=True, exist_ok=True)
                 opts = script.sbatch_options(
                     stage, self.settings, job_name=jname,
-                    array=script.array_spec(ks, getattr(stage, "max_parallel", None)),
+                    array=script.array_spec(ks, getattr(stage, "max_parallel", None) or options.max_parallel),
                     log_dir=str(log_dir), chdir=str(plan.workflow.base_dir))
                 path = folder / "slurm" / "scripts" / f"{jname}.sh"
                 path.write_text(script.batch_script(opts, str(folder / "slurm" / "wrapper.sh"), str(table),
