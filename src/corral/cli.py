@@ -21,7 +21,7 @@ from corral.backends.base import RunOptions
 from corral.cli_ops import stage_time
 from corral.errors import CorralError
 from corral.jsonout import write_json
-from corral.model import RunRecord, TaskRecord, TaskState, summarize
+from corral.model import RunRecord, TaskRecord, TaskState, finished_count, summarize
 from corral.units import format_duration, format_size_mib
 
 EXTENSIONS = ["corral.cli_aws", "corral.cli_aws_jobs", "corral.cli_storage", "corral.cli_ops", "corral.cli_recipes"]
@@ -155,8 +155,9 @@ class LiveProgress:
             return
         for stage, per in summarize(tasks).items():
             total = sum(per.values())
-            done = sum(n for s, n in per.items() if TaskState(s).terminal)
-            bits = [f"{per[s]} {s.lower()}" for s in ("RUNNING", "FAILED", "UPSTREAM_FAILED", "SKIPPED") if per.get(s)]
+            done = finished_count(per)  # a cancelled run's bars do not read full
+            bits = [f"{per[s]} {s.lower()}" for s in ("RUNNING", "FAILED", "UPSTREAM_FAILED", "SKIPPED", "CANCELLED")
+                    if per.get(s)]
             self.progress.update(self.ids[stage], total=total, completed=done, detail=", ".join(bits))
 
 

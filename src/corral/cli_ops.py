@@ -217,10 +217,11 @@ def status_view(run: Any, tasks: list[Any], *, cost: Any = None, max_failures: i
     from rich.text import Text
 
     from corral.cost import cost_line
-    from corral.model import TaskState, summarize
+    from corral.model import TaskState, finished_count, summarize
 
-    table = Table(title=f"run {run.run_id} ({run.workflow_name}, {run.backend}): {run.state.value.lower()}",
-                  title_justify="left", show_edge=False, pad_edge=False)
+    title = Text(f"run {run.run_id} ({run.workflow_name}, {run.backend}): {run.state.value.lower()}",
+                 no_wrap=True, overflow="ignore")
+    table = Table(show_edge=False, pad_edge=False)
     table.add_column("stage")
     table.add_column("progress", width=24)
     table.add_column("done", justify="right")
@@ -231,7 +232,7 @@ def status_view(run: Any, tasks: list[Any], *, cost: Any = None, max_failures: i
     table.add_column("time (median / max)", justify="right")
     for stage, per in summarize(tasks).items():
         total = sum(per.values())
-        done = sum(n for s, n in per.items() if TaskState(s).terminal)
+        done = finished_count(per)  # cancelled tasks did not finish: the bar does not fill for them
         dur = stage_time(tasks, stage)
         bad = per.get("FAILED", 0) + per.get("CANCELLED", 0)
         bar = ProgressBar(total=max(total, 1), completed=done, width=24,
@@ -239,7 +240,7 @@ def status_view(run: Any, tasks: list[Any], *, cost: Any = None, max_failures: i
         table.add_row(stage, bar, f"{done}/{total}", str(per.get("RUNNING", 0) or ""),
                       str(sum(per.get(s, 0) for s in WAITING) or ""), str(per.get("FAILED", 0) or ""),
                       str(per.get("UPSTREAM_FAILED", 0) or ""), dur)
-    parts: list[Any] = [table]
+    parts: list[Any] = [title, table]
     failed = [t for t in tasks if t.state == TaskState.FAILED]
     for t in failed[:max_failures]:
         parts.append(Text(f"  failed  {t.label}  {t.task_id[:12]}  {t.reason}", style="red"))
