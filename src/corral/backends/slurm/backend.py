@@ -492,7 +492,11 @@ class SlurmBackend:
         attempts = max([t.attempts] + [int(r["attempt"]) for r in recs])
         started = t.started_at or (recs[0].get("start") if recs else None)
         if last and last["state"] == "SUCCEEDED":
-            new = t.replace(state=TaskState.SUCCEEDED, exit_code=0, reason="", ended_at=last.get("end") or now())
+            missing = _remote_output_missing(store, run, t, self.workspace(run.run_id))
+            new = t.replace(state=TaskState.FAILED if missing else TaskState.SUCCEEDED, exit_code=0, reason=missing,
+                            ended_at=last.get("end") or now())
+            if missing and new_attempts:
+                new_attempts[-1] = new_attempts[-1].replace(state=TaskState.FAILED, reason=missing)
         elif slurm_state in ACTIVE:
             if slurm_state == "PENDING" and not (last and last["state"] == "RUNNING"):
                 why = row.reason if row else ""
@@ -582,15 +586,40 @@ class SlurmBackend:
 _PLANS: dict[str, Plan] = {}
 
 
-def _needs(store: StateStore, run: RunRecord, t: TaskRecord) -> list[str]:
+def _plan(store: StateStore, run: RunRecord) -> Plan | None:
     plan = _PLANS.get(run.run_id)
     if plan is None:
         try:
             plan = _PLANS[run.run_id] = Plan.from_manifest(store.load_manifest(run.run_id))
         except Exception:  # noqa: BLE001 - a missing manifest only means we cannot tell
-            return []
-    task = plan.by_id.get(t.task_id)
+            return None
+    return plan
+
+
+def _needs(store: StateStore, run: RunRecord, t: TaskRecord) -> list[str]:
+    plan = _plan(store, run)
+    task = plan.by_id.get(t.task_id) if plan else None
     return list(task.needs) if task else []
+
+
+def _remote_output_missing(store: StateStore, run: RunRecord, t: TaskRecord, workdir: str) -> str:
+    """After a success: the reason naming the first missing declared output the wrapper could not
+    check itself (s3://, rclone remotes), else "". Local paths were checked on the node."""
+    plan = _plan(store, run)
+    task = plan.by_id.get(t.task_id) if plan else None
+    if task is None or not task.stage.outputs:
+        return ""
+    for uri in task.paths("outputs", run.run_id, workdir):
+        try:
+            loc = storage.parse(uri, workdir=workdir, base_dir=plan.workflow.base_dir)  # type: ignore[union-attr]
+            if loc.kind == "local":
+                continue
+            exists = storage.uri_times(loc)[0]
+        except StorageError as exc:
+            return f"cannot check output {uri}: {exc.one_line()}"
+        if not exists:
+            return f"declared output missing: {uri}"
+    return ""
 
 
 def read_records(folder: Path, task_ids: set[str]) -> dict[str, list[dict[str, Any]]]:
