@@ -278,6 +278,29 @@ class SlurmCluster:
         return "(no log)"
 
 
+_SHARED: dict[bool, SlurmCluster | ClusterUnavailable] = {}
+
+
+def shared_cluster(accounting: bool = False) -> SlurmCluster:
+    """One cluster per test process (and kind), started on first use and stopped at exit, so the
+    Slurm tests and the backend contract suite share it. Raises ClusterUnavailable (cached)."""
+    got = _SHARED.get(accounting)
+    if got is None:
+        import atexit
+        import tempfile
+
+        root = Path(tempfile.mkdtemp(prefix="corral-slurm-"))
+        try:
+            got = SlurmCluster(root, accounting=accounting, node="node2" if accounting else "node1").start()
+            atexit.register(got.stop)
+        except ClusterUnavailable as exc:
+            got = exc
+        _SHARED[accounting] = got
+    if isinstance(got, ClusterUnavailable):
+        raise got
+    return got
+
+
 if __name__ == "__main__":  # a cluster to play with: python tests/slurm_cluster.py /tmp/slurm
     import sys
 

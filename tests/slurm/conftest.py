@@ -8,35 +8,26 @@ missing). ``SLURM_CONF`` points every client command at the test's cluster.
 
 from __future__ import annotations
 
-import tempfile
-from collections.abc import Iterator
-from pathlib import Path
-
 import pytest
-from slurm_cluster import ClusterUnavailable, SlurmCluster
+from slurm_cluster import ClusterUnavailable, SlurmCluster, shared_cluster
 
 
-def _cluster(accounting: bool) -> Iterator[SlurmCluster]:
-    root = Path(tempfile.mkdtemp(prefix="corral-slurm-"))
+def _cluster(accounting: bool) -> SlurmCluster:
     try:
-        cluster = SlurmCluster(root, accounting=accounting, node="node2" if accounting else "node1").start()
+        return shared_cluster(accounting)
     except ClusterUnavailable as exc:
-        what = "with accounting (slurmdbd + MariaDB)" if accounting else ""
-        pytest.skip(f"no Slurm cluster {what} here: {exc}")
-    try:
-        yield cluster
-    finally:
-        cluster.stop()
+        what = " with accounting (slurmdbd + MariaDB)" if accounting else ""
+        pytest.skip(f"no Slurm cluster{what} here: {exc}")
 
 
 @pytest.fixture(scope="session")
-def slurm_cluster() -> Iterator[SlurmCluster]:
-    yield from _cluster(False)
+def slurm_cluster() -> SlurmCluster:
+    return _cluster(False)
 
 
 @pytest.fixture(scope="session")
-def slurm_acct_cluster() -> Iterator[SlurmCluster]:
-    yield from _cluster(True)
+def slurm_acct_cluster() -> SlurmCluster:
+    return _cluster(True)
 
 
 @pytest.fixture

@@ -206,6 +206,13 @@ class SlurmBackend:
         run = store.get_run(run.run_id)
         live = [t for t in tasks if t.state in (TaskState.SUBMITTED, TaskState.RUNNING)]
         redo = [t for t in tasks if not t.state.ok and t not in live]
+        if live and any(t.state != TaskState.PENDING for t in redo) and options.wait:
+            # Let what Slurm still runs end first: a failed task is resubmitted once nothing waits on it.
+            self._wait(run, store, options, until_idle=True)
+            tasks = store.get_tasks(run.run_id)
+            live = [t for t in tasks if t.state in (TaskState.SUBMITTED, TaskState.RUNNING)]
+            redo = [t for t in tasks if not t.state.ok and t not in live]
+            run = store.get_run(run.run_id)
         if live and any(t.state != TaskState.PENDING for t in redo):
             raise UsageError(
                 f"run {run.run_id} still has {len(live)} task(s) queued or running in Slurm",
@@ -247,6 +254,7 @@ class SlurmBackend:
         run = store.get_run(run.run_id)
         if run.state != RunState.RUNNING:
             return  # an ended run keeps its state (only `resume` changes it)
+        self.refresh(run, store)  # what ended before the cancel keeps its own state
         tasks = store.get_tasks(run.run_id)
         jobs = sorted({a["job"] for a in run.options.get("slurm", {}).get("arrays", []) if a.get("job")})
         self.client.scancel(jobs)
@@ -549,13 +557,16 @@ class SlurmBackend:
             state = RunState.FAILED
         store.save_run(run.replace(state=state, updated_at=now()))
 
-    def _wait(self, run: RunRecord, store: StateStore, options: RunOptions) -> None:
+    def _wait(self, run: RunRecord, store: StateStore, options: RunOptions, *, until_idle: bool = False) -> None:
+        """Refresh until the run ends (or, ``until_idle``, until none of its tasks is queued or running)."""
         delay = 0.2
         while True:
-            tasks = self.refresh(run, store)
+            tasks = self.refresh(store.get_run(run.run_id), store)
             if options.progress:
                 options.progress(tasks)
             if store.get_run(run.run_id).state != RunState.RUNNING:
+                return
+            if until_idle and not any(t.state in (TaskState.SUBMITTED, TaskState.RUNNING) for t in tasks):
                 return
             time.sleep(delay)  # bounded poll of Slurm: nothing to wait on but the scheduler
             delay = min(delay * 1.5, WAIT_MAX_S)
