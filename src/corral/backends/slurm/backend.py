@@ -340,8 +340,8 @@ class SlurmBackend:
                 run_here = [t for t in ctasks if t.id in to_run]
                 if not run_here:
                     continue
-                ks = sorted(indices[(name, c)])
-                rows = [script.PADDING_ROW] * (ks[-1] + 1)
+                idx = sorted(indices[(name, c)])
+                rows = [script.PADDING_ROW] * (idx[-1] + 1)
                 mapping: dict[str, int] = {}
                 for t in run_here:
                     k = script.chunk_of(t.index, size)[1]
@@ -355,7 +355,7 @@ class SlurmBackend:
                 log_dir.mkdir(parents=True, exist_ok=True)
                 opts = script.sbatch_options(
                     stage, self.settings, job_name=jname,
-                    array=script.array_spec(ks, getattr(stage, "max_parallel", None) or options.max_parallel),
+                    array=script.array_spec(idx, getattr(stage, "max_parallel", None) or options.max_parallel),
                     log_dir=str(log_dir), chdir=str(plan.workflow.base_dir))
                 path = folder / "slurm" / "scripts" / f"{jname}.sh"
                 path.write_text(script.batch_script(opts, str(folder / "slurm" / "wrapper.sh"), str(table),

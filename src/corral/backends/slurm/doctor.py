@@ -9,7 +9,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from corral.backends.slurm.client import SlurmClient
-from corral.doctor import Finding
+from corral.doctor import Finding, Level
 from corral.errors import CorralError
 from corral.model import RunRecord, TaskRecord, TaskState
 
@@ -73,7 +73,7 @@ def slurm_checks(client: SlurmClient, home: Path, *, run: RunRecord | None = Non
     out: list[Finding] = []
     for exe in ("sbatch", "squeue", "scancel", "scontrol", "sacct"):
         if not client.available(exe):
-            level = "warn" if exe == "sacct" else "error"
+            level: Level = "warn" if exe == "sacct" else "error"
             out.append(Finding("slurm-client", level, f"{exe} is not on PATH",
                                "run corral on a login node, or `module load slurm`", exe))
     if any(f.level == "error" for f in out):
@@ -126,7 +126,7 @@ def pending_findings(tasks: Sequence[TaskRecord]) -> list[Finding]:
     for (stage, reason), n in sorted(counts.items()):
         key = reason.split(",")[0].split("(")[0].strip()
         what, fix = PENDING_REASONS.get(key, (f"Slurm says {reason}", "`man squeue` (JOB REASON CODES) explains it"))
-        level = "info" if key in ("Dependency", "JobArrayTaskLimit", "BeginTime", "Priority", "Resources") else "warn"
+        level: Level = "info" if key in ("Dependency", "JobArrayTaskLimit", "BeginTime", "Priority", "Resources") else "warn"
         out.append(Finding("slurm-pending", level, f"{n} task(s) of stage {stage!r} pending ({reason}): {what}", fix,
                            stage))
     return out
