@@ -94,10 +94,13 @@ def run(
     store: StateStore | None = None,
     options: RunOptions | None = None,
     backend_impl: Backend | None = None,
+    plan: Plan | None = None,
 ) -> RunRecord:
-    """Plan the workflow, record the run and all its tasks, then run (local) or submit (aws)."""
+    """Plan the workflow, record the run and all its tasks, then run (local) or submit (aws).
+    ``plan``: the workflow's plan when the caller has made it already (items are resolved once:
+    a BIDS listing on S3 or a NeuroConv spec is read one time per run)."""
     wf = workflow if isinstance(workflow, Workflow) else load_workflow(workflow)
-    p = make_plan(wf)
+    p = plan if plan is not None else make_plan(wf)
     be = backend_impl or get_backend(backend, wf)
     be.check(p)
     store = store or open_store(backend, wf)

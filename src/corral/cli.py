@@ -195,7 +195,7 @@ def run(workflow: str, backend: str, max_parallel: int | None, runtime: str, for
                       wait=bool(wait) if backend != "local" else True, progress=live.update)
     store = api.open_store(backend, wf)
     with live:
-        rec = api.run(wf, backend, store=store, options=opts)
+        rec = api.run(wf, backend, store=store, options=opts, plan=p)
     tasks = store.get_tasks(rec.run_id)
     if as_json:
         write_json(_run_json(rec, tasks))

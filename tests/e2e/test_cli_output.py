@@ -115,3 +115,27 @@ def test_install_commands_in_the_docs_name_no_package_index_release() -> None:
         for line in doc.read_text().splitlines():
             if "pip install" in line and "corral[" in line:
                 raise AssertionError(f"{doc.relative_to(root)}: {line.strip()}")
+
+
+def test_corral_run_resolves_the_items_once(tmp_path: Path) -> None:
+    """`corral run` plans once: an item source is read one time (a BIDS listing on S3 costs money)."""
+    import subprocess
+    import sys
+
+    counter = tmp_path / "reads"
+    script = (
+        "import sys, importlib\n"
+        "p = importlib.import_module('corral.plan')  # corral.plan is also the API function\n"
+        "orig = p.resolve_items\n"
+        "def counted(*a, **k):\n"
+        f"    open({str(counter)!r}, 'a').write('x')\n"
+        "    return orig(*a, **k)\n"
+        "p.resolve_items = counted\n"
+        "from corral.cli import main\n"
+        "main(sys.argv[1:])\n"
+    )
+    wf = tmp_path / "wf.yaml"
+    wf.write_text("name: once\nitems: [{i: 1}, {i: 2}]\nstages:\n  - {name: a, command: 'true'}\n")
+    res = subprocess.run([sys.executable, "-c", script, "run", str(wf)], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr
+    assert counter.read_text() == "x"
