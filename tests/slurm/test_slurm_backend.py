@@ -453,3 +453,32 @@ stages:
         time.sleep(0.3)
     assert "JobArrayTaskLimit" in found[0]["message"] and "max_parallel" in found[0]["message"]
     corral("cancel", run_id)
+
+
+class SmallArrays(SlurmClient):
+    """The cluster as if its MaxArraySize were 3 (the arrays really are cut at 3 and submitted)."""
+
+    @property
+    def max_array_size(self) -> int:
+        return 3
+
+
+def test_arrays_cut_at_max_array_size_keep_per_item_chains(slurm, tmp_path: Path) -> None:
+    wf = write(tmp_path, """
+name: chunks
+items: [{n: 0}, {n: 1}, {n: 2}, {n: 3}, {n: 4}, {n: 5}, {n: 6}]
+stages:
+  - {name: a, command: "test {n} != 4 && echo {index} > {workdir}/a-{n}"}
+  - {name: b, needs: [a], command: "test $(cat {workdir}/a-{n}) = {n} && echo ok > {workdir}/b-{n}"}
+""")
+    client = SmallArrays()
+    be = SlurmBackend(api.corral_home(), client=client)
+    run = api.run(wf, "slurm", options=RunOptions(wait=True), backend_impl=be)
+    assert client.calls["sbatch"] == 6  # 3 chunks (3 + 3 + 1 items) × 2 stages
+    got = states(api.open_store("slurm").get_tasks(run.run_id))
+    assert got == {**{f"a[{i}]": "SUCCEEDED" for i in range(7) if i != 4}, "a[4]": "FAILED",
+                   **{f"b[{i}]": "SUCCEEDED" for i in range(7) if i != 4}, "b[4]": "UPSTREAM_FAILED"}
+    arrays = api.open_store("slurm").get_run(run.run_id).options["slurm"]["arrays"]
+    assert [(a["stage"], a["chunk"], sorted(a["tasks"].values())) for a in arrays] == [
+        ("a", 0, [0, 1, 2]), ("a", 1, [0, 1, 2]), ("a", 2, [0]),
+        ("b", 0, [0, 1, 2]), ("b", 1, [0, 1, 2]), ("b", 2, [0])]
