@@ -41,7 +41,7 @@ STATE_STYLE = {
 def backend_option(f: F) -> F:
     return click.option(
         "--backend", type=click.Choice(api.BACKENDS), default=None,
-        help="Where the run lives: local (default) or aws (reads the DynamoDB state table).",
+        help="Where the run lives: local (default), aws (reads the DynamoDB state table) or slurm.",
     )(f)
 
 
