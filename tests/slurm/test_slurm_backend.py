@@ -482,3 +482,38 @@ stages:
     assert [(a["stage"], a["chunk"], sorted(a["tasks"].values())) for a in arrays] == [
         ("a", 0, [0, 1, 2]), ("a", 1, [0, 1, 2]), ("a", 2, [0]),
         ("b", 0, [0, 1, 2]), ("b", 1, [0, 1, 2]), ("b", 2, [0])]
+
+
+def test_an_sbatch_refusal_names_the_stage_and_keeps_what_was_submitted(slurm, tmp_path: Path) -> None:
+    wf = write(tmp_path, """
+name: refused
+slurm:
+  stages: {b: {extra: ["--constraint=no-such-feature"]}}
+items: [{n: 1}]
+stages:
+  - {name: a, command: "true"}
+  - {name: b, needs: [a], command: "true"}
+""")
+    res = corral("run", str(wf), "--backend", "slurm")
+    assert res.returncode != 0 and "Traceback" not in res.stderr
+    assert "stage 'b': sbatch --parsable failed" in res.stderr and "corral cancel" in res.stderr
+    store = api.open_store("slurm")
+    run = store.list_runs(limit=1)[0]
+    tasks = {t.label: t for t in wait_until(lambda: _settled_a(store, run.run_id))}
+    assert tasks["a[1]"].state == TaskState.SUCCEEDED and tasks["b[1]"].state == TaskState.PENDING
+    assert [a["stage"] for a in store.get_run(run.run_id).options["slurm"]["arrays"]] == ["a", "b"]
+    assert corral("cancel", run.run_id).returncode == 0
+    assert store.get_run(run.run_id).state == RunState.CANCELLED
+
+
+def _settled_a(store, run_id: str) -> list | None:  # type: ignore[no-untyped-def]
+    tasks = api.status(run_id, store=store)
+    return tasks if any(t.label == "a[1]" and t.state.terminal for t in tasks) else None
+
+
+def wait_until(predicate, timeout: float = 30.0):  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + timeout
+    while not (got := predicate()):
+        assert time.monotonic() < deadline
+        time.sleep(0.2)
+    return got

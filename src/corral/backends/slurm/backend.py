@@ -365,7 +365,15 @@ class SlurmBackend:
                 state["arrays"] = [*state["arrays"], intent]
                 run = run.replace(options={**run.options, "slurm": state})
                 store.save_run(run)  # the intent, before Slurm knows anything
-                job = self.client.sbatch(str(path), dependency)
+                try:
+                    job = self.client.sbatch(str(path), dependency)
+                except BackendError as exc:
+                    done = sum(1 for a in state["arrays"] if a.get("job"))
+                    raise BackendError(
+                        f"stage {name!r}: {exc.message}",
+                        f"{done} array(s) of run {run_id} were submitted and go on: `corral cancel {run_id}` "
+                        f"stops them; `corral resume {run_id}` retries the rest (after a passing error); "
+                        f"the batch script is {path}") from None
                 intent["job"] = job
                 store.save_run(run)
                 submitted = [records[tid].replace(state=TaskState.SUBMITTED, external_id=f"{job}_{k}", reason="",
