@@ -517,3 +517,17 @@ def wait_until(predicate, timeout: float = 30.0):  # type: ignore[no-untyped-def
         assert time.monotonic() < deadline
         time.sleep(0.2)
     return got
+
+
+def test_a_timeout_stops_the_try_with_the_local_reason(slurm, tmp_path: Path) -> None:
+    wf = write(tmp_path, """
+name: slowpoke
+items: [{n: 1}]
+stages:
+  - {name: s, timeout: 2s, command: "sleep 60"}
+""")
+    t0 = time.monotonic()
+    run = api.run(wf, "slurm", options=RunOptions(wait=True))
+    assert time.monotonic() - t0 < 40
+    [t] = api.open_store("slurm").get_tasks(run.run_id)
+    assert (t.state, t.reason, t.exit_code) == (TaskState.FAILED, "timed out after 2s", 124)
