@@ -123,7 +123,8 @@ def secret_exports(stage: Stage) -> list[str]:
     for name, ref in stage.secrets.items():
         source, _, key = ref.partition(":")
         if source == "env" and key:
-            out.append(f'export {name}="${{{key}-}}"')
+            msg = f"corral: secret {name} comes from {key}, which is not in the job's environment"
+            out.append(f'export {name}="${{{key}?{msg}}}"')
         elif source == "file" and key:
             out.append(f"export {name}=\"$(cat {sh_word(key)})\"")
         else:
@@ -220,6 +221,7 @@ def sbatch_options(stage: Stage, settings: SlurmSettings, *, job_name: str, arra
         f"--error={log_dir}/%A_%a.err",
         f"--chdir={chdir}",
         "--kill-on-invalid-dep=yes",
+        "--export=ALL",  # secrets (env:VAR), PATH and modules come from the submitting environment
         "--open-mode=append",
     ]
     if r.gpus:
