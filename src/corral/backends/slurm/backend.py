@@ -181,6 +181,13 @@ class SlurmBackend:
 
     def start(self, plan: Plan, run: RunRecord, store: StateStore, options: RunOptions) -> None:
         self.settings = plan.workflow.slurm
+        run = self._prepare(run, store, options)
+        self._submit_round(plan, run, store, options)
+        if options.wait:
+            self._wait(run, store, options)
+
+    def _prepare(self, run: RunRecord, store: StateStore, options: RunOptions) -> RunRecord:
+        """The run folder (wrapper, tables, scripts, records, logs, workspace) and what following it needs."""
         folder = self.run_dir(run.run_id)
         for sub in ("slurm/tables", "slurm/scripts", "slurm/records", "logs"):
             (folder / sub).mkdir(parents=True, exist_ok=True)
@@ -192,26 +199,21 @@ class SlurmBackend:
         }
         run = run.replace(options={**run.options, "slurm": state})
         store.save_run(run)
-        self._submit_round(plan, run, store, options)
-        if options.wait:
-            self._wait(run, store, options)
+        return run
 
     def resume(self, plan: Plan, run: RunRecord, store: StateStore, options: RunOptions) -> None:
         self.settings = plan.workflow.slurm
         run = store.get_run(run.run_id)
-        if "slurm" not in run.options:
-            raise UsageError(f"run {run.run_id} has no Slurm submission recorded", "start it with corral run")
+        if "slurm" not in run.options:  # the submitter died before its first sbatch
+            run = self._prepare(run, store, options)
         self._adopt_intents(run, store)
         tasks = self.refresh(store.get_run(run.run_id), store)
         run = store.get_run(run.run_id)
-        live = [t for t in tasks if t.state in (TaskState.SUBMITTED, TaskState.RUNNING)]
-        redo = [t for t in tasks if not t.state.ok and t not in live]
+        live, redo = _live_and_redo(tasks)
         if live and any(t.state != TaskState.PENDING for t in redo) and options.wait:
             # Let what Slurm still runs end first: a failed task is resubmitted once nothing waits on it.
             self._wait(run, store, options, until_idle=True)
-            tasks = store.get_tasks(run.run_id)
-            live = [t for t in tasks if t.state in (TaskState.SUBMITTED, TaskState.RUNNING)]
-            redo = [t for t in tasks if not t.state.ok and t not in live]
+            live, redo = _live_and_redo(store.get_tasks(run.run_id))
             run = store.get_run(run.run_id)
         if live and any(t.state != TaskState.PENDING for t in redo):
             raise UsageError(
@@ -600,6 +602,13 @@ class SlurmBackend:
         if msg not in self._said:
             self._said.add(msg)
             self._say(f"note: {msg}")
+
+
+def _live_and_redo(tasks: list[TaskRecord]) -> tuple[list[TaskRecord], list[TaskRecord]]:
+    """Tasks queued or running in Slurm, and those not done that are not (what resume submits)."""
+    live = [t for t in tasks if t.state in (TaskState.SUBMITTED, TaskState.RUNNING)]
+    redo = [t for t in tasks if not t.state.ok and t.state not in (TaskState.SUBMITTED, TaskState.RUNNING)]
+    return live, redo
 
 
 _PLANS: dict[str, Plan] = {}
