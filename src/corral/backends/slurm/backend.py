@@ -504,6 +504,7 @@ class SlurmBackend:
                 exit_code=r.get("exit_code"), reason=r.get("reason", ""), started_at=r.get("start"),
                 ended_at=r.get("end"), stdout=f"{base}.out", stderr=f"{base}.err", external_id=t.external_id,
                 host=r.get("host", "")))
+        accounting = bool(run.options.get("slurm", {}).get("accounting"))
         mine = [r for r in recs if r.get("job") == t.external_id]  # this submission's tries, not a past round's
         last = mine[-1] if mine else None
         slurm_state = row.state if row else None
@@ -515,7 +516,9 @@ class SlurmBackend:
                             ended_at=last.get("end") or now())
             if missing and new_attempts:
                 new_attempts[-1] = new_attempts[-1].replace(state=TaskState.FAILED, reason=missing)
-        elif slurm_state in ACTIVE:
+        elif slurm_state in ACTIVE or (slurm_state is None and accounting and last and last["state"] == "FAILED"
+                                        and last.get("final") is False):
+            # (a try failed and the wrapper goes on with the next: Slurm may not list the job yet)
             if slurm_state == "PENDING" and not (last and last["state"] == "RUNNING"):
                 why = row.reason if row else ""
                 new = t.replace(state=TaskState.SUBMITTED, reason=f"pending: {why}" if why else "")
@@ -540,7 +543,7 @@ class SlurmBackend:
         elif last["state"] == "FAILED":
             new = t.replace(state=TaskState.FAILED, exit_code=last.get("exit_code"), reason=last.get("reason", ""),
                             ended_at=last.get("end") or now())
-        elif row is None and run.options.get("slurm", {}).get("accounting"):
+        elif row is None and accounting:
             new = t.replace(state=TaskState.RUNNING)  # not in the accounting database yet: decide later
         else:  # a try started and its job ended without a final record
             if slurm_state == "CANCELLED":

@@ -51,10 +51,11 @@ _c_job="${SLURM_ARRAY_JOB_ID:-${SLURM_JOB_ID:-}}_${SLURM_ARRAY_TASK_ID:-0}"
 _c_host=$(hostname 2>/dev/null || echo unknown)
 eval "$_c_row" || { echo "corral: cannot read row ${SLURM_ARRAY_TASK_ID:-0} of $1" >&2; exit 97; }
 _c_now() { date +%s.%N 2>/dev/null | sed 's/\.N*$//' || date +%s; }
-_c_write() {  # attempt state exit_code reason start end
+_c_write() {  # attempt state exit_code reason start end [final]
   _c_f="$_c_rec/$_c_t.$1.json"
-  printf '{"task":"%s","attempt":%s,"state":"%s","exit_code":%s,"reason":"%s","start":%s,"end":%s,"job":"%s","host":"%s"}\n' \
-    "$_c_t" "$1" "$2" "$3" "$4" "$5" "$6" "$_c_job" "$_c_host" > "$_c_f.tmp" && mv -f "$_c_f.tmp" "$_c_f"
+  if [ -n "${7:-}" ] || [ "$1" -ge "$((_c_b + _c_n))" ]; then _c_fin=true; else _c_fin=false; fi
+  printf '{"task":"%s","attempt":%s,"state":"%s","exit_code":%s,"reason":"%s","start":%s,"end":%s,"job":"%s","host":"%s","final":%s}\n' \
+    "$_c_t" "$1" "$2" "$3" "$4" "$5" "$6" "$_c_job" "$_c_host" "$_c_fin" > "$_c_f.tmp" && mv -f "$_c_f.tmp" "$_c_f"
 }
 _c_a=$_c_b
 _c_code=0
@@ -62,7 +63,7 @@ _c_pid=
 _c_start=null
 _c_term() {
   kill "$_c_pid" 2>/dev/null
-  _c_write "$_c_a" FAILED 143 "stopped by Slurm (time limit, scancel or preemption)" "$_c_start" "$(_c_now)"
+  _c_write "$_c_a" FAILED 143 "stopped by Slurm (time limit, scancel or preemption)" "$_c_start" "$(_c_now)" final
   exit 143
 }
 _c_missing() {  # the first declared output (local path _c_oN, as written _c_uN) that does not exist
