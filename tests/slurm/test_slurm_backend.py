@@ -71,6 +71,11 @@ def test_quickstart_end_to_end(slurm, tmp_path: Path) -> None:
     logs = corral("logs", run_id, "process[mouse1-day2]")
     assert logs.returncode == 0 and "attempt 1 of process[mouse1-day2]" in logs.stdout
     assert "_1.err" in logs.stdout
+    watch = corral("status", run_id, "--watch", "--interval", "0.2")
+    assert watch.returncode == 0 and "succeeded" in watch.stderr
+    report = corral("report", run_id, "-o", str(tmp_path / "report.html"))
+    assert report.returncode == 0, report.stderr
+    assert "summarize" in (tmp_path / "report.html").read_text()
 
 
 ENV_WF = """
@@ -327,6 +332,14 @@ stages:
     assert res.returncode != 0
     assert "workflow.yaml:6" in res.stderr and "64 vCPUs" in res.stderr and "Traceback" not in res.stderr
     assert client.squeue(names=["corral.huge"]) == []
+    gpu = write(tmp_path, """
+name: gpu
+items: [{n: 1}]
+stages:
+  - {name: train, resources: {gpus: 1}, command: "true"}
+""", "gpu.yaml")
+    res = corral("run", str(gpu), "--backend", "slurm")
+    assert res.returncode != 0 and "gpu.yaml:5" in res.stderr and "1 GPU(s)" in res.stderr
     bad = write(tmp_path, """
 name: nopart
 slurm: {partition: gpu}
