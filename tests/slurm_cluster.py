@@ -22,6 +22,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -293,6 +294,8 @@ def shared_cluster(accounting: bool = False) -> SlurmCluster:
         try:
             got = SlurmCluster(root, accounting=accounting, node="node2" if accounting else "node1").start()
             atexit.register(got.stop)
+            if signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:  # a CI timeout: stop the daemons too
+                signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
         except ClusterUnavailable as exc:
             got = exc
         _SHARED[accounting] = got
@@ -302,8 +305,7 @@ def shared_cluster(accounting: bool = False) -> SlurmCluster:
 
 
 if __name__ == "__main__":  # a cluster to play with: python tests/slurm_cluster.py /tmp/slurm
-    import sys
-
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))  # `timeout` or kill: still stop the daemons
     args = [a for a in sys.argv[1:] if a != "--accounting"]
     c = SlurmCluster(Path(args[0] if args else "/tmp/corral-slurm"), accounting="--accounting" in sys.argv).start()
     print(f"export SLURM_CONF={c.conf}")
