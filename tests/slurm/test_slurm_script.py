@@ -98,3 +98,11 @@ def test_pending_reasons_explained() -> None:
 def test_quickstart_has_a_slurm_section_default() -> None:
     w = load_workflow(Path(__file__).resolve().parents[2] / "examples" / "quickstart" / "workflow.yaml")
     assert w.slurm == SlurmSettings()
+
+
+def test_sinfo_fields_parsed() -> None:
+    from corral.backends.slurm.backend import _gpus, _minutes
+
+    assert _minutes("1-02:03:04") == 1440 + 123 + 1 and _minutes("30:00") == 30 and _minutes("infinite") is None
+    assert _gpus("gpu:a100:4(S:0-1)") == 4 and _gpus("(null)") == 0 and _gpus("gpu:2,shard:8") == 2
+    assert script.slurm_time(61) == "0-00:02:00" and script.slurm_time(3 * 86400) == "3-00:00:00"
