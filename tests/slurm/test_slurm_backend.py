@@ -224,8 +224,9 @@ exit $rc
     p.chmod(p.stat().st_mode | stat.S_IEXEC)
 
 
-@pytest.mark.parametrize("before_submitting", [False, True], ids=["after-sbatch", "before-sbatch"])
-def test_kill_mid_submission_then_resume_runs_every_task_once(any_slurm, tmp_path: Path,
+@pytest.mark.parametrize(("call", "before_submitting"), [(2, False), (2, True), (1, True)],
+                         ids=["after-2nd-sbatch", "before-2nd-sbatch", "before-1st-sbatch"])
+def test_kill_mid_submission_then_resume_runs_every_task_once(any_slurm, tmp_path: Path, call: int,
                                                               before_submitting: bool) -> None:
     wf = write(tmp_path, """
 name: crash
@@ -236,13 +237,13 @@ stages:
   - {name: c, per: run, needs: [b], command: "echo x >> {workdir}/c"}
 """)
     bin_dir = tmp_path / "bin"
-    _killing_sbatch(bin_dir, after=2, before_submitting=before_submitting)
+    _killing_sbatch(bin_dir, after=call, before_submitting=before_submitting)
     res = corral("run", str(wf), "--backend", "slurm", env={"PATH": f"{bin_dir}:{os.environ['PATH']}"})
     assert res.returncode == -9, (res.returncode, res.stderr)
     store = api.open_store("slurm")
     run = store.list_runs(limit=1)[0]
     arrays = run.options["slurm"]["arrays"]
-    assert [a["stage"] for a in arrays] == ["a", "b"] and arrays[1]["job"] is None  # killed around sbatch
+    assert [a["stage"] for a in arrays] == ["a", "b"][:call] and arrays[-1]["job"] is None  # killed around sbatch
     res = corral("resume", run.run_id)
     assert res.returncode == 0, res.stderr
     tasks = wait_run(run.run_id)
