@@ -21,6 +21,7 @@ from __future__ import annotations
 import graphlib
 import hashlib
 import json
+import re
 import shlex
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
@@ -90,6 +91,9 @@ def render(text: str, values: Mapping[str, Any], *, quote: bool = False) -> str:
     return "".join(out)
 
 
+_FILTER_FIELD = re.compile(r"(?<!\{)\{([A-Za-z_][A-Za-z0-9_]*)\}(?!\})")
+
+
 # -- plan model ---------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class Task:
@@ -142,6 +146,13 @@ class Task:
         )
         env.update({k: render(v, vals) for k, v in self.stage.env.items()})
         return env
+
+    def filter_rules(self, run_id: str, workdir: str) -> list[str]:
+        """A transfer's rclone filters with ``{field}`` placeholders filled in; everything else is
+        kept as written (rclone's own ``{{regexp}}`` and ``{a,b}`` syntax)."""
+        vals = self.values(run_id, workdir)
+        return [_FILTER_FIELD.sub(lambda m: str(vals[m.group(1)]) if m.group(1) in vals else m.group(0), f)
+                for f in self.stage.filters]
 
     def paths(self, which: str, run_id: str, workdir: str) -> list[str]:
         vals = self.values(run_id, workdir)
@@ -278,6 +289,8 @@ def _check_placeholders(wf: Workflow, items: list[Item]) -> None:
         texts += [(("env", k), v) for k, v in s.env.items()]
         texts += [(("inputs", j), p) for j, p in enumerate(s.inputs)]
         texts += [(("outputs", j), p) for j, p in enumerate(s.outputs)]
+        texts += [(("filters", j), " ".join(f"{{{n}}}" for n in _FILTER_FIELD.findall(f)))
+                  for j, f in enumerate(s.filters)]
         if s.source:
             texts.append((("from",), s.source))
         if s.dest:

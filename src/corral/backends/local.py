@@ -545,7 +545,7 @@ class Scheduler:
             return storage.transfer_argv(
                 _render(task, task.stage.source or "", run_id, workdir),
                 _render(task, task.stage.dest or "", run_id, workdir),
-                mode=task.stage.mode, filters=task.stage.filters, run_id=run_id, workdir=workdir,
+                mode=task.stage.mode, filters=task.filter_rules(run_id, workdir), run_id=run_id, workdir=workdir,
                 base_dir=self.plan.workflow.base_dir,
             )
         if task.stage.kind == "cleanup" and task.stage.command is None:
