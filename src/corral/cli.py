@@ -316,8 +316,11 @@ def cancel(run_id: str, backend: str | None) -> None:
 @click.argument("workflow", type=click.Path(dir_okay=False))
 def validate(workflow: str) -> None:
     """Check WORKFLOW (syntax, fields, items, placeholders, dependencies) without running anything."""
+    from corral.plan import check_local_secrets
+
     wf = api.load_workflow(workflow)
     p = api.plan(wf)
+    check_local_secrets(wf)
     err.print(f"ok: {workflow}: {len(wf.stages)} stages, {len(p.items)} items, {len(p.tasks)} tasks", markup=False)
 
 

@@ -205,8 +205,9 @@ BAD = [
      "unknown key 'session_desciption' in NWBFile", "session_description"),
     ("sex", "  metadata: {NWBFile: {session_id: s1}, Subject: {subject_id: m01, sex: female}}\n",
      "'female', which NWB does not allow", "M, F, U, O"),
-    ("007", "  metadata: {NWBFile: {session_id: s1}, Subject: {subject_id: 007}}\n",
-     "YAML reads as an integer", 'quote it: subject_id: "007"'),
+    # corral reads YAML 1.2 strictly (#17): `007` stays the text "007"; a plain `7` is an integer
+    ("7", "  metadata: {NWBFile: {session_id: s1}, Subject: {subject_id: 7}}\n",
+     "YAML reads as an integer", 'quote it: subject_id: "7"'),
     ("Subject", "  metadata: {Subject: {subject_id: m01}}\n", "has no 'NWBFile'", "NWBFile: {}"),
     ("file_pth", "", "unknown key 'file_pth'", "file_path"),
 ]

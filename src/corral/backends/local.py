@@ -29,7 +29,7 @@ from corral.backends.base import RunOptions
 from corral.backends.runtime import container_argv, detect_engine, require_engine
 from corral.errors import BackendError, StorageError, UsageError
 from corral.model import AttemptRecord, RunRecord, RunState, TaskRecord, TaskState, now
-from corral.plan import Plan, Task
+from corral.plan import Plan, Task, check_local_secrets
 from corral.state.base import StateStore
 
 KILL_GRACE_S = 5.0
@@ -152,6 +152,7 @@ class LocalBackend:
     # -- Backend protocol ---------------------------------------------------------------------
     def check(self, plan: Plan) -> None:
         storage.check_workflow(plan.workflow)  # transfers that can never work: no rclone, unknown remote
+        check_local_secrets(plan.workflow)  # env:/file: secrets exist before any task starts
         for s in plan.workflow.stages:
             r = s.resources
             if r.vcpus > self.vcpus:

@@ -72,18 +72,9 @@ NEUROCONV_FLOOR = (0, 10, 2)  # the NeuroConv whose reading of a single-session 
 
 
 # -- reading the conversion specification ------------------------------------------------------
-class _NoDatesLoader(yaml.SafeLoader):
-    """NeuroConv reads timestamps as text (so they survive JSON); read them the same way."""
-
-
-_NoDatesLoader.yaml_implicit_resolvers = {
-    first: [(tag, rx) for tag, rx in resolvers if tag != "tag:yaml.org,2002:timestamp"]
-    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
-}
-
-
 def load_conversion_spec(path: Path) -> Located:
-    """The conversion specification as data (timestamps kept as text) plus positions for errors."""
+    """The conversion specification as data (YAML 1.2: timestamps and ids kept as text, merge keys) plus
+    positions for errors."""
     try:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
@@ -92,9 +83,7 @@ def load_conversion_spec(path: Path) -> Located:
         raise SpecError(f"{path} is a folder", "give the path of a NeuroConv .yml conversion specification") from None
     except UnicodeDecodeError:
         raise SpecError("the file is not UTF-8 text", "save the specification as UTF-8 YAML", where=str(path)) from None
-    located = load_text(text, str(path))  # positions, and YAML syntax errors with file:line:col
-    located.data = yaml.load(text, Loader=_NoDatesLoader)  # noqa: S506 - a SafeLoader subclass
-    return located
+    return load_text(text, str(path))  # corral's one YAML reader; errors with file:line:col
 
 
 def _expect(located: Located, path: tuple[str | int, ...], value: Any, kind: type, what: str, hint: str) -> None:
