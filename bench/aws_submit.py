@@ -71,6 +71,11 @@ def _post(url: str, body: dict[str, Any] | None) -> None:
 
 def reset(url: str) -> None:
     _post(f"{url}/moto-api/reset", None)
+    # moto's default VPC has no internet gateway route (AWS's does); corral's network preflight needs one
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+    from moto_server import default_vpc_as_on_aws
+
+    default_vpc_as_on_aws(url, REGION)
 
 
 # -- helpers ----------------------------------------------------------------------------------------

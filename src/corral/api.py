@@ -9,7 +9,6 @@
 
 from __future__ import annotations
 
-import os
 import secrets
 import socket
 import time
@@ -17,65 +16,28 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import platformdirs
-
+from corral import backends, reuse, runstate
 from corral.backends.base import Backend, RunOptions
 from corral.errors import CorralError, UsageError
+from corral.home import corral_home
 from corral.model import RunRecord, RunState, TaskRecord, TaskState, now
 from corral.plan import Plan, make_plan
 from corral.spec import Workflow, load_workflow
 from corral.state.base import StateStore
 
-BACKENDS = ("local", "aws", "slurm")
+BACKENDS = backends.NAMES
+
+__all__ = ["BACKENDS", "corral_home"]
 
 
-def corral_home() -> Path:
-    """State directory: ``$CORRAL_HOME``, else the user's data dir (e.g. ~/.local/share/corral)."""
-    env = os.environ.get("CORRAL_HOME")
-    return Path(env).expanduser() if env else Path(platformdirs.user_data_dir("corral", appauthor=False))
+def open_store(backend: str = backends.DEFAULT, workflow: Workflow | None = None, **settings: Any) -> StateStore:
+    """The state store a backend records into (SQLite locally, DynamoDB for AWS runs)."""
+    return backends.open_store(backend, workflow, **settings)
 
 
-def _check_backend(name: str) -> None:
-    if name not in BACKENDS:
-        raise UsageError(f"unknown backend {name!r}", f"use one of: {', '.join(BACKENDS)}")
-
-
-def open_store(backend: str = "local", workflow: Workflow | None = None, **aws: Any) -> StateStore:
-    """The state store a backend records into: SQLite locally, DynamoDB for AWS runs."""
-    _check_backend(backend)
-    if backend in ("local", "slurm"):  # Slurm runs are recorded on the submitting side, as local ones
-        from corral.state.sqlite import SqliteStore
-
-        return SqliteStore(corral_home() / "state.db")
-    from corral.backends.aws_batch.client import AwsClients
-    from corral.spec import AwsSettings
-    from corral.state.dynamodb import DynamoStore
-
-    settings = workflow.aws if workflow is not None else AwsSettings(**{k: v for k, v in aws.items() if v is not None})
-    clients = AwsClients(region=settings.region, profile=settings.profile)
-    table = getattr(settings, "table", None) or "corral-state"
-    return DynamoStore(table, clients.dynamodb)
-
-
-def get_backend(backend: str, workflow: Workflow | None = None, run: RunRecord | None = None) -> Backend:
-    _check_backend(backend)
-    if backend == "local":
-        from corral.backends.local import LocalBackend
-
-        return LocalBackend(corral_home())
-    if backend == "slurm":
-        from corral.backends.slurm import SlurmBackend
-
-        return SlurmBackend(corral_home(), workflow.slurm if workflow is not None else None)
-    from corral.backends.aws_batch.backend import AwsBatchBackend
-    from corral.backends.aws_batch.client import AwsClients
-    from corral.spec import AwsSettings
-
-    if workflow is not None:
-        settings = workflow.aws
-    else:
-        settings = AwsSettings(**(run.options.get("aws", {}) if run else {}))
-    return AwsBatchBackend(AwsClients(region=settings.region, profile=settings.profile), settings)
+def get_backend(backend: str, workflow: Workflow | None = None, run: RunRecord | None = None,
+                **settings: Any) -> Backend:
+    return backends.get_backend(backend, workflow=workflow, run=run, **settings)
 
 
 def plan(workflow: Workflow | str | Path) -> Plan:
@@ -89,7 +51,7 @@ def new_run_id(name: str) -> str:
 
 def run(
     workflow: Workflow | str | Path,
-    backend: str = "local",
+    backend: str = backends.DEFAULT,
     *,
     store: StateStore | None = None,
     options: RunOptions | None = None,
@@ -103,30 +65,39 @@ def run(
     p = plan if plan is not None else make_plan(wf)
     be = backend_impl or get_backend(backend, wf)
     be.check(p)
-    store = store or open_store(backend, wf)
+    store = store or be.open_store(workflow=wf)
     options = options or RunOptions()
     rec = RunRecord(
-        run_id=new_run_id(wf.name), workflow_name=wf.name, backend=backend, created_at=now(),
+        run_id=new_run_id(wf.name), workflow_name=wf.name, backend=be.name, created_at=now(),
         state=RunState.RUNNING, workflow_path=wf.source, base_dir=str(wf.base_dir), host=socket.gethostname(),
-        options={"aws": wf.aws.model_dump(mode="json")} if backend == "aws" else {},
+        options=be.run_options(wf),
     )
+    reused = {} if options.force or not options.reuse else reuse.reusable(
+        p, store, backend=be.name, force_stages=options.force_stages)
+    if not reused:
+        reuse.forced_stages(p, options.force_stages)  # (checks the names)
+    t_now = now()
     tasks = [
         TaskRecord(run_id=rec.run_id, task_id=t.id, stage=t.stage.name, item_key=t.key, item_index=t.index)
+        if t.id not in reused else
+        TaskRecord(run_id=rec.run_id, task_id=t.id, stage=t.stage.name, item_key=t.key, item_index=t.index,
+                   state=TaskState.REUSED, reason=reuse.REUSED_FROM + reused[t.id], ended_at=t_now)
         for t in p.tasks
     ]
     store.create_run(rec, p.manifest(), tasks)
     try:
         be.start(p, rec, store, options)
     except BaseException:
-        now_rec = store.get_run(rec.run_id)
-        if backend == "local" and now_rec.state == RunState.RUNNING:
-            store.save_run(now_rec.replace(state=RunState.INTERRUPTED, pid=None))
+        if be.driven_from_host:  # nobody drives it any more: `corral resume` goes on
+            runstate.settle(store, rec.run_id, RunState.INTERRUPTED, pid=None)
         raise
     return store.get_run(rec.run_id)
 
 
 def load_plan(store: StateStore, run_id: str) -> Plan:
-    return Plan.from_manifest(store.load_manifest(run_id))
+    """The run's plan, rebuilt from its manifest, with the item keys its tasks were recorded with."""
+    plan = Plan.from_manifest(store.load_manifest(run_id))
+    return plan.with_keys({t.task_id: t.item_key for t in store.get_tasks(run_id)})
 
 
 def resume(
@@ -138,24 +109,26 @@ def resume(
     plan: Plan | None = None,
 ) -> RunRecord:
     """Go on with RUN_ID; ``plan`` is the run's stored plan when the caller has loaded it already."""
-    store = store or open_store("local")
+    store = store or open_store()
     rec = store.get_run(run_id)
     p = plan if plan is not None else load_plan(store, run_id)
-    be = backend_impl or get_backend(rec.backend, p.workflow, rec)
+    be = backend_impl or get_backend(rec.backend, run=rec)
     be.resume(p, rec, store, options or RunOptions())
     return store.get_run(run_id)
 
 
 def open_run_store(backend: str | None, run_id: str | None = None) -> StateStore:
     """The store of ``backend`` (default local), checked to hold ``run_id`` when one is given."""
-    store = open_store(backend or "local")
+    store = open_store(backend or backends.DEFAULT)
     if run_id:
         try:
             store.get_run(run_id)
         except CorralError as exc:
-            hint = ("for a run on AWS add --backend aws; `corral status --all` lists local runs"
+            others = [n for n in backends.NAMES if n != backends.DEFAULT]
+            hint = (f"for a run elsewhere add --backend {'|'.join(others)}; `corral status --all` lists local runs"
                     if backend is None else f"`corral status --all --backend {backend}` lists its runs")
-            where = f"local state ({corral_home()})" if backend in (None, "local") else f"{backend} state"
+            where = (f"local state ({corral_home()})" if (backend or backends.DEFAULT) == backends.DEFAULT
+                     else f"{backend} state")
             raise UsageError(f"no run {run_id!r} in the {where}", hint) from exc
     return store
 
@@ -170,7 +143,7 @@ def resolve_run(store: StateStore, run_id: str | None) -> RunRecord:
 
 
 def status(run_id: str | None = None, *, store: StateStore | None = None, refresh: bool = True) -> list[TaskRecord]:
-    store = store or open_store("local")
+    store = store or open_store()
     rec = resolve_run(store, run_id)
     if refresh:
         return get_backend(rec.backend, run=rec).refresh(rec, store)
@@ -200,16 +173,19 @@ def find_task(store: StateStore, run_id: str, ref: str) -> TaskRecord:
 def logs(
     run_id: str, task: str, *, attempt: int | None = None, follow: bool = False, store: StateStore | None = None
 ) -> Iterator[str]:
-    store = store or open_store("local")
+    store = store or open_store()
     rec = store.get_run(run_id)
     t = find_task(store, run_id, task)
     return get_backend(rec.backend, run=rec).logs(rec, store, t, attempt, follow)
 
 
-def cancel(run_id: str, *, store: StateStore | None = None) -> None:
-    store = store or open_store("local")
+def cancel(run_id: str, *, store: StateStore | None = None) -> RunRecord:
+    """Stop the run; an ended run keeps its state. Returns the run as recorded afterwards."""
+    store = store or open_store()
     rec = store.get_run(run_id)
-    get_backend(rec.backend, run=rec).cancel(rec, store)
+    if rec.state not in runstate.ENDED:
+        get_backend(rec.backend, run=rec).cancel(rec, store)
+    return store.get_run(run_id)
 
 
 def counts(tasks: list[TaskRecord]) -> dict[str, int]:

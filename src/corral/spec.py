@@ -172,6 +172,8 @@ class Stage(StageFields):
     command: str | list[str] | None = None
     needs: list[str] = Field(default_factory=list)
     per: Literal["item", "run"] = "item"
+    # at most this many of the stage's tasks at once (e.g. 20 DANDI uploads, 8 GPU sorts)
+    max_parallel: int | None = Field(None, ge=1, le=100_000)
     inputs: list[str] = Field(default_factory=list)
     outputs: list[str] = Field(default_factory=list)
     # transfer stages
@@ -212,6 +214,11 @@ class Stage(StageFields):
         return self
 
 
+# The values PutRetentionPolicy accepts (CloudWatch Logs API reference, retentionInDays).
+LOG_RETENTION_DAYS = (1, 3, 5, 7, 14, 30, 60, 90, 120, 150, 180, 365, 400, 545, 731, 1096, 1827, 2192, 2557,
+                      2922, 3288, 3653)
+
+
 class AwsSettings(Model):
     """Settings for ``--backend aws``; every field is optional and discovered when missing."""
 
@@ -231,6 +238,26 @@ class AwsSettings(Model):
     # false for private subnets that reach registries through NAT or VPC endpoints.
     assign_public_ip: bool = True
     secrets: Literal["secretsmanager", "ssm"] = "secretsmanager"  # where a run's rclone config is kept
+    # How long corral's CloudWatch log group keeps job logs (PutRetentionPolicy); null: for ever.
+    log_retention_days: int | None = 30
+    # The share identifier of jobs submitted to a fair-share queue (aws.queue with a scheduling policy).
+    share_identifier: str = "corral"
+
+    @field_validator("log_retention_days")
+    @classmethod
+    def _retention(cls, v: int | None) -> int | None:
+        if v is not None and v not in LOG_RETENTION_DAYS:
+            raise ValueError(f"log_retention_days {v} is not one CloudWatch Logs accepts: "
+                             f"{', '.join(map(str, LOG_RETENTION_DAYS))} (or null: keep for ever)")
+        return v
+
+    @field_validator("share_identifier")
+    @classmethod
+    def _share(cls, v: str) -> str:
+        # SubmitJob shareIdentifier: letters, numbers and underscores, up to 255 (Batch API reference)
+        if not re.fullmatch(r"[A-Za-z0-9_]{1,255}", v):
+            raise ValueError("share_identifier may hold only letters, numbers and underscores (at most 255)")
+        return v
 
 
 SBATCH_OPTION_RE = re.compile(r"^--[a-z][a-z0-9-]*(=\S.*)?$")

@@ -24,8 +24,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from corral import storage
-from corral.backends.base import RunOptions
+from corral import runstate, storage
+from corral.backends.base import OUTPUT_MISSING, RunOptions
 from corral.backends.runtime import container_argv, detect_engine, require_engine
 from corral.errors import BackendError, StorageError, UsageError
 from corral.model import AttemptRecord, RunRecord, RunState, TaskRecord, TaskState, now
@@ -134,6 +134,45 @@ class LocalBackend:
     """Runs a plan on this machine; see the module docstring."""
 
     name = "local"
+    always_waits = True
+    records_attempts = True
+    driven_from_host = True
+    cost_basis = "hypothetical"  # what the same attempts would cost on AWS Batch
+    flags = frozenset({"force", "max_parallel", "runtime", "force_stages", "reuse"})
+
+    @classmethod
+    def create(cls, *, workflow: object = None, run: RunRecord | None = None, **settings: object) -> LocalBackend:
+        from corral.home import corral_home
+
+        return cls(corral_home())
+
+    @classmethod
+    def open_store(cls, *, workflow: object = None, **settings: object) -> StateStore:
+        from corral.home import corral_home
+        from corral.state.sqlite import SqliteStore
+
+        return SqliteStore(corral_home() / "state.db")
+
+    @classmethod
+    def store_exists(cls) -> bool:
+        from corral.home import corral_home
+
+        return (corral_home() / "state.db").exists()
+
+    def run_options(self, workflow: object) -> dict[str, object]:
+        return {}
+
+    def workspace(self, run: RunRecord) -> str | None:
+        return str(workspace_dir(self.home, run.run_id))
+
+    def attempt_history(self, run: RunRecord, tasks: object) -> dict[str, list[AttemptRecord]]:
+        return {}  # every attempt is in the store
+
+    def diagnose(self, run: RunRecord | None, store: StateStore | None, plan: Plan | None,
+                 tasks: list[TaskRecord] | None, *, runnable_after_s: float) -> list[object]:
+        from corral.doctor import run_checks
+
+        return run_checks(store, run, plan) if run is not None and store is not None else []
 
     def __init__(
         self,
@@ -190,12 +229,16 @@ class LocalBackend:
         self._execute(plan, run, store, options, first_attempts={t.task_id: t.attempts for t in tasks})
 
     def refresh(self, run: RunRecord, store: StateStore) -> list[TaskRecord]:
-        """The store is the truth locally; a run whose scheduler died is marked INTERRUPTED."""
-        if run.state == RunState.RUNNING and run.host == socket.gethostname() and not scheduler_alive(run):
-            store.save_run(run.replace(state=RunState.INTERRUPTED, pid=None))
+        """The store is the truth locally; a run whose scheduler died is marked INTERRUPTED
+        (read from the store, never from the caller's possibly stale ``run``)."""
+        if run.host == socket.gethostname():
+            runstate.interrupt_if_dead(store, run, scheduler_alive)
         return store.get_tasks(run.run_id)
 
     def cancel(self, run: RunRecord, store: StateStore) -> None:
+        run = store.get_run(run.run_id)
+        if run.state in runstate.ENDED:
+            return  # an ended run keeps its state (only `resume` changes it)
         if run.state == RunState.RUNNING and scheduler_alive(run):
             assert run.pid is not None
             os.kill(run.pid, signal.SIGTERM)  # the scheduler kills its children and records the states
@@ -212,7 +255,7 @@ class LocalBackend:
             if not t.state.terminal
         ]
         store.save_tasks(changed)
-        store.save_run(store.get_run(run.run_id).replace(state=RunState.CANCELLED, pid=None))
+        runstate.settle(store, run.run_id, RunState.CANCELLED, pid=None)
 
     def logs(
         self, run: RunRecord, store: StateStore, task: TaskRecord, attempt: int | None, follow: bool
@@ -340,6 +383,9 @@ class Scheduler:
         self.free_vcpus = float(backend.vcpus)
         self.free_mem = backend.memory_mib
         self.max_parallel = options.max_parallel or backend.vcpus
+        from corral.reuse import forced_stages
+
+        self.forced = forced_stages(plan, options.force_stages)  # --force-stage and what needs them
         self.last_progress = 0.0
         self.dirty_tasks: dict[str, TaskRecord] = {}
         self.dirty_attempts: list[AttemptRecord] = []
@@ -358,14 +404,10 @@ class Scheduler:
     # -- main loop ----------------------------------------------------------------------------
     def run(self) -> None:
         storage.prepare_workspace(str(self.workdir))
-        self.logdir.mkdir(parents=True, exist_ok=True)
+        self.logdir.mkdir(parents=True, exist_ok=True, mode=0o700)
         me = os.getpid()
-        self.store.save_run(
-            self.run_rec.replace(
-                state=RunState.RUNNING, pid=me, host=self.host,
-                options={**self.run_rec.options, "scheduler_start": process_start_time(me)},
-            )
-        )
+        runstate.reopen(self.store, self.run_rec, pid=me, host=self.host,
+                        options={**self.run_rec.options, "scheduler_start": process_start_time(me)})
         rfd, wfd = os.pipe()
         os.set_blocking(wfd, False)
         os.set_blocking(rfd, False)
@@ -391,15 +433,8 @@ class Scheduler:
                 self._abandon()
             self._flush()
             if crashed:  # leave a state that `corral resume` completes
-                self.store.save_run(self.store.get_run(self.run_rec.run_id).replace(state=RunState.INTERRUPTED, pid=None))
-        tasks = list(self.records.values())
-        if self.cancelled:
-            state = RunState.CANCELLED
-        elif all(t.state.ok for t in tasks):
-            state = RunState.SUCCEEDED
-        else:
-            state = RunState.FAILED
-        self.store.save_run(self.store.get_run(self.run_rec.run_id).replace(state=state, pid=None))
+                runstate.settle(self.store, self.run_rec.run_id, RunState.INTERRUPTED, pid=None)
+        runstate.end(self.store, self.run_rec.run_id, list(self.records.values()), cancelled=self.cancelled, pid=None)
         self._progress(force=True)
         # Everything is recorded (CANCELLED): now let Ctrl-C mean what it means to the caller, so
         # `corral run` ends with 130 and a Python caller gets its KeyboardInterrupt. (SIGTERM is how
@@ -523,6 +558,10 @@ class Scheduler:
                 continue
             vcpus = min(task.stage.resources.vcpus, float(self.b.vcpus))
             mem = min(task.stage.resources.memory, self.b.memory_mib)
+            if self._stage_full(task):
+                deferred.append(entry)  # the stage's max_parallel is reached; other stages may start
+                self.unmet[tid] = 0
+                continue
             if self.running and not (self.free_vcpus >= vcpus - 1e-9 and self.free_mem >= mem):
                 deferred.append(entry)  # does not fit now; smaller tasks behind it may
                 self.unmet[tid] = 0
@@ -531,14 +570,34 @@ class Scheduler:
         for entry in deferred:
             heapq.heappush(self.ready, entry)
 
+    def _stage_full(self, task: Task) -> bool:
+        """The stage's ``max_parallel`` tasks are running (the cap of that stage alone)."""
+        cap = task.stage.max_parallel
+        return cap is not None and sum(1 for r in self.running.values() if r.task.stage.name == task.stage.name) >= cap
+
     def _outputs_exist(self, task: Task) -> bool:
-        if not task.stage.outputs or self.options.force:
+        if not task.stage.outputs or self.options.force or task.stage.name in self.forced:
             return False
         run_id, workdir = self.run_rec.run_id, str(self.workdir)
         return storage.outputs_exist(
             task.paths("outputs", run_id, workdir), task.paths("inputs", run_id, workdir),
             run_id=run_id, workdir=workdir, base_dir=self.plan.workflow.base_dir,
         )
+
+    def _missing_output(self, task: Task) -> str:
+        """After exit 0: "" when every declared output exists, else the reason naming the first
+        missing one (a task that exits 0 without its outputs has failed, on every backend)."""
+        if not task.stage.outputs:
+            return ""
+        run_id, workdir = self.run_rec.run_id, str(self.workdir)
+        for uri in task.paths("outputs", run_id, workdir):
+            try:
+                exists = storage.uri_times(storage.parse(uri, workdir=workdir, base_dir=self.plan.workflow.base_dir))[0]
+            except StorageError as exc:
+                return f"cannot check output {uri}: {exc.one_line()}"
+            if not exists:
+                return f"{OUTPUT_MISSING}: {uri}"
+        return ""
 
     def _argv(self, task: Task, workdir: str) -> tuple[list[str], dict[str, str]]:
         run_id = self.run_rec.run_id
@@ -560,7 +619,7 @@ class Scheduler:
         number = rec.attempts + 1
         folder = self.logdir / task.stage.name
         if folder not in self.made_dirs:
-            folder.mkdir(parents=True, exist_ok=True)
+            folder.mkdir(parents=True, exist_ok=True, mode=0o700)
             self.made_dirs.add(folder)
         base = f"{folder}/{task.key}.{task.id[:8]}.{number}"
         out_path, err_path = f"{base}.out", f"{base}.err"
@@ -625,7 +684,9 @@ class Scheduler:
         self, task: Task, number: int, started: float, out_path: str, err_path: str, why: str, *, retryable: bool
     ) -> None:
         with contextlib.suppress(OSError):
-            Path(err_path).write_text(f"corral: {why}\n")
+            fd = os.open(err_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+            with os.fdopen(fd, "w") as fh:
+                fh.write(f"corral: {why}\n")
         attempt = AttemptRecord(
             run_id=self.run_rec.run_id, task_id=task.id, attempt=number, state=TaskState.FAILED, exit_code=127,
             reason=why, started_at=started, ended_at=now(), stdout=out_path, stderr=err_path, host=self.host,
@@ -688,6 +749,9 @@ class Scheduler:
             reason = r.kill_reason
         elif code == 0:
             state, reason = TaskState.SUCCEEDED, ""
+            missing = self._missing_output(r.task)
+            if missing:
+                state, reason = TaskState.FAILED, missing
         elif code < 0:
             state, reason = TaskState.FAILED, f"killed by signal {signal.Signals(-code).name}"
         else:
@@ -797,9 +861,9 @@ def _explicit_memory(task: Task) -> bool:
 def _start_process(argv: list[str], env: dict[str, str], out_path: str, err_path: str, devnull: int) -> int:
     """Create the attempt's log files and start it in a new session (posix_spawn); returns the pid."""
     flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC
-    fd_out = os.open(out_path, flags, 0o644)
+    fd_out = os.open(out_path, flags, 0o600)  # logs are the user's alone (CORRAL_HOME is 0700)
     try:
-        fd_err = os.open(err_path, flags, 0o644)
+        fd_err = os.open(err_path, flags, 0o600)
         try:
             return os.posix_spawnp(
                 argv[0], argv, env, setsid=True,

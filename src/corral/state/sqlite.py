@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sqlite3
 import zlib
 from collections.abc import Iterable, Sequence
@@ -81,7 +82,13 @@ class SqliteStore:
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
         try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
+            # CORRAL_HOME is private (0700) and the database 0600: SQLite gives its -wal and -shm files
+            # the database file's permissions, so they are 0600 too (state rows name paths and items).
+            if not self.path.parent.exists():
+                self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+            os.close(os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600))
+            if self.path.stat().st_mode & 0o077:
+                os.chmod(self.path, 0o600)  # made by an older corral as 0644
             self._db = sqlite3.connect(str(self.path), timeout=30.0, isolation_level=None)
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA synchronous=NORMAL")

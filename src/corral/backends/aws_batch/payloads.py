@@ -99,13 +99,47 @@ for c in ${CORRAL_COLUMNS:-}; do eval "export $c=\"\\$1\""; shift; done
 for f in ${CORRAL_FIELDS:-}; do eval "export $f=\"\\$CORRAL_ITEM_$f\""; done
 if [ -n "${CORRAL_KEY_FROM:-}" ]; then eval "export CORRAL_ITEM_KEY=\"\\$$CORRAL_KEY_FROM\""; fi
 if [ -n "${CORRAL_INDEX_BASE:-}" ]; then export CORRAL_ITEM_INDEX=$((CORRAL_INDEX_BASE + i)); fi
+outs=${CORRAL_OUTPUTS:-}
 eval "set -- $CORRAL_ARGV"
-unset CORRAL_ARGV CORRAL_COLUMNS CORRAL_FIELDS CORRAL_KEY_FROM CORRAL_INDEX_BASE NL c f i row
+unset CORRAL_ARGV CORRAL_COLUMNS CORRAL_FIELDS CORRAL_KEY_FROM CORRAL_INDEX_BASE CORRAL_OUTPUTS NL c f i row
 if [ -n "${CORRAL_WORKDIR:-}" ]; then mkdir -p "$CORRAL_WORKDIR" 2>/dev/null || true; fi
-exec "$@"
+if [ -z "$outs" ]; then exec "$@"; fi
+"$@"
+eval "set -- $outs"
+while [ $# -gt 1 ]; do
+  if [ ! -e "$2" ]; then echo "corral: declared output missing: $2" >&2; exit $((OUTPUT_MISSING_BASE + $1)); fi
+  shift 2
+done
 """
 
 BARRIER_COMMAND = ["/bin/sh", "-c", ":"]
+
+# -- declared outputs, checked in the job (issue 14) -----------------------------------------------
+# A task that exits 0 without writing a declared output fails: the wrapper checks the outputs it
+# can see (workspace:// on the job's EFS mount, absolute paths) and exits OUTPUT_MISSING_BASE + i
+# for the first missing output i of the stage's `outputs:`; refresh names the path in the reason.
+# (A command that itself exits 200..249 in a stage with outputs is reported the same way.)
+OUTPUT_MISSING_BASE = 200
+MAX_CHECKED_OUTPUTS = 50
+WRAPPER = WRAPPER.replace("OUTPUT_MISSING_BASE", str(OUTPUT_MISSING_BASE))
+
+
+def outputs_words(stage: Stage) -> str:
+    """``CORRAL_OUTPUTS``: pairs ``index "path"`` (sh words with ``${...}`` references, as the
+    argv template) of the stage's outputs a job can check itself; "" when there are none."""
+    from corral.plan import parse_template
+
+    words = []
+    for i, uri in enumerate(stage.outputs[:MAX_CHECKED_OUTPUTS]):
+        if uri.startswith("workspace://"):
+            text = '"${CORRAL_WORKDIR}/' + "".join(
+                _dq(v) if k == "text" else _reference(v) for k, v in parse_template(uri[len("workspace://"):]))
+        elif uri.startswith("/"):
+            text = '"' + "".join(_dq(v) if k == "text" else _reference(v) for k, v in parse_template(uri))
+        else:
+            continue  # s3:// and remotes: the submitter checks them; relative paths mean nothing in a job
+        words.append(f'{i} {text}"')
+    return " ".join(words)
 
 # Per-task environment names: always in the table, even when a stage has a single task.
 PER_TASK_KEYS = ("CORRAL_TASK_ID", "CORRAL_ITEM_KEY", "CORRAL_ITEM_INDEX")
@@ -312,6 +346,8 @@ class StageTable:
                 sh_quote(v)  # raises the PlanError naming the problem
         constant["CORRAL_COLUMNS"] = " ".join(self.columns)
         constant["CORRAL_FIELDS"] = " ".join(plain)
+        if argv_of is None and (outs := outputs_words(stage)):
+            constant["CORRAL_OUTPUTS"] = outs
         self.env = constant
         self._per_row_argv = argv is None
 
@@ -369,7 +405,11 @@ FARGATE_SPOT_REASON = "Your Spot Task was interrupted*"
 
 
 def retry_strategy(retries: int, *, fargate: bool = False) -> dict[str, Any]:
-    """attempts = retries + 1; retry infrastructure failures, exit on the task's own failure.
+    """attempts = retries + 1, and every failure is retried while attempts remain — the task's own
+    failure (a non-zero exit, declared outputs missing, a timeout) as locally, and infrastructure
+    failures. Batch retries a job when no ``evaluateOnExit`` rule matches, so the rules only name
+    the infrastructure cases; a job ended by TerminateJob/CancelJob (``corral cancel``) is never
+    retried (Batch user guide, "Automated job retries").
 
     On EC2 a spot reclaim or instance failure reads ``Host EC2 …``; Fargate has no hosts, and a
     Fargate Spot interruption reads ``Your Spot Task was interrupted.`` (at most 5 rules)."""
@@ -384,8 +424,7 @@ def retry_strategy(retries: int, *, fargate: bool = False) -> dict[str, Any]:
             reclaim,
             {"onStatusReason": "CannotPullContainerError*", "action": "RETRY"},
             {"onReason": "CannotPullContainerError*", "action": "RETRY"},
-            {"onExitCode": "*", "action": "EXIT"},  # the command's own failure: `retries` counts them
-            {"onStatusReason": "*", "action": "EXIT"},
+            {"onExitCode": "*", "action": "RETRY"},  # the command's own failure: `retries` counts them
         ]
         if attempts > 1
         else [],

@@ -36,7 +36,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from corral import storage
+from corral import runstate, storage
 from corral.backends.base import RunOptions
 from corral.backends.slurm import script
 from corral.backends.slurm.client import JobRow, SlurmClient
@@ -104,21 +104,21 @@ class SlurmBackend:
 
     @classmethod
     def create(cls, *, workflow: Any = None, run: RunRecord | None = None, **settings: Any) -> SlurmBackend:
-        from corral.api import corral_home
+        from corral.home import corral_home
 
         return cls(corral_home(), workflow.slurm if workflow is not None else None)
 
     @classmethod
     def open_store(cls, *, workflow: Any = None, **settings: Any) -> StateStore:
         """Slurm runs are recorded on the submitting side, in the same SQLite file as local runs."""
-        from corral.api import corral_home
+        from corral.home import corral_home
         from corral.state.sqlite import SqliteStore
 
         return SqliteStore(corral_home() / "state.db")
 
     @classmethod
     def store_exists(cls) -> bool:
-        from corral.api import corral_home
+        from corral.home import corral_home
 
         return (corral_home() / "state.db").exists()
 
@@ -222,8 +222,7 @@ class SlurmBackend:
         store.save_tasks([t.replace(state=TaskState.PENDING, reason="", exit_code=None, ended_at=None)
                           for t in redo if t.state != TaskState.PENDING])
         if redo:
-            store.save_run(run.replace(state=RunState.RUNNING))
-            run = store.get_run(run.run_id)
+            run = runstate.reopen(store, run)
             self._submit_round(plan, run, store, options)
         if options.wait:
             self._wait(store.get_run(run.run_id), store, options)
@@ -262,7 +261,7 @@ class SlurmBackend:
         self.client.scancel(jobs)
         store.save_tasks([t.replace(state=TaskState.CANCELLED, reason="cancelled", ended_at=t.ended_at or now())
                           for t in tasks if not t.state.terminal])
-        store.save_run(store.get_run(run.run_id).replace(state=RunState.CANCELLED))
+        runstate.settle(store, run.run_id, RunState.CANCELLED)
 
     def logs(self, run: RunRecord, store: StateStore, task: TaskRecord, attempt: int | None,
              follow: bool) -> Iterator[str]:
@@ -559,16 +558,7 @@ class SlurmBackend:
         return new.replace(attempts=attempts, started_at=started)
 
     def _settle(self, run: RunRecord, store: StateStore, tasks: list[TaskRecord]) -> None:
-        run = store.get_run(run.run_id)
-        if run.state != RunState.RUNNING or not tasks or not all(t.state.terminal for t in tasks):
-            return
-        if all(t.state.ok for t in tasks):
-            state = RunState.SUCCEEDED
-        elif any(t.state == TaskState.CANCELLED for t in tasks):
-            state = RunState.CANCELLED
-        else:
-            state = RunState.FAILED
-        store.save_run(run.replace(state=state, updated_at=now()))
+        runstate.end(store, run.run_id, tasks)  # only a RUNNING run ends; an ended one keeps its state
 
     def _wait(self, run: RunRecord, store: StateStore, options: RunOptions, *, until_idle: bool = False) -> None:
         """Refresh until the run ends (or, ``until_idle``, until none of its tasks is queued or running)."""
