@@ -59,7 +59,8 @@ class SlurmHarness(Harness):
 
         return wait_for(lambda: [r.run_id for r in self.store.list_runs(limit=1)], 20, "the run's record")[0]
 
-    def kill_then_resume(self, wf: Path, killed: Callable[[], bool]) -> tuple[str, RunRecord]:
+    def kill_then_resume(self, wf: Path, killed: Callable[[], bool], before_resume: Callable[[], None]
+                         ) -> tuple[str, RunRecord]:
         """The submitting `corral` (waiting on the run) dies; Slurm goes on; resume follows it."""
         from helpers import wait_for
 
@@ -78,6 +79,7 @@ class SlurmHarness(Harness):
             if proc.poll() is None:
                 proc.kill()
         run_id = self._latest()
+        before_resume()
         return run_id, self.resume(run_id)
 
     def cancel_midway(self, wf: Path, ready: Callable[[], bool]) -> RunRecord:
