@@ -9,6 +9,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import secrets
 import socket
 import time
@@ -84,14 +86,29 @@ def run(
                    state=TaskState.REUSED, reason=reuse.REUSED_FROM + reused[t.id], ended_at=t_now)
         for t in p.tasks
     ]
-    store.create_run(rec, p.manifest(), tasks)
-    try:
-        be.start(p, rec, store, options)
-    except BaseException:
-        if be.driven_from_host:  # nobody drives it any more: `corral resume` goes on
-            runstate.settle(store, rec.run_id, RunState.INTERRUPTED, pid=None)
-        raise
+    with store.lease(rec.run_id, "run"):  # one writer per run, from before it is visible
+        store.create_run(rec, p.manifest(), tasks)
+        try:
+            be.start(p, rec, store, _no_wait(be, options))
+        except BaseException:
+            if be.driven_from_host:  # nobody drives it any more: `corral resume` goes on
+                with contextlib.suppress(CorralError):  # a store that fails again: the first error is the one
+                    runstate.settle(store, rec.run_id, RunState.INTERRUPTED, pid=None)
+            raise
+    _wait(be, rec, store, options)
     return store.get_run(rec.run_id)
+
+
+def _no_wait(be: Backend, options: RunOptions) -> RunOptions:
+    """A backend that can wait apart (AWS) submits under the lease and waits after it, so that a
+    `corral cancel` or another machine's refresh is not shut out for the hours a run lasts."""
+    return dataclasses.replace(options, wait=False) if hasattr(be, "wait") else options
+
+
+def _wait(be: Backend, rec: RunRecord, store: StateStore, options: RunOptions) -> None:
+    wait = getattr(be, "wait", None)
+    if wait is not None and options.wait:
+        wait(store.get_run(rec.run_id), store, options)
 
 
 def load_plan(store: StateStore, run_id: str) -> Plan:
@@ -110,11 +127,26 @@ def resume(
 ) -> RunRecord:
     """Go on with RUN_ID; ``plan`` is the run's stored plan when the caller has loaded it already."""
     store = store or open_store()
-    rec = store.get_run(run_id)
-    p = plan if plan is not None else load_plan(store, run_id)
-    be = backend_impl or get_backend(rec.backend, run=rec)
-    be.resume(p, rec, store, options or RunOptions())
+    options = options or RunOptions()
+    with store.lease(run_id, "resume"):
+        rec = store.get_run(run_id)
+        p = plan if plan is not None else load_plan(store, run_id)
+        be = backend_impl or get_backend(rec.backend, run=rec)
+        restore_tasks(store, rec, p)
+        be.resume(p, store.get_run(run_id), store, _no_wait(be, options))
+    _wait(be, rec, store, options)
     return store.get_run(run_id)
+
+
+def restore_tasks(store: StateStore, rec: RunRecord, p: Plan) -> int:
+    """Record, as PENDING, every task of the manifest the store does not hold (a run recorded
+    before records were atomic, or rows lost): resume then runs them like any other."""
+    known = {t.task_id for t in store.get_tasks(rec.run_id)}
+    missing = [
+        TaskRecord(run_id=rec.run_id, task_id=t.id, stage=t.stage.name, item_key=t.key, item_index=t.index)
+        for t in p.tasks if t.id not in known
+    ]
+    return store.restore_tasks(rec.run_id, missing) if missing else 0
 
 
 def open_run_store(backend: str | None, run_id: str | None = None) -> StateStore:

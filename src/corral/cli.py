@@ -53,7 +53,7 @@ STATE_STYLE = {
 def backend_option(f: F) -> F:
     return click.option(
         "--backend", type=click.Choice(backends.NAMES), default=None,
-        help="Where the run lives: local (default) or aws (reads the DynamoDB state table).",
+        help="Where the run lives: local (default), aws (reads the DynamoDB state table) or slurm.",
     )(f)
 
 
@@ -225,7 +225,7 @@ def _note_unused_flags(be: Any, given: dict[str, bool]) -> None:
 @click.option("--force-stage", "force_stages", multiple=True, metavar="STAGE",
               help="Run STAGE and every stage that needs it, even where done before (repeatable).")
 @click.option("--no-reuse", is_flag=True, help="Do not reuse tasks that succeeded in earlier runs of the workflow.")
-@click.option("--wait/--no-wait", default=None, help="AWS: wait for the run to end (default: return after submitting).")
+@click.option("--wait/--no-wait", default=None, help="AWS, Slurm: wait for the run to end (default: return after submitting).")
 @click.option("--json", "as_json", is_flag=True, help="Print the run's final state as JSON on stdout.")
 def run(workflow: str, backend: str, max_parallel: int | None, runtime: str, force: bool,
         force_stages: tuple[str, ...], no_reuse: bool, wait: bool | None, as_json: bool) -> None:

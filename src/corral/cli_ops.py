@@ -32,7 +32,7 @@ LEVEL_STYLE = {"ok": "green", "info": "cyan", "warn": "yellow", "error": "red"}
 
 def _backend_option(f: Any) -> Any:
     return click.option("--backend", type=click.Choice(backends.NAMES), default=None,
-                        help="Where the run lives: local (default) or aws (DynamoDB state table).")(f)
+                        help="Where the run lives: local (default), aws (DynamoDB state table) or slurm.")(f)
 
 
 def print_findings(findings: list[Any]) -> None:

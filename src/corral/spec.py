@@ -260,6 +260,37 @@ class AwsSettings(Model):
         return v
 
 
+SBATCH_OPTION_RE = re.compile(r"^--[a-z][a-z0-9-]*(=\S.*)?$")
+
+
+def _sbatch_line(v: str) -> str:
+    """One ``#SBATCH`` option: ``--name`` or ``--name=value`` on one line (``#SBATCH`` itself optional)."""
+    text = v.strip()
+    if text.startswith("#SBATCH"):
+        text = text[len("#SBATCH"):].strip()
+    if "\n" in text or not SBATCH_OPTION_RE.match(text):
+        raise ValueError(f"{v!r} is not one sbatch option: write it as --name=value (e.g. --constraint=avx2)")
+    return text
+
+
+SbatchLine = Annotated[str, BeforeValidator(_sbatch_line)]
+
+
+class SlurmStage(Model):
+    """Per-stage overrides of the ``slurm:`` settings."""
+
+    partition: str | None = None
+    account: str | None = None
+    qos: str | None = None
+    extra: list[SbatchLine] = Field(default_factory=list, description="more #SBATCH options for this stage")
+
+
+class SlurmSettings(SlurmStage):
+    """Settings for ``--backend slurm``; every field is optional (the cluster's defaults apply)."""
+
+    stages: dict[str, SlurmStage] = Field(default_factory=dict, description="stage name -> overrides")
+
+
 class Workflow(Model):
     name: str
     description: str = ""
@@ -268,6 +299,7 @@ class Workflow(Model):
     stages: list[Stage] = Field(min_length=1)
     cleanup: bool = False
     aws: AwsSettings = Field(default_factory=AwsSettings)
+    slurm: SlurmSettings = Field(default_factory=SlurmSettings)
 
     _located: Located | None = PrivateAttr(default=None)
     _base_dir: Path = PrivateAttr(default_factory=Path.cwd)

@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 from botocore.exceptions import ClientError
-from moto_server import reset
+from moto_server import default_vpc_as_on_aws, reset
 from policy_eval import ALLOW, DENY, Request, decide
 
 from corral.backends.aws_batch import iam as iam_mod
@@ -105,6 +105,7 @@ def two_runs(moto_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterato
             mp.setenv(k, v)
         for var in ("AWS_PROFILE", "AWS_DEFAULT_PROFILE", "AWS_SESSION_TOKEN"):
             mp.delenv(var, raising=False)
+        default_vpc_as_on_aws(moto_url)  # an internet gateway and route, as AWS's default VPC has
         try:
             for s in ("s1", "s2"):
                 (tmp_path / "local" / s).mkdir(parents=True)

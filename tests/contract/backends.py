@@ -203,3 +203,7 @@ class AwsHarness(Harness):
 
 
 HARNESSES: dict[str, type[Harness]] = {"local": LocalHarness, "aws": AwsHarness}
+
+from slurm.contract_harness import SlurmHarness  # noqa: E402  (tests/slurm: a real Slurm on 127.0.0.1)
+
+HARNESSES["slurm"] = SlurmHarness

@@ -45,6 +45,7 @@ from corral.model import RunRecord, RunState, TaskRecord, TaskState, now
 from corral.plan import Plan
 from corral.spec import AwsSettings
 from corral.state.base import StateStore
+from corral.state.lease import LeaseHeld
 
 __all__ = ["CANCEL_REASON", "CLAIM_LEASE", "AwsBatchBackend", "task_state_of"]
 
@@ -366,7 +367,15 @@ class AwsBatchBackend:
 
     def refresh(self, run: RunRecord, store: StateStore, *, final_cleanup: bool = True) -> list[TaskRecord]:
         """Read the jobs' states into the store; after a failed run, also see that its workspace
-        cleanup runs (:class:`final_cleanup.FinalCleanup`) unless ``final_cleanup`` is false."""
+        cleanup runs (:class:`final_cleanup.FinalCleanup`) unless ``final_cleanup`` is false.
+        Holds the run's lease while it writes; while another command holds it, the stored view."""
+        try:
+            with store.lease(run.run_id, "status"):
+                return self._refresh(run, store, final_cleanup=final_cleanup)
+        except LeaseHeld:
+            return store.get_tasks(run.run_id)
+
+    def _refresh(self, run: RunRecord, store: StateStore, *, final_cleanup: bool) -> list[TaskRecord]:
         tasks = store.get_tasks(run.run_id)
         by_parent: dict[str, list[TaskRecord]] = {}  # every task recorded in a job, live or ended
         for t in tasks:
@@ -395,8 +404,13 @@ class AwsBatchBackend:
         if changed:
             self._count_attempts(changed, jobs)
             self._name_missing_outputs(run, store, changed)
-            store.save_tasks(list(changed.values()))
-            tasks = [changed.get(t.task_id, t) for t in tasks]
+            # Conditional: a record another process changed since we read it (a cleanup claim) stands.
+            before = {t.task_id: t for t in tasks}
+            written = store.update_tasks([(before[tid], new) for tid, new in changed.items()])
+            if len(written) == len(changed):
+                tasks = [changed.get(t.task_id, t) for t in tasks]
+            else:
+                tasks = store.get_tasks(run.run_id)
         self._update_run_state(run, store, tasks)
         if final_cleanup:
             try:
@@ -462,6 +476,10 @@ class AwsBatchBackend:
             changed[t.task_id] = changed[t.task_id].replace(reason=f"{OUTPUT_MISSING}: {uri}")
 
     def cancel(self, run: RunRecord, store: StateStore) -> None:
+        with store.lease(run.run_id, "cancel"):
+            self._cancel(run, store)
+
+    def _cancel(self, run: RunRecord, store: StateStore) -> None:
         tasks = store.get_tasks(run.run_id)
         if OPTIONS_KEY in run.options and run.options[OPTIONS_KEY].get("job_queue"):
             queues = self._queues(run)
