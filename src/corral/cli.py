@@ -27,10 +27,14 @@ if TYPE_CHECKING:
 
 # What a command needs is imported when it runs (`corral --help` stays fast): the API, the models
 # (pydantic) and the backends load on first use through these two module proxies.
-api: Any = LazyModule("corral.api")
-runstate: Any = LazyModule("corral.runstate")
-model: Any = LazyModule("corral.model")
-cli_ops: Any = LazyModule("corral.cli_ops")
+# mypy sees the modules themselves, so calls through the proxies stay type-checked.
+if TYPE_CHECKING:
+    from corral import api, cli_ops, model, runstate
+else:
+    api = LazyModule("corral.api")
+    runstate = LazyModule("corral.runstate")
+    model = LazyModule("corral.model")
+    cli_ops = LazyModule("corral.cli_ops")
 
 EXTENSIONS = ["corral.cli_aws", "corral.cli_aws_jobs", "corral.cli_storage", "corral.cli_ops", "corral.cli_recipes"]
 

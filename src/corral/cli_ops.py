@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 from rich.console import Console
@@ -19,7 +19,10 @@ from corral.errors import CorralError, UsageError
 from corral.jsonout import write_json
 from corral.lazy import LazyModule
 
-api: Any = LazyModule("corral.api")  # imported when a command runs, not for `corral --help`
+if TYPE_CHECKING:  # mypy sees the module, so calls through the proxy stay type-checked
+    from corral import api
+else:
+    api = LazyModule("corral.api")  # imported when a command runs, not for `corral --help`
 
 err = Console(stderr=True, highlight=False)
 out = Console(highlight=False, soft_wrap=True)

@@ -127,7 +127,7 @@ def place(resources: Resources, allowed: Sequence[str], *, spot: bool, tasks: in
         if it is not None:
             return Placement(it, 1, spot)
     best: Placement | None = None
-    best_key: tuple[float, int, str] | None = None
+    best_key: tuple[float, float, str] | None = None
     for it in expand(allowed_for(resources, list(allowed))):
         n = tasks_per_instance(it, resources.vcpus, resources.memory, resources.gpus)
         if n == 0:

@@ -120,7 +120,7 @@ def _load(path: str) -> tuple[tuple[str, InstanceType], ...]:
     ]
     out: list[tuple[str, InstanceType]] = []
     for name, row in doc["instances"].items():
-        rec = dict(zip(fields, row, strict=False)) if isinstance(row, list) else dict(row)
+        rec: dict[str, Any] = dict(zip(fields, row, strict=False)) if isinstance(row, list) else dict(row)
         try:
             it = InstanceType(
                 name=name,

@@ -320,11 +320,11 @@ def glob_source(spec: dict[str, Any], ctx: SourceContext) -> list[Item]:
     for p in sorted(globlib.glob(as_glob, recursive=True)):
         if kind == "file" and not os.path.isfile(p) or kind == "dir" and not os.path.isdir(p):
             continue
-        m = regex.match(p)
-        if not m:
+        found = regex.match(p)
+        if not found:
             continue
         rel = os.path.relpath(p, root) if not os.path.isabs(pattern) else p
-        out.append({**m.groupdict(), "path": rel})
+        out.append({**found.groupdict(), "path": rel})
     return _filter(out, spec.get("where"), ctx)
 
 

@@ -93,7 +93,8 @@ def _expect(located: Located, path: tuple[str | int, ...], value: Any, kind: typ
 
 
 def _kind_name(kind: type) -> str:
-    return {dict: "mapping", list: "list", str: "string"}.get(kind, kind.__name__)
+    names: dict[type, str] = {dict: "mapping", list: "list", str: "string"}
+    return names.get(kind, kind.__name__)
 
 
 def _unknown_keys(located: Located, path: tuple[str | int, ...], data: dict[str, Any], allowed: tuple[str, ...], what: str) -> None:

@@ -123,7 +123,7 @@ def transfer_argv(
     return rclone.wrapper_argv(args, names, config_path=config), {}
 
 
-class _Dummy(dict):  # type: ignore[type-arg]
+class _Dummy(dict[str, str]):
     """Stands in for item values when checking a URI's shape before items are known."""
 
     def __missing__(self, key: str) -> str:

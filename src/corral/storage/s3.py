@@ -90,10 +90,9 @@ def _error(exc: BaseException, uri: str, action: str) -> StorageError | Credenti
             f"cannot {action} {uri}: no AWS credentials", "run `aws configure` (or `aws sso login`), or set AWS_PROFILE"
         )
     code = ""
-    if isinstance(exc, ClientError):
-        code = str(exc.response.get("Error", {}).get("Code", ""))
-    elif exc.__cause__ is not None and isinstance(exc.__cause__, ClientError):
-        code = str(exc.__cause__.response.get("Error", {}).get("Code", ""))
+    client_error = exc if isinstance(exc, ClientError) else exc.__cause__
+    if isinstance(client_error, ClientError):
+        code = str(client_error.response.get("Error", {}).get("Code", ""))
     hints = {
         "NoSuchBucket": "check the bucket name (and that it is in this account/region)",
         "NoSuchKey": "check the key with `aws s3 ls`",

@@ -83,10 +83,10 @@ def parse(uri: str, *, workdir: str = "", base_dir: Path | None = None) -> Locat
             )
         return Location(uri, "s3", key, bucket=bucket)
     if uri.startswith("file://"):
-        p = uri[len("file://") :]
-        if not p.startswith("/"):
+        file_path = uri[len("file://") :]
+        if not file_path.startswith("/"):
             raise StorageError(f"{uri}: a file:// URI needs an absolute path", "write file:///abs/path")
-        return Location(uri, "local", str(Path(p)))
+        return Location(uri, "local", str(Path(file_path)))
     m = SCHEME_RE.match(uri)
     if m:
         raise StorageError(

@@ -234,6 +234,8 @@ def ensure_compute_environment(ctx: Ctx, spec: ComputeSpec, *, timeout: float = 
                 _delete_ce(ctx, name, timeout)
                 _create_ce(ctx, spec, timeout=timeout)
                 ctx.updated("compute-environment", f"{name} (made again: {exc.reason})")
+    if ce is None:  # cannot happen: the loop above ends with a VALID environment or raises
+        raise ProvisionError(f"compute environment {name} was not found once made", "run the command again (it resumes)")
     return ce["computeEnvironmentArn"]
 
 

@@ -165,6 +165,9 @@ def build_environment(clients: AwsClients, settings: AwsSettings, needs: Needs,
         fargate_queue_arn = compute.ensure_queue(ctx, names["fargate"], fargate_ces)
     if fargate_only:
         queue_arn = fargate_queue_arn
+    if queue_arn is None:  # cannot happen: fargate_only implies needs.fargate, else a CPU queue was found or made
+        raise ProvisionError("no default job queue was found or made for this run",
+                             "report this as a corral bug")
 
     return Environment(
         region=clients.region, account_id=account, job_queue=queue_arn, gpu_job_queue=gpu_queue_arn,

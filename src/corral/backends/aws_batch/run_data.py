@@ -191,8 +191,11 @@ def remove_run_data(
             jobs = batch.describe_jobs(jobs=[job_id])["jobs"]
         return jobs[0] if jobs and jobs[0]["status"] in ("SUCCEEDED", "FAILED") else None
 
-    poller = Poller(first=2.0, factor=1.6, cap=30.0, **({"sleep": sleep} if sleep else {}),
-                    **({"clock": clock} if clock else {}))
+    poller = Poller(first=2.0, factor=1.6, cap=30.0)
+    if sleep:
+        poller.sleep = sleep
+    if clock:
+        poller.clock = clock
     try:
         job = poller.poll(ended, what=f"job {job_id} removing run {run_id}'s EFS data", timeout=timeout)
     except ProvisionError:

@@ -133,10 +133,11 @@ def _disable_then_delete(
         delete(**{param: arn})
     for it in items:
         arn = it[f"{param}Arn"]
-        ctx.poller.poll(
-            lambda arn=arn: all(x.get("status") == "DELETED" for x in current(arn)),
-            what=f"{label} {it[f'{param}Name']} to be deleted", timeout=TIMEOUT,
-        )
+
+        def deleted(arn: str = arn) -> bool:
+            return all(x.get("status") == "DELETED" for x in current(arn))
+
+        ctx.poller.poll(deleted, what=f"{label} {it[f'{param}Name']} to be deleted", timeout=TIMEOUT)
         _deleted(ctx, kind, it[f"{param}Name"])
 
 
@@ -224,8 +225,11 @@ def _file_systems(ctx: Ctx) -> None:
         _efs_access_points(ctx, None, fid)
         for mt in efs.describe_mount_targets(FileSystemId=fid)["MountTargets"]:
             efs.delete_mount_target(MountTargetId=mt["MountTargetId"])
-        ctx.poller.poll(lambda fid=fid: not efs.describe_mount_targets(FileSystemId=fid)["MountTargets"],
-                        what=f"mount targets of {fid} to be deleted", timeout=TIMEOUT)
+
+        def no_mount_targets(fid: str = fid) -> bool:
+            return not efs.describe_mount_targets(FileSystemId=fid)["MountTargets"]
+
+        ctx.poller.poll(no_mount_targets, what=f"mount targets of {fid} to be deleted", timeout=TIMEOUT)
         efs.delete_file_system(FileSystemId=fid)
         _deleted(ctx, "efs", f"{fs.get('Name') or fs.get('CreationToken')} ({fid})")
 

@@ -32,7 +32,7 @@ class Poller:
         self.first, self.factor, self.cap = first, factor, cap
         self.sleep, self.clock = sleep, clock
 
-    def poll(self, check: Callable[[], T], *, what: str, timeout: float = 600.0, hint: str = "") -> T:
+    def poll(self, check: Callable[[], T | None], *, what: str, timeout: float = 600.0, hint: str = "") -> T:
         deadline = self.clock() + timeout
         delay = self.first
         while True:
@@ -52,5 +52,5 @@ class Poller:
 DEFAULT = Poller()
 
 
-def poll(check: Callable[[], T], *, what: str, timeout: float = 600.0, hint: str = "") -> T:
+def poll(check: Callable[[], T | None], *, what: str, timeout: float = 600.0, hint: str = "") -> T:
     return DEFAULT.poll(check, what=what, timeout=timeout, hint=hint)
