@@ -14,6 +14,7 @@ import pytest
 from helpers import run_cli
 
 import corral
+from corral.backends.base import RunOptions
 from corral.errors import SpecError
 from corral.model import RunState, TaskState
 from corral.plan import make_plan
@@ -348,10 +349,14 @@ def test_example_converts_for_real_through_the_local_backend(tmp_path: Path) -> 
         f = io.read()
         assert f.subject.sex == "M" and f.session_description == "Subject exploring an open field."
         assert f.trials is None  # that session has no Trials source
-    # Re-running skips what exists (outputs: nwb/{nwbfile_name})
+    # Re-running reuses what succeeded (same task ids, outputs still there) ...
     again = corral.run(work / "workflow.yaml")
     assert again.state == RunState.SUCCEEDED
     convert = [t for t in corral.status(again.run_id) if t.stage == "convert"]
+    assert all(t.state == TaskState.REUSED for t in convert), [t.state for t in convert]
+    # ... and without reuse, skips what exists (outputs: nwb/{nwbfile_name})
+    fresh = corral.run(work / "workflow.yaml", options=RunOptions(reuse=False))
+    convert = [t for t in corral.status(fresh.run_id) if t.stage == "convert"]
     assert all(t.state == TaskState.SKIPPED for t in convert), [t.state for t in convert]
 
 

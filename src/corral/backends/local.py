@@ -20,9 +20,10 @@ import signal
 import socket
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from corral import runstate, storage
 from corral.backends.base import OUTPUT_MISSING, RunOptions
@@ -209,10 +210,10 @@ class LocalBackend:
         return {}  # every attempt is in the store
 
     def diagnose(self, run: RunRecord | None, store: StateStore | None, plan: Plan | None,
-                 tasks: list[TaskRecord] | None, *, runnable_after_s: float) -> list[object]:
+                 tasks: list[TaskRecord] | None, *, runnable_after_s: float) -> list[Any]:
         from corral.doctor import run_checks
 
-        return run_checks(store, run, plan) if run is not None and store is not None else []
+        return list(run_checks(store, run, plan)) if run is not None and store is not None else []
 
     def __init__(
         self,
@@ -220,12 +221,12 @@ class LocalBackend:
         *,
         vcpus: int | None = None,
         memory_mib: int | None = None,
-        log: object = None,
+        log: Callable[[str], None] | None = None,
     ) -> None:
         self.home = Path(home).absolute()
         self.vcpus = vcpus or machine_vcpus()
         self.memory_mib = memory_mib or machine_memory_mib()
-        self._say = log or (lambda msg: print(msg, file=sys.stderr))
+        self._say: Callable[[str], None] = log or (lambda msg: print(msg, file=sys.stderr))
         self._said: set[str] = set()
 
     # -- Backend protocol ---------------------------------------------------------------------
