@@ -75,8 +75,17 @@ from corral.errors import PlanError
 from corral.plan import Task
 from corral.spec import Stage
 
-PAYLOAD_LIMIT = 30 * 1024  # SubmitJob request body
+PAYLOAD_LIMIT = 30 * 1024  # SubmitJob request body (Batch service quotas: "SubmitJob payload 30 KiB")
 PAYLOAD_MARGIN = 2048  # room for dependsOn (≤ 20 entries), tags and the JSON framing
+# ECS RunTask API reference, `overrides`: "A total of 8192 characters are allowed for overrides. This
+# limit includes the JSON formatting characters of the override structure." Batch launches every job
+# and array child as an ECS task whose container override holds the command (the job definition's),
+# the environment and the resource requirements, plus variables Batch adds itself (AWS_BATCH_JOB_ID,
+# _JOB_ATTEMPT, _JQ_NAME, _CE_NAME, _JOB_ARRAY_INDEX, ...). Over it, SubmitJob accepts the job and
+# every child FAILS at launch ("Container Overrides length must be at most 8192", ASFHyP3/hyp3#3041).
+ECS_OVERRIDES_LIMIT = 8192
+BATCH_VARIABLES_RESERVE = 768  # what Batch's own variables may take (measured ~430 with 128-char names)
+OVERRIDES_MARGIN = 512  # kept free below the limit: JSON escaping differences, future Batch variables
 MAX_ARRAY_SIZE = 10_000
 MAX_DEPENDS_ON = 20
 MIN_TIMEOUT = 60
@@ -106,6 +115,16 @@ exec "$@"
 """
 
 BARRIER_COMMAND = ["/bin/sh", "-c", ":"]
+
+
+def wrapper(program: str | None = None) -> str:
+    """The job definition's script: :data:`WRAPPER`, or, for a stage whose command corral builds (a
+    transfer), the wrapper running ``program`` with the row's argv as its arguments (``"$@"``) —
+    so the program is in the job definition once, not in every row."""
+    if program is None:
+        return WRAPPER
+    assert WRAPPER.endswith('exec "$@"\n')
+    return WRAPPER[: -len('exec "$@"\n')] + program
 
 # Per-task environment names: always in the table, even when a stage has a single task.
 PER_TASK_KEYS = ("CORRAL_TASK_ID", "CORRAL_ITEM_KEY", "CORRAL_ITEM_INDEX")
@@ -238,6 +257,59 @@ def argv_template(stage: Stage) -> str | None:
     return " ".join(words)
 
 
+_SENTINEL = "Zq{}qZ"
+
+
+def argv_template_of(
+    tasks: Sequence[Task], argv_of: Callable[[Task], Sequence[str]], columns: Sequence[str],
+) -> str | None:
+    """One argv template (sh words with ``${VAR}`` references to ``columns``) that gives exactly
+    ``argv_of(task)`` for every task once the wrapper has exported the task's row, or None.
+
+    The argv is built once for a stand-in task whose per-task values are unique sentinels; each
+    sentinel in it becomes a reference. The result is then checked against every task's own argv
+    (sentinels replaced by the task's values): any difference (a value transformed on the way, a
+    local path staged per file) keeps the per-task column."""
+    import dataclasses
+
+    if not tasks:
+        return None
+    names = {c: _SENTINEL.format(i) for i, c in enumerate(columns)}
+    first = tasks[0]
+    item = dict(first.item)
+    for f in first.item:
+        if f"CORRAL_ITEM_{f}" in names:
+            item[f] = names[f"CORRAL_ITEM_{f}"]
+    stand_in = dataclasses.replace(
+        first, item=item,
+        key=names.get("CORRAL_ITEM_KEY", first.key),
+        id=names.get("CORRAL_TASK_ID", first.id),
+        index=names.get("CORRAL_ITEM_INDEX", first.index),  # type: ignore[arg-type]
+    )
+    try:
+        words = list(argv_of(stand_in))
+    except Exception:  # noqa: BLE001 - any refusal (e.g. a local path) keeps the per-task column
+        return None
+    for t in tasks:
+        env = t.env("", "")
+        values = {names[c]: (("" if t.index is None else str(t.index)) if c == "CORRAL_ITEM_INDEX" else t.id if c == "CORRAL_TASK_ID"
+                             else t.key if c == "CORRAL_ITEM_KEY" else env.get(c, "")) for c in names}
+
+        def fill(word: str, values: dict[str, str] = values) -> str:
+            return re.sub(r"Zq\d+qZ", lambda m: values.get(m.group(0), m.group(0)), word)
+
+        try:
+            want = list(argv_of(t))
+        except Exception:  # noqa: BLE001
+            return None
+        if [fill(w) for w in words] != want:
+            return None
+    by_sentinel = {v: k for k, v in names.items()}
+    return " ".join(
+        '"' + re.sub(r"Zq\d+qZ", lambda m: "${" + by_sentinel[m.group(0)] + "}", _dq(w)) + '"' for w in words
+    )
+
+
 def uses_task_id(stage: Stage) -> bool:
     """True when something rendered per task for the stage's AWS job uses the task id: ``{task}``
     (or ``CORRAL_TASK_ID`` read from the environment) in the command, an env value or a transfer's
@@ -261,8 +333,10 @@ class StageTable:
         self, tasks: Sequence[Task], run_id: str, workdir: str, *, index_column: bool = True,
         argv_of: Callable[[Task], Sequence[str]] | None = None,
     ) -> None:
-        """``argv_of(task)``, when given, is each task's argv (rendered per task, a column): for
-        stages whose container command is not the stage's ``command`` (transfers, cleanup)."""
+        """``argv_of(task)``, when given, is each task's argv: for stages whose container command is
+        not the stage's ``command`` (transfers, cleanup). It becomes one stage-wide template of
+        ``${...}`` references when that template gives every task's argv exactly
+        (:func:`argv_template_of`), else a column rendered per task."""
         if not tasks:
             raise ValueError("a stage table needs tasks")
         self.run_id = run_id
@@ -295,7 +369,14 @@ class StageTable:
                     self.columns.remove("CORRAL_ITEM_KEY")
                     constant["CORRAL_KEY_FROM"] = c
                     break
-        argv = None if argv_of is not None else argv_template(stage)
+        if argv_of is not None:
+            # the wrapper exports the key and index whether they are columns or derived
+            refs = list(dict.fromkeys([*self.columns, "CORRAL_ITEM_KEY", "CORRAL_ITEM_INDEX"]))
+            argv = argv_template_of(tasks, argv_of, refs)
+            if argv is not None:
+                self._argv_of = None
+        else:
+            argv = argv_template(stage)
         if argv is None:
             self.columns.append("CORRAL_ARGV")
         else:
@@ -446,12 +527,15 @@ def _require_execution_role(ctx: JobContext, what: str) -> None:
         )
 
 
-def job_definition(stage: Stage, ctx: JobContext, *, fargate: bool = False) -> JobDefinitionSpec:
+def job_definition(
+    stage: Stage, ctx: JobContext, *, fargate: bool = False, program: str | None = None,
+) -> JobDefinitionSpec:
     """RegisterJobDefinition kwargs for a stage's runtime, named from a hash of their content.
 
     ``fargate``: a Fargate job definition (platformCapabilities FARGATE, the size rounded up to a
     valid Fargate vCPU/memory pair, execution role, network configuration, ephemeral storage for
-    the stage's disk); otherwise an EC2 one (GPUs, scratch on the instance's root volume)."""
+    the stage's disk); otherwise an EC2 one (GPUs, scratch on the instance's root volume).
+    ``program``: the script the wrapper runs the row's argv with (:func:`wrapper`; transfers)."""
     if not stage.image:
         raise PlanError(
             f"stage {stage.name!r} has no image; AWS Batch runs every task in a container",
@@ -470,7 +554,7 @@ def job_definition(stage: Stage, ctx: JobContext, *, fargate: bool = False) -> J
             requirements.append({"type": "GPU", "value": str(res.gpus)})
     container: dict[str, Any] = {
         "image": image_uri(stage.image, ctx),
-        "command": ["/bin/sh", "-c", WRAPPER],
+        "command": ["/bin/sh", "-c", wrapper(program)],
         "resourceRequirements": requirements,
     }
     if ctx.job_role_arn:
@@ -579,17 +663,47 @@ def env_size(env: Mapping[str, str]) -> int:
     return sum(len(json.dumps({"name": k, "value": v})) + 1 for k, v in env.items())
 
 
-def chunk_bounds(tables: Sequence[Sequence[str]], budget: int) -> list[int]:
+def overrides_length(command: Sequence[str], env: Mapping[str, str], requirements: Sequence[Any]) -> int:
+    """Characters of the ECS container override of one task of a job (JSON framing included):
+    the command, the environment and the resource requirements (see :data:`ECS_OVERRIDES_LIMIT`)."""
+    override: dict[str, Any] = {"name": "default"}
+    if command:
+        override["command"] = list(command)
+    if env:
+        override["environment"] = [{"name": k, "value": v} for k, v in env.items()]
+    if requirements:
+        override["resourceRequirements"] = list(requirements)
+    return len(json.dumps({"containerOverrides": [override]}, separators=(",", ":"), ensure_ascii=False))
+
+
+def table_budget(spec: JobDefinitionSpec, env: Mapping[str, str]) -> int:
+    """Characters the encoded item table of one job may take: what the ECS override limit leaves
+    after the job definition's command and resources, the job's other variables (with room for
+    ``CORRAL_INDEX_BASE``), Batch's own variables and a margin — and under SubmitJob's 30 KiB."""
+    container = spec.kwargs.get("containerProperties", {})
+    fixed = overrides_length(
+        container.get("command", []), {**env, "CORRAL_INDEX_BASE": "99999", TABLE_VAR: ""},
+        container.get("resourceRequirements", []),
+    )
+    ecs = ECS_OVERRIDES_LIMIT - BATCH_VARIABLES_RESERVE - OVERRIDES_MARGIN - fixed
+    submit = PAYLOAD_LIMIT - PAYLOAD_MARGIN - env_size(env)
+    return min(ecs, submit)
+
+
+def chunk_bounds(tables: Sequence[Sequence[str]], budget: int | Sequence[int]) -> list[int]:
     """Cut ``n`` aligned rows into chunks: sizes such that, for every table, the encoded rows of each
-    chunk take at most ``budget`` bytes and no chunk has more than 10,000 rows. All tables must
-    have the same length; the same cut applies to all (so N_TO_N children stay aligned)."""
+    chunk take at most its ``budget`` bytes (one for all, or one per table) and no chunk has more
+    than 10,000 rows. All tables must have the same length; the same cut applies to all (so N_TO_N
+    children stay aligned)."""
     if not tables:
         return []
     n = len(tables[0])
     assert all(len(t) == n for t in tables)
+    budgets = [budget] * len(tables) if isinstance(budget, int) else list(budget)
+    assert len(budgets) == len(tables)
 
     def fits(a: int, b: int) -> bool:
-        return all(len(encode_table(t[a:b])) <= budget for t in tables)
+        return all(len(encode_table(t[a:b])) <= bb for t, bb in zip(tables, budgets, strict=True))
 
     sizes: list[int] = []
     a = 0
@@ -598,7 +712,7 @@ def chunk_bounds(tables: Sequence[Sequence[str]], budget: int) -> list[int]:
         hi = min(n, a + MAX_ARRAY_SIZE)
         if not fits(a, a + 1):
             raise PlanError(
-                f"item {a} is too large to pass to AWS Batch (its row is over {budget} bytes compressed)",
+                f"item {a} is too large to pass to AWS Batch (its row is over {min(budgets)} bytes compressed)",
                 "keep item fields and env values short; put large data in files the command reads",
             )
         if fits(a, hi):
