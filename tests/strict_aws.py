@@ -122,6 +122,9 @@ class StrictAws:
         self._job_defs: dict[str, dict[str, Any]] = {}  # arn | name | name:rev -> RegisterJobDefinition params
         self._fair_share: dict[str, bool] = {}  # queue name and arn -> has a scheduling policy
         self._raw: Any = None
+        # the largest accepted ECS override (with Batch's variables) and SubmitJob body seen
+        self.largest_overrides = 0
+        self.largest_submit = 0
         self._create_client: Callable[..., Any] | None = None
 
     # -- installation --------------------------------------------------------------------------
@@ -242,6 +245,8 @@ class StrictAws:
     def _check_submit(self, params: dict[str, Any]) -> None:
         op = "SubmitJob"
         size = len(_compact(params).encode())
+        with self._lock:
+            self.largest_submit = max(self.largest_submit, size)
         if size > SUBMIT_JOB_LIMIT:
             self._refuse(op, "ClientException", f"SubmitJob request is {size} bytes; the maximum is 30 KiB")
         array = (params.get("arrayProperties") or {}).get("size")
@@ -290,12 +295,18 @@ class StrictAws:
         definition = self._job_definition(params.get("jobDefinition", "")) or {}
         container = definition.get("containerProperties") or {}
         command = overrides.get("command") or container.get("command") or []
-        environment = list(container.get("environment") or []) + list(overrides.get("environment") or [])
+        # The environment counted is the override's: the job definition's own environment is part of
+        # the task definition Batch registers for it, not of each task's override. (Not stated by AWS
+        # in so many words; the reported failures all had large override environments or commands —
+        # see tests/aws/STRICT.md.) The command is counted even when it is the job definition's.
+        environment = list(overrides.get("environment") or [])
         requirements = overrides.get("resourceRequirements") or container.get("resourceRequirements") or []
         if "FARGATE" in (definition.get("platformCapabilities") or []) and overrides.get("resourceRequirements"):
             self._check_fargate("SubmitJob", overrides["resourceRequirements"], {})
         length = overrides_length(command, environment, requirements)
         total = length + batch_variables_reserve(params.get("jobQueue", ""), array)
+        with self._lock:
+            self.largest_overrides = max(self.largest_overrides, total)
         if total > ECS_OVERRIDES_LIMIT:
             # On AWS SubmitJob accepts such a job; every task of it then fails at launch with this reason.
             self._refuse(

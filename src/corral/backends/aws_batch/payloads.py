@@ -84,6 +84,7 @@ PAYLOAD_MARGIN = 2048  # room for dependsOn (≤ 20 entries), tags and the JSON 
 # _JOB_ATTEMPT, _JQ_NAME, _CE_NAME, _JOB_ARRAY_INDEX, ...). Over it, SubmitJob accepts the job and
 # every child FAILS at launch ("Container Overrides length must be at most 8192", ASFHyP3/hyp3#3041).
 ECS_OVERRIDES_LIMIT = 8192
+JOB_DEFINITION_LIMIT = 24 * 1024  # Batch service quotas: "job definition size 24 KiB"
 BATCH_VARIABLES_RESERVE = 768  # what Batch's own variables may take (measured ~430 with 128-char names)
 OVERRIDES_MARGIN = 512  # kept free below the limit: JSON escaping differences, future Batch variables
 MAX_ARRAY_SIZE = 10_000
@@ -109,7 +110,7 @@ for f in ${CORRAL_FIELDS:-}; do eval "export $f=\"\\$CORRAL_ITEM_$f\""; done
 if [ -n "${CORRAL_KEY_FROM:-}" ]; then eval "export CORRAL_ITEM_KEY=\"\\$$CORRAL_KEY_FROM\""; fi
 if [ -n "${CORRAL_INDEX_BASE:-}" ]; then export CORRAL_ITEM_INDEX=$((CORRAL_INDEX_BASE + i)); fi
 eval "set -- $CORRAL_ARGV"
-unset CORRAL_ARGV CORRAL_COLUMNS CORRAL_FIELDS CORRAL_KEY_FROM CORRAL_INDEX_BASE NL c f i row
+unset CORRAL_ARGV CORRAL_COLUMNS CORRAL_FIELDS CORRAL_KEY_FROM CORRAL_INDEX_BASE CORRAL_WRAPPER NL c f i row
 if [ -n "${CORRAL_WORKDIR:-}" ]; then mkdir -p "$CORRAL_WORKDIR" 2>/dev/null || true; fi
 exec "$@"
 """
@@ -128,6 +129,13 @@ def wrapper(program: str | None = None) -> str:
 
 # Per-task environment names: always in the table, even when a stage has a single task.
 PER_TASK_KEYS = ("CORRAL_TASK_ID", "CORRAL_ITEM_KEY", "CORRAL_ITEM_INDEX")
+# Kept in each job's container overrides (short; what DescribeJobs readers use to map children to
+# tasks); every other stage-wide value goes in the job definition's environment.
+OVERRIDE_KEYS = ("CORRAL_RUN_ID", "CORRAL_STAGE", "CORRAL_WORKDIR", "CORRAL_COLUMNS", "CORRAL_INDEX_BASE")
+WRAPPER_VAR = "CORRAL_WRAPPER"
+# The job definition's command when the wrapper travels in its environment: 31 characters of the
+# override budget instead of the ~1,000-2,000 of the script itself.
+BOOT_COMMAND = ["/bin/sh", "-c", 'eval "$CORRAL_WRAPPER"']
 CONSTANT_KEYS = ("CORRAL_RUN_ID", "CORRAL_STAGE", "CORRAL_WORKDIR")
 PADDING_ROW = "-"
 # What a placeholder refers to once the wrapper has exported the row.
@@ -389,6 +397,18 @@ class StageTable:
         self.env = constant
         self._per_row_argv = argv is None
 
+    @property
+    def override_env(self) -> dict[str, str]:
+        """What each job of the stage carries in its container overrides besides the table: the
+        few short names that identify the job and lay its rows out (:data:`OVERRIDE_KEYS`)."""
+        return {k: v for k, v in self.env.items() if k in OVERRIDE_KEYS}
+
+    @property
+    def definition_env(self) -> dict[str, str]:
+        """What is the same for every job of the stage: in the job definition's environment, once
+        (the argv template, field names, constant values), outside ECS's override budget."""
+        return {k: v for k, v in self.env.items() if k not in OVERRIDE_KEYS}
+
     def row(self, task: Task) -> str:
         env = self._envs.get(task.id) or task.env(self.run_id, self.workdir)
         values = []
@@ -529,13 +549,18 @@ def _require_execution_role(ctx: JobContext, what: str) -> None:
 
 def job_definition(
     stage: Stage, ctx: JobContext, *, fargate: bool = False, program: str | None = None,
+    env: Mapping[str, str] | None = None,
 ) -> JobDefinitionSpec:
     """RegisterJobDefinition kwargs for a stage's runtime, named from a hash of their content.
 
     ``fargate``: a Fargate job definition (platformCapabilities FARGATE, the size rounded up to a
     valid Fargate vCPU/memory pair, execution role, network configuration, ephemeral storage for
     the stage's disk); otherwise an EC2 one (GPUs, scratch on the instance's root volume).
-    ``program``: the script the wrapper runs the row's argv with (:func:`wrapper`; transfers)."""
+    ``program``: the script the wrapper runs the row's argv with (:func:`wrapper`; transfers).
+    ``env``: the stage's job-wide variables (:attr:`StageTable.definition_env`); then the wrapper
+    travels in the environment too (``CORRAL_WRAPPER``) and the command is :data:`BOOT_COMMAND`, so
+    ECS's override of each task holds only the job's rows and a few names. Without ``env`` the
+    command is the wrapper itself."""
     if not stage.image:
         raise PlanError(
             f"stage {stage.name!r} has no image; AWS Batch runs every task in a container",
@@ -557,6 +582,11 @@ def job_definition(
         "command": ["/bin/sh", "-c", wrapper(program)],
         "resourceRequirements": requirements,
     }
+    if env is not None:
+        container["command"] = list(BOOT_COMMAND)
+        container["environment"] = [
+            {"name": k, "value": v} for k, v in sorted({**env, WRAPPER_VAR: wrapper(program)}.items())
+        ]
     if ctx.job_role_arn:
         container["jobRoleArn"] = ctx.job_role_arn
     if ctx.execution_role_arn:
@@ -685,6 +715,11 @@ def table_budget(spec: JobDefinitionSpec, env: Mapping[str, str]) -> int:
         container.get("command", []), {**env, "CORRAL_INDEX_BASE": "99999", TABLE_VAR: ""},
         container.get("resourceRequirements", []),
     )
+    if len(json.dumps(spec.kwargs, separators=(",", ":")).encode()) > JOB_DEFINITION_LIMIT:
+        raise PlanError(
+            f"the job definition of stage {spec.kwargs.get('jobDefinitionName')} would be over AWS Batch's 24 KiB",
+            "keep the stage's env values and the item fields that are the same for every item short",
+        )
     ecs = ECS_OVERRIDES_LIMIT - BATCH_VARIABLES_RESERVE - OVERRIDES_MARGIN - fixed
     submit = PAYLOAD_LIMIT - PAYLOAD_MARGIN - env_size(env)
     return min(ecs, submit)

@@ -455,11 +455,14 @@ class Submitter:
 
         return argv
 
-    def definition_spec(self, stage: Stage) -> pl.JobDefinitionSpec:
-        """The job definition a stage's jobs run with (content-hashed name, see payloads)."""
+    def definition_spec(self, stage: Stage, table: pl.StageTable) -> pl.JobDefinitionSpec:
+        """The job definition a stage's jobs run with (content-hashed name, see payloads): its
+        runtime, the wrapper and the stage's job-wide variables."""
         job = self.job_stage(stage)  # (same resources as the stage: it only swaps image and secrets)
         fargate = on_fargate(stage.resources, self.instance_types)
-        return pl.job_definition(job, self.ctx, fargate=fargate, program=self.program_of(stage))
+        return pl.job_definition(
+            job, self.ctx, fargate=fargate, program=self.program_of(stage), env=table.definition_env
+        )
 
     def _staged_uri(self, path: str) -> str:
         uri = self.staged.get(path)
@@ -524,7 +527,7 @@ class Submitter:
         # Each stage's table within what its job's ECS override (≤ 8,192 characters, the same for
         # every child) and its SubmitJob request (≤ 30 KiB) leave: see pl.table_budget.
         budgets = [
-            pl.table_budget(self.definition_spec(plan.workflow.stage(s)), self._chunk_env(tables[s], 0))
+            pl.table_budget(self.definition_spec(plan.workflow.stage(s), tables[s]), self._chunk_env(tables[s], 0))
             for s in item_stages
         ]
         sizes = pl.chunk_bounds([rows[s] for s in item_stages], budgets)
@@ -581,10 +584,12 @@ class Submitter:
             stage = plan.workflow.stage(s)
             job = self.job_stage(stage)  # (same resources as the stage: it only swaps image and secrets)
             fargate = on_fargate(stage.resources, self.instance_types)
-            spec = self.definition_spec(stage)
             image = job.image or ""
             queue = self.queues.for_stage(stage.resources.gpus, fargate=fargate)
             done: list[TaskRecord] = []
+            if s not in tables:
+                continue  # nothing of this stage in the round
+            spec = self.definition_spec(stage, tables[s])
             if stage.per == "item":
                 if s not in rows:
                     continue
@@ -617,7 +622,8 @@ class Submitter:
                 deps = self._fan_in(deps, 1, name, image, queue, tags, fargate=fargate)
                 kwargs = pl.submit_kwargs(
                     job_name=name, job_queue=queue, job_definition=self.definition_arn(spec), size=1,
-                    table=pl.encode_table([tables[s].row(task)]), env=tables[s].env, depends_on=deps, tags=tags,
+                    table=pl.encode_table([tables[s].row(task)]), env=tables[s].override_env, depends_on=deps,
+                    tags=tags,
                 )
                 job_id = self._submit(kwargs, spec)
                 result.submitted[name] = job_id
@@ -630,9 +636,11 @@ class Submitter:
         return result
 
     def _chunk_env(self, table: pl.StageTable, first_index: int) -> dict[str, str]:
+        """A chunk's override variables (besides its table): the stage's few override names, and
+        the index of its first item when the round's items are consecutive."""
         if "CORRAL_ITEM_INDEX" in table.columns or not self.contiguous:
-            return table.env
-        return {**table.env, "CORRAL_INDEX_BASE": str(first_index)}
+            return table.override_env
+        return {**table.override_env, "CORRAL_INDEX_BASE": str(first_index)}
 
     def _submit(self, kwargs: dict[str, Any], spec: pl.JobDefinitionSpec | None = None) -> str:
         size = pl.payload_size(kwargs)
