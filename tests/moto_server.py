@@ -34,9 +34,9 @@ def configure(url: str, config: dict) -> None:
         f"{url}/moto-api/config", data=json.dumps(config).encode(), method="POST",
         headers={"Content-Type": "application/json"},
     )
-    urllib.request.urlopen(req, timeout=10).read()
+    urllib.request.urlopen(req, timeout=60).read()
 
 
 def reset(url: str) -> None:
     req = urllib.request.Request(f"{url}/moto-api/reset", data=b"", method="POST")
-    urllib.request.urlopen(req, timeout=10).read()
+    urllib.request.urlopen(req, timeout=60).read()  # (a loaded 2-core machine: 10 s was not always enough)

@@ -79,7 +79,8 @@ def test_thousand_items_three_stages_in_few_calls(aws: str, tmp_path: Path) -> N
     _backend(clients, env).start(plan, run, store, RunOptions(wait=False))
     batch_calls = counter.count("batch")
     assert batch_calls <= 12, counter.calls
-    assert counter.count("batch", "RegisterJobDefinition") == 2  # two runtimes (convert is bigger)
+    # one per stage: runtime (convert is bigger) and the stage's argv template, in its environment
+    assert counter.count("batch", "RegisterJobDefinition") == 3
     tasks = store.get_tasks(run.run_id)
     assert all(t.state == TaskState.SUBMITTED for t in tasks)
     assert len({t.external_id for t in tasks}) == 3000
@@ -97,7 +98,7 @@ def test_thousand_items_three_stages_in_few_calls(aws: str, tmp_path: Path) -> N
     run2 = record_run(store, plan, "run-2")
     _backend(clients, env).start(plan, run2, store, RunOptions(wait=False))
     assert counter.count("batch", "RegisterJobDefinition") == 0
-    assert counter.count("batch", "DescribeJobDefinitions") == 2
+    assert counter.count("batch", "DescribeJobDefinitions") == 3
 
 
 def test_big_items_split_into_aligned_chunks_under_30k(aws: str, tmp_path: Path) -> None:

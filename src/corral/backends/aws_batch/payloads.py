@@ -112,20 +112,38 @@ if [ -n "${CORRAL_INDEX_BASE:-}" ]; then export CORRAL_ITEM_INDEX=$((CORRAL_INDE
 eval "set -- $CORRAL_ARGV"
 unset CORRAL_ARGV CORRAL_COLUMNS CORRAL_FIELDS CORRAL_KEY_FROM CORRAL_INDEX_BASE CORRAL_WRAPPER NL c f i row
 if [ -n "${CORRAL_WORKDIR:-}" ]; then mkdir -p "$CORRAL_WORKDIR" 2>/dev/null || true; fi
-exec "$@"
+if [ -n "${CORRAL_PROGRAM:-}" ]; then set -- /bin/sh -c "$CORRAL_PROGRAM" corral-program "$@"; fi
+r=${CORRAL_RETRIES:-0}
+t=${CORRAL_TRY_TIMEOUT:-}
+unset CORRAL_PROGRAM CORRAL_RETRIES CORRAL_TRY_TIMEOUT
+if [ -n "$t" ] && command -v timeout >/dev/null 2>&1; then set -- timeout -s TERM "$t" "$@"; fi
+if [ "$r" -eq 0 ]; then exec "$@"; fi
+n=0
+stop=
+while :; do
+  "$@" &
+  p=$!
+  trap 'stop=1; kill -TERM "$p" 2>/dev/null || :' TERM INT HUP
+  set +e
+  wait "$p"
+  rc=$?
+  while kill -0 "$p" 2>/dev/null; do wait "$p"; rc=$?; done
+  set -e
+  trap - TERM INT HUP
+  if [ "$rc" -eq 0 ] || [ -n "$stop" ] || [ "$n" -ge "$r" ]; then exit "$rc"; fi
+  n=$((n + 1))
+  echo "corral: the command exited $rc; retry $n of $r" >&2
+done
 """
 
 BARRIER_COMMAND = ["/bin/sh", "-c", ":"]
 
 
 def wrapper(program: str | None = None) -> str:
-    """The job definition's script: :data:`WRAPPER`, or, for a stage whose command corral builds (a
-    transfer), the wrapper running ``program`` with the row's argv as its arguments (``"$@"``) —
-    so the program is in the job definition once, not in every row."""
-    if program is None:
-        return WRAPPER
-    assert WRAPPER.endswith('exec "$@"\n')
-    return WRAPPER[: -len('exec "$@"\n')] + program
+    """The job definition's script: :data:`WRAPPER`. A ``program`` (the transfer script of a stage
+    whose command corral builds) travels beside it as ``CORRAL_PROGRAM`` (see :func:`job_definition`)
+    and runs with the row's argv as its arguments (``"$@"``): once per job definition, not per row."""
+    return WRAPPER
 
 # Per-task environment names: always in the table, even when a stage has a single task.
 PER_TASK_KEYS = ("CORRAL_TASK_ID", "CORRAL_ITEM_KEY", "CORRAL_ITEM_INDEX")
@@ -462,27 +480,32 @@ def child_item_index(env: Mapping[str, str], k: int, row: str) -> int | None:
 FARGATE_SPOT_REASON = "Your Spot Task was interrupted*"
 
 
-def retry_strategy(retries: int, *, fargate: bool = False) -> dict[str, Any]:
-    """attempts = retries + 1; retry infrastructure failures, exit on the task's own failure.
+# Infrastructure failures retried whatever `retries` says, up to this many extra attempts: a spot
+# reclaim or instance failure (EC2 "Host EC2 ..."), a Fargate Spot interruption, an image pull that
+# failed. A failing command is re-run by the wrapper inside the attempt (CORRAL_RETRIES), so
+# Batch's single attempt counter (1-10) only counts what the command could not cause.
+INFRA_RETRIES = 2
 
-    On EC2 a spot reclaim or instance failure reads ``Host EC2 …``; Fargate has no hosts, and a
-    Fargate Spot interruption reads ``Your Spot Task was interrupted.`` (at most 5 rules)."""
-    attempts = max(1, min(MAX_ATTEMPTS, retries + 1))
+
+def retry_strategy(retries: int, *, fargate: bool = False) -> dict[str, Any]:
+    """Batch's retryStrategy: ``1 + INFRA_RETRIES`` attempts, retried only on infrastructure
+    failures (at most 5 rules, first match wins); the command's own failure ends the attempt's
+    job — the wrapper already re-ran it ``retries`` times. ``retries`` is not needed here: it
+    travels in the job definition's environment."""
+    del retries
     reclaim = (
         {"onStatusReason": FARGATE_SPOT_REASON, "action": "RETRY"} if fargate
         else {"onStatusReason": "Host EC2*", "action": "RETRY"}  # spot reclaim, instance failure
     )
     return {
-        "attempts": attempts,
+        "attempts": 1 + INFRA_RETRIES,
         "evaluateOnExit": [
             reclaim,
             {"onStatusReason": "CannotPullContainerError*", "action": "RETRY"},
             {"onReason": "CannotPullContainerError*", "action": "RETRY"},
-            {"onExitCode": "*", "action": "EXIT"},  # the command's own failure: `retries` counts them
+            {"onExitCode": "*", "action": "EXIT"},  # the command's own failure (after its own retries)
             {"onStatusReason": "*", "action": "EXIT"},
-        ]
-        if attempts > 1
-        else [],
+        ],
     }
 
 
@@ -579,14 +602,21 @@ def job_definition(
             requirements.append({"type": "GPU", "value": str(res.gpus)})
     container: dict[str, Any] = {
         "image": image_uri(stage.image, ctx),
-        "command": ["/bin/sh", "-c", wrapper(program)],
+        "command": ["/bin/sh", "-c", WRAPPER],
         "resourceRequirements": requirements,
     }
+    extra: dict[str, str] = {}
+    if program is not None:
+        extra["CORRAL_PROGRAM"] = program
+    if stage.retries:
+        extra["CORRAL_RETRIES"] = str(stage.retries)
+        if stage.timeout:
+            extra["CORRAL_TRY_TIMEOUT"] = str(max(1, math.ceil(stage.timeout)))
     if env is not None:
         container["command"] = list(BOOT_COMMAND)
-        container["environment"] = [
-            {"name": k, "value": v} for k, v in sorted({**env, WRAPPER_VAR: wrapper(program)}.items())
-        ]
+        extra = {**env, **extra, WRAPPER_VAR: WRAPPER}
+    if extra:
+        container["environment"] = [{"name": k, "value": v} for k, v in sorted(extra.items())]
     if ctx.job_role_arn:
         container["jobRoleArn"] = ctx.job_role_arn
     if ctx.execution_role_arn:
@@ -606,6 +636,15 @@ def job_definition(
             efs["authorizationConfig"] = {"accessPointId": ctx.efs_access_point, "iam": "ENABLED"}
         container["volumes"] = [{"name": EFS_VOLUME, "efsVolumeConfiguration": efs}]
         container["mountPoints"] = [{"sourceVolume": EFS_VOLUME, "containerPath": EFS_MOUNT}]
+    if res.shm:
+        if fargate:
+            raise PlanError(
+                f"stage {stage.name!r} sets resources.shm, which Fargate does not support (linuxParameters."
+                "sharedMemorySize is EC2 only)",
+                "leave `fargate` out of aws.instance_types for it, or drop resources.shm",
+            )
+        # Batch API reference, LinuxParameters.sharedMemorySize: the size (MiB) of /dev/shm
+        container["linuxParameters"] = {"sharedMemorySize": int(res.shm)}
     if fargate:
         container.update(fargate_properties(ctx, res.disk))
     content: dict[str, Any] = {
@@ -614,10 +653,11 @@ def job_definition(
         "containerProperties": container,
         "retryStrategy": retry_strategy(stage.retries, fargate=fargate),
     }
-    if not content["retryStrategy"]["evaluateOnExit"]:
-        del content["retryStrategy"]["evaluateOnExit"]
     if stage.timeout:
-        content["timeout"] = {"attemptDurationSeconds": max(MIN_TIMEOUT, math.ceil(stage.timeout))}
+        # An attempt holds the command's tries (each stopped at `timeout` by the wrapper where the
+        # image has `timeout`), so Batch's limit is their sum, with a little room for the wrapper.
+        tries = 1 + stage.retries
+        content["timeout"] = {"attemptDurationSeconds": max(MIN_TIMEOUT, math.ceil(stage.timeout) * tries + 10 * (tries - 1))}
     name = _content_name(content)
     kwargs = {
         "jobDefinitionName": name,
