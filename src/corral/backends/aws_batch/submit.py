@@ -108,7 +108,12 @@ class BatchApi:
         request went out, or a 5xx — may hide a job Batch made: the job is looked up by its
         (deterministic, unique) name with ListJobs, polled with backoff since ListJobs is eventually
         consistent; only when it is still absent is SubmitJob sent again."""
-        from botocore.exceptions import ClientError, ConnectionClosedError, ConnectTimeoutError, EndpointConnectionError
+        from botocore.exceptions import (
+            ClientError,
+            ConnectionClosedError,
+            ConnectTimeoutError,
+            EndpointConnectionError,
+        )
         from botocore.exceptions import ReadTimeoutError as BotoReadTimeout
 
         client = self.submit_client or self.client
