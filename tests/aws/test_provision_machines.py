@@ -33,7 +33,7 @@ def test_gpu_environment_uses_gpu_families_and_the_nvidia_ami(clients: AwsClient
     spot, od = (_ce(clients, a)["computeResources"] for a in env.gpu_compute_environments)
     for cr in (spot, od):
         assert cr["instanceTypes"] == ["g4dn", "g5", "g6"]
-        assert cr["ec2Configuration"] == [{"imageType": "ECS_AL2_NVIDIA"}]
+        assert cr["ec2Configuration"] == [{"imageType": "ECS_AL2023_NVIDIA"}]
         assert cr["minvCpus"] == 0
     assert spot["type"] == "SPOT" and od["type"] == "EC2"
     q = clients.batch.describe_job_queues(jobQueues=[env.gpu_job_queue])["jobQueues"][0]
@@ -84,7 +84,7 @@ def test_gpu_and_disk_together_reused_on_a_second_run(clients: AwsClients) -> No
     env = ensure_environment(clients, AwsSettings(), Needs(**needs))
     cr = _ce(clients, env.gpu_compute_environments[0])["computeResources"]
     assert cr["launchTemplate"]["launchTemplateName"] == "corral-batch"
-    assert cr["ec2Configuration"] == [{"imageType": "ECS_AL2_NVIDIA"}]
+    assert cr["ec2Configuration"] == [{"imageType": "ECS_AL2023_NVIDIA"}]
     log = CallLog(clients)
     env2 = ensure_environment(clients, AwsSettings(), Needs(**needs))
     assert log.mutating() == [] and env2 == env

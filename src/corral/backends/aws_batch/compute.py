@@ -3,7 +3,7 @@
 - One managed EC2 on-demand environment (BEST_FIT_PROGRESSIVE, minvCpus 0: nothing runs, nothing
   is paid, while the queue is empty); with ``spot`` also a SPOT one (SPOT_CAPACITY_OPTIMIZED) that
   the queue tries first. GPU stages get the same pair over GPU families, on the ECS GPU-optimized
-  AMI (``ec2Configuration.imageType = ECS_AL2_NVIDIA``), behind a queue of their own.
+  AMI (``ec2Configuration.imageType = ECS_AL2023_NVIDIA``), behind a queue of their own.
 - Scratch disk: when a stage asks more disk than the default root volume (30 GiB), the
   environments get a launch template whose root volume (gp3) holds the largest such stage plus
   room for images. There is one template, ``corral-batch``; each distinct content is one of its
@@ -36,7 +36,7 @@ ROOT_DEVICE = "/dev/xvda"  # root device of the ECS-optimized Amazon Linux AMIs 
 IMAGE_ROOM_GIB = 30  # room on the root volume for the OS, Docker and images, beside the scratch
 DISK_STEP_GIB = 50  # root volumes are rounded up to this, so similar stages share a template version
 STUCK_RUNNABLE_SECONDS = 4 * 3600
-GPU_IMAGE_TYPE = "ECS_AL2_NVIDIA"
+GPU_IMAGE_TYPE = "ECS_AL2023_NVIDIA"  # Batch refuses new AL2 environments from 2026-06-30
 
 
 @dataclass
