@@ -636,8 +636,8 @@ class Submitter:
                 done.append(_submitted(records[task.id], job_id))
             # 3. record what was submitted (a crash before this is healed by reconcile())
             self.store.save_tasks(done)
-            for t in done:
-                records[t.task_id] = t
+            for rec in done:
+                records[rec.task_id] = rec
         return result
 
     def _chunk_env(self, table: pl.StageTable, first_index: int) -> dict[str, str]:
