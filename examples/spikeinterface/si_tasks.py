@@ -1,4 +1,4 @@
-"""The commands the spike-sorting sweep runs (needs `pip install 'corral[spikeinterface]'`).
+"""The commands the spike-sorting sweep runs (needs `pip install -e '.[spikeinterface]'`).
 
     python si_tasks.py generate OUT --seed 1 --duration 10 --units 5     # ground-truth recording
     python si_tasks.py sort RECORDING SORTER OUT [--params JSON]         # one recording × one sorter

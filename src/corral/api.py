@@ -90,10 +90,13 @@ def run(
     store: StateStore | None = None,
     options: RunOptions | None = None,
     backend_impl: Backend | None = None,
+    plan: Plan | None = None,
 ) -> RunRecord:
-    """Plan the workflow, record the run and all its tasks, then run (local) or submit (aws)."""
+    """Plan the workflow, record the run and all its tasks, then run (local) or submit (aws).
+    ``plan``: the workflow's plan when the caller has made it already (items are resolved once:
+    a BIDS listing on S3 or a NeuroConv spec is read one time per run)."""
     wf = workflow if isinstance(workflow, Workflow) else load_workflow(workflow)
-    p = make_plan(wf)
+    p = plan if plan is not None else make_plan(wf)
     be = backend_impl or get_backend(backend, wf)
     be.check(p)
     store = store or open_store(backend, wf)
@@ -128,10 +131,12 @@ def resume(
     store: StateStore | None = None,
     options: RunOptions | None = None,
     backend_impl: Backend | None = None,
+    plan: Plan | None = None,
 ) -> RunRecord:
+    """Go on with RUN_ID; ``plan`` is the run's stored plan when the caller has loaded it already."""
     store = store or open_store("local")
     rec = store.get_run(run_id)
-    p = load_plan(store, run_id)
+    p = plan if plan is not None else load_plan(store, run_id)
     be = backend_impl or get_backend(rec.backend, p.workflow, rec)
     be.resume(p, rec, store, options or RunOptions())
     return store.get_run(run_id)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import importlib
-import json
 import os
 import sys
 import time
@@ -13,19 +12,22 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import click
-from rich.console import Console
+from rich.console import Console, Group
 from rich.table import Table
+from rich.text import Text
 
 from corral import api
 from corral.backends.base import RunOptions
 from corral.cli_ops import stage_time
 from corral.errors import CorralError
-from corral.model import RunRecord, TaskRecord, TaskState, summarize
+from corral.jsonout import write_json
+from corral.model import RunRecord, TaskRecord, TaskState, finished_count, summarize
 from corral.units import format_duration, format_size_mib
 
 EXTENSIONS = ["corral.cli_aws", "corral.cli_aws_jobs", "corral.cli_storage", "corral.cli_ops", "corral.cli_recipes"]
 
-err = Console(stderr=True, highlight=False)
+# Off a terminal rich would cut every line at 80 columns (run ids, stage names): give it room.
+err = Console(stderr=True, highlight=False, width=None if sys.stderr.isatty() else 250)
 out = Console(highlight=False, soft_wrap=True)
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -57,8 +59,8 @@ def cli(ctx: click.Context, debug: bool, home: str | None) -> None:
 
 
 # -- helpers ------------------------------------------------------------------------------------
-def _stage_table(tasks: list[TaskRecord], title: str | None = None) -> Table:
-    table = Table(title=title, title_justify="left", show_edge=False, pad_edge=False)
+def _stage_table(tasks: list[TaskRecord], title: str | None = None) -> Any:
+    table = Table(show_edge=False, pad_edge=False)
     table.add_column("stage")
     states = [s.value for s in TaskState if any(t.state == s for t in tasks)]
     for s in states:
@@ -68,7 +70,10 @@ def _stage_table(tasks: list[TaskRecord], title: str | None = None) -> Table:
     for stage, per in summarize(tasks).items():
         table.add_row(stage, *[str(per.get(s, 0) or "") for s in states], str(sum(per.values())),
                       stage_time(tasks, stage))
-    return table
+    if title is None:
+        return table
+    # The title on a line of its own: as a table title rich would wrap it to the table's width.
+    return Group(Text(title, no_wrap=True, overflow="ignore"), table)
 
 
 def _failures(tasks: list[TaskRecord], limit: int = 10) -> list[str]:
@@ -81,19 +86,45 @@ def _failures(tasks: list[TaskRecord], limit: int = 10) -> list[str]:
     return lines
 
 
+def _print_task_list(tasks: list[TaskRecord]) -> None:
+    """One line per task on stderr, in aligned columns. Plain text, not a rich table: labels such as
+    ``fetch[mouse1-day1]`` are user text (never markup), and 30,000 rows print in well under a second."""
+    rows = [(t.label, t.task_id[:12], t.state.value.lower(), str(t.attempts), format_duration(t.duration),
+             " ".join((t.reason or "").split())) for t in tasks]
+    header = ("task", "id", "state", "attempts", "time", "reason")
+    widths = [max([len(header[i])] + [len(r[i]) for r in rows]) for i in range(5)]
+    colour = err.is_terminal and not err.no_color
+
+    def line(cells: tuple[str, ...], state: str | None = None) -> str:
+        parts = [c.ljust(w) for c, w in zip(cells[:5], widths, strict=False)]
+        if colour and state:
+            parts[2] = click.style(parts[2], fg=_STATE_COLOUR.get(state))
+        return "  ".join(parts + [cells[5]]).rstrip()
+
+    write = sys.stderr.write
+    write(line(header) + "\n")
+    for t, r in zip(tasks, rows, strict=True):
+        write(line(r, t.state.value) + "\n")
+    sys.stderr.flush()
+
+
+_STATE_COLOUR = {"SUBMITTED": "cyan", "RUNNING": "blue", "SUCCEEDED": "green", "SKIPPED": "green",
+                 "FAILED": "red", "UPSTREAM_FAILED": "yellow", "CANCELLED": "magenta"}
+
+
 def _run_json(run: RunRecord, tasks: list[TaskRecord]) -> dict[str, Any]:
     return {
         "run_id": run.run_id, "workflow": run.workflow_name, "backend": run.backend, "state": run.state.value,
         "created_at": run.created_at, "counts": api.counts(tasks),
         "stages": summarize(tasks),
-        "tasks": [
+        "tasks": (  # a generator: streamed by write_json, one task per line
             {
                 "task_id": t.task_id, "stage": t.stage, "item": t.item_key, "index": t.item_index,
                 "state": t.state.value, "attempts": t.attempts, "exit_code": t.exit_code, "reason": t.reason,
                 "started_at": t.started_at, "ended_at": t.ended_at, "external_id": t.external_id,
             }
             for t in tasks
-        ],
+        ),
     }
 
 
@@ -124,8 +155,9 @@ class LiveProgress:
             return
         for stage, per in summarize(tasks).items():
             total = sum(per.values())
-            done = sum(n for s, n in per.items() if TaskState(s).terminal)
-            bits = [f"{per[s]} {s.lower()}" for s in ("RUNNING", "FAILED", "UPSTREAM_FAILED", "SKIPPED") if per.get(s)]
+            done = finished_count(per)  # a cancelled run's bars do not read full
+            bits = [f"{per[s]} {s.lower()}" for s in ("RUNNING", "FAILED", "UPSTREAM_FAILED", "SKIPPED", "CANCELLED")
+                    if per.get(s)]
             self.progress.update(self.ids[stage], total=total, completed=done, detail=", ".join(bits))
 
 
@@ -135,8 +167,9 @@ def _report_end(run: RunRecord, tasks: list[TaskRecord]) -> int:
         err.print(line, markup=False)
     failed = any(t.state in (TaskState.FAILED, TaskState.UPSTREAM_FAILED) for t in tasks)
     if failed:
-        err.print(f"hint: `corral logs {run.run_id} <task>` shows a task's output; "
-                  f"`corral resume {run.run_id}` runs what did not succeed", markup=False)
+        flag = "" if run.backend == "local" else f" --backend {run.backend}"  # as the run was started
+        err.print(f"hint: `corral logs {run.run_id} <task>{flag}` shows a task's output; "
+                  f"`corral resume {run.run_id}{flag}` runs what did not succeed", markup=False)
     return 1 if failed or run.state.value in ("FAILED", "CANCELLED", "INTERRUPTED") else 0
 
 
@@ -162,10 +195,10 @@ def run(workflow: str, backend: str, max_parallel: int | None, runtime: str, for
                       wait=bool(wait) if backend == "aws" else True, progress=live.update)
     store = api.open_store(backend, wf)
     with live:
-        rec = api.run(wf, backend, store=store, options=opts)
+        rec = api.run(wf, backend, store=store, options=opts, plan=p)
     tasks = store.get_tasks(rec.run_id)
     if as_json:
-        out.print_json(json.dumps(_run_json(rec, tasks)))
+        write_json(_run_json(rec, tasks))
     else:
         out.print(rec.run_id, markup=False)
     if backend == "aws" and not wait:
@@ -194,7 +227,7 @@ def resume(run_id: str, backend: str | None, max_parallel: int | None, runtime: 
     todo = [t for t in store.get_tasks(run_id) if not t.state.ok]
     err.print(f"corral: resuming {run_id}: {len(todo)} task(s) not done", markup=False)
     with live:
-        rec = api.resume(run_id, store=store, options=opts)
+        rec = api.resume(run_id, store=store, options=opts, plan=plan)
     out.print(rec.run_id, markup=False)
     sys.exit(_report_end(rec, store.get_tasks(run_id)))
 
@@ -214,8 +247,8 @@ def status(run_id: str | None, backend: str | None, all_runs: bool, show_tasks: 
     if all_runs:
         runs = store.list_runs(limit=50)
         if as_json:
-            out.print_json(json.dumps([{"run_id": r.run_id, "workflow": r.workflow_name, "backend": r.backend,
-                                        "state": r.state.value, "created_at": r.created_at} for r in runs]))
+            write_json([{"run_id": r.run_id, "workflow": r.workflow_name, "backend": r.backend,
+                         "state": r.state.value, "created_at": r.created_at} for r in runs])
             return
         table = Table(show_edge=False, pad_edge=False)
         for c in ("run", "workflow", "backend", "state", "started"):
@@ -236,7 +269,7 @@ def status(run_id: str | None, backend: str | None, all_runs: bool, show_tasks: 
     tasks = be.refresh(rec, store)
     rec = store.get_run(rec.run_id)
     if as_json:
-        out.print_json(json.dumps(_run_json(rec, tasks)))
+        write_json(_run_json(rec, tasks))
         return
     err.print(_stage_table(tasks, title=f"run {rec.run_id} ({rec.workflow_name}, {rec.backend}): {rec.state.value.lower()}"))
     if rec.backend == "aws":
@@ -246,13 +279,7 @@ def status(run_id: str | None, backend: str | None, all_runs: bool, show_tasks: 
         if line:
             err.print(line, markup=False)
     if show_tasks:
-        table = Table(show_edge=False, pad_edge=False)
-        for c in ("task", "id", "state", "attempts", "time", "reason"):
-            table.add_column(c)
-        for t in tasks:
-            table.add_row(t.label, t.task_id[:12], f"[{STATE_STYLE.get(t.state.value, '')}]{t.state.value.lower()}",
-                          str(t.attempts), format_duration(t.duration), t.reason)
-        err.print(table)
+        _print_task_list(tasks)
     else:
         for line in _failures(tasks):
             err.print(line, markup=False)
@@ -288,8 +315,11 @@ def cancel(run_id: str, backend: str | None) -> None:
 @click.argument("workflow", type=click.Path(dir_okay=False))
 def validate(workflow: str) -> None:
     """Check WORKFLOW (syntax, fields, items, placeholders, dependencies) without running anything."""
+    from corral.plan import check_local_secrets
+
     wf = api.load_workflow(workflow)
     p = api.plan(wf)
+    check_local_secrets(wf)
     err.print(f"ok: {workflow}: {len(wf.stages)} stages, {len(p.items)} items, {len(p.tasks)} tasks", markup=False)
 
 
@@ -324,17 +354,17 @@ def plan(workflow: str, show_tasks: bool, as_json: bool, with_cost: bool, spot: 
                  "retries": s.retries, "timeout_s": s.timeout}
                 for s in (p.workflow.stage(n) for n in p.stage_order)
             ],
-            "tasks": [
+            "tasks": (  # streamed by write_json
                 {"task_id": t.id, "stage": t.stage.name, "item": t.key, "needs": list(t.needs),
                  "command": t.command("<run>", "<workdir>")}
                 for t in p.tasks
-            ],
+            ),
         }
         if estimate is not None:
             import dataclasses
 
             data["cost"] = dataclasses.asdict(estimate)
-        out.print_json(json.dumps(data, default=str))
+        write_json(data)
         return
     table = Table(title=f"{wf.name}: {len(p.items)} items, {len(p.tasks)} tasks", title_justify="left",
                   show_edge=False, pad_edge=False)
@@ -391,7 +421,8 @@ def main(argv: list[str] | None = None) -> None:
         exc.show()
         sys.exit(exc.exit_code)
     except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
+        print("interrupted: what had started is recorded as cancelled; `corral status` shows it and "
+              "`corral resume RUN` goes on", file=sys.stderr)
         sys.exit(130)
     except SystemExit:
         raise

@@ -6,7 +6,6 @@ Ids, paths and ``--json`` go to stdout; everything for people goes to stderr.
 
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 from typing import Any
@@ -17,6 +16,7 @@ from rich.table import Table
 
 from corral import api
 from corral.errors import CorralError, UsageError
+from corral.jsonout import write_json
 
 err = Console(stderr=True, highlight=False)
 out = Console(highlight=False, soft_wrap=True)
@@ -122,7 +122,7 @@ def register(cli: click.Group) -> None:
                 findings += dr.aws_checks(clients, settings, plan=plan, run=run, tasks=tasks,
                                           runnable_after_s=after_s)
         if as_json:
-            out.print_json(json.dumps({"worst": dr.worst(findings), "findings": [f.to_dict() for f in findings]}))
+            write_json({"worst": dr.worst(findings), "findings": [f.to_dict() for f in findings]})
         else:
             print_findings(findings)
         sys.exit(1 if dr.worst(findings) == "error" else 0)
@@ -178,7 +178,7 @@ def register(cli: click.Group) -> None:
             err.print(f"note: earlier durations not read ({exc.one_line()})", markup=False)
         est = estimate_plan(p, spot=spot, durations=given, store=store, default_duration_s=default_s)
         if as_json:
-            out.print_json(json.dumps(est.to_dict()))
+            write_json(est.to_dict())
             return
         err.print(estimate_table(est))
         for a in est.assumptions:
@@ -212,10 +212,11 @@ def status_view(run: Any, tasks: list[Any], *, cost: Any = None, max_failures: i
     from rich.text import Text
 
     from corral.cost import cost_line
-    from corral.model import TaskState, summarize
+    from corral.model import TaskState, finished_count, summarize
 
-    table = Table(title=f"run {run.run_id} ({run.workflow_name}, {run.backend}): {run.state.value.lower()}",
-                  title_justify="left", show_edge=False, pad_edge=False)
+    title = Text(f"run {run.run_id} ({run.workflow_name}, {run.backend}): {run.state.value.lower()}",
+                 no_wrap=True, overflow="ignore")
+    table = Table(show_edge=False, pad_edge=False)
     table.add_column("stage")
     table.add_column("progress", width=24)
     table.add_column("done", justify="right")
@@ -226,7 +227,7 @@ def status_view(run: Any, tasks: list[Any], *, cost: Any = None, max_failures: i
     table.add_column("time (median / max)", justify="right")
     for stage, per in summarize(tasks).items():
         total = sum(per.values())
-        done = sum(n for s, n in per.items() if TaskState(s).terminal)
+        done = finished_count(per)  # cancelled tasks did not finish: the bar does not fill for them
         dur = stage_time(tasks, stage)
         bad = per.get("FAILED", 0) + per.get("CANCELLED", 0)
         bar = ProgressBar(total=max(total, 1), completed=done, width=24,
@@ -234,7 +235,7 @@ def status_view(run: Any, tasks: list[Any], *, cost: Any = None, max_failures: i
         table.add_row(stage, bar, f"{done}/{total}", str(per.get("RUNNING", 0) or ""),
                       str(sum(per.get(s, 0) for s in WAITING) or ""), str(per.get("FAILED", 0) or ""),
                       str(per.get("UPSTREAM_FAILED", 0) or ""), dur)
-    parts: list[Any] = [table]
+    parts: list[Any] = [title, table]
     failed = [t for t in tasks if t.state == TaskState.FAILED]
     for t in failed[:max_failures]:
         parts.append(Text(f"  failed  {t.label}  {t.task_id[:12]}  {t.reason}", style="red"))

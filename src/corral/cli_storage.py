@@ -85,7 +85,8 @@ def _chunk(text: str) -> int:
     return n
 
 
-def _rclone_copy(src: Location, dst: Location, rclone_config: Path | None, exact: bool = False) -> None:
+def _rclone_copy(src: Location, dst: Location, rclone_config: Path | None, exact: bool = False,
+                 extra: list[str] | None = None) -> None:
     from corral.storage import rclone
 
     names = {loc.remote for loc in (src, dst) if loc.kind == "remote" and loc.remote}
@@ -95,11 +96,26 @@ def _rclone_copy(src: Location, dst: Location, rclone_config: Path | None, exact
     args = rclone.command("copy", src, dst, [])
     if exact:  # a file to exactly that name, a folder to exactly that folder
         args[0] = "copyto"
-    argv = rclone.wrapper_argv([*args[:3], "--progress" if sys.stderr.isatty() else "-v"], names, config_path=config)
+    argv = rclone.wrapper_argv([*args[:3], *(extra or []), "--progress" if sys.stderr.isatty() else "-v"], names,
+                               config_path=config)
     r = subprocess.run(argv, stdout=sys.stderr)
     if r.returncode != 0:
         raise StorageError(f"rclone could not copy {src.uri} to {dst.uri} (exit {r.returncode})",
                            "see rclone's messages above")
+
+
+def _rclone_push_tree(files: list[tuple[str, str]], dest: str, rclone_config: Path | None) -> None:
+    """Copy every (local path, relative target) to ``dest`` with ONE rclone process: the targets are
+    laid out as symlinks in a temporary folder, which rclone copies following the links (``-L``).
+    One process per file would pay rclone's start-up and remote set-up for every output."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="corral-push-") as tmp:
+        for path, rel in files:
+            link = Path(tmp) / rel
+            link.parent.mkdir(parents=True, exist_ok=True)
+            link.symlink_to(Path(path).resolve())
+        _rclone_copy(parse(tmp), parse(dest), rclone_config, extra=["--copy-links"])
 
 
 def copy_any(source: str, dest: str, *, concurrency: int = 8, chunk: int = 8 * 2**20,
@@ -215,17 +231,18 @@ def register(cli: click.Group) -> None:
             if dest is not None or not source:
                 raise UsageError("with --run, give exactly one argument (DEST)", "corral push --run RUN s3://bucket/prefix")
             base = source.rstrip("/")
-            pushed = 0
-            for stage, key, loc in run_outputs(run_id, "local"):
-                if loc.kind != "local" or not os.path.exists(loc.path):
-                    continue
-                target = f"{base}/{stage}/{key}/{_leaf(loc.uri)}"
-                copy_any(loc.path, target, concurrency=concurrency, chunk=chunk, rclone_config=rclone_config,
-                         progress=show, exact=True)
-                click.echo(target)
-                pushed += 1
-            if not pushed:
+            todo = [(loc.path, f"{stage}/{key}/{_leaf(loc.uri)}") for stage, key, loc in run_outputs(run_id, "local")
+                    if loc.kind == "local" and os.path.exists(loc.path)]
+            if not todo:
                 raise UsageError(f"run {run_id} has no local outputs to push", "stages list theirs under `outputs:`")
+            if parse(base).kind == "remote":
+                _rclone_push_tree(todo, base, rclone_config)  # one rclone for the whole run
+            else:
+                for path, rel in todo:
+                    copy_any(path, f"{base}/{rel}", concurrency=concurrency, chunk=chunk,
+                             rclone_config=rclone_config, progress=show, exact=True)
+            for _, rel in todo:
+                click.echo(f"{base}/{rel}")
             return
         if not source or not dest:
             raise UsageError("push needs SOURCE and DEST", "corral push results/ s3://bucket/prefix")

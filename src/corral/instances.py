@@ -346,7 +346,6 @@ def check_fits(plan: Plan, allowed: list[str]) -> None:
             continue
         seen.add(stage.name)
         r = stage.resources
-        where = wf.stage_where(stage.name, "resources")
         if on_fargate(r, allowed):
             continue
         if only_fargate:
@@ -359,7 +358,7 @@ def check_fits(plan: Plan, allowed: list[str]) -> None:
                 f"stage {stage.name!r} asks for {r.disk} GiB of disk; the largest root volume (gp3) is "
                 f"{MAX_ROOT_VOLUME_GIB} GiB",
                 "lower resources.disk, or stream data from S3/EFS instead of staging it on local disk",
-                where=where,
+                where=wf.stage_where(stage.name, "resources"),
             )
         entries = allowed_for(r, allowed)
         types = expand(entries)
@@ -381,5 +380,5 @@ def check_fits(plan: Plan, allowed: list[str]) -> None:
             f"stage {stage.name!r} asks for {ask}, more than any allowed {pool} can hold "
             f"({', '.join(entries)}); the largest: {_largest(types)}",
             hint,
-            where=where,
+            where=wf.stage_where(stage.name, "resources"),
         )

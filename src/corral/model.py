@@ -117,6 +117,12 @@ class AttemptRecord:
         return dataclasses.replace(self, **changes)
 
 
+def finished_count(per_state: dict[str, int]) -> int:
+    """How many of a stage's tasks finished (succeeded, skipped, failed, or failed upstream): what a
+    progress bar fills for. Cancelled tasks are terminal but did not finish."""
+    return sum(n for s, n in per_state.items() if TaskState(s).terminal and s != TaskState.CANCELLED.value)
+
+
 def summarize(tasks: list[TaskRecord]) -> dict[str, dict[str, int]]:
     """Counts per stage and state, stages in first-seen order."""
     out: dict[str, dict[str, int]] = {}

@@ -21,6 +21,8 @@ from __future__ import annotations
 import graphlib
 import hashlib
 import json
+import os
+import re
 import shlex
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
@@ -28,8 +30,9 @@ from pathlib import Path
 from typing import Any
 
 from corral.errors import PlanError, SpecError, did_you_mean
-from corral.sources import Item, SourceContext, item_keys, resolve_items
-from corral.spec import Stage, Workflow, loads_workflow
+from corral.sources import Item, SourceContext, item_keys, normalise_items, resolve_items
+from corral.spec import Stage, Workflow, from_located
+from corral.yamlpos import Located
 
 BUILTINS = ("run", "stage", "workdir", "task", "item", "index")
 RUN_KEY = "run"
@@ -79,18 +82,420 @@ def template_fields(text: str) -> list[str]:
 
 
 def render(text: str, values: Mapping[str, Any], *, quote: bool = False) -> str:
+    """Placeholders replaced by their values as text (``quote``: a shell command, see :func:`render_shell`)."""
+    if quote:
+        return render_shell(text, values)
     out = []
     for kind, v in parse_template(text):
         if kind == "text":
             out.append(v)
         else:
-            s = str(values[v])
-            out.append(shlex.quote(s) if quote else s)
+            out.append(str(values[v]))
     return "".join(out)
 
 
-# -- plan model ---------------------------------------------------------------------------------
+_FILTER_FIELD = re.compile(r"(?<!\{)\{([A-Za-z_][A-Za-z0-9_]*)\}(?!\})")
+
+
+# -- placeholders in shell commands ---------------------------------------------------------------
+# A value must come out of the shell as written and never run as code, wherever the placeholder
+# stands. The command is scanned once (as POSIX sh reads it) to learn each placeholder's quoting
+# context, and each value is encoded for its context:
+#   outside quotes       {x}       -> 'value'            (single-quoted word; '' when empty)
+#   in double quotes     "{x}"     -> value with \ " $ ` backslash-escaped
+#   in single quotes     '{x}'     -> value with ' written '\''
+#   in a heredoc body    <<EOF     -> value with \ $ ` backslash-escaped (<<'EOF': as is), and the
+#                                     rendered script is scanned again to prove no value ended it
+#   in a # comment                 -> value with newlines as spaces
+#   in $((...))                    -> whole numbers only (checked for every item when planned)
+# A placeholder inside backticks, $'...' or right after a backslash has no safe
+# encoding: the command is refused at validate time, with a hint.
+class ShellTemplateError(ValueError):
+    """A placeholder stands where no quoting keeps its value from being read as code."""
+
+    def __init__(self, message: str, hint: str) -> None:
+        super().__init__(message)
+        self.hint = hint
+
+
 @dataclass(frozen=True)
+class _Field:
+    name: str
+
+
+_HEREDOC = "hd"
+
+
+def _scan(tokens: list[Any], *, render_values: Mapping[str, Any] | None = None
+          ) -> tuple[list[tuple[str, int]], list[str], str]:
+    """Walk a shell command (chars and :class:`_Field`). Returns each field's context (and the
+    heredoc it is in), the heredoc bodies, and (with ``render_values``) the rendered command."""
+    contexts: list[tuple[str, int]] = []
+    bodies: list[str] = []
+    out: list[str] = []
+    stack: list[list[Any]] = [["cmd", 0, False]]  # [mode, paren depth, opened by $(]
+    pending: list[tuple[str, bool, bool]] = []  # heredocs waiting for the end of the line
+    heredoc: tuple[str, bool, bool] | None = None
+    line: list[str] = []
+    line_has_field = False
+    word_start = True
+    n = len(tokens)
+    i = 0
+
+    def emit(x: str) -> None:
+        if render_values is not None:
+            out.append(x)
+
+    while i < n:
+        tok = tokens[i]
+        mode = stack[-1][0]
+        if isinstance(tok, _Field):
+            prev = tokens[i - 1] if i else None
+            if prev == "\\" and mode in ("cmd", "dq", _HEREDOC):
+                raise ShellTemplateError(f"placeholder {{{tok.name}}} right after a backslash",
+                                         "remove the backslash before the placeholder")
+            if mode in ("bt", "dsq"):
+                where = {"bt": "inside backticks", "dsq": "inside $'...'"}[mode]
+                hint = {"bt": "use $(...) instead of backticks",
+                        "dsq": "use '...' or \"...\" quotes around the placeholder"}[mode]
+                raise ShellTemplateError(f"placeholder {{{tok.name}}} stands {where}, where no quoting keeps "
+                                         "its value from running as code", hint)
+            ctx = mode if mode in ("dq", "sq", "comment", _HEREDOC, "arith") else "bare"
+            if ctx == _HEREDOC and heredoc is not None and heredoc[1]:
+                ctx = "hdq"
+            contexts.append((ctx, len(bodies)))
+            if render_values is not None:
+                value = _encode(str(render_values[tok.name]), ctx)
+                out.append(value)
+                if ctx in (_HEREDOC, "hdq") and heredoc is not None:
+                    # a value's own lines may not end the heredoc early
+                    pieces = value.split("\n")
+                    for piece in pieces[:-1]:
+                        line.append(piece)
+                        done = "".join(line)
+                        if (done.lstrip("\t") if heredoc[2] else done) == heredoc[0]:
+                            raise ShellTemplateError(
+                                f"the value of {{{tok.name}}} would end the heredoc <<{heredoc[0]} early",
+                                "choose a heredoc delimiter that no value contains")
+                        bodies[-1] += done + "\n"
+                        line = []
+                    line.append(pieces[-1])
+                elif mode == _HEREDOC:
+                    line.append(value)
+            line_has_field = True
+            word_start = False
+            i += 1
+            continue
+        c = tok
+        nxt = tokens[i + 1] if i + 1 < n else None
+        if mode == _HEREDOC:
+            assert heredoc is not None
+            if c == "\n":
+                done = "".join(line)
+                if not line_has_field and (done.lstrip("\t") if heredoc[2] else done) == heredoc[0]:
+                    emit(c)
+                    stack.pop()
+                    heredoc = None
+                    if pending:
+                        heredoc = pending.pop(0)
+                        bodies.append("")
+                        stack.append([_HEREDOC, 0, False])
+                else:
+                    bodies[-1] += done + "\n"
+                    emit(c)
+                line, line_has_field = [], False
+                i += 1
+                continue
+            line.append(c)
+            emit(c)
+            if not heredoc[1]:
+                if c == "\\" and nxt is not None and not isinstance(nxt, _Field):
+                    line.append(nxt)
+                    emit(nxt)
+                    i += 2
+                    continue
+                if c == "$" and nxt == "(" and tokens[i + 2: i + 3] != ["("]:
+                    stack.append(["cmd", 0, True])
+                elif c == "`":
+                    stack.append(["bt", 0, False])
+            i += 1
+            continue
+        emit(c)
+        if mode == "sq":
+            if c == "'":
+                stack.pop()
+        elif mode == "dsq":
+            if c == "\\" and nxt is not None and not isinstance(nxt, _Field):
+                emit(nxt)
+                i += 1
+            elif c == "'":
+                stack.pop()
+        elif mode == "bt":
+            if c == "\\" and nxt is not None and not isinstance(nxt, _Field):
+                emit(nxt)
+                i += 1
+            elif c == "`":
+                stack.pop()
+        elif mode == "comment":
+            if c == "\n":
+                stack.pop()
+                out.pop() if render_values is not None else None
+                continue  # the newline ends the comment; read it again as a command newline
+        elif mode == "arith":
+            frame = stack[-1]
+            if c == "(":
+                frame[1] += 1
+            elif c == ")":
+                if frame[1] > 0:
+                    frame[1] -= 1
+                elif nxt == ")":
+                    emit(nxt)
+                    i += 1
+                    stack.pop()
+        elif mode == "dq":
+            if c == "\\" and nxt is not None and not isinstance(nxt, _Field):
+                emit(nxt)
+                i += 1
+            elif c == '"':
+                stack.pop()
+            elif c == "`":
+                stack.append(["bt", 0, False])
+            elif c == "$" and nxt == "(":
+                emit(nxt)
+                i += 1
+                if tokens[i + 1: i + 2] == ["("]:
+                    emit("(")
+                    i += 1
+                    stack.append(["arith", 0, False])
+                else:
+                    stack.append(["cmd", 0, True])
+        else:  # cmd
+            frame = stack[-1]
+            if c == "\\" and nxt is not None and not isinstance(nxt, _Field):
+                emit(nxt)
+                i += 2
+                word_start = False
+                continue
+            if c == "'":
+                stack.append(["sq", 0, False])
+            elif c == '"':
+                stack.append(["dq", 0, False])
+            elif c == "`":
+                stack.append(["bt", 0, False])
+            elif c == "$" and nxt == "'":
+                emit(nxt)
+                i += 1
+                stack.append(["dsq", 0, False])
+            elif c == "$" and nxt == '"':
+                emit(nxt)
+                i += 1
+                stack.append(["dq", 0, False])
+            elif c == "$" and nxt == "(":
+                emit(nxt)
+                i += 1
+                if tokens[i + 1: i + 2] == ["("]:
+                    emit("(")
+                    i += 1
+                    stack.append(["arith", 0, False])
+                else:
+                    stack.append(["cmd", 0, True])
+                word_start = True
+                i += 1
+                continue
+            elif c == "(":
+                frame[1] += 1
+            elif c == ")":
+                if frame[1] > 0:
+                    frame[1] -= 1
+                elif frame[2]:
+                    stack.pop()
+            elif c == "#" and word_start:
+                stack.append(["comment", 0, False])
+            elif c == "<" and nxt == "<" and tokens[i + 2: i + 3] != ["<"]:
+                i = _heredoc_word(tokens, i + 2, pending, emit)
+                word_start = True
+                continue
+            elif c == "\n" and pending:
+                heredoc = pending.pop(0)
+                bodies.append("")
+                stack.append([_HEREDOC, 0, False])
+                line, line_has_field = [], False
+            word_start = c in " \t\n;&|()<>"
+        i += 1
+    if stack[-1][0] in ("sq", "dq", "dsq", "bt"):
+        what = {"sq": "a single quote (')", "dq": 'a double quote (")', "dsq": "a $' quote", "bt": "a backtick"}
+        raise ShellTemplateError(f"{what[stack[-1][0]]} in the command is never closed",
+                                 "close the quote (write a literal quote as \\' outside quotes, or \\\" inside \"...\")")
+    if heredoc is not None and line:
+        bodies[-1] += "".join(line)
+    return contexts, bodies, "".join(out)
+
+
+def _heredoc_word(tokens: list[Any], i: int, pending: list[tuple[str, bool, bool]], emit: Any) -> int:
+    """Read the delimiter after ``<<`` (``-`` strips tabs; any quoting means a literal body)."""
+    emit("<")
+    strip = False
+    if i < len(tokens) and tokens[i] == "-":
+        strip = True
+        emit("-")
+        i += 1
+    while i < len(tokens) and tokens[i] in (" ", "\t"):
+        emit(tokens[i])
+        i += 1
+    word: list[str] = []
+    quoted = False
+    quote: str | None = None
+    while i < len(tokens):
+        t = tokens[i]
+        if isinstance(t, _Field):
+            raise ShellTemplateError(f"placeholder {{{t.name}}} in a heredoc delimiter",
+                                     "write the delimiter (e.g. EOF) as plain text")
+        if quote is None and (t in " \t\n;&|<>()"):
+            break
+        emit(t)
+        if quote is not None:
+            if t == quote:
+                quote = None
+            else:
+                word.append(t)
+        elif t in "'\"":
+            quote, quoted = t, True
+        elif t == "\\" and i + 1 < len(tokens) and isinstance(tokens[i + 1], str):
+            quoted = True
+            i += 1
+            emit(tokens[i])
+            word.append(tokens[i])
+        else:
+            word.append(t)
+        i += 1
+    if word:
+        pending.append(("".join(word), quoted, strip))
+    return i
+
+
+_WHOLE = re.compile(r"-?[0-9]+")
+
+
+def _encode(value: str, ctx: str) -> str:
+    if ctx == "arith":
+        if not _WHOLE.fullmatch(value):
+            raise ShellTemplateError(f"the value {value[:40]!r} stands inside $((...)), where only a whole number "
+                                     "is safe", "give that field whole numbers, or move the arithmetic into a program")
+        return value
+    if ctx == "bare":
+        return shlex.quote(value)
+    if ctx == "dq":
+        return "".join("\\" + c if c in '\\"$`' else c for c in value)
+    if ctx == "sq":
+        return value.replace("'", "'\\''")
+    if ctx == _HEREDOC:
+        return "".join("\\" + c if c in "\\$`" else c for c in value)
+    if ctx == "comment":
+        return value.replace("\n", " ").replace("\r", " ")
+    return value  # hdq: a quoted heredoc's body is literal
+
+
+def _tokens(text: str) -> list[Any]:
+    tokens: list[Any] = []
+    for kind, v in parse_template(text):
+        if kind == "text":
+            tokens.extend(v)
+        else:
+            tokens.append(_Field(v))
+    return tokens
+
+
+_SHELL_PLANS: dict[str, tuple[list[tuple[str, str]], list[str], bool]] = {}
+
+
+def shell_contexts(text: str) -> list[str]:
+    """Each placeholder's quoting context in a shell command (raises :class:`ShellTemplateError`)."""
+    contexts, _, _ = _scan(_tokens(text))
+    return [c for c, _ in contexts]
+
+
+def render_shell(text: str, values: Mapping[str, Any]) -> str:
+    """A shell command with each placeholder encoded for where it stands (see above): the shell
+    reads each value back exactly as written, and never as code."""
+    plan = _SHELL_PLANS.get(text)
+    if plan is None:
+        contexts, _, _ = _scan(_tokens(text))
+        parts = parse_template(text)
+        kinds = [c for c, _ in contexts]
+        plan = (parts, kinds, any(k in (_HEREDOC, "hdq") for k in kinds))
+        if len(_SHELL_PLANS) < 1024:
+            _SHELL_PLANS[text] = plan
+    parts, kinds, heredoc = plan
+    if heredoc:
+        _, bodies, rendered = _scan(_tokens(text), render_values=values)
+        _, again, _ = _scan(list(rendered))  # the shell's reading of the result: same heredoc bodies
+        if again != bodies:
+            raise ShellTemplateError("an item value would end a heredoc early",
+                                     "choose a heredoc delimiter that no value contains")
+        return rendered
+    out = []
+    k = 0
+    for kind, v in parts:
+        if kind == "text":
+            out.append(v)
+        else:
+            out.append(_encode(str(values[v]), kinds[k]))
+            k += 1
+    return "".join(out)
+
+
+_SHELLS = frozenset({"sh", "bash", "dash", "ash", "ksh", "mksh", "zsh", "busybox"})
+_INTERPRETERS = {"python": "-c", "python3": "-c", "python2": "-c", "perl": "-e", "ruby": "-e", "node": "-e",
+                 "Rscript": "-e", "R": "-e"}
+
+
+def shell_script_index(argv: list[str]) -> int | None:
+    """In a list command, the index of the script that ``sh -c`` (or bash, dash, ``env sh -c`` …)
+    runs, or None when the command does not hand a script to a shell."""
+    j = 0
+    if argv and Path(argv[0]).name == "env":
+        j = 1
+        while j < len(argv) and (argv[j].startswith("-") or "=" in argv[j]):
+            j += 1
+    if j >= len(argv) or Path(argv[j]).name not in _SHELLS:
+        return None
+    j += 1
+    if Path(argv[j - 1]).name == "busybox":
+        if j >= len(argv) or argv[j] not in ("sh", "ash"):
+            return None
+        j += 1
+    has_c = False
+    while j < len(argv):
+        a = argv[j]
+        if a == "--":
+            j += 1
+            break
+        if a in ("-o", "+o", "-O", "+O"):
+            j += 2
+            continue
+        if len(a) > 1 and a[0] in "-+" and a[1:].isalpha():
+            has_c = has_c or (a[0] == "-" and "c" in a[1:])
+            j += 1
+            continue
+        break
+    return j if has_c and j < len(argv) else None
+
+
+def _interpreter_code(argv: list[str]) -> int | None:
+    """Index of the code that ``python -c`` (perl/ruby/node/R -e) would run, if any."""
+    if not argv:
+        return None
+    flag = _INTERPRETERS.get(Path(argv[0]).name)
+    if flag is None:
+        return None
+    for j, a in enumerate(argv[1:], start=1):
+        if a == flag:
+            return j + 1 if j + 1 < len(argv) else None
+    return None
+
+
+# -- plan model ---------------------------------------------------------------------------------
+@dataclass(frozen=True, slots=True)
 class Task:
     """One stage applied to one item (or once per run): the unit that runs and is tracked."""
 
@@ -124,13 +529,14 @@ class Task:
         if cmd is None:
             return []
         if isinstance(cmd, str):
-            return ["/bin/sh", "-c", render(cmd, vals, quote=True)]
-        return [render(a, vals) for a in cmd]
+            return ["/bin/sh", "-c", render_shell(cmd, vals)]
+        script = shell_script_index(cmd)
+        return [render_shell(a, vals) if j == script else render(a, vals) for j, a in enumerate(cmd)]
 
     def env(self, run_id: str, workdir: str) -> dict[str, str]:
         vals = self.values(run_id, workdir)
         env = {f"CORRAL_ITEM_{k}": str(v) for k, v in self.item.items()}
-        env.update({k: str(v) for k, v in self.item.items()})
+        env.update({k: str(v) for k, v in self.item.items() if not protected_env(k)})
         env.update(
             CORRAL_RUN_ID=run_id,
             CORRAL_STAGE=self.stage.name,
@@ -141,6 +547,13 @@ class Task:
         )
         env.update({k: render(v, vals) for k, v in self.stage.env.items()})
         return env
+
+    def filter_rules(self, run_id: str, workdir: str) -> list[str]:
+        """A transfer's rclone filters with ``{field}`` placeholders filled in; everything else is
+        kept as written (rclone's own ``{{regexp}}`` and ``{a,b}`` syntax)."""
+        vals = self.values(run_id, workdir)
+        return [_FILTER_FIELD.sub(lambda m: str(vals[m.group(1)]) if m.group(1) in vals else m.group(0), f)
+                for f in self.stage.filters]
 
     def paths(self, which: str, run_id: str, workdir: str) -> list[str]:
         vals = self.values(run_id, workdir)
@@ -197,12 +610,24 @@ class Plan:
         data = json.loads(blob)
         wf_raw = dict(data["workflow"])
         wf_raw["items"] = data["items"]
-        wf = loads_workflow(json.dumps(wf_raw), source=data["source"], base_dir=Path(data["base_dir"]))
+        # The manifest is JSON that corral wrote from a validated workflow: validate the data as it
+        # is, without re-parsing it through the YAML loader that records positions (7 s for 60,000
+        # tasks that way, for positions no error from this data would ever need).
+        wf = from_located(Located(data=wf_raw, source=data["source"]), base_dir=Path(data["base_dir"]))
         return make_plan(wf)
 
 
+_HASH_JSON = json.JSONEncoder(sort_keys=True, default=str)  # = json.dumps(obj, sort_keys=True, default=str)
+
+
 def _hash(obj: Any) -> str:
-    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
+    return hashlib.sha256(_HASH_JSON.encode(obj).encode()).hexdigest()
+
+
+def _task_id(fingerprint: str, item_hash: str) -> str:
+    """``_hash([fingerprint, item_hash])[:16]`` without the JSON encoder (both are hex digits or
+    "run", which JSON writes as they are): the same ids, at a fraction of the cost."""
+    return hashlib.sha256(f'["{fingerprint}", "{item_hash}"]'.encode()).hexdigest()[:16]
 
 
 def stage_fingerprint(stage: Stage) -> str:
@@ -271,10 +696,13 @@ def _check_placeholders(wf: Workflow, items: list[Item]) -> None:
         texts += [(("env", k), v) for k, v in s.env.items()]
         texts += [(("inputs", j), p) for j, p in enumerate(s.inputs)]
         texts += [(("outputs", j), p) for j, p in enumerate(s.outputs)]
+        texts += [(("filters", j), " ".join(f"{{{n}}}" for n in _FILTER_FIELD.findall(f)))
+                  for j, f in enumerate(s.filters)]
         if s.source:
             texts.append((("from",), s.source))
         if s.dest:
             texts.append((("to",), s.dest))
+        _check_shell(wf, i, s)
         available = set(BUILTINS) | (common if s.per == "item" else set())
         for path, text in texts:
             for name in template_fields(text):
@@ -305,6 +733,153 @@ def _check_placeholders(wf: Workflow, items: list[Item]) -> None:
                 )
 
 
+def _check_shell(wf: Workflow, i: int, s: Stage) -> None:
+    """Placeholders in shell code must stand where a value can be quoted (see :func:`render_shell`)."""
+    cmd = s.command
+    scripts: list[tuple[tuple[str | int, ...], str]] = []
+    if isinstance(cmd, str):
+        scripts.append((("command",), cmd))
+    elif isinstance(cmd, list):
+        j = shell_script_index(cmd)
+        if j is not None:
+            scripts.append((("command", j), cmd[j]))
+        code = _interpreter_code(cmd)
+        if code is not None and template_fields(cmd[code]):
+            raise SpecError(
+                f"stage {s.name!r}: a placeholder in the code given to {Path(cmd[0]).name} "
+                f"{cmd[code - 1]} would run item data as code",
+                f"pass the value as an argument instead, e.g. [{cmd[0]}, {cmd[code - 1]}, "
+                "'import sys; print(sys.argv[1])', '{x}']",
+                where=wf.where("stages", i, "command", code),
+            )
+    for path, text in scripts:
+        try:
+            _scan(_tokens(text))
+        except ShellTemplateError as exc:
+            raise SpecError(f"stage {s.name!r}: {exc}", exc.hint, where=wf.where("stages", i, *path)) from None
+
+
+# Environment names an item field never sets (the task still sees the value as CORRAL_ITEM_<name>
+# and as {<name>}): what the shell, the dynamic loader and corral itself read.
+PROTECTED_ENV = frozenset({"PATH", "IFS", "ENV", "BASH_ENV", "SHELLOPTS", "BASHOPTS", "PS4", "HOME", "SHELL",
+                           "PYTHONPATH", "PYTHONSTARTUP", "PYTHONHOME", "PERL5OPT", "NODE_OPTIONS"})
+PROTECTED_PREFIXES = ("LD_", "DYLD_", "CORRAL_", "AWS_", "BASH_FUNC_")
+
+
+def protected_env(name: str) -> bool:
+    """True for an environment name that an item field may not replace."""
+    return name in PROTECTED_ENV or name.startswith(PROTECTED_PREFIXES)
+
+
+def _path_templates(s: Stage) -> list[tuple[tuple[str | int, ...], str, set[str]]]:
+    """(where, template, fields used as path segments) for the stage's paths: every placeholder
+    in inputs, outputs, from and to; in a command, those written next to a ``/``."""
+    out: list[tuple[tuple[str | int, ...], str, set[str]]] = []
+    texts: list[tuple[tuple[str | int, ...], str]] = [(("inputs", j), p) for j, p in enumerate(s.inputs)]
+    texts += [(("outputs", j), p) for j, p in enumerate(s.outputs)]
+    texts += [(("from",), s.source)] if s.source else []
+    texts += [(("to",), s.dest)] if s.dest else []
+    for path, text in texts:
+        names = {n for n in template_fields(text) if n not in BUILTINS}
+        if names:
+            out.append((path, text, names))
+    cmd = s.command
+    args: list[tuple[tuple[str | int, ...], str]] = (
+        [(("command",), cmd)] if isinstance(cmd, str) else [(("command", j), a) for j, a in enumerate(cmd or [])])
+    for path, text in args:
+        parts = parse_template(text)
+        names = set()
+        for k, (kind, v) in enumerate(parts):
+            if kind != "field" or v in BUILTINS:
+                continue
+            before = parts[k - 1][1] if k and parts[k - 1][0] == "text" else ""
+            after = parts[k + 1][1] if k + 1 < len(parts) and parts[k + 1][0] == "text" else ""
+            if before.endswith("/") or after.startswith("/") or k and parts[k - 1] == ("field", "workdir"):
+                names.add(v)
+        if names:
+            out.append((path, text, names))
+    return out
+
+
+def _short(value: Any) -> str:
+    """A value for a one-line message: its repr, at most 40 characters."""
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def _leaves(value: str) -> bool:
+    """True when a value, put in a path, climbs out of the folder it is put in (a ``..`` segment)."""
+    return ".." in value and ".." in value.replace("\\", "/").split("/")
+
+
+def _check_items(wf: Workflow, items: list[Item], item_hashes: list[str], ctx: SourceContext) -> None:
+    """Two items with the same fields would be one task twice; a value must stay inside its folder."""
+    if len(set(item_hashes)) != len(item_hashes):
+        first: dict[str, int] = {}
+        for j, h in enumerate(item_hashes):
+            if h in first:
+                i = first[h]
+                shown = ", ".join(f"{k}={_short(v)}" for k, v in list(items[j].items())[:3])
+                raise SpecError(
+                    f"items {i + 1} and {j + 1} are identical ({shown}), so their tasks would be one; "
+                    f"the first is at {ctx.where_item(i)}",
+                    "remove the repeated item (or add a field that tells them apart)",
+                    where=ctx.where_item(j),
+                )
+            first[h] = j
+    for si, s in enumerate(wf.stages):
+        if s.per != "item":
+            continue
+        for path, _text, names in _path_templates(s):
+            for name in names:
+                for j, it in enumerate(items):
+                    v = it.get(name)
+                    if isinstance(v, str) and _leaves(v):
+                        raise SpecError(
+                            f"item {j + 1}: {name}={_short(v)} climbs out of the folder it is put in "
+                            f"(stage {s.name!r}, {'.'.join(map(str, path))}: {wf.where('stages', si, *path)})",
+                            "item values used in paths may not hold `..` segments; fix the item",
+                            where=ctx.where_item(j),
+                        )
+
+
+_VALUE_CHECKED = frozenset({"hd", "hdq", "arith"})
+
+
+def _check_heredoc_values(wf: Workflow, tasks: list[Task]) -> None:
+    """Values in heredoc bodies and $((...)) are checked when planned (not when the task starts)."""
+    risky = {s.name for s in wf.stages
+             if isinstance(s.command, str) and _VALUE_CHECKED & set(shell_contexts(s.command))
+             or isinstance(s.command, list) and (j := shell_script_index(s.command)) is not None
+             and _VALUE_CHECKED & set(shell_contexts(s.command[j]))}
+    if not risky:
+        return
+    for t in tasks:
+        if t.stage.name in risky:
+            try:
+                t.command("run", "/workdir")
+            except ShellTemplateError as exc:
+                raise SpecError(f"stage {t.stage.name!r}, item {t.key!r}: {exc}", exc.hint,
+                                where=wf.stage_where(t.stage.name, "command")) from None
+
+
+def check_local_secrets(wf: Workflow) -> None:
+    """Every ``env:NAME`` secret is set and every ``file:path`` secret is a readable file, before
+    anything runs (``corral validate`` and a local run check this; values are never read here)."""
+    for s in wf.stages:
+        for name, ref in s.secrets.items():
+            source, _, key = ref.partition(":")
+            where = wf.stage_where(s.name, "secrets", name)
+            if source == "env" and key and key not in os.environ:
+                raise SpecError(f"stage {s.name!r}: secret {name} comes from environment variable {key}, which is not set",
+                                f"export {key}=... before running", where=where)
+            if source == "file" and key:
+                f = Path(key).expanduser()
+                if not f.is_file() or not os.access(f, os.R_OK):
+                    raise SpecError(f"stage {s.name!r}: secret {name} comes from {key}, which is not a readable file",
+                                    "check the file named in `secrets:`", where=where)
+
+
 CLEANUP_STAGE = "corral-cleanup"
 
 
@@ -332,9 +907,11 @@ def _with_cleanup(wf: Workflow) -> Workflow:
 def make_plan(wf: Workflow, items: list[Item] | None = None) -> Plan:
     """Build the plan; every problem is raised before anything runs."""
     wf = _with_cleanup(wf)
+    ctx = SourceContext(base_dir=wf.base_dir, where=wf.where)
     if items is None:
-        ctx = SourceContext(base_dir=wf.base_dir, where=wf.where)
         items = resolve_items(wf.items, ctx)
+    else:
+        items = normalise_items([dict(it) for it in items], ctx)
     order = stage_order(wf)
     if any(s.per == "item" for s in wf.stages) and not items:
         raise PlanError(
@@ -347,30 +924,31 @@ def make_plan(wf: Workflow, items: list[Item] | None = None) -> Plan:
     stages = {s.name: s for s in wf.stages}
     fingerprints = {n: stage_fingerprint(s) for n, s in stages.items()}
     item_hashes = [_hash(it) for it in items]
-    ids: dict[tuple[str, int | None], str] = {}
+    _check_items(wf, items, item_hashes, ctx)
+    ids: dict[str, list[str]] = {}  # stage -> its task ids (one per item, or the run task's)
     tasks: list[Task] = []
     for name in order:
         s = stages[name]
         always = s.kind == "cleanup"
-        idxs: list[int | None] = list(range(len(items))) if s.per == "item" else [None]
-        for idx in idxs:
-            tid = _hash([fingerprints[name], item_hashes[idx] if idx is not None else "run"])[:16]
-            needs: list[str] = []
+        fp = fingerprints[name]
+        if s.per == "item":
+            # in `needs` order: an item stage's task of the same item, or the run stage's one task
+            needed = [(stages[need].per == "item", ids[need]) for need in s.needs]
+            own: list[str] = []
+            for idx, ih in enumerate(item_hashes):
+                tid = _task_id(fp, ih)
+                own.append(tid)
+                needs = tuple([got[idx] if per_item else got[0] for per_item, got in needed]) if needed else ()
+                tasks.append(Task(tid, s, idx, keys[idx], items[idx], needs, always))
+            ids[name] = own
+        else:
+            tid = _task_id(fp, "run")
+            needs_list: list[str] = []
             for need in s.needs:
-                ns = stages[need]
-                if ns.per == "item" and s.per == "item":
-                    needs.append(ids[(need, idx)])
-                elif ns.per == "item":
-                    needs.extend(ids[(need, j)] for j in range(len(items)))
-                else:
-                    needs.append(ids[(need, None)])
-            ids[(name, idx)] = tid
-            tasks.append(
-                Task(
-                    id=tid, stage=s, index=idx, key=keys[idx] if idx is not None else RUN_KEY,
-                    item=dict(items[idx]) if idx is not None else {}, needs=tuple(needs), always=always,
-                )
-            )
+                needs_list.extend(ids[need])
+            ids[name] = [tid]
+            tasks.append(Task(tid, s, None, RUN_KEY, {}, tuple(needs_list), always))
+    _check_heredoc_values(wf, tasks)
     return Plan(workflow=wf, items=items, keys=keys, tasks=tasks, stage_order=order)
 
 

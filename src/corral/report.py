@@ -170,6 +170,11 @@ def lanes(drawn: Sequence[tuple[TaskRecord, AttemptRecord]], until: float) -> di
     return out
 
 
+def _says_more(attempt: Any) -> bool:
+    """Whether an attempt's reason adds to its exit code (not "exit code 3 — exit code 3")."""
+    return bool(attempt.reason) and attempt.reason != f"exit code {attempt.exit_code}"
+
+
 def _timeline(data: ReportData) -> str:
     drawn = bars(data)
     if not drawn:
@@ -183,7 +188,9 @@ def _timeline(data: ReportData) -> str:
     n_rows = max(row_of.values()) + 1
     label_w = 220 if per_task else 60
     width, top = 900, 22
-    row_h = 16 if n_rows <= 60 else (8 if n_rows <= 150 else (4 if n_rows <= 400 else 2))
+    # A labelled row per task keeps the 16 px its 11 px label needs (labels never overlap); packed
+    # lanes carry no labels and shrink as they grow.
+    row_h = 16 if per_task or n_rows <= 60 else (8 if n_rows <= 150 else (4 if n_rows <= 400 else 2))
     height = top + row_h * n_rows + 6
     scale = width / span
     parts: list[str] = []
@@ -194,7 +201,7 @@ def _timeline(data: ReportData) -> str:
         parts.append(f'<line x1="{x:.1f}" y1="{top - 4}" x2="{x:.1f}" y2="{height}" stroke="#eee"/>'
                      f'<text x="{x + 2:.1f}" y="12">+{esc(format_duration(k) if k else "0s")}</text>')
         k += step
-    if per_task and row_h >= 8:
+    if per_task:
         labels: dict[int, str] = {}
         for t, _ in drawn:
             labels.setdefault(row_of[(t.task_id, 0)], t.label)
@@ -215,7 +222,7 @@ def _timeline(data: ReportData) -> str:
         state = a.state.value
         tip = (f"{t.label} attempt {a.attempt}: {state.lower()}, {format_duration(end - a.started_at)}"
                + (f", exit {a.exit_code}" if a.exit_code is not None else "")
-               + (f" — {a.reason}" if a.reason else ""))
+               + (f" — {a.reason}" if _says_more(a) else ""))
         parts.append(
             f'<rect class="bar" data-state="{esc(state)}" data-task="{esc(t.task_id)}" data-attempt="{a.attempt}" '
             f'x="{x:.2f}" y="{y}" width="{w:.2f}" height="{h}" fill="{COLOURS.get(state, "#888")}">'
@@ -245,7 +252,7 @@ def _failures(data: ReportData) -> str:
         tries = "".join(
             f"<li>attempt {a.attempt}: {esc(a.state.value.lower())}"
             + (f", exit code {esc(a.exit_code)}" if a.exit_code is not None else "")
-            + (f" — <span class=reason>{esc(a.reason)}</span>" if a.reason else "") + "</li>"
+            + (f" — <span class=reason>{esc(a.reason)}</span>" if _says_more(a) else "") + "</li>"
             for a in ats
         )
         if t.task_id in data.logs:

@@ -16,6 +16,7 @@ A source is a function ``(spec: dict, ctx: SourceContext) -> list[dict]`` regist
 from __future__ import annotations
 
 import csv
+import datetime as dt
 import glob as globlib
 import importlib
 import itertools
@@ -27,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from corral.errors import SpecError, did_you_mean
+from corral.yamlpos import YamlFloat
 
 Item = dict[str, Any]
 SourceFn = Callable[[dict[str, Any], "SourceContext"], list[Item]]
@@ -34,6 +36,10 @@ SourceFn = Callable[[dict[str, Any], "SourceContext"], list[Item]]
 SOURCES: dict[str, SourceFn] = {}
 _PLUGIN_MODULES = ("corral.recipes.bids", "corral.recipes.neuroconv")
 FIELD_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+# A CSV/TSV cell may be this long (Python's csv module stops at 128 KiB by default); an item value
+# becomes a command argument and an environment variable, which Linux caps at 128 KiB each.
+MAX_FIELD_CHARS = 1 << 20
+MAX_VALUE_BYTES = 127 * 1024  # MAX_ARG_STRLEN (128 KiB, with the variable's name and a NUL) less a margin
 
 
 @dataclass
@@ -41,6 +47,13 @@ class SourceContext:
     base_dir: Path
     where: Callable[..., str]  # where(*path) -> "file:line:col", path relative to the workflow root
     path: tuple[str | int, ...] = ("items",)
+    # where item i was written ("file:line"); set by the source that made the items
+    item_where: Callable[[int], str] | None = None
+
+    def where_item(self, i: int) -> str:
+        if self.item_where is not None:
+            return self.item_where(i)
+        return f"{self.where(*self.path)} (item {i + 1})"
 
     def error(self, message: str, hint: str, *sub: str | int) -> SpecError:
         return SpecError(f"items: {message}", hint, where=self.where(*self.path, *sub))
@@ -75,7 +88,7 @@ def resolve_items(spec: Any, ctx: SourceContext) -> list[Item]:
     if spec is None:
         return []
     if isinstance(spec, list):
-        return _inline(spec, ctx)
+        return normalise_items(_inline(spec, ctx), ctx)
     if not isinstance(spec, dict):
         raise ctx.error(
             f"expected a list of mappings or a source mapping, got {type(spec).__name__}",
@@ -92,18 +105,69 @@ def resolve_items(spec: Any, ctx: SourceContext) -> list[Item]:
             raise ctx.error(f"unknown item source {unknown[0]!r}", hint, unknown[0])
         raise ctx.error("an item source mapping needs exactly one source key", hint)
     items = SOURCES[keys[0]](spec, ctx)
+    return normalise_items(items, ctx)
+
+
+def normalise_value(v: Any) -> Any:
+    """An item value as text or a whole number, the same on every machine and in the manifest:
+    a YAML float keeps its text (``1.10``), booleans are ``true``/``false``, dates their ISO text.
+    Raises ValueError for what cannot be a value (null, NUL, a mapping or list)."""
+    if isinstance(v, str):
+        if "\x00" in v:
+            raise ValueError("holds a NUL character (\\0), which no command or environment can carry")
+        return v
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, int):
+        return v
+    if isinstance(v, YamlFloat):
+        return v.text
+    if isinstance(v, float):
+        return repr(v)
+    if isinstance(v, (dt.date, dt.time)):  # a date or time from the Python API (YAML 1.2 has none)
+        return v.isoformat()
+    if v is None:
+        raise ValueError("has no value (null)")
+    raise ValueError(f"is a {type(v).__name__}; item fields are plain values (text or numbers)")
+
+
+def normalise_items(items: list[Item], ctx: SourceContext) -> list[Item]:
+    """Check each item's field names and values; values as :func:`normalise_value` gives them."""
+    valid: set[str] = set()  # field names already checked (most items share theirs)
     for i, it in enumerate(items):
-        for k in it:
-            if not isinstance(k, str) or not FIELD_RE.match(k):
-                raise ctx.error(
-                    f"item {i} has field {k!r}, which is not a valid name",
+        for k, v in it.items():
+            if k in valid:
+                pass
+            elif isinstance(k, str) and FIELD_RE.match(k):
+                valid.add(k)
+            else:
+                raise SpecError(
+                    f"items: item {i + 1} has field {k!r}, which is not a valid name",
                     "field names are letters, digits and _ (they become {placeholders} and env vars)",
+                    where=ctx.where_item(i),
                 )
+            if type(v) is str and "\x00" not in v and len(v) <= 32_768 or type(v) is int:
+                continue
+            if type(v) is str and "\x00" not in v:
+                size = len(v.encode("utf-8", "surrogatepass"))
+                if size > MAX_VALUE_BYTES:
+                    raise SpecError(
+                        f"items: field {k!r} of item {i + 1} is {size // 1024} KiB long; an item value may be at most "
+                        f"{MAX_VALUE_BYTES // 1024} KiB (Linux's limit for one argument or environment variable)",
+                        "put long values in a file and give its path as the field", where=ctx.where_item(i))
+                continue
+            try:
+                it[k] = normalise_value(v)
+            except ValueError as exc:
+                hint = ("write '' for an empty value, or give the field a value" if v is None else
+                        "remove the NUL byte" if isinstance(v, str) else "write the value as text")
+                raise SpecError(f"items: field {k!r} of item {i + 1} {exc}", hint, where=ctx.where_item(i)) from None
     return items
 
 
 def _inline(spec: list[Any], ctx: SourceContext) -> list[Item]:
     out: list[Item] = []
+    valid: set[str] = set()
     for i, it in enumerate(spec):
         if isinstance(it, (str, int, float)) and not isinstance(it, bool):
             out.append({"item": it})
@@ -111,9 +175,13 @@ def _inline(spec: list[Any], ctx: SourceContext) -> list[Item]:
         if not isinstance(it, dict) or not it:
             raise ctx.error(f"item {i} must be a mapping of fields", "write e.g. `- {session: s1, n: 3}`", i)
         for k, v in it.items():
-            if not isinstance(k, str) or not FIELD_RE.match(k):
+            if type(v) is str and k in valid:
+                continue
+            if isinstance(k, str) and FIELD_RE.match(k):
+                valid.add(k)
+            else:
                 raise ctx.error(
-                    f"field name {k!r} is not valid", "use letters, digits and _ (e.g. session_id)", i, k
+                    f"field name {k!r} is not valid", "use letters, digits and _ (e.g. session_id)", i
                 )
             if isinstance(v, (dict, list)):
                 raise ctx.error(
@@ -122,7 +190,15 @@ def _inline(spec: list[Any], ctx: SourceContext) -> list[Item]:
                     i,
                     k,
                 )
+            if v is None or type(v) is not str and type(v) is not int:
+                try:
+                    normalise_value(v)
+                except ValueError as exc:
+                    hint = "write '' for an empty value, or give the field a value" if v is None else "write it as text"
+                    raise ctx.error(f"field {k!r} of item {i} {exc}", hint, i, k) from None
         out.append(dict(it))
+    base = ctx.path
+    ctx.item_where = lambda i: ctx.where(*base, i)
     return out
 
 
@@ -139,42 +215,80 @@ def table_source(spec: dict[str, Any], ctx: SourceContext) -> list[Item]:
     _check_unknown(spec, {"table", "delimiter", "where"}, ctx)
     path = ctx.resolve(str(spec["table"]))
     delimiter = spec.get("delimiter") or ("\t" if path.suffix.lower() in (".tsv", ".tab") else ",")
+    if not isinstance(delimiter, str) or len(delimiter) != 1 or delimiter in "\"\r\n":
+        raise ctx.error(f"delimiter {delimiter!r} is not one character", "write e.g. delimiter: \";\"", "delimiter")
+    if path.is_dir():
+        raise ctx.error(f"{path} is a folder, not a table", "give the path of a .csv or .tsv file", "table")
+    limit = csv.field_size_limit()
+    rows: list[Item] = []
+    lines: list[int] = []
+    lineno = 1
     try:
+        csv.field_size_limit(MAX_FIELD_CHARS)
         with path.open(newline="", encoding="utf-8-sig") as fh:
-            reader = csv.DictReader(fh, delimiter=delimiter)
-            if not reader.fieldnames:
+            reader = csv.reader(fh, delimiter=delimiter)
+            header = next(reader, None)
+            if not header:
                 raise ctx.error(f"{path} has no header line", "put the field names on the first line", "table")
-            rows = []
-            for lineno, row in enumerate(reader, start=2):
-                if None in row:
+            names = [h.strip() for h in header]
+            seen: dict[str, int] = {}
+            for col, name in enumerate(names, start=1):
+                if name in seen:
                     raise SpecError(
-                        f"line has more cells than the header has names ({len(reader.fieldnames)})",
+                        f"the header names column {name!r} twice (columns {seen[name]} and {col})",
+                        "give each column its own name", where=f"{path}:1")
+                seen[name] = col
+            width = len(names)
+            for row in reader:
+                lineno = reader.line_num
+                if len(row) > width:
+                    raise SpecError(
+                        f"line has more cells than the header has names ({width})",
                         "check the delimiter and quoting of that line",
                         where=f"{path}:{lineno}",
                     )
-                if not any((v or "").strip() for v in row.values()):
+                if not any(v.strip() for v in row):
                     continue
-                rows.append({k.strip(): (v if v is not None else "") for k, v in row.items()})
+                if len(row) < width:
+                    row += [""] * (width - len(row))
+                rows.append(dict(zip(names, row, strict=True)))
+                lines.append(lineno)
     except FileNotFoundError:
         raise ctx.error(f"no such table file: {path}", "check the path (relative to the workflow file)", "table") from None
     except UnicodeDecodeError:
         raise ctx.error(f"{path} is not UTF-8 text", "save the table as UTF-8 CSV/TSV", "table") from None
-    return _filter(rows, spec.get("where"), ctx)
+    except csv.Error as exc:
+        text = str(exc)
+        hint = ("a cell may hold at most 1 MiB" if "field larger" in text else
+                "remove NUL bytes from the table" if "NUL" in text else "check the quoting of that line")
+        raise SpecError(f"cannot read the table: {text}", hint, where=f"{path}:{lineno + 1}") from None
+    except OSError as exc:
+        raise ctx.error(f"cannot read {path}: {exc.strerror}", "check the file's permissions", "table") from None
+    finally:
+        csv.field_size_limit(limit)
+    kept = _filter_indices(rows, spec.get("where"), ctx)
+    ctx.item_where = lambda i: f"{path}:{lines[kept[i]]}"
+    return [rows[i] for i in kept]
+
+
+def _filter_indices(rows: list[Item], where: Any, ctx: SourceContext) -> list[int]:
+    """``where: {field: value | [values]}``: the indices of the rows that match."""
+    if not where:
+        return list(range(len(rows)))
+    if not isinstance(where, dict):
+        raise ctx.error("`where` must map field names to a value or a list of values",
+                        "e.g. where: {subject: [\"01\", \"02\"]}", "where")
+    try:
+        wanted = {k: {str(normalise_value(x)) if x is not None else "" for x in (v if isinstance(v, list) else [v])}
+                  for k, v in where.items()}
+    except ValueError as exc:
+        raise ctx.error(f"a `where` value {exc}", "write the values to keep as text or numbers", "where") from None
+    return [i for i, r in enumerate(rows) if all(str(r.get(k, "")) in w for k, w in wanted.items())]
 
 
 def _filter(rows: list[Item], where: Any, ctx: SourceContext) -> list[Item]:
     """``where: {field: value | [values]}`` keeps matching rows."""
-    if not where:
-        return rows
-    if not isinstance(where, dict):
-        raise ctx.error("`where` must map field names to a value or a list of values", "e.g. where: {subject: [01, 02]}", "where")
-    def keep(row: Item) -> bool:
-        for k, v in where.items():
-            wanted = [str(x) for x in (v if isinstance(v, list) else [v])]
-            if str(row.get(k, "")) not in wanted:
-                return False
-        return True
-    return [r for r in rows if keep(r)]
+    return [rows[i] for i in _filter_indices(rows, where, ctx)]
 
 
 _PLACEHOLDER = re.compile(r"\{([A-Za-z_][A-Za-z0-9_]*)\}")

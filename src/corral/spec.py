@@ -65,6 +65,48 @@ def _str_value(v: object) -> str:
     raise ValueError("an environment value must be a string or a number")
 
 
+def _number(v: object) -> object:
+    """A count or amount: YAML's true/false are not numbers (pydantic would read true as 1)."""
+    if isinstance(v, bool):
+        raise ValueError("expected a number, not true/false")
+    return v
+
+
+def _filter_rule(v: object) -> object:
+    """An rclone filter rule, checked as rclone would: ``+ PATTERN`` or ``- PATTERN``, brackets closed."""
+    if not isinstance(v, str) or len(v) < 3 or v[:2] not in ("+ ", "- ") or not v[2:].strip():
+        raise ValueError(f"filter {v!r} is not an rclone filter rule: write `+ PATTERN` to include or "
+                         "`- PATTERN` to exclude (e.g. '+ *.nwb', '- *')")
+    pattern = v[2:]
+    if "{{" in pattern:  # rclone's {{regexp}}: only the regexp delimiters are checked here
+        if pattern.count("{{") != pattern.count("}}"):
+            raise ValueError(f"filter {v!r}: its {{{{ and }}}} do not pair up (rclone refuses the pattern)")
+        return v
+    depth_brace = depth_bracket = 0
+    escaped = False
+    for c in pattern:
+        if escaped:
+            escaped = False
+        elif c == "\\":
+            escaped = True
+        elif c == "{":
+            depth_brace += 1
+        elif c == "}":
+            depth_brace -= 1
+        elif c == "[":
+            depth_bracket += 1
+        elif c == "]":
+            depth_bracket -= 1
+        if depth_brace < 0 or depth_bracket < 0 or depth_brace > 1:
+            break
+    if depth_brace or depth_bracket or escaped:
+        raise ValueError(f"filter {v!r}: its {{...}} or [...] do not pair up (rclone refuses the pattern)")
+    return v
+
+
+Count = Annotated[int, BeforeValidator(_number)]
+Amount = Annotated[float, BeforeValidator(_number)]
+FilterRule = Annotated[str, BeforeValidator(_filter_rule)]
 MemoryMiB = Annotated[int, BeforeValidator(_memory_mib), Field(gt=0, le=MAX_MEMORY_MIB)]
 DiskGiB = Annotated[int | None, BeforeValidator(_disk_gib)]
 
@@ -87,9 +129,9 @@ class Resources(Model):
     of ``/dev/shm`` (MiB; containers only — Docker's default is 64 MiB, too small for sorters that
     share arrays between processes)."""
 
-    vcpus: float = Field(1, gt=0, le=MAX_VCPUS)
+    vcpus: Amount = Field(1, gt=0, le=MAX_VCPUS)
     memory: MemoryMiB = 2048
-    gpus: int = Field(0, ge=0, le=MAX_GPUS)
+    gpus: Count = Field(0, ge=0, le=MAX_GPUS)
     disk: DiskGiB = Field(None)
     shm: ShmMiB = Field(None)
 
@@ -125,7 +167,7 @@ class StageFields(Model):
         description="environment variable -> secret reference (env:NAME locally; a secret name on AWS)",
     )
     resources: Resources = Field(default_factory=Resources)
-    retries: int = Field(0, ge=0, le=9)
+    retries: Count = Field(0, ge=0, le=9)
     timeout: Seconds = Field(None)
 
     @field_validator("env", "secrets")
@@ -160,7 +202,7 @@ class Stage(StageFields):
     source: str | None = Field(None, alias="from")
     dest: str | None = Field(None, alias="to")
     mode: Literal["copy", "sync"] = "copy"
-    filters: list[str] = Field(default_factory=list)
+    filters: list[FilterRule] = Field(default_factory=list)
 
     @field_validator("name")
     @classmethod
@@ -178,6 +220,9 @@ class Stage(StageFields):
 
     @model_validator(mode="after")
     def _kind(self) -> Stage:
+        if (self.source is not None or self.dest is not None) and self.command is not None:
+            raise ValueError("a stage runs a `command` or is a transfer (`from`/`to`), not both: "
+                             "split it into two stages")
         if self.source is not None or self.dest is not None:
             if self.kind == "command" and self.command is None:
                 self.kind = "transfer"
@@ -199,7 +244,7 @@ class AwsSettings(Model):
     bucket: str | None = None
     prefix: str = "corral"
     spot: bool = False
-    max_vcpus: int = Field(256, ge=1, le=100_000)
+    max_vcpus: Count = Field(256, ge=1, le=100_000)
     subnets: list[str] = Field(default_factory=list)
     security_groups: list[str] = Field(default_factory=list)
     instance_types: list[str] = Field(default_factory=lambda: ["optimal"])
@@ -310,6 +355,17 @@ def from_located(located: Located, base_dir: Path | None = None) -> Workflow:
             Defaults.model_validate(raw["defaults"])
         except ValidationError as exc:
             raise _spec_error_from(exc, located, raw, prefix=("defaults",)) from None
+    stages = raw.get("stages")
+    if isinstance(stages, list):
+        seen: dict[object, int] = {}
+        for j, st in enumerate(stages):
+            name = st.get("name") if isinstance(st, dict) else None
+            if isinstance(name, str) and name in seen:
+                raise SpecError(
+                    f"stages[{j}]: a stage named {name!r} is already defined (stages[{seen[name]}], "
+                    f"{located.where(('stages', seen[name], 'name'))})",
+                    "stage names must be unique: rename one of them", where=located.where(("stages", j, "name")))
+            seen[name] = j
     try:
         wf = Workflow.model_validate(_merge_defaults(raw))
     except ValidationError as exc:
@@ -415,11 +471,14 @@ _HINTS = {
 def _spec_error_from(
     exc: ValidationError, located: Located, raw: Any, prefix: tuple[str | int, ...] = ()
 ) -> SpecError:
-    err = exc.errors(include_url=False)[0]
-    # Prefer the most informative error when pydantic reports several union branches.
-    for e in exc.errors(include_url=False):
-        if e["type"] in ("extra_forbidden", "missing", "value_error"):
-            err = e
+    errors = exc.errors(include_url=False)
+    err = errors[0]
+    # Prefer the most informative error when pydantic reports several: an unknown key first (a
+    # typo such as `stagess:` also makes `stages` missing), then a missing field or a value error.
+    for wanted in ("extra_forbidden", "missing", "value_error"):
+        found = [e for e in errors if e["type"] == wanted]
+        if found:
+            err = found[0]
             break
     loc = prefix + tuple(err["loc"])
     etype = err["type"]

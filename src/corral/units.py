@@ -11,7 +11,7 @@ _FACTORS = {
     "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "PB": 10**15,
     "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40, "PIB": 2**50,
 }
-_DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)\s*(d|h|m|s|ms)", re.IGNORECASE)
+_DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)\s*(ms|d|h|m|s)", re.IGNORECASE)  # ms before m
 
 
 def parse_size(value: object, *, default_unit: str) -> int:
@@ -52,7 +52,7 @@ def parse_duration(value: object) -> float:
         else:
             parts = _DURATION_PART.findall(text)
             if not parts or "".join(n + u for n, u in parts).lower() != text.lower():
-                raise ValueError(f"cannot read duration {value!r}: write e.g. 45s, 90m, 6h or 1h30m")
+                raise ValueError(f"cannot read duration {value!r}: write e.g. 500ms, 45s, 90m, 6h or 1h30m")
             scale = {"d": 86400, "h": 3600, "m": 60, "s": 1, "ms": 0.001}
             seconds = sum(float(n) * scale[u.lower()] for n, u in parts)
     else:

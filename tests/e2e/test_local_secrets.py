@@ -47,7 +47,7 @@ stages:
     assert os.environ["LAB_TOKEN_SOURCE"] == CANARY
 
 
-def test_missing_secret_source_is_a_clear_task_failure(tmp_path: Path) -> None:
+def test_missing_secret_source_is_refused_before_anything_runs(tmp_path: Path) -> None:
     wf = write_workflow(tmp_path, """
 name: nosecret
 items: [{s: a}]
@@ -56,7 +56,8 @@ stages:
     secrets: {API_TOKEN: "env:CORRAL_TEST_NOT_SET"}
     command: "true"
 """)
-    res = run_cli("run", str(wf))
-    assert res.returncode == 1
-    st = run_cli("status", res.stdout.strip(), "--json")
-    assert "CORRAL_TEST_NOT_SET, which is not set" in st.stdout
+    for verb in ("validate", "run"):
+        res = run_cli(verb, str(wf))
+        assert res.returncode == 2, res.stderr
+        assert "CORRAL_TEST_NOT_SET, which is not set" in res.stderr and "Traceback" not in res.stderr
+        assert res.stdout == ""  # no run id: nothing recorded

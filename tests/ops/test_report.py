@@ -285,3 +285,21 @@ def test_big_runs_pack_attempts_into_lanes_without_overlap() -> None:
     for spans in by_lane.values():
         spans.sort()
         assert all(a[1] <= b[0] + 0.01 for a, b in zip(spans, spans[1:], strict=False))
+
+
+def test_timeline_labels_of_150_tasks_never_overlap_and_reasons_are_not_repeated() -> None:
+    run = RunRecord(run_id="r", workflow_name="w", backend="local", created_at=0.0)
+    tasks, attempts = [], {}
+    for i in range(150):
+        tid = f"t{i:03d}"
+        tasks.append(TaskRecord(run_id="r", task_id=tid, stage="convert", item_key=f"ses-{i:03d}", item_index=i,
+                                state=TaskState.FAILED, attempts=1, exit_code=3, reason="exit code 3",
+                                started_at=float(i), ended_at=i + 10.0))
+        attempts[tid] = [AttemptRecord(run_id="r", task_id=tid, attempt=1, state=TaskState.FAILED, exit_code=3,
+                                       reason="exit code 3", started_at=float(i), ended_at=i + 10.0)]
+    page = render(ReportData(run=run, tasks=tasks, attempts=attempts, cost=None, generated_at=200.0))
+    ys = [int(y) for y in re.findall(r'<text x="4" y="(\d+)">convert\[ses-', page)]
+    assert len(ys) == 150  # every task keeps its label
+    assert min(b - a for a, b in zip(ys, ys[1:], strict=False)) >= 12  # 11 px text needs that much room
+    assert "exit code 3 — exit code 3" not in page and "exit 3 — exit code 3" not in page
+    assert "exit code 3" in page

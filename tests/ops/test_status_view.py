@@ -91,3 +91,15 @@ def test_status_view_rows() -> None:
     row = next(line for line in out.splitlines() if line.startswith("s "))
     assert "2/4" in row and "30s / 30s" in row and row.count("1") >= 3  # running, waiting, failed
     assert "failed  s[1]  t1  OutOfMemoryError" in out
+
+
+def test_a_cancelled_stage_does_not_read_as_done() -> None:
+    run = RunRecord(run_id="r", workflow_name="w", backend="local", created_at=1.0, state=RunState.CANCELLED)
+    tasks = [TaskRecord(run_id="r", task_id=f"t{i}", stage="s", item_key=str(i), item_index=i, state=st,
+                        started_at=0.0, ended_at=5.0)
+             for i, st in enumerate([TaskState.SUCCEEDED, TaskState.CANCELLED, TaskState.CANCELLED])]
+    buf = io.StringIO()
+    Console(file=buf, width=140, color_system=None).print(status_view(run, tasks))
+    row = next(line for line in buf.getvalue().splitlines() if line.startswith("s "))
+    assert "1/3" in row  # the bar fills for the one task that finished, not for the cancelled ones
+    assert buf.getvalue().splitlines()[0] == "run r (w, local): cancelled"  # the title is not wrapped

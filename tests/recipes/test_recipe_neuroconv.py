@@ -11,7 +11,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import yaml
 from helpers import run_cli
 
 import corral
@@ -53,7 +52,8 @@ experiments:
       - nwbfile_name: custom_nwbfile_name.nwb
         source_data:
           ap:
-            file_path: spikeglx/Noise4Sam_g0/Noise4Sam_g0_imec0/Noise4Sam_g0_t0.imec0.ap.bin
+            folder_path: spikeglx/Noise4Sam_g0/Noise4Sam_g0_imec0
+            stream_id: imec0.ap
         conversion_options:
           ap:
             stub_test: false
@@ -73,7 +73,8 @@ experiments:
       - nwbfile_name: example_converter_spec_2
         source_data:
           lf:
-            file_path: spikeglx/Noise4Sam_g0/Noise4Sam_g0_imec0/Noise4Sam_g0_t0.imec0.lf.bin
+            folder_path: spikeglx/Noise4Sam_g0/Noise4Sam_g0_imec0
+            stream_id: imec0.lf
         metadata:
           NWBFile:
             session_start_time: 2020-10-10T21:19:09+00:00
@@ -87,7 +88,8 @@ experiments:
     sessions:
       - source_data:
           lf:
-            file_path: spikeglx/Noise4Sam_g0/Noise4Sam_g0_imec0/Noise4Sam_g0_t0.imec0.lf.bin
+            folder_path: spikeglx/Noise4Sam_g0/Noise4Sam_g0_imec0
+            stream_id: imec0.lf
           phy:
             folder_path: phy/phy_example_0/
         metadata:
@@ -100,6 +102,11 @@ experiments:
             age: P35D
             species: Mus musculus
 """
+
+
+# The same, each session with a session_id, as NeuroConv wants for uploads.
+UPLOADABLE = CONVERSION.replace("session_start_time: 2020-10-09T21:19:09+00:00",
+                                "session_start_time: 2020-10-09T21:19:09+00:00\n            session_id: ymaze-1")
 
 
 def write(tmp: Path, conversion: str = CONVERSION, items: str = "neuroconv: conversion.yml",
@@ -115,9 +122,8 @@ def items_of(wf: Path) -> list[dict[str, Any]]:
 
 
 def read_spec(base: Path, item: dict[str, Any]) -> dict[str, Any]:
-    text = (base / item["spec"]).read_text()
-    assert text.startswith("# Written by corral")
-    return yaml.safe_load(text)
+    assert not (base / item["spec"]).exists()  # planning writes nothing: the spec travels in the item
+    return json.loads(item["spec_json"])
 
 
 def test_one_item_per_session_with_neuroconv_merging(tmp_path: Path) -> None:
@@ -128,12 +134,10 @@ def test_one_item_per_session_with_neuroconv_merging(tmp_path: Path) -> None:
         ("open_explore", "explore-1", "sub-Mouse-1_ses-explore-1.nwb"),
     ]
     assert [i["subject_id"] for i in items] == ["1", "002", "Mouse 1"]
-    assert items[2]["source_paths"] == (
-        "spikeglx/Noise4Sam_g0/Noise4Sam_g0_imec0/Noise4Sam_g0_t0.imec0.lf.bin phy/phy_example_0/"
-    )
+    assert json.loads(items[2]["source_paths"]) == ["spikeglx/Noise4Sam_g0/Noise4Sam_g0_imec0", "phy/phy_example_0/"]
     assert items[0]["source_dir"] == "spikeglx/Noise4Sam_g0/Noise4Sam_g0_imec0"
     assert items[2]["source_dir"] == "."  # spikeglx/... and phy/... share no folder
-    assert "dandiset" not in items[0] and "spec_json" not in items[0]
+    assert "dandiset" not in items[0] and "dandi_path" not in items[0]
 
     first = read_spec(tmp_path, items[0])
     assert list(first) == ["data_interfaces", "experiments"]
@@ -168,7 +172,9 @@ def test_single_session_specs_are_valid_for_neuroconv(tmp_path: Path) -> None:
         "metadata_schema.json", Resource.from_contents(load_dict_from_file(schemas / "metadata_schema.json"))
     )
     for item in items_of(write(tmp_path)):
-        spec = load_dict_from_file(tmp_path / item["spec"])  # NeuroConv's own loader
+        path = tmp_path / item["spec"]
+        path.write_text(item["spec_json"])  # as the convert command writes it
+        spec = load_dict_from_file(path)  # NeuroConv's own loader
         validate(instance=spec, schema=spec_schema, registry=registry)
 
 
@@ -202,33 +208,31 @@ def test_conversion_options_and_common_dir() -> None:
 def test_task_ids_are_stable_and_follow_the_session(tmp_path: Path) -> None:
     wf = write(tmp_path)
     p1 = make_plan(load_workflow(wf))
-    spec0 = tmp_path / p1.items[0]["spec"]
-    mtime = spec0.stat().st_mtime_ns
     p2 = make_plan(load_workflow(wf))
     assert [t.id for t in p1.tasks] == [t.id for t in p2.tasks]
-    assert spec0.stat().st_mtime_ns == mtime  # unchanged content is not rewritten
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["conversion.yml", "workflow.yaml"]  # nothing written
     # Change one session's metadata: that session's spec (and task) change, the others do not.
     (tmp_path / "conversion.yml").write_text(CONVERSION.replace("age: P35D\n            species: Mus musculus\n  open",
                                                                 "age: P36D\n            species: Mus musculus\n  open"))
     p3 = make_plan(load_workflow(wf))
     assert [t.id for t in p3.tasks][0] == p1.tasks[0].id
     assert p3.tasks[1].id != p1.tasks[1].id
-    assert p3.items[1]["spec"] != p1.items[1]["spec"]
+    assert p3.items[1]["spec"] == p1.items[1]["spec"] and p3.items[1]["spec_json"] != p1.items[1]["spec_json"]
     assert read_spec(tmp_path, p3.items[1])["experiments"]["ymaze"]["sessions"][0]["metadata"]["Subject"]["age"] == "P36D"
 
 
-def test_filters_embed_and_dandiset(tmp_path: Path) -> None:
-    conv = 'upload_to_dandiset: "000123"\n' + CONVERSION
-    items = items_of(write(tmp_path, conv, "neuroconv: conversion.yml\nexperiments: [ymaze]\nembed: true\n"
-                                            "spec_dir: specs"))
-    assert [i["session_id"] for i in items] == ["custom_nwbfile_name", "ymaze-2"]
+def test_filters_and_dandiset(tmp_path: Path) -> None:
+    conv = 'upload_to_dandiset: "000123"\n' + UPLOADABLE
+    items = items_of(write(tmp_path, conv, "neuroconv: conversion.yml\nexperiments: [ymaze]\n"))
+    assert [i["session_id"] for i in items] == ["ymaze-1", "ymaze-2"]
     assert all(i["dandiset"] == "000123" for i in items)
-    assert all(i["spec"].startswith("specs/conversion/") for i in items)
     embedded = json.loads(items[1]["spec_json"])
-    assert embedded == read_spec(tmp_path, items[1])
     assert "upload_to_dandiset" not in embedded  # uploading is a stage of its own
     items = items_of(write(tmp_path, CONVERSION, "neuroconv: conversion.yml\nsessions: [explore-1]"))
     assert [i["experiment"] for i in items] == ["open_explore"]
+    with pytest.raises(SpecError, match="spec_dir. is gone") as exc:
+        items_of(write(tmp_path, CONVERSION, "neuroconv: conversion.yml\nspec_dir: specs"))
+    assert "spec_json" in (exc.value.hint or "")
 
 
 @pytest.mark.parametrize(
@@ -237,11 +241,9 @@ def test_filters_embed_and_dandiset(tmp_path: Path) -> None:
         (CONVERSION.replace("data_interfaces:", "data_interface:"), None, "unknown key 'data_interface'", "conversion.yml:12:1"),
         (CONVERSION.replace("  phy: PhySortingInterface\n", ""), None, "source_data for 'phy', which is not in data_interfaces", "conversion.yml:"),
         (CONVERSION.replace("    sessions:\n      - source_data:\n          lf:", "    session:\n      - source_data:\n          lf:"),
-         None, "unknown key 'session'", "conversion.yml:"),
+         None, "experiment 'open_explore' has no `sessions`", "conversion.yml:"),
         (CONVERSION.replace("nwbfile_name: example_converter_spec_2", "nwbfile_name: custom_nwbfile_name.nwb"),
          None, "both write custom_nwbfile_name.nwb", "conversion.yml:"),
-        (CONVERSION.replace("session_id: explore-1", "session_id: ymaze-2"), None,
-         "both have session_id ymaze-2", "conversion.yml:"),
         (CONVERSION, "neuroconv: conversion.yml\nexperiments: [y_maze]", "no experiment 'y_maze'", "workflow.yaml:"),
         (CONVERSION, "neuroconv: missing.yml", "no such NeuroConv specification", "workflow.yaml:3"),
         (CONVERSION, "neuroconv: conversion.yml\nsesions: [a]", "unknown key 'sesions'", "workflow.yaml:"),
@@ -270,7 +272,7 @@ def test_data_interface_error_points_at_the_session_line(tmp_path: Path) -> None
 
 # -- the starter workflow ---------------------------------------------------------------------------
 def test_recipe_writes_a_starter_that_plans(tmp_path: Path) -> None:
-    (tmp_path / "conversion.yml").write_text(CONVERSION)
+    (tmp_path / "conversion.yml").write_text(UPLOADABLE)
     out = tmp_path / "wf" / "workflow.yaml"
     r = run_cli("recipe", "neuroconv", "conversion.yml", "-o", str(out), "--raw", "s3://lab/raw",
                 "--dandiset", "000123", cwd=tmp_path)
@@ -292,7 +294,7 @@ def test_recipe_writes_a_starter_that_plans(tmp_path: Path) -> None:
     bad = run_cli("recipe", "neuroconv", "workflow.yaml", cwd=tmp_path / "wf")
     assert bad.returncode == 2 and "unknown key 'name'" in bad.stderr
     # the spec's own upload_to_dandiset is used when --dandiset is not given; stdout without -o
-    (tmp_path / "conversion.yml").write_text('upload_to_dandiset: "000321"\n' + CONVERSION)
+    (tmp_path / "conversion.yml").write_text('upload_to_dandiset: "000321"\n' + UPLOADABLE)
     to_stdout = run_cli("recipe", "neuroconv", "conversion.yml", cwd=tmp_path)
     assert to_stdout.returncode == 0, to_stdout.stderr
     assert "DANDI:000321/draft" in to_stdout.stdout and "3 sessions" in to_stdout.stderr

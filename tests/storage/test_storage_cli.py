@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from conftest import RcloneSetup
-from storage_helpers import make_tree, needs_rclone, tree
+from storage_helpers import RCLONE, make_tree, needs_rclone, tree
 
 MiB = 2**20
 
@@ -129,6 +129,12 @@ def test_pull_from_an_rclone_remote_and_a_runs_outputs(rclone_setup: RcloneSetup
     r = _corral(["pull", "--run", run_id, "pulled"], tmp_path, env)
     assert r.returncode == 0, r.stderr
     assert tree(tmp_path / "pulled") == {"up/s1/s1.out": "ONE", "up/s2/s2.out": "TWO"}
-    r = _corral(["push", "--run", run_id, "data:pushed"], tmp_path, env)
+    calls = tmp_path / "rclone-calls"
+    counting = tmp_path / "rclone-counting"
+    counting.write_text(f"#!/bin/sh\necho \"$1\" >> {calls}\nexec {RCLONE} \"$@\"\n")
+    counting.chmod(0o755)
+    r = _corral(["push", "--run", run_id, "data:pushed"], tmp_path, {**env, "CORRAL_RCLONE": str(counting)})
     assert r.returncode == 0, r.stderr
     assert tree(rclone_setup.data / "pushed") == {"up/s1/s1.out": "ONE", "up/s2/s2.out": "TWO"}
+    assert calls.read_text().split() == ["copy"]  # one rclone for the whole run, not one per file
+    assert r.stdout.split() == ["data:pushed/up/s1/s1.out", "data:pushed/up/s2/s2.out"]

@@ -144,3 +144,84 @@ def test_cli_bad_input_is_exit_2_without_aws_or_files(tmp_path: Path) -> None:
     lines = res.stderr.strip().splitlines()
     assert len(lines) == 2 and lines[0].startswith(f"error: {bad}:5:14: ") and lines[1].startswith("hint: ")
     assert not home.exists()
+
+
+# -- hostile item values and YAML features (issue #17): the class stays closed ------------------------
+YAML11 = ["no", "on", "yes", "off", "y", "n", "010", "01", "007", "0x1f", "0o17", "+5", "1_000", "12:30:00",
+          "2024-01-01", "2024-01-01T10:00:00Z", "~", "null", "true", "True", "1.10", ".nan", "-.inf", "1e400",
+          "", "''", '"\\0"', '"a\\0b"', "!!python/object:os.system x", "!!timestamp 2024-01-01", "!Ref x",
+          "!!binary aGk=", "*nope", "&a x", '"$(touch PWNED)"', "\"it's\"", "'a\"b'", '"\\n"', "[a]", "{a: b}"]
+item_value = st.one_of(st.sampled_from(YAML11), st.from_regex(r"[A-Za-z0-9_.:-]{0,12}", fullmatch=True),
+                       st.builds(lambda n: "x" * n, st.sampled_from([1, 1000, 140_000])))
+
+
+def _validate_in_process(path: Path, tmp: Path) -> None:
+    """`corral validate PATH` in this process: exit 0 or 2, at most two lines, no traceback, < 2 s."""
+    import contextlib
+    import io
+    import os
+    import time
+
+    from corral.cli import main
+
+    err = io.StringIO()
+    old_home = os.environ.get("CORRAL_HOME")
+    os.environ["CORRAL_HOME"] = str(tmp / "home")
+    t = time.perf_counter()
+    try:
+        with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
+            try:
+                main(["validate", str(path)])
+                code = 0
+            except SystemExit as exc:
+                code = int(exc.code or 0)
+    finally:
+        if old_home is None:
+            os.environ.pop("CORRAL_HOME", None)
+        else:
+            os.environ["CORRAL_HOME"] = old_home
+    took = time.perf_counter() - t
+    text = err.getvalue()
+    assert took < 2.0, (took, path.read_text()[:300])
+    assert code in (0, 2), text
+    assert "Traceback" not in text
+    if code == 2:
+        lines = text.strip().splitlines()
+        assert len(lines) == 2 and lines[0].startswith("error: ") and lines[1].startswith("hint: "), text
+    assert not (tmp / "home").exists()
+    assert not (tmp / "PWNED").exists()
+
+
+@settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture,
+                                                                 HealthCheck.too_slow])
+@given(values=st.lists(st.tuples(item_value, item_value), min_size=1, max_size=5),
+       dup=st.booleans(), alias=st.booleans(), command=st.sampled_from(
+           ["echo {a}", "echo '{a}' \"{b}\"", "cat <<EOF\n{a}\nEOF", "echo $(( {a} ))", "echo `{a}`"]))
+def test_hostile_items_validate_in_one_line_fast(tmp_path: Path, values: list[tuple[str, str]], dup: bool,
+                                                 alias: bool, command: str) -> None:
+    rows = [f"  - {{a: {a}, b: {b}}}" for a, b in values]
+    if dup:
+        rows.append(rows[0])
+    head = "x-anchor: &base {b: base}\n" if alias else ""
+    if alias:
+        rows.append("  - {<<: *base, a: merged}")
+    text = f"{head}name: fuzz\nitems:\n" + "\n".join(rows) + f"\nstages:\n  - name: s\n    command: {json.dumps(command)}\n"
+    _validate_in_process(_write(tmp_path, text.encode()), tmp_path)
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(depth=st.integers(2, 12), width=st.integers(2, 12))
+def test_alias_bombs_of_any_shape_are_refused_fast(tmp_path: Path, depth: int, width: int) -> None:
+    lines = ["name: bomb", f"l0: &l0 [{', '.join(['x'] * width)}]"]
+    lines += [f"l{i}: &l{i} [{', '.join([f'*l{i - 1}'] * width)}]" for i in range(1, depth)]
+    _validate_in_process(_write(tmp_path, ("\n".join(lines) + "\n").encode()), tmp_path)
+
+
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(rows=st.lists(st.lists(st.sampled_from(["a", "b", "", "x" * 200_000, "\0", '"', "a,b", "\r"]),
+                              min_size=1, max_size=3), min_size=1, max_size=4),
+       header=st.sampled_from(["a,b", "a,a", "a", "a,b,c", ""]))
+def test_hostile_tables_validate_in_one_line_fast(tmp_path: Path, rows: list[list[str]], header: str) -> None:
+    (tmp_path / "t.csv").write_text(header + "\n" + "\n".join(",".join(r) for r in rows) + "\n", newline="")
+    wf = _write(tmp_path, b"name: t\nitems: {table: t.csv}\nstages:\n  - {name: s, command: 'echo \"{a}\"'}\n")
+    _validate_in_process(wf, tmp_path)

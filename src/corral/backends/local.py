@@ -29,7 +29,7 @@ from corral.backends.base import RunOptions
 from corral.backends.runtime import container_argv, detect_engine, require_engine
 from corral.errors import BackendError, StorageError, UsageError
 from corral.model import AttemptRecord, RunRecord, RunState, TaskRecord, TaskState, now
-from corral.plan import Plan, Task
+from corral.plan import Plan, Task, check_local_secrets
 from corral.state.base import StateStore
 
 KILL_GRACE_S = 5.0
@@ -152,6 +152,7 @@ class LocalBackend:
     # -- Backend protocol ---------------------------------------------------------------------
     def check(self, plan: Plan) -> None:
         storage.check_workflow(plan.workflow)  # transfers that can never work: no rclone, unknown remote
+        check_local_secrets(plan.workflow)  # env:/file: secrets exist before any task starts
         for s in plan.workflow.stages:
             r = s.resources
             if r.vcpus > self.vcpus:
@@ -182,7 +183,9 @@ class LocalBackend:
         reset = []
         for t in tasks:
             if not t.state.ok:
-                reset.append(t.replace(state=TaskState.PENDING, reason="", exit_code=None, ended_at=None))
+                # started_at too: a resumed task's time is its new attempts', not the gap since the run
+                reset.append(t.replace(state=TaskState.PENDING, reason="", exit_code=None, started_at=None,
+                                       ended_at=None))
         store.save_tasks(reset)
         self._execute(plan, run, store, options, first_attempts={t.task_id: t.attempts for t in tasks})
 
@@ -333,6 +336,7 @@ class Scheduler:
         self.unmet: dict[str, int] = {}  # task id -> needs not yet resolved
         self.sel = selectors.DefaultSelector()
         self.cancelled = False
+        self.stopped_by: int | None = None  # the signal (SIGINT or SIGTERM) that stopped the run
         self.free_vcpus = float(backend.vcpus)
         self.free_mem = backend.memory_mib
         self.max_parallel = options.max_parallel or backend.vcpus
@@ -397,9 +401,15 @@ class Scheduler:
             state = RunState.FAILED
         self.store.save_run(self.store.get_run(self.run_rec.run_id).replace(state=state, pid=None))
         self._progress(force=True)
+        # Everything is recorded (CANCELLED): now let Ctrl-C mean what it means to the caller, so
+        # `corral run` ends with 130 and a Python caller gets its KeyboardInterrupt. (SIGTERM is how
+        # `corral cancel` stops a scheduler: a cancelled run, which returns as such.)
+        if self.stopped_by == signal.SIGINT:
+            raise KeyboardInterrupt
 
     def _on_signal(self, signum: int, frame: object) -> None:
         self.cancelled = True
+        self.stopped_by = signum
 
     def _loop(self, rfd: int) -> None:
         self._seed()
@@ -536,7 +546,7 @@ class Scheduler:
             return storage.transfer_argv(
                 _render(task, task.stage.source or "", run_id, workdir),
                 _render(task, task.stage.dest or "", run_id, workdir),
-                mode=task.stage.mode, filters=task.stage.filters, run_id=run_id, workdir=workdir,
+                mode=task.stage.mode, filters=task.filter_rules(run_id, workdir), run_id=run_id, workdir=workdir,
                 base_dir=self.plan.workflow.base_dir,
             )
         if task.stage.kind == "cleanup" and task.stage.command is None:

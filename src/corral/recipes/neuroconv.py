@@ -4,42 +4,56 @@
       neuroconv: conversion.yml        # a NeuroConv YAML conversion specification
       experiments: [ymaze]             # optional filters
       sessions: [sess-01]
-      spec_dir: .corral/neuroconv      # optional: where the single-session specs are written
-      embed: false                     # true: also give each item its spec as JSON (field spec_json)
+      dandiset: "000123"               # optional: the sessions will be uploaded there (default:
+                                       # the file's upload_to_dandiset); checks DANDI names
+      sidecars: true                   # fetch a named file's siblings of the same stem (x.meta
+                                       # beside x.bin); false: exactly the named files
 
 NeuroConv's file has a global ``metadata`` and ``conversion_options``, ``data_interfaces`` (name ->
 interface class), and ``experiments``, each with its own ``metadata`` and a list of ``sessions``
 (``source_data``, ``metadata``, ``conversion_options``, ``nwbfile_name``). For every session corral
-writes a specification of its own, with one experiment and that one session, in which
+makes a specification of its own, with one experiment and that one session, in which
 
 - ``metadata`` is merged the way NeuroConv merges it (global -> experiment -> session, with
   NeuroConv's deep update: nested mappings merge, lists append, list entries with the same
   ``name`` merge);
-- ``conversion_options`` are resolved the way NeuroConv resolves them (the global block applies to
-  every interface of the session, the session's per-interface block wins);
-- ``nwbfile_name`` is always set, so the output file's name is known before the conversion runs;
+- ``conversion_options`` are resolved the way NeuroConv 0.10.2 resolves them (the global block
+  applies to every interface of the session, the session's per-interface block wins), so the
+  single spec has no global block whose precedence older NeuroConv versions read otherwise;
+- ``nwbfile_name`` is always set, so the output file's name is known before the conversion runs:
+  the session's own, else NeuroConv's ``sub-<subject>_ses-<session>`` rule, else a name made from
+  the session's source files (never from its position in the list);
+- keys NeuroConv's schema lets through at experiment and session level are kept as written;
 - ``upload_to_dandiset`` is left out: uploading is a stage of its own.
 
-``neuroconv <spec> --data-folder-path DATA --output-folder-path OUT`` converts that session alone.
-The file name carries a digest of its content, so an unchanged session keeps its task ids and a
-changed one is converted again.
+Nothing is written when the plan is made: each item carries its spec as JSON (``spec_json``), and
+the convert command writes it to the file named by ``spec`` (``printf '%s' "$spec_json" > ...``).
+An unchanged session keeps its task ids; a changed one is converted again.
 
-Item fields: ``session_id``, ``experiment``, ``nwbfile_name``, ``spec`` (path of the single-session
-spec, relative to the workflow's folder when under it), ``subject_id`` (or empty), ``source_paths``
-(the session's ``file_path``/``folder_path``/``file_paths`` values, space-separated), ``source_dir``
-(their common folder, ``.`` when none), ``dandiset`` (only when the file has ``upload_to_dandiset``)
-and ``spec_json`` (only with ``embed: true``).
+Before anything runs, the whole file is checked with NeuroConv's own JSON schemas (the
+specification schema, each interface's source schema, the base metadata schema on each session's
+merged metadata) when NeuroConv is installed; else only its shape is checked, and corral says so
+once. Errors name ``conversion.yml:line:col`` of the offending key or value.
+
+Item fields: ``session_id``, ``experiment``, ``nwbfile_name``, ``stem`` (the file name without
+``.nwb``: unique, for folder names), ``spec`` (a file name for the single-session spec),
+``spec_json``, ``subject_id`` (or empty), ``source_paths`` (a JSON list of the session's
+``file_path``/``folder_path``/``file_paths`` values), ``source_dir`` (their common folder, ``.``
+when none), ``source_filter`` (an rclone filter pattern, relative to ``source_dir``, matching the
+session's files: ``filters: ["+ {source_filter}", "- *"]``), and with a dandiset ``dandiset`` and
+``dandi_path`` (``sub-<subject>/sub-<subject>_ses-<session>[_desc-<name>].nwb``, as
+``dandi organize`` lays files out).
 """
 
 from __future__ import annotations
 
 import copy
+import difflib
 import hashlib
 import json
-import os
 import posixpath
 import re
-import tempfile
+import sys
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -54,22 +68,13 @@ TOP_KEYS = ("upload_to_dandiset", "metadata", "conversion_options", "data_interf
 EXPERIMENT_KEYS = ("metadata", "sessions")
 SESSION_KEYS = ("metadata", "nwbfile_name", "source_data", "conversion_options")
 PATH_KEYS = ("file_path", "folder_path")
-DEFAULT_SPEC_DIR = ".corral/neuroconv"
+NEUROCONV_FLOOR = (0, 10, 2)  # the NeuroConv whose reading of a single-session spec corral matches
 
 
 # -- reading the conversion specification ------------------------------------------------------
-class _NoDatesLoader(yaml.SafeLoader):
-    """NeuroConv reads timestamps as text (so they survive JSON); read them the same way."""
-
-
-_NoDatesLoader.yaml_implicit_resolvers = {
-    first: [(tag, rx) for tag, rx in resolvers if tag != "tag:yaml.org,2002:timestamp"]
-    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
-}
-
-
 def load_conversion_spec(path: Path) -> Located:
-    """The conversion specification as data (timestamps kept as text) plus positions for errors."""
+    """The conversion specification as data (YAML 1.2: timestamps and ids kept as text, merge keys) plus
+    positions for errors."""
     try:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
@@ -78,9 +83,7 @@ def load_conversion_spec(path: Path) -> Located:
         raise SpecError(f"{path} is a folder", "give the path of a NeuroConv .yml conversion specification") from None
     except UnicodeDecodeError:
         raise SpecError("the file is not UTF-8 text", "save the specification as UTF-8 YAML", where=str(path)) from None
-    located = load_text(text, str(path))  # positions, and YAML syntax errors with file:line:col
-    located.data = yaml.load(text, Loader=_NoDatesLoader)  # noqa: S506 - a SafeLoader subclass
-    return located
+    return load_text(text, str(path))  # corral's one YAML reader; errors with file:line:col
 
 
 def _expect(located: Located, path: tuple[str | int, ...], value: Any, kind: type, what: str, hint: str) -> None:
@@ -126,19 +129,22 @@ def validate_conversion_spec(located: Located) -> None:
     for ename, exp in experiments.items():
         ep = ("experiments", ename)
         _expect(located, ep, exp, dict, f"experiment {ename!r}", "give it `sessions:` (and optionally `metadata:`)")
-        _unknown_keys(located, ep, exp, EXPERIMENT_KEYS, f"experiment {ename!r}")
+        # NeuroConv's schema lets other keys through at experiment and session level (and ignores
+        # them): so does corral, which keeps them in the single-session spec as written.
         if "metadata" in exp:
             _expect(located, (*ep, "metadata"), exp["metadata"], dict, f"experiment {ename!r}'s metadata",
                     "write a mapping such as `NWBFile: {session_description: ...}`")
         if "sessions" not in exp:
-            raise SpecError(f"experiment {ename!r} has no `sessions`", "add `sessions:` with one entry per session",
-                            where=located.where(ep))
+            close = [k for k in exp if difflib.get_close_matches(str(k), ["sessions"], n=1)]
+            hint = (f"`{close[0]}` is not `sessions`: rename it" if close
+                    else "add `sessions:` with one entry per session")
+            raise SpecError(f"experiment {ename!r} has no `sessions`", hint,
+                            where=located.where((*ep, close[0]) if close else ep, key=bool(close)))
         _expect(located, (*ep, "sessions"), exp["sessions"], list, f"experiment {ename!r}'s sessions",
                 "write one `- source_data: ...` entry per session")
         for i, sess in enumerate(exp["sessions"]):
             sp = (*ep, "sessions", i)
             _expect(located, sp, sess, dict, f"session {i} of experiment {ename!r}", "give it at least `source_data:`")
-            _unknown_keys(located, sp, sess, SESSION_KEYS, "a session")
             if "source_data" not in sess:
                 raise SpecError(f"session {i} of experiment {ename!r} has no `source_data`",
                                 "add `source_data:` naming each interface's files", where=located.where(sp))
@@ -242,6 +248,34 @@ def common_dir(source_data: Mapping[str, Any]) -> str:
     return "/".join(parts) or "."
 
 
+# -- what a session fetches --------------------------------------------------------------------
+def source_filter(source_data: Mapping[str, Any], base: str = ".", *, sidecars: bool = True) -> str:
+    """One rclone filter pattern (a ``{{regexp}}``, relative to ``base``) matching exactly the
+    session's files: each ``folder_path`` whole, each named file (with ``sidecars``, also its
+    siblings of the same stem: ``x.meta`` beside ``x.bin``, ``x.xml`` beside ``x.dat``). Paths with
+    spaces, commas or braces are matched literally. Empty when the session names no paths."""
+    prefix = "" if base in (".", "") else base.rstrip("/") + "/"
+    alternatives: list[str] = []
+    for p, is_folder in _paths(source_data):
+        q = posixpath.normpath(p.replace("\\", "/"))
+        if prefix and q.startswith(prefix):
+            q = q[len(prefix):]
+        if is_folder:
+            alternatives.append(re.escape(q.rstrip("/")) + "/.*")
+            continue
+        folder, name = posixpath.split(q)
+        stem = name.rsplit(".", 1)[0] if sidecars else ""
+        lead = re.escape(folder + "/") if folder else ""
+        if sidecars and stem:
+            alternatives.append(lead + re.escape(stem) + r"(\.[^/]*)?")
+        else:
+            alternatives.append(lead + re.escape(name))
+    if not alternatives:
+        return ""
+    unique = list(dict.fromkeys(alternatives))
+    return "/{{(" + "|".join(unique) + ")}}"
+
+
 # -- sessions ------------------------------------------------------------------------------------
 _SAFE = re.compile(r"[^A-Za-z0-9._-]+")
 
@@ -250,84 +284,188 @@ def _safe(text: str) -> str:
     return _SAFE.sub("-", text).strip("-.") or "session"
 
 
-def session_specs(spec: dict[str, Any]) -> list[dict[str, Any]]:
-    """One record per session: experiment, index, session_id, nwbfile_name, subject_id, and the
-    single-session specification (a plain dict NeuroConv accepts)."""
+def _digest(obj: Any, n: int = 8) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:n]
+
+
+def session_stem(nwbfile_name: Any, session_id: str, subject_id: str, experiment: str,
+                 source_data: Mapping[str, Any]) -> str:
+    """The output file's name without ``.nwb``, never from the session's place in the list:
+
+    - the session's ``nwbfile_name`` (NeuroConv 0.10.2 removes one trailing ``.nwb``);
+    - else NeuroConv's rule for unnamed sessions (its files are renamed as ``dandi organize``
+      names them): ``sub-<subject>_ses-<session>``, or the session id alone without a subject;
+    - else, with no ``session_id``, the experiment and a digest of the session's ``source_data``
+      (``sub-<subject>_`` first when there is a subject): the same session keeps its name when
+      others are added, removed or reordered.
+    """
+    if nwbfile_name:
+        return str(nwbfile_name).removesuffix(".nwb")
+    if session_id and subject_id:
+        return f"sub-{_safe(subject_id)}_ses-{_safe(session_id)}"
+    if session_id:
+        return _safe(session_id)
+    tail = f"{_safe(experiment)}-{_digest(source_data)}"
+    return f"sub-{_safe(subject_id)}_{tail}" if subject_id else tail
+
+
+def session_specs(spec: dict[str, Any], *, sidecars: bool = True) -> list[dict[str, Any]]:
+    """One record per session: experiment, index, session_id, nwbfile_name, subject_id, the merged
+    metadata, and the single-session specification (a plain dict NeuroConv accepts)."""
     global_md = spec.get("metadata") or {}
     global_opts = spec.get("conversion_options") or {}
     interfaces = spec["data_interfaces"]
     out: list[dict[str, Any]] = []
     for ename, exp in spec["experiments"].items():
         exp_md = exp.get("metadata") or {}
+        exp_extra = {k: copy.deepcopy(v) for k, v in exp.items() if k not in EXPERIMENT_KEYS}
         for i, sess in enumerate(exp["sessions"]):
             metadata = deep_update(deep_update(global_md, exp_md), sess.get("metadata") or {})
             nwbfile = metadata.get("NWBFile") or {}
             subject = metadata.get("Subject") or {}
-            sid = str(nwbfile.get("session_id") or "")
-            subject_id = str(subject.get("subject_id") or "")
-            name = sess.get("nwbfile_name")
-            if name:
-                stem = str(name).removesuffix(".nwb")
-            elif sid and subject_id:
-                stem = f"sub-{_safe(subject_id)}_ses-{_safe(sid)}"
-            elif sid:
-                stem = _safe(sid)
-            else:
-                stem = f"{_safe(str(ename))}-{i + 1}"
-            session_id = sid or stem
+            sid = "" if nwbfile.get("session_id") is None else str(nwbfile["session_id"])
+            subject_id = "" if subject.get("subject_id") is None else str(subject["subject_id"])
+            stem = session_stem(sess.get("nwbfile_name"), sid, subject_id, str(ename), sess["source_data"])
             one: dict[str, Any] = {"nwbfile_name": f"{stem}.nwb", "source_data": copy.deepcopy(sess["source_data"])}
             if metadata:
                 one["metadata"] = metadata
             opts = resolve_conversion_options(global_opts, sess)
             if opts:
                 one["conversion_options"] = opts
+            one.update({k: copy.deepcopy(v) for k, v in sess.items() if k not in SESSION_KEYS})
             used = {k: interfaces[k] for k in sess["source_data"]}
-            single = {"data_interfaces": used, "experiments": {str(ename): {"sessions": [one]}}}
+            single = {"data_interfaces": used, "experiments": {str(ename): {**exp_extra, "sessions": [one]}}}
+            base = common_dir(sess["source_data"])
             out.append({
-                "experiment": str(ename), "index": i, "session_id": session_id, "nwbfile_name": f"{stem}.nwb",
-                "subject_id": subject_id, "source_paths": source_paths(sess["source_data"]),
-                "source_dir": common_dir(sess["source_data"]), "spec": single,
+                "experiment": str(ename), "index": i, "session_id": sid or stem, "has_session_id": bool(sid),
+                "named": bool(sess.get("nwbfile_name")),
+                "nwbfile_name": f"{stem}.nwb", "stem": stem, "subject_id": subject_id, "metadata": metadata,
+                "source_paths": source_paths(sess["source_data"]), "source_dir": base,
+                "source_filter": source_filter(sess["source_data"], base, sidecars=sidecars), "spec": single,
             })
     return out
 
 
+# The convert command's first step: refuse a NeuroConv that reads the single-session spec otherwise
+# (before 0.10.2: global conversion_options won over the session's, and `.strip(".nwb")` cut
+# letters off file names: brain_run -> rain_ru.nwb).
+VERSION_GUARD = (
+    "python -c \"import importlib.metadata as m, re, sys; v = m.version('neuroconv'); "
+    "sys.exit(None if tuple(map(int, re.findall(r'\\d+', v)[:3])) >= (0, 10, 2) else "
+    "'corral: NeuroConv ' + v + ' reads this spec differently; use NeuroConv >= 0.10.2')\""
+)
+
+
 def render_spec(single: dict[str, Any], origin: str) -> str:
+    """The single-session spec as YAML (for people reading it; the items carry it as JSON)."""
     header = f"# Written by corral from {origin}: one session of it, merged as NeuroConv merges. Do not edit.\n"
     return header + yaml.safe_dump(single, sort_keys=False, default_flow_style=False, allow_unicode=True)
 
 
-def _write_if_changed(path: Path, text: str) -> None:
-    try:
-        if path.read_text(encoding="utf-8") == text:
-            return
-    except (FileNotFoundError, UnicodeDecodeError):
-        pass
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=".yml")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+# -- DANDI names -----------------------------------------------------------------------------------
+_DANDI_UNSAFE = re.compile(r"[_*\\/<>:|\"'?%@;,\s.]")  # dandi organize's _sanitize_value, with "."
 
 
-def _shown_path(path: Path, base: Path) -> str:
-    try:
-        return path.relative_to(base).as_posix()
-    except ValueError:
-        return str(path)
+def dandi_label(value: str) -> str:
+    """A label as ``dandi organize`` writes it in a file name (its rule: these characters become ``-``)."""
+    return _DANDI_UNSAFE.sub("-", value)
+
+
+_LABEL = r"[^_*\\/<>:|\"'?%@;.]+"
+_ORGANIZED = re.compile(  # dandi's ORGANIZED_FILENAME_REGEX (dandi/organize.py), without .nwb
+    rf"sub-(?P<sub>{_LABEL})(_ses-(?P<ses>{_LABEL}))?(_(tis|slice|cell|desc|probe|obj)-{_LABEL})*(_[a-z]+(\+[a-z]+)*)?"
+)
+
+
+def dandi_path(s: dict[str, Any]) -> str:
+    """Where a session's file goes in the dandiset, as ``dandi organize`` lays files out, from the
+    session alone (no other session changes it):
+
+    - an ``nwbfile_name`` already named the DANDI way for this subject and session is kept
+      (``sub-m01_ses-1_ecephys.nwb``: the usual split into ``_ecephys`` and ``_behavior`` files);
+    - else ``sub-<subject>/sub-<subject>_ses-<session>.nwb``, with ``_desc-<nwbfile_name>`` when the
+      session names its file (so two files of one session stay apart).
+    """
+    sub, ses = dandi_label(s["subject_id"]), dandi_label(s["session_id"])
+    m = _ORGANIZED.fullmatch(s["stem"]) if s.get("named") else None
+    if m and m.group("sub") == sub and m.group("ses") in (None, ses):
+        return f"sub-{sub}/{s['stem']}.nwb"
+    name = f"sub-{sub}_ses-{ses}"
+    if s.get("named"):
+        name += f"_desc-{dandi_label(s['stem'])}"
+    return f"sub-{sub}/{name}.nwb"
+
+
+def _session_where(located: Located, s: dict[str, Any]) -> str:
+    return located.where(("experiments", s["experiment"], "sessions", s["index"]))
+
+
+def _session_name(s: dict[str, Any]) -> str:
+    return f"session {s['index']} of {s['experiment']!r} ({s['nwbfile_name']})"
+
+
+def check_uploads(located: Located, sessions: list[dict[str, Any]]) -> list[str]:
+    """Refuse, before anything runs, what DANDI would refuse or overwrite; the dandi paths."""
+    for s in sessions:
+        if not s["has_session_id"]:
+            raise SpecError(
+                f"{_session_name(s)} has no NWBFile.session_id, and its file is to be uploaded to DANDI",
+                "give it `metadata: {NWBFile: {session_id: ...}}` (NeuroConv refuses uploads without one)",
+                where=_session_where(located, s),
+            )
+        if not s["subject_id"]:
+            raise SpecError(
+                f"{_session_name(s)} has no Subject.subject_id, and DANDI files are named by subject",
+                "give it `metadata: {Subject: {subject_id: ...}}` (or at experiment or top level)",
+                where=_session_where(located, s),
+            )
+    paths = [dandi_path(s) for s in sessions]
+    seen: dict[str, dict[str, Any]] = {}
+    for s, path in zip(sessions, paths, strict=True):
+        if path in seen:
+            other = seen[path]
+            raise SpecError(
+                f"{_session_name(other)} ({_session_where(located, other)}) and {_session_name(s)} would both be "
+                f"uploaded to DANDI as {path}",
+                "give them distinct NWBFile.session_id (or Subject.subject_id) values, or nwbfile_name values that "
+                "differ in more than punctuation",
+                where=_session_where(located, s),
+            )
+        seen[path] = s
+    return paths
+
+
+# -- notes said once -----------------------------------------------------------------------------
+_SAID: set[str] = set()
+
+
+def say_once(message: str) -> None:
+    """A note on stderr, once per process (not an error: the plan goes on)."""
+    if message not in _SAID:
+        _SAID.add(message)
+        sys.stderr.write(f"corral: note: {message}\n")
 
 
 @register_source("neuroconv")
 def neuroconv_source(spec: dict[str, Any], ctx: SourceContext) -> list[Item]:
     """One item per session of a NeuroConv YAML conversion specification (see the module doc)."""
-    _check_unknown(spec, {"neuroconv", "experiments", "sessions", "spec_dir", "embed", "where"}, ctx)
+    _check_unknown(spec, {"neuroconv", "experiments", "sessions", "dandiset", "sidecars", "embed", "spec_dir",
+                          "where"}, ctx)
     raw = spec["neuroconv"]
     if not isinstance(raw, str) or not raw.strip():
         raise ctx.error("`neuroconv` takes the path of a NeuroConv conversion specification",
                         "e.g. items: {neuroconv: conversion.yml}", "neuroconv")
+    if "spec_dir" in spec:
+        raise ctx.error("`spec_dir` is gone: planning writes no files",
+                        "remove it; each item carries its spec as JSON (spec_json): write it in the command, "
+                        "e.g. printf '%s' \"$spec_json\" > specs/{spec}", "spec_dir")
+    sidecars = spec.get("sidecars", True)
+    if not isinstance(sidecars, bool):
+        raise ctx.error("`sidecars` is true or false", "false fetches exactly the files the session names", "sidecars")
+    wanted_dandiset = spec.get("dandiset")
+    if wanted_dandiset is not None and not re.fullmatch(r"\d{6}", str(wanted_dandiset)):
+        raise ctx.error(f"dandiset {wanted_dandiset!r} is not a six-digit dandiset id", 'quote it: dandiset: "000123"',
+                        "dandiset")
     path = ctx.resolve(raw).resolve()
     try:
         located = load_conversion_spec(path)
@@ -336,7 +474,30 @@ def neuroconv_source(spec: dict[str, Any], ctx: SourceContext) -> list[Item]:
             raise ctx.error(exc.message, exc.hint or "", "neuroconv") from None
         raise
     validate_conversion_spec(located)
-    sessions = session_specs(located.data)
+    sessions = session_specs(located.data, sidecars=sidecars)
+
+    from corral.recipes import neuroconv_check
+
+    note = neuroconv_check.check(located, sessions)
+    if note:
+        say_once(note)
+
+    seen: dict[str, dict[str, Any]] = {}
+    for s in sessions:  # NeuroConv writes every file of a specification into one output folder
+        if s["nwbfile_name"] in seen:
+            other = seen[s["nwbfile_name"]]
+            raise SpecError(
+                f"{_session_name(other)} ({_session_where(located, other)}) and session {s['index']} of "
+                f"{s['experiment']!r} both write {s['nwbfile_name']}",
+                "give each session its own nwbfile_name (or NWBFile.session_id)",
+                where=_session_where(located, s),
+            )
+        seen[s["nwbfile_name"]] = s
+
+    dandiset = wanted_dandiset if wanted_dandiset is not None else located.data.get("upload_to_dandiset")
+    if dandiset is not None:  # every session of the file: a filter changes no name
+        for s, dpath in zip(sessions, check_uploads(located, sessions), strict=True):
+            s["dandi_path"] = dpath
 
     wanted_exp = _names(spec.get("experiments"), ctx, "experiments")
     if wanted_exp is not None:
@@ -348,45 +509,23 @@ def neuroconv_source(spec: dict[str, Any], ctx: SourceContext) -> list[Item]:
         _unknown_filter(wanted_ses, [s["session_id"] for s in sessions], "session", ctx, "sessions")
         sessions = [s for s in sessions if s["session_id"] in wanted_ses]
 
-    for field, what, hint in (
-        ("nwbfile_name", "write", "give each session its own nwbfile_name (or session_id)"),
-        ("session_id", "have session_id", "give each session its own NWBFile.session_id (tasks and folders are named by it)"),
-    ):
-        seen: dict[str, dict[str, Any]] = {}
-        for s in sessions:
-            key = s[field]
-            if key in seen:
-                other = seen[key]
-                raise SpecError(
-                    f"sessions {other['index']} of {other['experiment']!r} and {s['index']} of {s['experiment']!r} "
-                    f"both {what} {key}",
-                    hint,
-                    where=located.where(("experiments", s["experiment"], "sessions", s["index"])),
-                )
-            seen[key] = s
-
-    spec_dir = ctx.resolve(str(spec.get("spec_dir") or DEFAULT_SPEC_DIR)) / _safe(path.stem)
-    embed = bool(spec.get("embed", False))
-    dandiset = located.data.get("upload_to_dandiset")
     items: list[Item] = []
     for s in sessions:
-        text = render_spec(s["spec"], path.name)
-        digest = hashlib.sha256(text.encode()).hexdigest()[:10]
-        file = spec_dir / f"{_safe(s['experiment'])}__{_safe(s['nwbfile_name'].removesuffix('.nwb'))}.{digest}.yml"
-        _write_if_changed(file, text)
         item: Item = {
             "session_id": s["session_id"],
             "experiment": s["experiment"],
             "nwbfile_name": s["nwbfile_name"],
-            "spec": _shown_path(file, ctx.base_dir.resolve()),
+            "stem": s["stem"],
+            "spec": f"{_safe(s['stem'])}-{_digest([s['experiment'], s['stem']], 6)}.json",
             "subject_id": s["subject_id"],
-            "source_paths": " ".join(s["source_paths"]),
+            "source_paths": json.dumps(s["source_paths"], ensure_ascii=False),
             "source_dir": s["source_dir"],
+            "source_filter": s["source_filter"],
+            "spec_json": json.dumps(s["spec"], separators=(",", ":"), sort_keys=True, ensure_ascii=False),
         }
         if dandiset is not None:
             item["dandiset"] = str(dandiset)
-        if embed:
-            item["spec_json"] = json.dumps(s["spec"], separators=(",", ":"), sort_keys=True)
+            item["dandi_path"] = s["dandi_path"]
         items.append(item)
     return _filter(items, spec.get("where"), ctx)
 

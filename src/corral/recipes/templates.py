@@ -23,12 +23,18 @@ class NeuroconvStarter:
 
 
 def neuroconv_workflow(s: NeuroconvStarter) -> str:
+    from corral.recipes.neuroconv import VERSION_GUARD
+
     upload = ""
     cleanup_needs = "convert"
+    dandiset_item = ""
     if s.dandiset:
         cleanup_needs = "upload"
+        dandiset_item = f"\n  dandiset: {_q(s.dandiset)}   # sessions are checked for DANDI names before anything runs"
         upload = f"""
-  # DANDI: download the dandiset's metadata, organize this session's file into it, upload.
+  # DANDI: download the dandiset's metadata, put this session's file where `dandi organize` would
+  # (dandi_path: sub-<subject>/sub-<subject>_ses-<session>[_desc-<name>].nwb, unique per session,
+  # checked before anything runs), upload that one file.
   - name: upload
     needs: [convert]
     image: {_q(s.image)}
@@ -37,17 +43,17 @@ def neuroconv_workflow(s: NeuroconvStarter) -> str:
     retries: 3
     command: >-
       set -e;
-      d={{workdir}}/dandi/{{session_id}}; rm -rf "$d"; mkdir -p "$d"; cd "$d";
+      d={{workdir}}/dandi/{{stem}}; rm -rf "$d"; mkdir -p "$d"; cd "$d";
       dandi download --download dandiset.yaml DANDI:{s.dandiset}/draft -i {s.instance};
-      cd {s.dandiset};
-      dandi organize --files-mode copy {{workdir}}/nwb/{{session_id}};
-      dandi upload -i {s.instance}
+      cd {s.dandiset}; mkdir -p "$(dirname {{dandi_path}})";
+      cp {{workdir}}/nwb/{{stem}}/{{nwbfile_name}} {{dandi_path}};
+      dandi upload -i {s.instance} {{dandi_path}}
 """
     return f"""# Written by `corral recipe neuroconv`: a starting point, edit freely.
 # One chain of tasks per session of {s.conversion}:
 #   fetch (rclone) -> convert (neuroconv CLI) -> {"upload (dandi upload) -> " if s.dandiset else ""}cleanup
-# Before `corral run`: check `from:` below (where each session's raw files are: <raw>/{{source_dir}},
-# where source_dir is the folder holding that session's files in the spec){", and export DANDI_API_KEY" if s.dandiset else ""}.
+# Before `corral run`: check `from:` below (where the raw data is: a session's files are fetched from
+# <raw>/{{source_dir}}, and only them){", and export DANDI_API_KEY" if s.dandiset else ""}.
 name: {s.name}
 defaults:
   resources: {{vcpus: 2, memory: 8GiB, disk: 100GiB}}
@@ -55,28 +61,35 @@ defaults:
   timeout: 12h
 
 items:
-  neuroconv: {_q(s.conversion)}
-  embed: true        # each item carries its single-session spec (spec_json), so containers need no shared files
+  neuroconv: {_q(s.conversion)}   # each item carries its single-session spec (spec_json){dandiset_item}
 
 stages:
+  # Exactly the session's files (and their same-stem sidecars, x.meta beside x.bin), wherever they
+  # sit, into a data folder of the session's own.
   - name: fetch
     from: {_q(s.raw + "/{source_dir}")}
-    to: "workspace://data/{{source_dir}}"
+    to: "workspace://data/{{stem}}/{{source_dir}}"
+    filters: ["+ {{source_filter}}", "- *"]
 
+  # The image's NeuroConv must be >= 0.10.2 (the first command refuses an older one); a missing
+  # NWB file fails the task.
   - name: convert
     needs: [fetch]
     image: {_q(s.image)}
+    outputs: ["workspace://nwb/{{stem}}/{{nwbfile_name}}"]
     command: >-
       set -e;
-      mkdir -p {{workdir}}/specs {{workdir}}/nwb/{{session_id}};
-      printf '%s' "$spec_json" > {{workdir}}/specs/{{session_id}}.json;
-      neuroconv {{workdir}}/specs/{{session_id}}.json
-      --data-folder-path {{workdir}}/data --output-folder-path {{workdir}}/nwb/{{session_id}} --overwrite
+      {VERSION_GUARD};
+      mkdir -p {{workdir}}/specs {{workdir}}/nwb/{{stem}};
+      printf '%s' "$spec_json" > {{workdir}}/specs/{{spec}};
+      neuroconv {{workdir}}/specs/{{spec}}
+      --data-folder-path {{workdir}}/data/{{stem}} --output-folder-path {{workdir}}/nwb/{{stem}} --overwrite;
+      test -s {{workdir}}/nwb/{{stem}}/{{nwbfile_name}} || {{{{ echo corral: neuroconv wrote no {{nwbfile_name}} >&2; exit 1; }}}}
 {upload}
   # Free the scratch space of a session once it is done.
   - name: cleanup
     needs: [{cleanup_needs}]
-    command: rm -rf {{workdir}}/data/{{source_dir}} {{workdir}}/nwb/{{session_id}} {{workdir}}/dandi/{{session_id}} {{workdir}}/specs/{{session_id}}.json
+    command: rm -rf {{workdir}}/data/{{stem}} {{workdir}}/nwb/{{stem}} {{workdir}}/dandi/{{stem}} {{workdir}}/specs/{{spec}}
 """
 
 
@@ -106,7 +119,7 @@ def bids_workflow(s: BidsStarter) -> str:
     gpus = f", gpus: {s.gpus}" if s.gpus else ""
     return f"""# Written by `corral recipe bids`: a starting point, edit freely.
 # One chain of tasks per scan (subject × session) of {s.dataset}:
-#   pull (the dataset's top-level files + the scan's folder) -> {app} (BIDS App, participant level)
+#   pull (the dataset's top-level files, what the scan inherits, the scan's folder) -> {app} (BIDS App, participant level)
 #   -> push (outputs to {s.results}) -> cleanup
 name: {s.name}
 defaults:
@@ -118,11 +131,13 @@ items:
   bids: {_q(s.dataset)}{filters}
 
 stages:
-  # A BIDS App reads a whole dataset: give each scan a small one of its own.
+  # A BIDS App reads a whole dataset: give each scan a small one of its own: the dataset's top-level
+  # files, and what applies to the scan by BIDS inheritance from above its folder ({{inherit_filter}}:
+  # top-level dwi.bval/dwi.bvec, task-*_bold.json, sub-<label>/ sidecars of a subject with sessions).
   - name: pull-top
     from: {_q(s.dataset)}
     to: "workspace://scans/{{item}}"
-    filters: ["+ /*.json", "+ /*.tsv", "- *"]
+    filters: ["+ /*.json", "+ /*.tsv", "+ {{inherit_filter}}", "- *"]
 
   - name: pull
     needs: [pull-top]

@@ -170,7 +170,7 @@ def task_argv(
         loc = parse(source, base_dir=base_dir or Path.cwd())
         if loc.kind == "local":
             source = stage_local(loc.path)
-    return transfer_container_argv(source, dest, mode=stage.mode, filters=list(stage.filters), workdir=workdir,
+    return transfer_container_argv(source, dest, mode=stage.mode, filters=task.filter_rules(run_id, workdir), workdir=workdir,
                                    region=region, endpoint=endpoint)
 
 

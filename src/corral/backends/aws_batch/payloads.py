@@ -276,6 +276,11 @@ def argv_template(stage: Stage) -> str | None:
             return None
         text = "".join(v if k == "text" else f'"{_reference(v)}"' for k, v in parse_template(cmd))
         return " ".join(sh_quote(a) for a in ["/bin/sh", "-c", text])
+    from corral.plan import shell_script_index, template_fields
+
+    script = shell_script_index(cmd)
+    if script is not None and template_fields(cmd[script]):
+        return None  # placeholders in a script for sh -c: rendered per task, quoted for where they stand
     words = []
     for arg in cmd:
         parts = parse_template(arg)
@@ -380,7 +385,9 @@ class StageTable:
         fields = list(tasks[0].item)
         # Plain field names the wrapper re-exports from CORRAL_ITEM_<f> (unless something else
         # sets that name: the stage env or corral's own variables win, as in Task.env).
-        plain = [f for f in fields if f not in stage.env and not f.startswith("CORRAL_") and f not in constant]
+        from corral.plan import protected_env
+
+        plain = [f for f in fields if f not in stage.env and not protected_env(f) and f not in constant]
         self.task_id_column = uses_task_id(stage)
         self.columns = [
             k for k in first
