@@ -267,8 +267,6 @@ class StrictAws:
                         f"N_TO_N dependency on {d.get('jobId')} (array size {other}) from a job of array size "
                         f"{this_size}: N_TO_N needs array jobs of the same size",
                     )
-            elif d.get("type") == "SEQUENTIAL" and this_size == 1:
-                self._refuse(op, "ClientException", "a SEQUENTIAL dependency is only for array jobs")
         self._check_retry_timeout(op, params)
         self._check_share(params)
         self._check_overrides(params, array is not None)

@@ -301,6 +301,12 @@ def test_shm_becomes_shared_memory_size_and_is_validated() -> None:
     with pytest.raises(SpecError, match="shm"):
         loads_workflow("name: shm\nitems: [{a: 1}]\nstages:\n"
                        "  - {name: s, command: 'true', resources: {memory: 1GiB, shm: 2GiB}}\n")
+    # locally, containers get the same /dev/shm (processes use the host's)
+    from corral.backends.runtime import Engine, container_argv
+
+    argv = container_argv(Engine(name="docker", path="/usr/bin/docker"), name="n", image="img:1", argv=["true"],
+                          env_names=[], mounts=[], cwd="/", vcpus=1, memory_mib=8192, gpus=0, shm_mib=2048)
+    assert "--shm-size=2048m" in argv
 
 
 def test_chunks_respect_payload_and_array_limits() -> None:
