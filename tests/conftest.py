@@ -8,7 +8,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from moto_server import REGION, moto_server, reset  # noqa: E402
+from moto_server import REGION, default_vpc_as_on_aws, moto_server, reset  # noqa: E402
 from strict_aws import StrictAws  # noqa: E402
 
 
@@ -50,5 +50,6 @@ def aws(moto_url: str, monkeypatch: pytest.MonkeyPatch, strict_aws: StrictAws) -
     monkeypatch.setenv("AWS_DEFAULT_REGION", REGION)
     monkeypatch.setenv("AWS_REGION", REGION)
     monkeypatch.setenv("AWS_ENDPOINT_URL", moto_url)
+    default_vpc_as_on_aws(moto_url)
     yield moto_url
     reset(moto_url)

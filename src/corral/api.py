@@ -9,7 +9,8 @@
 
 from __future__ import annotations
 
-import os
+import contextlib
+import dataclasses
 import secrets
 import socket
 import time
@@ -17,61 +18,28 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import platformdirs
-
+from corral import backends, reuse, runstate
 from corral.backends.base import Backend, RunOptions
 from corral.errors import CorralError, UsageError
+from corral.home import corral_home
 from corral.model import RunRecord, RunState, TaskRecord, TaskState, now
 from corral.plan import Plan, make_plan
 from corral.spec import Workflow, load_workflow
 from corral.state.base import StateStore
 
-BACKENDS = ("local", "aws")
+BACKENDS = backends.NAMES
+
+__all__ = ["BACKENDS", "corral_home"]
 
 
-def corral_home() -> Path:
-    """State directory: ``$CORRAL_HOME``, else the user's data dir (e.g. ~/.local/share/corral)."""
-    env = os.environ.get("CORRAL_HOME")
-    return Path(env).expanduser() if env else Path(platformdirs.user_data_dir("corral", appauthor=False))
+def open_store(backend: str = backends.DEFAULT, workflow: Workflow | None = None, **settings: Any) -> StateStore:
+    """The state store a backend records into (SQLite locally, DynamoDB for AWS runs)."""
+    return backends.open_store(backend, workflow, **settings)
 
 
-def _check_backend(name: str) -> None:
-    if name not in BACKENDS:
-        raise UsageError(f"unknown backend {name!r}", f"use one of: {', '.join(BACKENDS)}")
-
-
-def open_store(backend: str = "local", workflow: Workflow | None = None, **aws: Any) -> StateStore:
-    """The state store a backend records into: SQLite locally, DynamoDB for AWS runs."""
-    _check_backend(backend)
-    if backend == "local":
-        from corral.state.sqlite import SqliteStore
-
-        return SqliteStore(corral_home() / "state.db")
-    from corral.backends.aws_batch.client import AwsClients
-    from corral.spec import AwsSettings
-    from corral.state.dynamodb import DynamoStore
-
-    settings = workflow.aws if workflow is not None else AwsSettings(**{k: v for k, v in aws.items() if v is not None})
-    clients = AwsClients(region=settings.region, profile=settings.profile)
-    table = getattr(settings, "table", None) or "corral-state"
-    return DynamoStore(table, clients.dynamodb)
-
-
-def get_backend(backend: str, workflow: Workflow | None = None, run: RunRecord | None = None) -> Backend:
-    _check_backend(backend)
-    if backend == "local":
-        from corral.backends.local import LocalBackend
-
-        return LocalBackend(corral_home())
-    from corral.backends.aws_batch.backend import AwsBatchBackend
-    from corral.backends.aws_batch.client import AwsClients
-    from corral.spec import AwsSettings
-
-    if workflow is not None:
-        settings = workflow.aws
-    else:
-        settings = AwsSettings(**(run.options.get("aws", {}) if run else {}))
-    return AwsBatchBackend(AwsClients(region=settings.region, profile=settings.profile), settings)
+def get_backend(backend: str, workflow: Workflow | None = None, run: RunRecord | None = None,
+                **settings: Any) -> Backend:
+    return backends.get_backend(backend, workflow=workflow, run=run, **settings)
 
 
 def plan(workflow: Workflow | str | Path) -> Plan:
@@ -85,7 +53,7 @@ def new_run_id(name: str) -> str:
 
 def run(
     workflow: Workflow | str | Path,
-    backend: str = "local",
+    backend: str = backends.DEFAULT,
     *,
     store: StateStore | None = None,
     options: RunOptions | None = None,
@@ -99,30 +67,54 @@ def run(
     p = plan if plan is not None else make_plan(wf)
     be = backend_impl or get_backend(backend, wf)
     be.check(p)
-    store = store or open_store(backend, wf)
+    store = store or be.open_store(workflow=wf)
     options = options or RunOptions()
     rec = RunRecord(
-        run_id=new_run_id(wf.name), workflow_name=wf.name, backend=backend, created_at=now(),
+        run_id=new_run_id(wf.name), workflow_name=wf.name, backend=be.name, created_at=now(),
         state=RunState.RUNNING, workflow_path=wf.source, base_dir=str(wf.base_dir), host=socket.gethostname(),
-        options={"aws": wf.aws.model_dump(mode="json")} if backend == "aws" else {},
+        options=be.run_options(wf),
     )
+    reused = {} if options.force or not options.reuse else reuse.reusable(
+        p, store, backend=be.name, force_stages=options.force_stages)
+    if not reused:
+        reuse.forced_stages(p, options.force_stages)  # (checks the names)
+    t_now = now()
     tasks = [
         TaskRecord(run_id=rec.run_id, task_id=t.id, stage=t.stage.name, item_key=t.key, item_index=t.index)
+        if t.id not in reused else
+        TaskRecord(run_id=rec.run_id, task_id=t.id, stage=t.stage.name, item_key=t.key, item_index=t.index,
+                   state=TaskState.REUSED, reason=reuse.REUSED_FROM + reused[t.id], ended_at=t_now)
         for t in p.tasks
     ]
-    store.create_run(rec, p.manifest(), tasks)
-    try:
-        be.start(p, rec, store, options)
-    except BaseException:
-        now_rec = store.get_run(rec.run_id)
-        if backend == "local" and now_rec.state == RunState.RUNNING:
-            store.save_run(now_rec.replace(state=RunState.INTERRUPTED, pid=None))
-        raise
+    with store.lease(rec.run_id, "run"):  # one writer per run, from before it is visible
+        store.create_run(rec, p.manifest(), tasks)
+        try:
+            be.start(p, rec, store, _no_wait(be, options))
+        except BaseException:
+            if be.driven_from_host:  # nobody drives it any more: `corral resume` goes on
+                with contextlib.suppress(CorralError):  # a store that fails again: the first error is the one
+                    runstate.settle(store, rec.run_id, RunState.INTERRUPTED, pid=None)
+            raise
+    _wait(be, rec, store, options)
     return store.get_run(rec.run_id)
 
 
+def _no_wait(be: Backend, options: RunOptions) -> RunOptions:
+    """A backend that can wait apart (AWS) submits under the lease and waits after it, so that a
+    `corral cancel` or another machine's refresh is not shut out for the hours a run lasts."""
+    return dataclasses.replace(options, wait=False) if hasattr(be, "wait") else options
+
+
+def _wait(be: Backend, rec: RunRecord, store: StateStore, options: RunOptions) -> None:
+    wait = getattr(be, "wait", None)
+    if wait is not None and options.wait:
+        wait(store.get_run(rec.run_id), store, options)
+
+
 def load_plan(store: StateStore, run_id: str) -> Plan:
-    return Plan.from_manifest(store.load_manifest(run_id))
+    """The run's plan, rebuilt from its manifest, with the item keys its tasks were recorded with."""
+    plan = Plan.from_manifest(store.load_manifest(run_id))
+    return plan.with_keys({t.task_id: t.item_key for t in store.get_tasks(run_id)})
 
 
 def resume(
@@ -134,24 +126,41 @@ def resume(
     plan: Plan | None = None,
 ) -> RunRecord:
     """Go on with RUN_ID; ``plan`` is the run's stored plan when the caller has loaded it already."""
-    store = store or open_store("local")
-    rec = store.get_run(run_id)
-    p = plan if plan is not None else load_plan(store, run_id)
-    be = backend_impl or get_backend(rec.backend, p.workflow, rec)
-    be.resume(p, rec, store, options or RunOptions())
+    store = store or open_store()
+    options = options or RunOptions()
+    with store.lease(run_id, "resume"):
+        rec = store.get_run(run_id)
+        p = plan if plan is not None else load_plan(store, run_id)
+        be = backend_impl or get_backend(rec.backend, run=rec)
+        restore_tasks(store, rec, p)
+        be.resume(p, store.get_run(run_id), store, _no_wait(be, options))
+    _wait(be, rec, store, options)
     return store.get_run(run_id)
+
+
+def restore_tasks(store: StateStore, rec: RunRecord, p: Plan) -> int:
+    """Record, as PENDING, every task of the manifest the store does not hold (a run recorded
+    before records were atomic, or rows lost): resume then runs them like any other."""
+    known = {t.task_id for t in store.get_tasks(rec.run_id)}
+    missing = [
+        TaskRecord(run_id=rec.run_id, task_id=t.id, stage=t.stage.name, item_key=t.key, item_index=t.index)
+        for t in p.tasks if t.id not in known
+    ]
+    return store.restore_tasks(rec.run_id, missing) if missing else 0
 
 
 def open_run_store(backend: str | None, run_id: str | None = None) -> StateStore:
     """The store of ``backend`` (default local), checked to hold ``run_id`` when one is given."""
-    store = open_store(backend or "local")
+    store = open_store(backend or backends.DEFAULT)
     if run_id:
         try:
             store.get_run(run_id)
         except CorralError as exc:
-            hint = ("for a run on AWS add --backend aws; `corral status --all` lists local runs"
+            others = [n for n in backends.NAMES if n != backends.DEFAULT]
+            hint = (f"for a run elsewhere add --backend {'|'.join(others)}; `corral status --all` lists local runs"
                     if backend is None else f"`corral status --all --backend {backend}` lists its runs")
-            where = f"local state ({corral_home()})" if backend in (None, "local") else f"{backend} state"
+            where = (f"local state ({corral_home()})" if (backend or backends.DEFAULT) == backends.DEFAULT
+                     else f"{backend} state")
             raise UsageError(f"no run {run_id!r} in the {where}", hint) from exc
     return store
 
@@ -166,7 +175,7 @@ def resolve_run(store: StateStore, run_id: str | None) -> RunRecord:
 
 
 def status(run_id: str | None = None, *, store: StateStore | None = None, refresh: bool = True) -> list[TaskRecord]:
-    store = store or open_store("local")
+    store = store or open_store()
     rec = resolve_run(store, run_id)
     if refresh:
         return get_backend(rec.backend, run=rec).refresh(rec, store)
@@ -196,16 +205,19 @@ def find_task(store: StateStore, run_id: str, ref: str) -> TaskRecord:
 def logs(
     run_id: str, task: str, *, attempt: int | None = None, follow: bool = False, store: StateStore | None = None
 ) -> Iterator[str]:
-    store = store or open_store("local")
+    store = store or open_store()
     rec = store.get_run(run_id)
     t = find_task(store, run_id, task)
     return get_backend(rec.backend, run=rec).logs(rec, store, t, attempt, follow)
 
 
-def cancel(run_id: str, *, store: StateStore | None = None) -> None:
-    store = store or open_store("local")
+def cancel(run_id: str, *, store: StateStore | None = None) -> RunRecord:
+    """Stop the run; an ended run keeps its state. Returns the run as recorded afterwards."""
+    store = store or open_store()
     rec = store.get_run(run_id)
-    get_backend(rec.backend, run=rec).cancel(rec, store)
+    if rec.state not in runstate.ENDED:
+        get_backend(rec.backend, run=rec).cancel(rec, store)
+    return store.get_run(run_id)
 
 
 def counts(tasks: list[TaskRecord]) -> dict[str, int]:

@@ -55,7 +55,7 @@ def _settings(region: str | None, settings: Any) -> Any:
 def _environment(clients: AwsClients, settings: Any, needs: Needs) -> Environment:
     key = (clients.region, clients.profile, clients.endpoint_url, settings.model_dump_json(),
            needs.gpu, needs.efs, needs.efs_name, needs.max_vcpus_per_task, needs.max_memory_mib,
-           tuple(needs.ecr_repositories), needs.max_disk_gib)
+           tuple(needs.ecr_repositories), needs.scratch_per_instance)
     with _lock:
         env = _environments.get(key)
     if env is None:

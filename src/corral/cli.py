@@ -9,20 +9,28 @@ import time
 import traceback
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
 from rich.console import Console, Group
 from rich.table import Table
 from rich.text import Text
 
-from corral import api
-from corral.backends.base import RunOptions
-from corral.cli_ops import stage_time
+from corral import backends
 from corral.errors import CorralError
 from corral.jsonout import write_json
-from corral.model import RunRecord, TaskRecord, TaskState, finished_count, summarize
+from corral.lazy import LazyModule
 from corral.units import format_duration, format_size_mib
+
+if TYPE_CHECKING:
+    from corral.model import RunRecord, TaskRecord
+
+# What a command needs is imported when it runs (`corral --help` stays fast): the API, the models
+# (pydantic) and the backends load on first use through these two module proxies.
+api: Any = LazyModule("corral.api")
+runstate: Any = LazyModule("corral.runstate")
+model: Any = LazyModule("corral.model")
+cli_ops: Any = LazyModule("corral.cli_ops")
 
 EXTENSIONS = ["corral.cli_aws", "corral.cli_aws_jobs", "corral.cli_storage", "corral.cli_ops", "corral.cli_recipes"]
 
@@ -33,15 +41,15 @@ out = Console(highlight=False, soft_wrap=True)
 F = TypeVar("F", bound=Callable[..., Any])
 
 STATE_STYLE = {
-    "PENDING": "dim", "SUBMITTED": "cyan", "RUNNING": "blue", "SUCCEEDED": "green", "SKIPPED": "green",
+    "PENDING": "dim", "SUBMITTED": "cyan", "RUNNING": "blue", "SUCCEEDED": "green", "SKIPPED": "green", "REUSED": "green",
     "FAILED": "red", "UPSTREAM_FAILED": "yellow", "CANCELLED": "magenta",
 }
 
 
 def backend_option(f: F) -> F:
     return click.option(
-        "--backend", type=click.Choice(api.BACKENDS), default=None,
-        help="Where the run lives: local (default) or aws (reads the DynamoDB state table).",
+        "--backend", type=click.Choice(backends.NAMES), default=None,
+        help="Where the run lives: local (default), aws (reads the DynamoDB state table) or slurm.",
     )(f)
 
 
@@ -62,14 +70,14 @@ def cli(ctx: click.Context, debug: bool, home: str | None) -> None:
 def _stage_table(tasks: list[TaskRecord], title: str | None = None) -> Any:
     table = Table(show_edge=False, pad_edge=False)
     table.add_column("stage")
-    states = [s.value for s in TaskState if any(t.state == s for t in tasks)]
+    states = [s.value for s in model.TaskState if any(t.state == s for t in tasks)]
     for s in states:
         table.add_column(s.lower().replace("_", " "), justify="right", style=STATE_STYLE.get(s, ""))
     table.add_column("total", justify="right")
     table.add_column("time (median / max)", justify="right")
-    for stage, per in summarize(tasks).items():
+    for stage, per in model.summarize(tasks).items():
         table.add_row(stage, *[str(per.get(s, 0) or "") for s in states], str(sum(per.values())),
-                      stage_time(tasks, stage))
+                      cli_ops.stage_time(tasks, stage))
     if title is None:
         return table
     # The title on a line of its own: as a table title rich would wrap it to the table's width.
@@ -78,7 +86,7 @@ def _stage_table(tasks: list[TaskRecord], title: str | None = None) -> Any:
 
 def _failures(tasks: list[TaskRecord], limit: int = 10) -> list[str]:
     lines = []
-    bad = [t for t in tasks if t.state in (TaskState.FAILED, TaskState.UPSTREAM_FAILED)]
+    bad = [t for t in tasks if t.state in (model.TaskState.FAILED, model.TaskState.UPSTREAM_FAILED)]
     for t in bad[:limit]:
         lines.append(f"  {t.state.value.lower():<15} {t.label}  {t.task_id[:12]}  {t.reason}")
     if len(bad) > limit:
@@ -116,7 +124,7 @@ def _run_json(run: RunRecord, tasks: list[TaskRecord]) -> dict[str, Any]:
     return {
         "run_id": run.run_id, "workflow": run.workflow_name, "backend": run.backend, "state": run.state.value,
         "created_at": run.created_at, "counts": api.counts(tasks),
-        "stages": summarize(tasks),
+        "stages": model.summarize(tasks),
         "tasks": (  # a generator: streamed by write_json, one task per line
             {
                 "task_id": t.task_id, "stage": t.stage, "item": t.item_key, "index": t.item_index,
@@ -153,10 +161,11 @@ class LiveProgress:
     def update(self, tasks: list[TaskRecord]) -> None:
         if not self.enabled:
             return
-        for stage, per in summarize(tasks).items():
+        for stage, per in model.summarize(tasks).items():
             total = sum(per.values())
-            done = finished_count(per)  # a cancelled run's bars do not read full
-            bits = [f"{per[s]} {s.lower()}" for s in ("RUNNING", "FAILED", "UPSTREAM_FAILED", "SKIPPED", "CANCELLED")
+            done = model.finished_count(per)  # a cancelled run's bars do not read full
+            bits = [f"{per[s]} {s.lower()}"
+                    for s in ("RUNNING", "FAILED", "UPSTREAM_FAILED", "SKIPPED", "REUSED", "CANCELLED")
                     if per.get(s)]
             self.progress.update(self.ids[stage], total=total, completed=done, detail=", ".join(bits))
 
@@ -165,44 +174,85 @@ def _report_end(run: RunRecord, tasks: list[TaskRecord]) -> int:
     err.print(_stage_table(tasks, title=f"run {run.run_id}: {run.state.value.lower()}"))
     for line in _failures(tasks):
         err.print(line, markup=False)
-    failed = any(t.state in (TaskState.FAILED, TaskState.UPSTREAM_FAILED) for t in tasks)
+    failed = any(t.state in (model.TaskState.FAILED, model.TaskState.UPSTREAM_FAILED) for t in tasks)
     if failed:
-        flag = "" if run.backend == "local" else f" --backend {run.backend}"  # as the run was started
+        flag = "" if run.backend == api.backends.DEFAULT else f" --backend {run.backend}"  # as the run was started
         err.print(f"hint: `corral logs {run.run_id} <task>{flag}` shows a task's output; "
                   f"`corral resume {run.run_id}{flag}` runs what did not succeed", markup=False)
     return 1 if failed or run.state.value in ("FAILED", "CANCELLED", "INTERRUPTED") else 0
 
 
+def _note_workflow_changed(rec: RunRecord, plan: Any) -> None:
+    """`corral resume` runs the run as recorded; say so when its workflow file has changed since."""
+    path = Path(rec.workflow_path) if rec.workflow_path else None
+    if path is None or not path.is_file():
+        return
+    try:
+        now_plan = api.plan(api.load_workflow(path))
+    except CorralError:
+        err.print(f"note: {path} has changed since run {rec.run_id} started (it no longer loads); resume runs "
+                  "the run as recorded", markup=False)
+        return
+    before = {t.id for t in plan.tasks}
+    changed = [n for n in now_plan.stage_order if {t.id for t in now_plan.stage_tasks(n)} - before]
+    if changed:
+        err.print(f"note: {path} has changed since run {rec.run_id} started (stages {', '.join(changed)}); "
+                  f"resume runs the run as recorded. To run the edit: `corral run {path}` (tasks that "
+                  "succeeded before and did not change are reused)", markup=False, soft_wrap=True)
+
+
+def _note_unused_flags(be: Any, given: dict[str, bool]) -> None:
+    """One note per flag given that this backend does not honour (e.g. --wait locally)."""
+    for flag, used in given.items():
+        if used and flag not in be.flags:
+            name = "--" + flag.replace("_", "-")
+            extra = " (it always waits)" if flag == "wait" and be.always_waits else ""
+            err.print(f"note: {name} does not apply to the {be.name} backend{extra}", markup=False)
+
+
 # -- commands -----------------------------------------------------------------------------------
 @cli.command()
 @click.argument("workflow", type=click.Path(dir_okay=False))
-@click.option("--backend", type=click.Choice(api.BACKENDS), default="local", show_default=True)
+@click.option("--backend", type=click.Choice(backends.NAMES), default=backends.DEFAULT, show_default=True)
 @click.option("--max-parallel", type=click.IntRange(min=1), help="Local: at most N tasks at once (default: CPUs).")
 @click.option("--runtime", type=click.Choice(["auto", "process", "container"]), default="auto", show_default=True,
               help="Local: run stages with an image in a container (auto: when an engine answers).")
-@click.option("--force", is_flag=True, help="Run tasks even when their outputs exist.")
-@click.option("--wait/--no-wait", default=None, help="AWS: wait for the run to end (default: return after submitting).")
+@click.option("--force", is_flag=True, help="Run every task: even when its outputs exist or it succeeded before.")
+@click.option("--force-stage", "force_stages", multiple=True, metavar="STAGE",
+              help="Run STAGE and every stage that needs it, even where done before (repeatable).")
+@click.option("--no-reuse", is_flag=True, help="Do not reuse tasks that succeeded in earlier runs of the workflow.")
+@click.option("--wait/--no-wait", default=None, help="AWS, Slurm: wait for the run to end (default: return after submitting).")
 @click.option("--json", "as_json", is_flag=True, help="Print the run's final state as JSON on stdout.")
 def run(workflow: str, backend: str, max_parallel: int | None, runtime: str, force: bool,
-        wait: bool | None, as_json: bool) -> None:
+        force_stages: tuple[str, ...], no_reuse: bool, wait: bool | None, as_json: bool) -> None:
     """Plan WORKFLOW and run it (local) or submit it (aws). Prints the run id."""
     wf = api.load_workflow(workflow)
     p = api.plan(wf)
     err.print(f"corral: {wf.name}: {len(p.items)} items × {len(wf.stages)} stages = {len(p.tasks)} tasks "
               f"on {backend}", markup=False)
+    be = api.get_backend(backend, wf)
+    given = {"force": force, "max_parallel": max_parallel is not None, "runtime": runtime != "auto",
+             "wait": wait is not None}
+    _note_unused_flags(be, given)
     live = LiveProgress(p.stage_order)
-    opts = RunOptions(force=force, max_parallel=max_parallel, runtime=runtime,  # type: ignore[arg-type]
-                      wait=bool(wait) if backend == "aws" else True, progress=live.update)
-    store = api.open_store(backend, wf)
+    waits = be.always_waits or bool(wait)
+    opts = api.RunOptions(force=force, max_parallel=max_parallel, runtime=runtime,  # type: ignore[arg-type]
+                      wait=waits, progress=live.update, force_stages=force_stages, reuse=not no_reuse)
+    store = be.open_store(workflow=wf)
     with live:
-        rec = api.run(wf, backend, store=store, options=opts, plan=p)
+        rec = api.run(wf, backend, store=store, options=opts, backend_impl=be, plan=p)
     tasks = store.get_tasks(rec.run_id)
+    n_reused = sum(1 for t in tasks if t.state == model.TaskState.REUSED)
+    if n_reused:
+        err.print(f"corral: {n_reused} task(s) reused: they succeeded in earlier runs of {wf.name} "
+                  "(`--force-stage STAGE` or `--force` runs them again)", markup=False)
     if as_json:
         write_json(_run_json(rec, tasks))
     else:
         out.print(rec.run_id, markup=False)
-    if backend == "aws" and not wait:
-        err.print(f"submitted; follow it with `corral status {rec.run_id} --backend aws --watch`", markup=False)
+    if not waits:
+        err.print(f"submitted; follow it with `corral status {rec.run_id} --backend {backend} --watch`",
+                  markup=False)
         if any(s.kind == "cleanup" for s in p.workflow.stages):
             err.print("note: Batch runs the workspace cleanup when everything succeeded; after a failure it is "
                       "submitted by the first `corral status` (or --watch) that sees the run end",
@@ -222,8 +272,9 @@ def resume(run_id: str, backend: str | None, max_parallel: int | None, runtime: 
     store = api.open_run_store(backend, run_id)
     rec = store.get_run(run_id)
     plan = api.load_plan(store, run_id)
+    _note_workflow_changed(rec, plan)
     live = LiveProgress(plan.stage_order)
-    opts = RunOptions(force=force, max_parallel=max_parallel, runtime=runtime, progress=live.update)  # type: ignore[arg-type]
+    opts = api.RunOptions(force=force, max_parallel=max_parallel, runtime=runtime, progress=live.update)  # type: ignore[arg-type]
     todo = [t for t in store.get_tasks(run_id) if not t.state.ok]
     err.print(f"corral: resuming {run_id}: {len(todo)} task(s) not done", markup=False)
     with live:
@@ -272,7 +323,7 @@ def status(run_id: str | None, backend: str | None, all_runs: bool, show_tasks: 
         write_json(_run_json(rec, tasks))
         return
     err.print(_stage_table(tasks, title=f"run {rec.run_id} ({rec.workflow_name}, {rec.backend}): {rec.state.value.lower()}"))
-    if rec.backend == "aws":
+    if be.cost_basis == "actual":
         from corral.cost import status_cost_line
 
         line = status_cost_line(store, rec.run_id, tasks)
@@ -304,10 +355,14 @@ def logs(run_id: str, task: str, backend: str | None, attempt: int | None, follo
 def cancel(run_id: str, backend: str | None) -> None:
     """Stop RUN_ID: kill (local) or cancel (aws) what runs; nothing more starts."""
     store = api.open_run_store(backend, run_id)
-    api.cancel(run_id, store=store)
-    tasks = store.get_tasks(run_id)
-    n = sum(1 for t in tasks if t.state == TaskState.CANCELLED)
-    err.print(f"cancelled {run_id}: {n} task(s) cancelled", markup=False)
+    before = store.get_run(run_id)
+    rec = api.cancel(run_id, store=store)
+    if before.state in runstate.ENDED:
+        err.print(f"run {run_id} had already ended ({rec.state.value.lower()}): nothing to cancel", markup=False)
+    else:
+        tasks = store.get_tasks(run_id)
+        n = sum(1 for t in tasks if t.state == model.TaskState.CANCELLED)
+        err.print(f"cancelled {run_id}: {n} task(s) cancelled", markup=False)
     out.print(run_id, markup=False)
 
 
@@ -342,7 +397,7 @@ def plan(workflow: str, show_tasks: bool, as_json: bool, with_cost: bool, spot: 
 
         estimate = estimate_plan(
             p, spot=spot, durations=parse_durations(durations, p.stage_order),
-            store=api.open_store("local"),
+            store=api.open_store(),
         )
     if as_json:
         data = {

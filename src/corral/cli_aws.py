@@ -126,13 +126,15 @@ def setup(region: str | None, profile: str | None, spot: bool | None, gpu: bool,
 @aws_options
 @click.option("--all", "everything", is_flag=True, help="Remove everything corral made in the region.")
 @click.option("--run", "run_id", default=None,
-              help="Remove what one run made (its data on EFS, job definitions, EFS access point, secrets).")
+              help="Remove what one run made (its data on EFS, EFS access point, secrets, staged data, roles).")
 @click.option("--keep-data", is_flag=True, help="With --run: keep the run's data on EFS (remove only resources).")
 @click.option("--timeout", type=click.FloatRange(min=1), default=1800, show_default=True, metavar="SECONDS",
               help="With --run: how long to wait for the job removing the run's EFS data.")
 @click.option("--table", default=None, help="With --run: the state table the run is recorded in (default corral-state).")
-@click.option("--force", is_flag=True, help="With --run: go on even while the run still has jobs in flight.")
-@click.option("--purge", is_flag=True, help="Also delete corral's buckets and ECR repositories that hold data.")
+@click.option("--force", is_flag=True, help="Go on even while jobs are in flight (the run's, or with --all any in "
+              "corral's queues).")
+@click.option("--purge", is_flag=True, help="With --all: also delete the state table, the EFS workspace, and "
+              "buckets and ECR repositories that hold data.")
 @click.option("--yes", "-y", is_flag=True, help="Do not ask for confirmation.")
 @click.option("--json", "as_json", is_flag=True, help="Print what was removed as JSON on stdout.")
 def teardown(region: str | None, profile: str | None, everything: bool, run_id: str | None, keep_data: bool,
@@ -162,7 +164,17 @@ def teardown(region: str | None, profile: str | None, everything: bool, run_id: 
     if run_id and not keep_data:
         what += ", including its data on EFS"
     if purge:
-        what += ", including buckets and image repositories that hold data"
+        what += ", including the state table, the EFS workspace, and buckets and image repositories that hold data"
+    if everything and not force:
+        from corral.backends.aws_batch.common import Ctx
+        from corral.backends.aws_batch.provision import ProvisionReport
+        from corral.backends.aws_batch.teardown import jobs_in_flight
+
+        busy = jobs_in_flight(Ctx(clients=clients, report=ProvisionReport(), tags={}))
+        if busy:
+            what_busy = ", ".join(f"{n} {status} in {queue}" for queue, status, n in busy[:4])
+            raise UsageError(f"corral's queues still have jobs in flight ({what_busy}); tearing down now would "
+                             "kill them", "`corral cancel RUN --backend aws` for each run (or wait), or add --force")
     if not yes:
         if not sys.stdin.isatty():
             raise UsageError(f"refusing to remove {what} without confirmation", "add --yes")
@@ -180,7 +192,8 @@ def teardown(region: str | None, profile: str | None, everything: bool, run_id: 
     kept_why = None
     if data is not None and data.failed:
         kept_why = f"{data.access_point}: the run's data is still on EFS"
-    report = do_teardown(clients, run_id=run_id, everything=everything, purge=purge, keep_access_point=kept_why)
+    report = do_teardown(clients, run_id=run_id, everything=everything, purge=purge, keep_access_point=kept_why,
+                         force=True)  # in-flight jobs were checked above, before asking
     from corral.aws import forget_cached_environments
 
     forget_cached_environments()

@@ -14,9 +14,12 @@ import click
 from rich.console import Console
 from rich.table import Table
 
-from corral import api
+from corral import backends
 from corral.errors import CorralError, UsageError
 from corral.jsonout import write_json
+from corral.lazy import LazyModule
+
+api: Any = LazyModule("corral.api")  # imported when a command runs, not for `corral --help`
 
 err = Console(stderr=True, highlight=False)
 out = Console(highlight=False, soft_wrap=True)
@@ -25,8 +28,8 @@ LEVEL_STYLE = {"ok": "green", "info": "cyan", "warn": "yellow", "error": "red"}
 
 
 def _backend_option(f: Any) -> Any:
-    return click.option("--backend", type=click.Choice(api.BACKENDS), default=None,
-                        help="Where the run lives: local (default) or aws (DynamoDB state table).")(f)
+    return click.option("--backend", type=click.Choice(backends.NAMES), default=None,
+                        help="Where the run lives: local (default), aws (DynamoDB state table) or slurm.")(f)
 
 
 def print_findings(findings: list[Any]) -> None:
@@ -57,7 +60,10 @@ def estimate_table(est: Any) -> Table:
         table.add_row(s.stage, str(s.tasks), inst, f"{format_duration(s.duration_s)} ({src})", usd(s.usd_per_task),
                       usd(s.usd))
     per_item = f", {usd(est.per_item_usd)} per item" if est.per_item_usd is not None else ""
-    table.caption = f"total {usd(est.total_usd)}{per_item}"
+    parts = [f"instances {usd(est.compute_usd)}", f"root volumes {usd(est.root_volumes_usd)}"]
+    if est.efs_usd:
+        parts.append(f"EFS {usd(est.efs_usd)}")
+    table.caption = f"total {usd(est.total_usd)}{per_item} ({', '.join(parts)})"
     table.caption_justify = "left"
     return table
 
@@ -94,33 +100,27 @@ def register(cli: click.Group) -> None:
                 plan = api.load_plan(store, run_id)
             except CorralError:
                 plan = None
-            if run.backend == "aws":  # bring reasons and states up to date (as `status` does)
-                tasks = api.get_backend("aws", run=run).refresh(run, store)
-                run = store.get_run(run_id)
-            else:
-                tasks = store.get_tasks(run_id)
-            if run.backend == "local":
-                findings += dr.run_checks(store, run, plan)
         if workflow:
             wf = api.load_workflow(workflow)
             plan = api.plan(wf)
-        if backend == "aws" or (run is not None and run.backend == "aws"):
-            from corral.backends.aws_batch.client import AwsClients
-            from corral.spec import AwsSettings
+        from corral.backends import DEFAULT
 
-            if plan is not None:
-                settings = plan.workflow.aws
-            elif run is not None:
-                settings = AwsSettings(**run.options.get("aws", {}))
-            else:
-                settings = AwsSettings()
+        name = run.backend if run is not None else (backend or DEFAULT)
+        try:
+            be = api.get_backend(name, plan.workflow if plan is not None else None, run, region=region,
+                                 profile=profile)
+        except CorralError as exc:
+            findings.append(dr.Finding(f"{name}-credentials", "error", exc.one_line(), exc.hint or ""))
+            be = None
+        if be is not None:
+            if run is not None:
+                assert store is not None
+                tasks = be.refresh(run, store)  # bring reasons and states up to date (as `status` does)
+                run = store.get_run(run.run_id)
             try:
-                clients = AwsClients(region=region or settings.region, profile=profile or settings.profile)
+                findings += be.diagnose(run, store, plan, tasks, runnable_after_s=after_s)
             except CorralError as exc:
-                findings.append(dr.Finding("aws-credentials", "error", exc.one_line(), exc.hint or ""))
-            else:
-                findings += dr.aws_checks(clients, settings, plan=plan, run=run, tasks=tasks,
-                                          runnable_after_s=after_s)
+                findings.append(dr.Finding(f"{name}-credentials", "error", exc.one_line(), exc.hint or ""))
         if as_json:
             write_json({"worst": dr.worst(findings), "findings": [f.to_dict() for f in findings]})
         else:
@@ -154,7 +154,7 @@ def register(cli: click.Group) -> None:
                   help="How long one task of STAGE takes, e.g. --duration sort=90m (repeatable).")
     @click.option("--default-duration", default="1h", show_default=True,
                   help="For stages with no --duration and no earlier run.")
-    @click.option("--backend", type=click.Choice(api.BACKENDS), default="local", show_default=True,
+    @click.option("--backend", type=click.Choice(backends.NAMES), default=backends.DEFAULT, show_default=True,
                   help="Which state store to read earlier runs' durations from.")
     @click.option("--json", "as_json", is_flag=True, help="The estimate as JSON on stdout.")
     def cost(workflow: str, spot: bool | None, durations: tuple[str, ...], default_duration: str, backend: str,
@@ -172,8 +172,9 @@ def register(cli: click.Group) -> None:
             raise UsageError(f"--default-duration {default_duration!r}: {exc}", "write e.g. 30m or 2h") from None
         store = None
         try:
-            store = api.open_store(backend, wf) if (backend == "aws" or (api.corral_home() / "state.db").exists()) \
-                else None
+            from corral.backends import backend_class
+
+            store = api.open_store(backend, wf) if backend_class(backend).store_exists() else None
         except CorralError as exc:
             err.print(f"note: earlier durations not read ({exc.one_line()})", markup=False)
         est = estimate_plan(p, spot=spot, durations=given, store=store, default_duration_s=default_s)

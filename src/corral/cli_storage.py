@@ -22,6 +22,7 @@ from typing import Any
 
 import click
 
+from corral.backends import NAMES as BACKEND_NAMES
 from corral.errors import StorageError, UsageError
 from corral.storage.uri import Location, parse
 
@@ -150,26 +151,21 @@ def run_outputs(run_id: str, backend: str | None) -> list[tuple[str, str, Locati
     from corral import api
     from corral.model import TaskState
 
-    store = api.open_store(backend or "local")
+    store = api.open_store(backend or api.backends.DEFAULT)
     try:
         rec = store.get_run(run_id)
         plan = api.load_plan(store, run_id)
-        done = {t.task_id for t in store.get_tasks(run_id, [TaskState.SUCCEEDED, TaskState.SKIPPED])}
+        done = {t.task_id for t in store.get_tasks(run_id, [TaskState.SUCCEEDED, TaskState.SKIPPED, TaskState.REUSED])}
     finally:
         store.close()
-    if rec.backend == "local":
-        from corral.backends.local import workspace_dir
-
-        workdir = str(workspace_dir(api.corral_home(), run_id))
-    else:
-        workdir = ""
+    workdir = api.get_backend(rec.backend, run=rec).workspace(rec) or ""
     out: list[tuple[str, str, Location]] = []
     for t in plan.tasks:
         if t.id not in done:
             continue
         for uri in t.paths("outputs", run_id, workdir or "/unreachable-workspace"):
             if uri.startswith("workspace://") and not workdir:
-                click.echo(f"skip {uri}: the run's workspace is on AWS (EFS)", err=True)
+                click.echo(f"skip {uri}: the run's workspace is not on this machine ({rec.backend})", err=True)
                 continue
             out.append((t.stage.name, t.key, parse(uri, workdir=workdir, base_dir=plan.workflow.base_dir)))
     return out
@@ -184,7 +180,7 @@ def register(cli: click.Group) -> None:
     @click.argument("source", required=False)
     @click.argument("dest", required=False)
     @click.option("--run", "run_id", help="Pull the outputs of this run (DEST defaults to ./RUN).")
-    @click.option("--backend", type=click.Choice(["local", "aws"]), default=None, help="Where the run is recorded.")
+    @click.option("--backend", type=click.Choice(BACKEND_NAMES), default=None, help="Where the run is recorded.")
     @click.option("--no-progress", is_flag=True, help="No progress bar.")
     @_concurrency_options
     def pull(source: str | None, dest: str | None, run_id: str | None, backend: str | None, no_progress: bool,
@@ -231,7 +227,7 @@ def register(cli: click.Group) -> None:
             if dest is not None or not source:
                 raise UsageError("with --run, give exactly one argument (DEST)", "corral push --run RUN s3://bucket/prefix")
             base = source.rstrip("/")
-            todo = [(loc.path, f"{stage}/{key}/{_leaf(loc.uri)}") for stage, key, loc in run_outputs(run_id, "local")
+            todo = [(loc.path, f"{stage}/{key}/{_leaf(loc.uri)}") for stage, key, loc in run_outputs(run_id, None)
                     if loc.kind == "local" and os.path.exists(loc.path)]
             if not todo:
                 raise UsageError(f"run {run_id} has no local outputs to push", "stages list theirs under `outputs:`")

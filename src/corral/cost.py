@@ -23,8 +23,16 @@ The model, stated once so the figures can be checked by hand:
   the stage's succeeded tasks in earlier runs of the same workflow found in the state store,
   else ``DEFAULT_DURATION_S`` (one hour), and the source is always shown.
 - **Cost of a task** = ``price / per_instance × hours``. Each task is counted once (retries
-  are not predicted); EC2's per-second billing is assumed, without instance boot time, EBS,
-  S3 or data transfer.
+  are not predicted); EC2's per-second billing is assumed, without instance boot time, S3 or
+  data transfer.
+- **Root volumes.** Every instance carries the gp3 root volume provisioning gives it
+  (:func:`plan_root_volume_gib`, from ``corral.routes`` as ``corral aws setup`` sizes it; 30 GiB
+  when no stage asks for disk), at ``GP3_USD_GB_MONTH`` per GiB-month prorated over 730 hours;
+  a task pays ``volume price / per_instance`` for its hours, as for the instance. Estimates only:
+  a run's actual cost counts instance time.
+- **EFS** (when the run uses the workspace): ``EFS_GIB_PER_ITEM`` GiB per item, written once and
+  read once at Elastic throughput prices, stored for the stages' durations end to end at the
+  Standard price (us-east-1 list prices; stated in the estimate's assumptions).
 - **Actual cost** of a run: for every attempt, ``(end - start)`` × the hourly price of the
   instance type Batch reported for it (``AttemptRecord/TaskRecord.instance_type``) divided by
   how many such tasks fit on it; where no type was recorded (local runs, or Batch did not say),
@@ -42,7 +50,6 @@ Worked examples (tests/ops/test_cost.py asserts them):
 
 from __future__ import annotations
 
-import math
 import statistics
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
@@ -50,10 +57,12 @@ from typing import TYPE_CHECKING, Any
 
 from corral.errors import UsageError
 from corral.instances import (
+    DEFAULT_ROOT_VOLUME_GIB,
     FARGATE_SPOT_FACTOR,
     FARGATE_USD_EPHEMERAL_GB_HOUR,
     FARGATE_USD_GB_HOUR,
     FARGATE_USD_VCPU_HOUR,
+    MAX_ROOT_VOLUME_GIB,
     InstanceType,
     allowed_for,
     expand,
@@ -63,6 +72,7 @@ from corral.instances import (
     table_info,
 )
 from corral.model import AttemptRecord, RunRecord, TaskRecord, TaskState, now
+from corral.routes import disk_needs, root_volume_gib, scratch_per_instance_gib, tasks_per_instance
 from corral.units import parse_duration
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -72,6 +82,13 @@ if TYPE_CHECKING:  # pragma: no cover
 
 DEFAULT_DURATION_S = 3600.0
 HISTORY_RUNS = 20  # how many recent runs of the store are searched for earlier durations
+HOURS_PER_MONTH = 730.0  # AWS prorates monthly storage prices by the hour over 730 hours
+# us-east-1 list prices (aws.amazon.com/ebs/pricing, aws.amazon.com/efs/pricing; used for every region):
+GP3_USD_GB_MONTH = 0.08  # gp3 storage; its 3,000 IOPS and 125 MB/s baseline are free
+EFS_USD_GB_MONTH = 0.30  # EFS Standard storage
+EFS_USD_READ_GB = 0.03  # Elastic throughput, per GB read
+EFS_USD_WRITE_GB = 0.06  # Elastic throughput, per GB written
+EFS_GIB_PER_ITEM = 1.0  # assumed workspace data per item (written once, read back once)
 
 
 # -- placement --------------------------------------------------------------------------------
@@ -93,14 +110,6 @@ class Placement:
         return self.instance_usd_hour / self.per_instance
 
 
-def tasks_per_instance(it: InstanceType, vcpus: float, memory_mib: int, gpus: int = 0) -> int:
-    """How many tasks of this size AWS Batch can place side by side on ``it`` (0: none fits)."""
-    if not it.holds(vcpus, memory_mib, gpus):
-        return 0
-    fits = [math.floor(it.vcpus / vcpus + 1e-9), it.usable_memory_mib // max(1, memory_mib)]
-    if gpus:
-        fits.append(it.gpus // gpus)
-    return max(1, min(fits))
 
 
 def place(resources: Resources, allowed: Sequence[str], *, spot: bool, tasks: int | None = None
@@ -187,8 +196,10 @@ class StageEstimate:
     duration_s: float
     duration_source: str  # "given" | "history (N tasks)" | "default"
     usd_per_task: float
-    usd: float
+    usd: float  # instance time (what usd_per_task sums to)
     note: str = ""
+    root_volume_gib: int = 0  # the root volume of each instance it runs on (0: on Fargate)
+    usd_root_volume: float = 0.0  # this stage's share of those volumes, for its task-hours
 
 
 @dataclass
@@ -200,16 +211,19 @@ class CostEstimate:
     prices_date: str
     currency: str
     stages: list[StageEstimate]
-    total_usd: float
+    total_usd: float  # instance time + root volumes + EFS
     per_item_usd: float | None  # total / items (None without items)
     assumptions: list[str] = field(default_factory=list)
+    compute_usd: float = 0.0  # instance (and Fargate) time
+    root_volumes_usd: float = 0.0  # gp3 root volumes, prorated to the tasks' instance-hours
+    efs_usd: float = 0.0  # EFS storage for the run's length and Elastic throughput (see assumptions)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
 
-def _stage_estimate(stage: Stage, n_tasks: int, allowed: Sequence[str], spot: bool, duration: tuple[float, str]
-                    ) -> StageEstimate:
+def _stage_estimate(stage: Stage, n_tasks: int, allowed: Sequence[str], spot: bool, duration: tuple[float, str],
+                    volume_gib: int = DEFAULT_ROOT_VOLUME_GIB) -> StageEstimate:
     r = stage.resources
     p = place(r, allowed, spot=spot, tasks=n_tasks)
     secs, source = duration
@@ -222,12 +236,35 @@ def _stage_estimate(stage: Stage, n_tasks: int, allowed: Sequence[str], spot: bo
             note=f"no instance type in the price table among {', '.join(entries)} holds it (not counted)",
         )
     per_task = p.usd_hour * secs / 3600.0
+    on_instances = not p.instance.name.startswith("fargate-")
+    vol = volume_gib if on_instances else 0
+    # each instance carries one root volume; a task pays its share, like the instance's price
+    vol_usd = vol * GP3_USD_GB_MONTH / HOURS_PER_MONTH / p.per_instance * secs / 3600.0 * n_tasks
     return StageEstimate(
         stage=stage.name, tasks=n_tasks, vcpus=r.vcpus, memory_mib=r.memory, gpus=r.gpus,
         instance_type=p.instance.name, tasks_per_instance=p.per_instance, usd_per_instance_hour=p.instance_usd_hour,
         usd_per_task_hour=p.usd_hour, duration_s=secs, duration_source=source, usd_per_task=per_task,
-        usd=per_task * n_tasks,
+        usd=per_task * n_tasks, root_volume_gib=vol, usd_root_volume=vol_usd,
     )
+
+
+def plan_root_volume_gib(plan: Plan, allowed: Sequence[str]) -> int:
+    """The root volume of the instances a plan's EC2 stages run on: what provisioning makes
+    (``corral.routes``: every task that can share the largest allowed instance has its disk)."""
+    wf = plan.workflow
+    scratch = scratch_per_instance_gib(disk_needs(
+        ((s.name, s.resources, len(plan.stage_tasks(s.name))) for s in wf.stages), allowed))
+    try:
+        return root_volume_gib(scratch) or DEFAULT_ROOT_VOLUME_GIB
+    except ValueError:  # provisioning refuses it; price the largest volume meanwhile
+        return MAX_ROOT_VOLUME_GIB
+
+
+def uses_efs(plan: Plan) -> bool:
+    """Whether the run gets the EFS workspace (``aws.efs`` or a stage using ``{workdir}``), as provisioning says."""
+    from corral.backends.aws_batch.provision import needs_for
+
+    return needs_for(plan).efs
 
 
 def estimate_plan(
@@ -251,6 +288,7 @@ def estimate_plan(
     allowed = list(instance_types if instance_types is not None else wf.aws.instance_types)
     given = dict(durations or {})
     history = history_durations(store, wf.name) if store is not None else {}
+    volume = plan_root_volume_gib(plan, allowed)
     stages: list[StageEstimate] = []
     for name in plan.stage_order:
         stage = wf.stage(name)
@@ -261,15 +299,30 @@ def estimate_plan(
             dur = (med, f"history (median of {n} task{'s' if n != 1 else ''})")
         else:
             dur = (default_duration_s, "default")
-        stages.append(_stage_estimate(stage, len(plan.stage_tasks(name)), allowed, use_spot, dur))
-    total = sum(s.usd for s in stages)
+        stages.append(_stage_estimate(stage, len(plan.stage_tasks(name)), allowed, use_spot, dur, volume))
+    compute = sum(s.usd for s in stages)
+    volumes = sum(s.usd_root_volume for s in stages)
+    efs_usd = 0.0
     info = table_info()
     assumptions = [
         f"prices: {info.get('region', '?')} list prices of {info.get('date', '?')} "
         f"({'spot, indicative' if use_spot else 'on-demand'}); set CORRAL_PRICES to use your own table",
-        "each task runs once (no retries), billed per second; no boot time, EBS, S3 or transfer costs",
+        "each task runs once (no retries), billed per second; no boot time, S3 or transfer costs",
         "a task pays its share of the instance it lands on (instances hold several tasks when they fit)",
     ]
+    if any(s.root_volume_gib for s in stages):
+        assumptions.append(
+            f"root volumes: {volume} GiB gp3 per instance (what `corral aws setup` makes for this workflow) at "
+            f"${GP3_USD_GB_MONTH}/GiB-month prorated over {HOURS_PER_MONTH:g} h, shared like the instance")
+    if uses_efs(plan):
+        run_hours = sum(s.duration_s for s in stages) / 3600.0  # stages one after another, items side by side
+        gib = EFS_GIB_PER_ITEM * max(1, len(plan.items))
+        efs_usd = gib * (EFS_USD_GB_MONTH * run_hours / HOURS_PER_MONTH + EFS_USD_WRITE_GB + EFS_USD_READ_GB)
+        assumptions.append(
+            f"EFS workspace: {EFS_GIB_PER_ITEM:g} GiB per item ({gib:g} GiB), written once and read once (Elastic "
+            f"throughput ${EFS_USD_WRITE_GB}/GB written, ${EFS_USD_READ_GB}/GB read) and kept {run_hours:.1f} h "
+            f"(the stages' durations end to end) at ${EFS_USD_GB_MONTH}/GB-month Standard: {usd(efs_usd)}")
+    total = compute + volumes + efs_usd
     if any((s.instance_type or "").startswith("fargate-") for s in stages):
         assumptions.append(
             f"Fargate stages: their size rounded up to Fargate's, at ${FARGATE_USD_VCPU_HOUR}/vCPU-h + "
@@ -286,6 +339,7 @@ def estimate_plan(
         workflow=wf.name, items=len(plan.items), spot=use_spot, region=str(info.get("region", "")),
         prices_date=str(info.get("date", "")), currency=str(info.get("currency", "USD")), stages=stages,
         total_usd=total, per_item_usd=(total / len(plan.items)) if plan.items else None, assumptions=assumptions,
+        compute_usd=compute, root_volumes_usd=volumes, efs_usd=efs_usd,
     )
 
 
@@ -445,9 +499,15 @@ def run_cost(store: StateStore, run_id: str, *, spot: bool | None = None, tasks:
 
 
 def reads_attempts(run: RunRecord) -> bool:
-    """Whether reading attempts task by task is worth it: the local backend records them; the AWS
-    backend (so far) records a task's start/end and external id only."""
-    return run.backend == "local"
+    """Whether reading attempts task by task is worth it: only where the backend records every
+    attempt in the store (others record a task's start/end and external id)."""
+    from corral.backends import backend_class
+    from corral.errors import UsageError
+
+    try:
+        return backend_class(run.backend).records_attempts
+    except UsageError:
+        return False
 
 
 def status_cost_line(store: StateStore, run_id: str, tasks: Sequence[TaskRecord] | None = None) -> str | None:

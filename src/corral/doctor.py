@@ -8,8 +8,10 @@ timeouts and spot reclaims, grouped per stage.
 On AWS (``--backend aws``): credentials and region; each compute environment's state, status
 (with ``statusReason`` when INVALID) and ``maxvCpus`` against the largest task; whether each
 stage fits an instance type its environment may launch; queues DISABLED, INVALID or without
-environments; jobs RUNNABLE longer than a threshold with the likely reason; EFS file systems
-without a mount target in a subnet the environments use.
+environments; jobs RUNNABLE longer than a threshold with the likely reason; the network (each
+subnet has a way out, egress allowed: ``network.check_network``, as ``corral aws setup``); EFS
+file systems without a mount target in a zone the environments use, or whose mount targets do
+not admit NFS from the environments' security groups.
 
 Checks only read (describe/list/get calls); nothing is changed.
 """
@@ -143,8 +145,14 @@ def check_interrupted(store: StateStore, *, limit: int = 50) -> list[Finding]:
 
     out = []
     host = socket.gethostname()
+    from corral.backends import backend_class
+    from corral.errors import UsageError
+
     for run in store.list_runs(limit=limit):
-        if run.backend != "local":
+        try:
+            if not backend_class(run.backend).driven_from_host:
+                continue  # nothing on this machine drives it: it cannot be interrupted here
+        except UsageError:
             continue
         if run.state == RunState.INTERRUPTED or (
             run.state == RunState.RUNNING and run.host == host and not scheduler_alive(run)
@@ -510,8 +518,10 @@ def aws_checks(
     if run is not None and tasks is not None:
         out += failure_checks(plan, tasks, run.run_id)
 
-    # -- EFS mount targets
-    out += _efs(clients, settings, [c for envs in queue_ces.values() for c in envs])
+    # -- network (routes out, egress) and EFS mount targets
+    envs_used = [c for envs in queue_ces.values() for c in envs]
+    out += _network(clients, envs_used, efs=bool(settings.efs or needs.efs))
+    out += _efs(clients, settings, envs_used)
     return out
 
 
@@ -626,10 +636,39 @@ def _runnable(clients: AwsClients, queue_ces: dict[str, list[dict[str, Any]]], r
     return out
 
 
+def _network(clients: AwsClients, envs: Sequence[dict[str, Any]], *, efs: bool) -> list[Finding]:
+    """The network preflight of ``corral aws setup`` (``network.check_network``) over the subnets
+    and security groups the compute environments launch into; each problem is an error."""
+    from corral.backends.aws_batch.network import check_network
+
+    seen: set[tuple[tuple[str, ...], tuple[str, ...], bool]] = set()
+    out: list[Finding] = []
+    for c in envs:
+        cr = c.get("computeResources") or {}
+        fargate = str(cr.get("type", "")).startswith("FARGATE")
+        key = (tuple(cr.get("subnets") or []), tuple(cr.get("securityGroupIds") or []), fargate)
+        if not key[0] or key in seen:
+            continue
+        seen.add(key)
+        # Fargate jobs get their own public IP (corral's default assignPublicIp), EC2 instances the subnet's
+        problems = check_network(clients.ec2, clients.region, key[0], key[1], efs=efs, public_ip_from_job=fargate)
+        for p in problems:
+            out.append(Finding("network", "error", p.message, p.fix, p.subject))
+    if seen and not out:
+        out.append(Finding("network", "ok", "every subnet the compute environments use has a way out (internet or "
+                           "NAT gateway, or VPC endpoints) and their security groups allow egress"))
+    return out
+
+
 def _efs(clients: AwsClients, settings: AwsSettings, envs: Sequence[dict[str, Any]]) -> list[Finding]:
+    """Each corral EFS file system: a mount target in every availability zone the compute
+    environments launch into (EFS allows one per zone: two subnets of a zone share it), behind a
+    security group that admits NFS (TCP 2049) from the environments' groups."""
     from corral.backends.aws_batch.client import aws_errors
+    from corral.backends.aws_batch.network import EFS_GROUP, nfs_sources
 
     subnets = sorted({s for c in envs for s in (c.get("computeResources") or {}).get("subnets") or []})
+    groups = sorted({g for c in envs for g in (c.get("computeResources") or {}).get("securityGroupIds") or []})
     out: list[Finding] = []
     if not subnets:
         return out
@@ -637,22 +676,48 @@ def _efs(clients: AwsClients, settings: AwsSettings, envs: Sequence[dict[str, An
     with aws_errors("describe EFS file systems"):
         systems = [f for page in efs.get_paginator("describe_file_systems").paginate()
                    for f in page.get("FileSystems", []) if _managed(f.get("Tags"))]
+        zone_of = {s["SubnetId"]: s["AvailabilityZone"]
+                   for s in clients.ec2.describe_subnets(SubnetIds=subnets)["Subnets"]} if systems else {}
         for fs in systems:
             fs_id = fs["FileSystemId"]
             targets = efs.describe_mount_targets(FileSystemId=fs_id).get("MountTargets", [])
-            have = {t["SubnetId"] for t in targets}
-            missing = [s for s in subnets if s not in have]
+            covered = {t.get("AvailabilityZoneName") for t in targets}
+            missing: dict[str, str] = {}  # zone → the first subnet of it the environments use
+            for sid in subnets:
+                zone = zone_of.get(sid, sid)
+                if zone not in covered and zone not in missing:
+                    missing[zone] = sid
             if missing:
                 out.append(Finding(
                     "efs", "error",
-                    f"EFS {fs_id} has no mount target in subnet(s) {', '.join(missing)} that the compute "
+                    f"EFS {fs_id} has no mount target in zone(s) {', '.join(sorted(missing))} that the compute "
                     "environments launch into: tasks there cannot mount the workspace",
-                    f"`aws efs create-mount-target --file-system-id {fs_id} --subnet-id {missing[0]} "
-                    "--security-groups <the environments' group>` for each, or run `corral aws setup` again",
+                    "`corral aws setup workflow.yaml` makes them, or per zone `aws efs create-mount-target "
+                    f"--file-system-id {fs_id} --subnet-id {next(iter(missing.values()))} --security-groups "
+                    f"<{EFS_GROUP}'s id>` (one per zone: {', '.join(missing[z] for z in sorted(missing))})",
+                    fs_id,
+                ))
+                continue
+            shut_out: list[str] = []
+            for t in targets:
+                sgs = efs.describe_mount_target_security_groups(MountTargetId=t["MountTargetId"])["SecurityGroups"]
+                admitted: set[str] = set()
+                for g in clients.ec2.describe_security_groups(GroupIds=sgs)["SecurityGroups"] if sgs else []:
+                    admitted |= nfs_sources(g)
+                if groups and not any(g in admitted for g in groups):
+                    shut_out.append(f"{t['MountTargetId']} ({t.get('AvailabilityZoneName', t['SubnetId'])})")
+            if shut_out:
+                out.append(Finding(
+                    "efs", "error",
+                    f"EFS {fs_id}: mount target(s) {', '.join(shut_out)} admit no NFS (TCP 2049) from the compute "
+                    f"environments' security group(s) {', '.join(groups)}: mounts would hang",
+                    f"run `corral aws setup` again (it puts the mount targets behind the `{EFS_GROUP}` group, "
+                    f"which allows 2049 from {', '.join(groups)})",
                     fs_id,
                 ))
             else:
-                out.append(Finding("efs", "ok", f"EFS {fs_id} has a mount target in every subnet used", subject=fs_id))
+                out.append(Finding("efs", "ok", f"EFS {fs_id} has a mount target in every zone used, open to NFS "
+                                   "from the compute environments", subject=fs_id))
     if settings.efs and not systems:
         out.append(Finding("efs", "warn", "aws.efs is on but no corral EFS file system exists yet",
                            "`corral aws setup workflow.yaml` makes it", ""))

@@ -33,7 +33,7 @@ BUNDLES: dict[str, tuple[str, ...]] = {
     "default_x86_64": ("m6i", "c6i", "r6i", "c7i"),
     "default_arm64": ("m6g", "c6g", "r6g", "c7g"),
 }
-# NVIDIA GPU families that the ECS GPU-optimized AMI (ECS_AL2_NVIDIA) supports, widely available;
+# NVIDIA GPU families that the ECS GPU-optimized AMI (ECS_AL2023_NVIDIA) supports, widely available;
 # used for GPU compute environments when the settings name no GPU family themselves.
 DEFAULT_GPU_FAMILIES: tuple[str, ...] = ("g4dn", "g5", "g6")
 

@@ -18,6 +18,7 @@ class TaskState(str, Enum):
     SUCCEEDED = "SUCCEEDED"
     FAILED = "FAILED"
     SKIPPED = "SKIPPED"  # outputs already existed
+    REUSED = "REUSED"  # succeeded in an earlier run of the workflow (same task id): not run again
     CANCELLED = "CANCELLED"
     UPSTREAM_FAILED = "UPSTREAM_FAILED"  # a task it needs did not succeed
 
@@ -28,11 +29,12 @@ class TaskState(str, Enum):
     @property
     def ok(self) -> bool:
         """Done, and whatever depends on it may run."""
-        return self in (TaskState.SUCCEEDED, TaskState.SKIPPED)
+        return self in (TaskState.SUCCEEDED, TaskState.SKIPPED, TaskState.REUSED)
 
 
 TERMINAL_STATES = frozenset(
-    {TaskState.SUCCEEDED, TaskState.FAILED, TaskState.SKIPPED, TaskState.CANCELLED, TaskState.UPSTREAM_FAILED}
+    {TaskState.SUCCEEDED, TaskState.FAILED, TaskState.SKIPPED, TaskState.REUSED, TaskState.CANCELLED,
+     TaskState.UPSTREAM_FAILED}
 )
 
 

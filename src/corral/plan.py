@@ -596,14 +596,31 @@ class Plan:
 
     # -- manifest: everything needed to rebuild this plan without reading any file again ---
     def manifest(self) -> bytes:
+        """JSON with the keys in their order: an item's key comes from its *first* field, so
+        sorting the keys here would change item keys (and ``{item}``) on resume."""
         data = {
-            "version": 1,
+            "version": 2,
             "source": self.workflow.source,
             "base_dir": str(self.workflow.base_dir),
             "workflow": self.workflow.model_dump(mode="json", by_alias=True, exclude={"items"}),
             "items": self.items,
         }
-        return json.dumps(data, sort_keys=True, separators=(",", ":")).encode()
+        return json.dumps(data, separators=(",", ":")).encode()
+
+    def with_keys(self, recorded: Mapping[str, str]) -> Plan:
+        """The plan with the item keys a run recorded for its tasks (task id → key): a manifest
+        written before version 2 sorted item fields, which changed the keys made from them."""
+        changed = {t.id: recorded[t.id] for t in self.tasks if t.index is not None and recorded.get(t.id, t.key) != t.key}
+        if not changed:
+            return self
+        import dataclasses
+
+        tasks = [dataclasses.replace(t, key=changed[t.id]) if t.id in changed else t for t in self.tasks]
+        keys = list(self.keys)
+        for t in tasks:
+            if t.index is not None:
+                keys[t.index] = t.key
+        return Plan(workflow=self.workflow, items=self.items, keys=keys, tasks=tasks, stage_order=self.stage_order)
 
     @staticmethod
     def from_manifest(blob: bytes) -> Plan:

@@ -37,6 +37,7 @@ TASK_ROWS_UP_TO = 150  # up to this many tasks the timeline has one labelled row
 COLOURS = {
     "SUCCEEDED": "#2e9e44",
     "SKIPPED": "#9ccc9c",
+    "REUSED": "#b5d9b5",
     "FAILED": "#d62728",
     "RUNNING": "#1f77b4",
     "SUBMITTED": "#17becf",
@@ -77,6 +78,16 @@ class ReportData:
     log_errors: dict[str, str] = field(default_factory=dict)  # task id → why its logs could not be read
     generated_at: float = field(default_factory=now)
 
+    @property
+    def hypothetical_cost(self) -> bool:
+        """The run's backend prices it as what the same attempts would cost on AWS Batch."""
+        from corral.backends import backend_class
+
+        try:
+            return backend_class(self.run.backend).cost_basis == "hypothetical"
+        except CorralError:
+            return True
+
 
 def bars(data: ReportData) -> list[tuple[TaskRecord, AttemptRecord]]:
     """The timeline's bars: every attempt that started, in the order the page draws them."""
@@ -100,6 +111,7 @@ def _summary(data: ReportData) -> str:
     cards = [
         ("state", run.state.value.lower()), ("tasks", str(len(tasks))), ("attempts", str(n_attempts)),
         ("succeeded", str(counts.get("SUCCEEDED", 0) + counts.get("SKIPPED", 0))),
+        ("reused", str(counts.get("REUSED", 0))),
         ("failed", str(counts.get("FAILED", 0))), ("upstream failed", str(counts.get("UPSTREAM_FAILED", 0))),
         ("wall time", format_duration(wall)),
     ]
@@ -292,8 +304,8 @@ def _cost(data: ReportData) -> str:
         notes.append(f"{c.unpriced_attempts} attempt(s) ran on instance types without a price in the table")
     if c.running_attempts:
         notes.append(f"{c.running_attempts} attempt(s) still running, counted up to the report's time")
-    if data.run.backend == "local":
-        notes.append("a local run: the figures are what the same attempts would cost on AWS Batch")
+    if data.hypothetical_cost:
+        notes.append(f"a {data.run.backend} run: the figures are what the same attempts would cost on AWS Batch")
     mean = c.per_item_mean
     return (
         f"<h2>Cost</h2><p id=cost-total>Total <b>{esc(usd(c.total_usd))}</b>"
@@ -399,18 +411,6 @@ def batch_attempts(
     return out
 
 
-def _aws_attempts(backend: Any, run_id: str, tasks: Sequence[TaskRecord]) -> dict[str, list[AttemptRecord]]:
-    """batch_attempts through an AwsBatchBackend (its paced DescribeJobs, its clients' ECS)."""
-    ecs = backend.clients.client("ecs")
-    clusters: list[str] = []
-    try:
-        for page in backend.clients.batch.get_paginator("describe_compute_environments").paginate():
-            clusters += [c["ecsClusterArn"] for c in page.get("computeEnvironments", []) if c.get("ecsClusterArn")]
-    except Exception:  # noqa: BLE001 - only used to find old-format container instance ARNs
-        clusters = []
-    return batch_attempts(run_id, tasks, backend.api.describe_jobs, ecs, clusters)
-
-
 def tail_logs(lines: Iterable[str], n: int = LOG_LINES) -> list[str]:
     return list(collections.deque(lines, maxlen=n))
 
@@ -433,10 +433,10 @@ def collect(
     tasks = backend.refresh(run, store) if (backend is not None and refresh) else store.get_tasks(run_id)
     run = store.get_run(run_id)
     attempts = attempts_of(store, run_id, tasks, per_task_reads=reads_attempts(run))
-    if backend is not None and getattr(backend, "name", "") == "aws" and hasattr(backend, "api"):
-        # Batch forgets jobs ~7 days after they end: then the task records' times remain.
+    if backend is not None and not backend.records_attempts:
+        # (Batch forgets jobs ~7 days after they end: then the task records' times remain.)
         with contextlib.suppress(CorralError):
-            attempts.update(_aws_attempts(backend, run_id, tasks))
+            attempts.update(backend.attempt_history(run, tasks))
     cost: RunCost | None = None
     try:
         plan = plan or PlanCls.from_manifest(store.load_manifest(run_id))

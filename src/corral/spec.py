@@ -196,6 +196,8 @@ class Stage(StageFields):
     command: str | list[str] | None = None
     needs: list[str] = Field(default_factory=list)
     per: Literal["item", "run"] = "item"
+    # at most this many of the stage's tasks at once (e.g. 20 DANDI uploads, 8 GPU sorts)
+    max_parallel: int | None = Field(None, ge=1, le=100_000)
     inputs: list[str] = Field(default_factory=list)
     outputs: list[str] = Field(default_factory=list)
     # transfer stages
@@ -236,6 +238,11 @@ class Stage(StageFields):
         return self
 
 
+# The values PutRetentionPolicy accepts (CloudWatch Logs API reference, retentionInDays).
+LOG_RETENTION_DAYS = (1, 3, 5, 7, 14, 30, 60, 90, 120, 150, 180, 365, 400, 545, 731, 1096, 1827, 2192, 2557,
+                      2922, 3288, 3653)
+
+
 class AwsSettings(Model):
     """Settings for ``--backend aws``; every field is optional and discovered when missing."""
 
@@ -255,6 +262,57 @@ class AwsSettings(Model):
     # false for private subnets that reach registries through NAT or VPC endpoints.
     assign_public_ip: bool = True
     secrets: Literal["secretsmanager", "ssm"] = "secretsmanager"  # where a run's rclone config is kept
+    # How long corral's CloudWatch log group keeps job logs (PutRetentionPolicy); null: for ever.
+    log_retention_days: int | None = 30
+    # The share identifier of jobs submitted to a fair-share queue (aws.queue with a scheduling policy).
+    share_identifier: str = "corral"
+
+    @field_validator("log_retention_days")
+    @classmethod
+    def _retention(cls, v: int | None) -> int | None:
+        if v is not None and v not in LOG_RETENTION_DAYS:
+            raise ValueError(f"log_retention_days {v} is not one CloudWatch Logs accepts: "
+                             f"{', '.join(map(str, LOG_RETENTION_DAYS))} (or null: keep for ever)")
+        return v
+
+    @field_validator("share_identifier")
+    @classmethod
+    def _share(cls, v: str) -> str:
+        # SubmitJob shareIdentifier: letters, numbers and underscores, up to 255 (Batch API reference)
+        if not re.fullmatch(r"[A-Za-z0-9_]{1,255}", v):
+            raise ValueError("share_identifier may hold only letters, numbers and underscores (at most 255)")
+        return v
+
+
+SBATCH_OPTION_RE = re.compile(r"^--[a-z][a-z0-9-]*(=\S.*)?$")
+
+
+def _sbatch_line(v: str) -> str:
+    """One ``#SBATCH`` option: ``--name`` or ``--name=value`` on one line (``#SBATCH`` itself optional)."""
+    text = v.strip()
+    if text.startswith("#SBATCH"):
+        text = text[len("#SBATCH"):].strip()
+    if "\n" in text or not SBATCH_OPTION_RE.match(text):
+        raise ValueError(f"{v!r} is not one sbatch option: write it as --name=value (e.g. --constraint=avx2)")
+    return text
+
+
+SbatchLine = Annotated[str, BeforeValidator(_sbatch_line)]
+
+
+class SlurmStage(Model):
+    """Per-stage overrides of the ``slurm:`` settings."""
+
+    partition: str | None = None
+    account: str | None = None
+    qos: str | None = None
+    extra: list[SbatchLine] = Field(default_factory=list, description="more #SBATCH options for this stage")
+
+
+class SlurmSettings(SlurmStage):
+    """Settings for ``--backend slurm``; every field is optional (the cluster's defaults apply)."""
+
+    stages: dict[str, SlurmStage] = Field(default_factory=dict, description="stage name -> overrides")
 
 
 class Workflow(Model):
@@ -265,6 +323,7 @@ class Workflow(Model):
     stages: list[Stage] = Field(min_length=1)
     cleanup: bool = False
     aws: AwsSettings = Field(default_factory=AwsSettings)
+    slurm: SlurmSettings = Field(default_factory=SlurmSettings)
 
     _located: Located | None = PrivateAttr(default=None)
     _base_dir: Path = PrivateAttr(default_factory=Path.cwd)

@@ -143,11 +143,12 @@ stages:
     _run_children(clients, jobs[0], 2, tmp_path)
     assert _objects(clients, OUT) == {"raw/s1/big.bin": big, "raw/s1/sub/a.txt": b"A s1", "raw/s2/a.txt": b"A s2"}
 
-    # The job role may read the staging prefix (its bucket's corral/ prefix).
+    # The job role may read the run's own staging prefix (and no other run's).
     role = jd["containerProperties"]["jobRoleArn"].rsplit("/", 1)[-1]
     doc = clients.iam.get_role_policy(RoleName=role, PolicyName="corral")["PolicyDocument"]
     readable = [r for st in doc["Statement"] if "s3:GetObject" in st["Action"] for r in st["Resource"]]
-    assert f"arn:aws:s3:::{bucket}/corral/*" in readable
+    assert f"arn:aws:s3:::{bucket}/corral/staged/{run_id}/*" in readable
+    assert f"arn:aws:s3:::{bucket}/corral/*" not in readable
 
     # Resume after a failure: the same files are not sent again; a changed one is.
     def fail_all() -> None:
@@ -295,7 +296,8 @@ stages:
     assert not any(run_b in d or b_role in d for d in deleted)
     assert ssm.describe_parameters()["Parameters"] == []
     roles = {r["RoleName"] for r in clients.iam.list_roles(PathPrefix="/corral/")["Roles"]}
-    assert exec_role not in roles and b_role in roles and job_role in roles
+    # Run A's job role is A's own now (issue 13): removed with it; B's roles stay.
+    assert exec_role not in roles and b_role in roles and job_role not in roles and f"role {job_role}" in deleted
     assert _objects(clients, staged_bucket, f"corral/staged/{run_a}/") == {}
     assert _objects(clients, staged_bucket, f"corral/staged/{run_b}/")
     assert clients.secretsmanager.list_secrets()["SecretList"]  # B's secret is still there
@@ -307,4 +309,5 @@ stages:
     assert f"secret corral/{run_b}/rclone" in deleted and f"role {b_role}" in deleted
     assert _objects(clients, staged_bucket, "corral/staged/") == {}
     assert clients.secretsmanager.list_secrets()["SecretList"] == []
-    assert job_role in {r["RoleName"] for r in clients.iam.list_roles(PathPrefix="/corral/")["Roles"]}
+    # Each run's job role went with its run: only the shared instance role is left.
+    assert {r["RoleName"] for r in clients.iam.list_roles(PathPrefix="/corral/")["Roles"]} == {"corral-ecs-instance"}

@@ -117,9 +117,9 @@ def test_unprocessed_items_are_retried(store: DynamoStore) -> None:
     flaky = _Flaky(_client(), failures=4)
     slept: list[float] = []
     s = DynamoStore(TABLE, flaky, sleep=slept.append)
-    s.create_run(RunRecord("r", "wf", "aws", created_at=1.0), b"m", _tasks("r", 100))
-    assert len(store.get_tasks("r")) == 100
-    assert flaky.calls > 5 and len(slept) == 4 and all(0 < x <= 2.0 for x in slept)
+    s.create_run(RunRecord("r", "wf", "aws", created_at=1.0), b"m", _tasks("r", 2000))  # 8 pages + 2 items
+    assert len(store.get_tasks("r")) == 2000
+    assert flaky.calls == 5 and len(slept) == 4 and all(0 < x <= 2.0 for x in slept)
 
 
 def test_missing_table_is_a_state_error(aws: str) -> None:
@@ -129,28 +129,28 @@ def test_missing_table_is_a_state_error(aws: str) -> None:
     assert info.value.hint and "corral aws setup" in info.value.hint
 
 
-def test_many_chunks_written_in_parallel_last_version_wins(store: DynamoStore) -> None:
-    """save_tasks of 1,000 records goes out as 40 BatchWriteItem calls, several in flight at once;
-    a task given twice in one call ends with its last version."""
+def test_save_tasks_writes_one_conditional_put_per_page_last_version_wins(store: DynamoStore) -> None:
+    """save_tasks of 1,000 records is one PutItem per page of 250 (several in flight at once),
+    not a row per task; a task given twice in one call ends with its last version."""
     import threading
 
     run = RunRecord("rp", "wf", "aws", created_at=1.0)
     tasks = _tasks("rp", 1000)
     store.create_run(run, b"m", tasks)
-    calls: list[int] = []
+    calls: list[str] = []
     threads: set[int] = set()
     lock = threading.Lock()
 
     def count(params: dict[str, Any], **kw: Any) -> None:
         with lock:
-            calls.append(len(params["RequestItems"][TABLE]))
+            calls.append(params["Item"]["sk"]["S"])
             threads.add(threading.get_ident())
 
-    store.client.meta.events.register("before-parameter-build.dynamodb.BatchWriteItem", count)
+    store.client.meta.events.register("before-parameter-build.dynamodb.PutItem", count)
     first = tasks[7].replace(state=TaskState.RUNNING)
     updated = [t.replace(state=TaskState.SUCCEEDED, exit_code=0) for t in tasks]
     store.save_tasks([first, *updated])  # tasks[7] twice: RUNNING, then SUCCEEDED
-    assert sum(calls) == 1000 and len(calls) == 40 and max(calls) == 25
+    assert sorted(calls) == [f"PAGE#{n:06d}" for n in range(4)]
     assert len(threads) > 1  # written by more than one thread
-    got = store.get_tasks("rp")
+    got = DynamoStore(TABLE, _client()).get_tasks("rp")
     assert len(got) == 1000 and all(t.state == TaskState.SUCCEEDED and t.exit_code == 0 for t in got)

@@ -118,10 +118,12 @@ def test_mixed_workflow_sends_what_fits_to_fargate(aws: str) -> None:
     assert "networkConfiguration" not in sd["containerProperties"]
     assert sd["retryStrategy"]["evaluateOnExit"][0]["onStatusReason"] == "Host EC2*"
 
-    # A second run reuses the same (content-named) definitions: no new revision.
+    # A second run has its own job role (issue 13), so its own content-named definitions; still
+    # one revision each.
     rec2 = api.run(wf, backend="aws", options=RunOptions(wait=False))
     fetch2 = _jobs_by_queue(clients, fq)[f"corral-{rec2.run_id}-fetch-r0-c0"]
-    assert fetch2["jobDefinition"] == fetch["jobDefinition"]
+    fd2 = _definition(clients, fetch2["jobDefinition"])
+    assert fd2["containerProperties"]["jobRoleArn"] != fd["containerProperties"]["jobRoleArn"]
     assert [d["revision"] for d in clients.batch.describe_job_definitions(
         jobDefinitionName=fd["jobDefinitionName"])["jobDefinitions"]] == [1]
 

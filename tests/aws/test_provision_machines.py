@@ -41,7 +41,7 @@ def test_gpu_environment_uses_gpu_families_and_the_nvidia_ami(clients: AwsClient
         env.gpu_compute_environments
     # the CPU queue has no GPU environment in it
     cpu = _ce(clients, env.compute_environments[0])["computeResources"]
-    assert "ec2Configuration" not in cpu and cpu["instanceTypes"] == ["optimal"]
+    assert cpu["ec2Configuration"] == [{"imageType": "ECS_AL2023"}] and cpu["instanceTypes"] == ["optimal"]
 
 
 def test_gpu_families_from_the_settings(clients: AwsClients) -> None:
@@ -188,15 +188,17 @@ def test_iam_policies_are_narrow(clients: AwsClients) -> None:
         return json.loads(doc) if isinstance(doc, str) else doc
 
     job = {s["Sid"]: s for s in policy(env.job_role_arn)["Statement"]}
-    assert job["State"]["Resource"] == "arn:aws:dynamodb:us-east-2:123456789012:table/corral-state"
-    assert job["WriteObjects"]["Resource"] == ["arn:aws:s3:::lab-bucket/runs/*", "arn:aws:s3:::results/sorted/*"]
-    assert job["ReadObjects"]["Resource"] == ["arn:aws:s3:::raw-data/sessions/*"]
-    assert job["Secrets"]["Resource"] == [
+    # No state table, no logs, no secrets for the job's own code (tests/aws/test_least_privilege.py).
+    assert "State" not in job and "Logs" not in job and "Secrets" not in job
+    assert job["WriteObjects"]["Resource"] == ["arn:aws:s3:::results/sorted/*"]
+    assert job["ReadObjects"]["Resource"] == ["arn:aws:s3:::lab-bucket/runs/staged/r1/*",
+                                              "arn:aws:s3:::raw-data/sessions/*"]
+    exe_doc = policy(env.execution_role_arn)
+    assert [s["Resource"] for s in exe_doc["Statement"] if s["Sid"] == "Secrets"] == [[
         "arn:aws:secretsmanager:us-east-2:123456789012:secret:lab/db-??????",
         "arn:aws:secretsmanager:us-east-2:123456789012:secret:other-AbCdEf",
-    ]
+    ]]
     assert job["Workspace"]["Resource"].endswith(f":file-system/{env.efs_id}")
-    assert job["Logs"]["Resource"][0] == "arn:aws:logs:us-east-2:123456789012:log-group:/aws/batch/corral:*"
     lists = [s for sid, s in job.items() if sid.startswith("List")]
     assert {s["Resource"] for s in lists} == {"arn:aws:s3:::lab-bucket", "arn:aws:s3:::raw-data",
                                               "arn:aws:s3:::results"}
@@ -213,7 +215,10 @@ def test_iam_policies_are_narrow(clients: AwsClients) -> None:
 def test_other_needs_get_their_own_roles(clients: AwsClients) -> None:
     a = ensure_environment(clients, AwsSettings(), Needs(secrets=["a"]))
     b = ensure_environment(clients, AwsSettings(), Needs(secrets=["b"]))
-    assert a.execution_role_arn != b.execution_role_arn and a.job_role_arn != b.job_role_arn
+    # The secrets are the execution role's (ECS reads them); the job role, per run, holds none.
+    assert a.execution_role_arn != b.execution_role_arn and a.job_role_arn == b.job_role_arn
+    c = ensure_environment(clients, AwsSettings(), Needs(secrets=["a"], run_id="r-other"))
+    assert c.job_role_arn != a.job_role_arn  # another run: a role of its own
     assert a.compute_environments == b.compute_environments  # compute is shared
 
 

@@ -68,10 +68,34 @@ class FakeEfs:
 
     def create_mount_target(self, FileSystemId: str, SubnetId: str, SecurityGroups: list[str]) -> dict[str, Any]:
         self.left = 3
+        assert SecurityGroups == ["sg-efs"]  # corral's own group, not the compute group
         t = {"MountTargetId": f"fsmt-{SubnetId}", "SubnetId": SubnetId, "LifeCycleState": "creating",
              "AvailabilityZoneName": {"s1": "a", "s2": "b", "s3": "a"}[SubnetId]}
         self.targets.append(t)
         return t
+
+    policy: str | None = None
+
+    def describe_file_system_policy(self, FileSystemId: str) -> dict[str, Any]:
+        if self.policy is None:
+            from botocore.exceptions import ClientError
+
+            raise ClientError({"Error": {"Code": "PolicyNotFound", "Message": "none"}}, "DescribeFileSystemPolicy")
+        return {"Policy": self.policy}
+
+    def put_file_system_policy(self, FileSystemId: str, Policy: str) -> dict[str, Any]:
+        self.policy = Policy
+        return {"Policy": Policy}
+
+
+class FakeEc2:
+    """corral's EFS security group, already there and open to NFS from the compute group sg-1."""
+
+    def describe_security_groups(self, Filters: list[dict[str, Any]]) -> dict[str, Any]:
+        return {"SecurityGroups": [{
+            "GroupId": "sg-efs", "Tags": [{"Key": "corral:managed", "Value": "true"}],
+            "IpPermissions": [{"IpProtocol": "tcp", "FromPort": 2049, "ToPort": 2049,
+                               "UserIdGroupPairs": [{"GroupId": "sg-1"}]}]}]}
 
 
 class FakeClients:
@@ -79,6 +103,13 @@ class FakeClients:
 
     def __init__(self, efs: FakeEfs) -> None:
         self.efs = efs
+        self.ec2 = FakeEc2()
+
+    def account_id(self) -> str:
+        return "123456789012"
+
+    def partition(self) -> str:
+        return "aws"
 
 
 def test_efs_is_waited_for_by_polling_with_one_target_per_zone() -> None:

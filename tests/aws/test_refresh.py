@@ -63,6 +63,10 @@ class _CountingStore(SqliteStore):
         self.saved += len(tasks)
         super().save_tasks(tasks)
 
+    def update_tasks(self, pairs: Any) -> Any:  # refresh writes conditionally
+        self.saved += len(pairs)
+        return super().update_tasks(pairs)
+
 
 def _full_listing(clients: AwsClients, parents: list[str]) -> dict[str, TaskState]:
     """Every child's state from ListJobs of every status of every array: no inference at all."""

@@ -161,9 +161,11 @@ stages:
     corral.run(wf)
     assert (tmp_path / "runs.log").read_text().count("made") == 2
     (tmp_path / "out" / "a.txt").unlink()
-    run = corral.run(wf)
-    assert states(run.run_id) == {"make[a]": "SUCCEEDED", "make[b]": "SKIPPED"}
+    run = corral.run(wf)  # b succeeded before and its output is there: reused
+    assert states(run.run_id) == {"make[a]": "SUCCEEDED", "make[b]": "REUSED"}
     assert (tmp_path / "runs.log").read_text().count("made") == 3
+    run = corral.run(wf, options=RunOptions(reuse=False))  # without reuse: skipped, outputs exist
+    assert states(run.run_id) == {"make[a]": "SKIPPED", "make[b]": "SKIPPED"}
     corral.run(wf, options=RunOptions(force=True))
     assert (tmp_path / "runs.log").read_text().count("made") == 5
 

@@ -61,8 +61,12 @@ def test_m2g_worked_example_is_five_cents_a_scan() -> None:
     assert (s.instance_type, s.tasks_per_instance, s.usd_per_instance_hour) == ("r5.large", 1, 0.0441)
     assert s.usd_per_task == pytest.approx(0.04998, abs=1e-9)
     assert s.usd == pytest.approx(3 * 0.04998, abs=1e-9)
-    assert est.total_usd == pytest.approx(0.14994, abs=1e-9)
-    assert est.per_item_usd == pytest.approx(0.04998, abs=1e-9)
+    assert est.compute_usd == pytest.approx(0.14994, abs=1e-9)
+    # plus each instance's 30 GiB gp3 root volume: 30 * 0.08 / 730 $/h for 68 minutes, three times
+    vol = 30 * 0.08 / 730 * 68 / 60
+    assert s.root_volume_gib == 30 and s.usd_root_volume == pytest.approx(3 * vol)
+    assert est.efs_usd == 0.0 and est.total_usd == pytest.approx(0.14994 + 3 * vol)
+    assert est.per_item_usd == pytest.approx(0.04998 + vol, abs=1e-9)
     assert est.spot and s.duration_source == "given"
     # On-demand the same scan costs 0.126 * 68 / 60 = 0.1428.
     od = estimate_plan(plan_of(M2G), spot=False, durations={"m2g": 68 * 60})
@@ -112,7 +116,8 @@ stages:
     gpu, wide = est.stages
     assert gpu.instance_type == "g4dn.xlarge" and gpu.usd == pytest.approx(0.526)  # default GPU families
     assert wide.instance_type is None and wide.usd == 0.0 and "c5.large" in wide.note
-    assert est.total_usd == pytest.approx(0.526)
+    assert est.compute_usd == pytest.approx(0.526)
+    assert est.total_usd == pytest.approx(0.526 + 30 * 0.08 / 730)  # + the g4dn's root volume for an hour
 
 
 def test_durations_given_from_history_or_default(tmp_path: Path) -> None:
@@ -179,7 +184,7 @@ stages: [{name: s, resources: {vcpus: 2, memory: 4GiB}, command: "true"}]
 """), durations={"s": 1800})
     assert (est.region, est.prices_date) == ("eu-west-1", "2026-01-15")
     # x9.large holds 2 such tasks, but the stage has one: the whole $0.50/h for half an hour.
-    assert est.stages[0].instance_type == "x9.large" and est.total_usd == pytest.approx(0.25)
+    assert est.stages[0].instance_type == "x9.large" and est.compute_usd == pytest.approx(0.25)
 
 
 def test_actual_cost_per_attempt_item_stage_and_run() -> None:
@@ -253,7 +258,8 @@ def test_cli_cost_table_and_json(tmp_path: Path) -> None:
     env = {"CORRAL_HOME": str(tmp_path / "home")}
     res = run_cli("cost", str(wf), "--duration", "m2g=68m", env=env)
     assert res.returncode == 0, res.stderr
-    assert "r5.large (1)" in res.stderr and "total $0.1499, $0.0500 per item" in res.stderr
+    assert "r5.large (1)" in res.stderr and "total $0.1611, $0.0537 per item (instances $0.1499, root volumes" \
+        in res.stderr
     res = run_cli("cost", str(wf), "--duration", "m2g=68m", "--on-demand", "--json", env=env)
     doc = json.loads(res.stdout)
     assert doc["spot"] is False and doc["stages"][0]["usd_per_task"] == pytest.approx(0.1428)
@@ -271,3 +277,48 @@ def test_status_cost_line_never_fails(tmp_path: Path) -> None:
     store.create_run(RunRecord(run_id="ok", workflow_name="m2g", backend="local", created_at=2.0), plan.manifest(), [])
     assert status_cost_line(store, "ok") == "cost: $0.0000 (spot, us-east-1 prices of 2025-07-01)"
     store.close()
+
+
+DISKY = """
+name: disky
+items: [%s]
+aws: {instance_types: [m5]}
+stages:
+  - {name: sort, resources: {vcpus: 1, memory: 2GiB, disk: 300GiB}, command: "true"}
+"""
+
+
+def test_root_volumes_hold_every_task_that_can_share_the_largest_instance() -> None:
+    """resources.disk is per task: 15 tasks of a 300 GiB stage on one instance need 15 × 300 GiB.
+    m5.24xlarge (96 vCPUs, 384 GiB) could hold 96 one-vCPU, 2 GiB tasks; the stage has 15, so at most
+    15 share one instance; provisioning and cost size the volume alike."""
+    from corral.backends.aws_batch.provision import needs_for
+    from corral.routes import route
+
+    plan = plan_of(DISKY % ", ".join(f"{{k: {i}}}" for i in range(15)))
+    r = route(plan.workflow.stage("sort").resources, ["m5"])
+    assert r.largest == "m5.24xlarge" and r.per_largest == 96
+    needs = needs_for(plan)
+    assert needs.max_disk_gib == 300 and needs.scratch_per_instance == 15 * 300
+    est = estimate_plan(plan, durations={"sort": 3600})
+    (s,) = est.stages
+    assert s.root_volume_gib == 4550  # 4,500 GiB of scratch + 30 for images, rounded up to 50
+    p = s.tasks_per_instance
+    assert s.usd_root_volume == pytest.approx(4550 * 0.08 / 730 / p * 15)
+    assert any("4550 GiB gp3 per instance" in a for a in est.assumptions)
+
+
+def test_efs_is_priced_when_the_workspace_is_used() -> None:
+    text = """
+name: ws
+items: [{k: 1}, {k: 2}]
+stages:
+  - {name: a, command: "echo > {workdir}/x"}
+  - {name: b, needs: [a], command: "cat {workdir}/x"}
+"""
+    est = estimate_plan(plan_of(text), durations={"a": 1800, "b": 1800})
+    # 2 items × 1 GiB: written once ($0.06/GB), read once ($0.03/GB), stored 1 h at $0.30/GB-month
+    assert est.efs_usd == pytest.approx(2 * (0.30 / 730 + 0.06 + 0.03))
+    assert est.total_usd == pytest.approx(est.compute_usd + est.root_volumes_usd + est.efs_usd)
+    assert any(a.startswith("EFS workspace: 1 GiB per item") for a in est.assumptions)
+    assert estimate_plan(plan_of(M2G), durations={"m2g": 60}).efs_usd == 0.0

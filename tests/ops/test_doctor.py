@@ -288,7 +288,7 @@ def test_doctor_finds_what_was_broken_on_purpose(aws: str, tmp_path: Path) -> No
     healthy_plan = make_plan(loads_workflow(WF.split("  - {name: wide")[0], source="ok.yaml", base_dir=tmp_path))
     healthy = dr.aws_checks(clients, settings, plan=healthy_plan)
     assert dr.worst(healthy) == "ok", [f for f in healthy if f.level != "ok"]
-    assert {f.check for f in healthy} == {"aws-credentials", "queue", "ce", "efs"}
+    assert {f.check for f in healthy} == {"aws-credentials", "queue", "ce", "network", "efs"}
 
     # Break it: a workflow that wants more than the environment gives, a disabled queue, a lost mount target.
     plan = make_plan(loads_workflow(WF, source="wf.yaml", base_dir=tmp_path))
@@ -305,7 +305,8 @@ def test_doctor_finds_what_was_broken_on_purpose(aws: str, tmp_path: Path) -> No
     assert "maxvCpus 2, less than the 4 vCPUs stage 'wide'" in errors[("ce", ce_name)].message
     assert "aws.max_vcpus to at least 4" in errors[("ce", ce_name)].fix
     assert "c5.24xlarge" in errors[("fit", "huge")].message  # the largest c5 it could have had
-    assert target["SubnetId"] in errors[("efs", env.efs_id)].message
+    assert target["AvailabilityZoneName"] in errors[("efs", env.efs_id)].message  # by zone, not subnet
+    assert target["SubnetId"] in errors[("efs", env.efs_id)].fix and "corral-efs" in errors[("efs", env.efs_id)].fix
 
     # A disabled compute environment, through the CLI, as JSON.
     clients.batch.update_compute_environment(computeEnvironment=ce_name, state="DISABLED")

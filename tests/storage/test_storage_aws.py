@@ -329,7 +329,7 @@ def test_task_argv_and_job_stage_for_the_aws_payloads(tmp_path: Path) -> None:
     )
     assert staged == [str(tmp_path / "raw" / "s2")]
     assert argv[:4] == ["/bin/sh", "-c", saws.TRANSFER_SCRIPT, "corral-transfer"]
-    assert argv[4:9] == ["copy", ":s3,provider=AWS,env_auth=true,region=us-east-2:bkt-1/staged/s2",
+    assert argv[4:9] == ["copy", ":s3,provider=AWS,env_auth=true,no_check_bucket=true,region=us-east-2:bkt-1/staged/s2",
                          "/mnt/corral/runs/r1/s2/raw", "--filter", "+ *.nwb"]
     with pytest.raises(StorageError, match="cannot reach"):
         saws.task_argv(fetch, run_id="r1", workdir="/mnt/corral/runs/r1", region=None,

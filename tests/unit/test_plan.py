@@ -66,8 +66,19 @@ def test_ids_are_stable_and_content_derived() -> None:
 def test_manifest_round_trip_rebuilds_same_plan() -> None:
     p = make_plan(loads_workflow(WF))
     q = Plan.from_manifest(p.manifest())
-    assert [(t.id, t.needs) for t in q.tasks] == [(t.id, t.needs) for t in p.tasks]
-    assert q.items == p.items
+    assert [(t.id, t.needs, t.key) for t in q.tasks] == [(t.id, t.needs, t.key) for t in p.tasks]
+    assert [list(i.items()) for i in q.items] == [list(i.items()) for i in p.items]  # field order too
+
+
+def test_manifest_keeps_field_order_so_item_keys_survive() -> None:
+    """The item key comes from the first field as written (`session`, not the sorted-first `n`)."""
+    wf = loads_workflow("name: k\nitems: [{session: ses03, n: 3}, {session: ses04, n: 4}]\n"
+                        "stages: [{name: a, command: 'echo {item}'}]\n")
+    p = make_plan(wf)
+    assert p.keys == ["ses03", "ses04"]
+    q = Plan.from_manifest(p.manifest())
+    assert q.keys == ["ses03", "ses04"] and [t.key for t in q.tasks] == ["ses03", "ses04"]
+    assert [list(i) for i in q.items] == [["session", "n"]] * 2
 
 
 def test_commands_quote_values_for_the_shell(tmp_path: Path) -> None:

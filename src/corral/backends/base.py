@@ -18,29 +18,86 @@ What a task's command can rely on, on every backend:
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Literal, Protocol, runtime_checkable
+from typing import Any, ClassVar, Literal, Protocol, runtime_checkable
 
-from corral.model import RunRecord, TaskRecord
+from corral.model import AttemptRecord, RunRecord, TaskRecord
 from corral.plan import Plan
 from corral.state.base import StateStore
 
 ProgressFn = Callable[[list[TaskRecord]], None]
 
+# A task that exits 0 but lacks a declared output is FAILED with the reason
+# f"{OUTPUT_MISSING}: {the first missing output}", and retried like any failure (every backend).
+OUTPUT_MISSING = "declared output missing"
+
 
 @dataclass
 class RunOptions:
-    force: bool = False  # run tasks even when their outputs exist
-    max_parallel: int | None = None  # local: cap on concurrent tasks
+    force: bool = False  # run tasks even when their outputs exist (and reuse nothing)
+    max_parallel: int | None = None  # cap on concurrent tasks (where the backend's `flags` has it)
     runtime: Literal["auto", "process", "container"] = "auto"  # local
-    wait: bool = True  # aws: wait until the run ends (local always waits)
+    wait: bool = True  # wait until the run ends (backends that always wait ignore it)
     progress: ProgressFn | None = None  # called with the run's tasks whenever some change
+    force_stages: tuple[str, ...] = ()  # run these stages (and what needs them) even when done before
+    reuse: bool = True  # reuse tasks that succeeded in earlier runs of the workflow (same task id)
+
+
+# The RunOptions fields a user sets with a flag; a backend lists those it honours in ``flags``.
+RUN_FLAGS = ("force", "max_parallel", "runtime", "wait", "force_stages", "reuse")
 
 
 @runtime_checkable
 class Backend(Protocol):
-    name: str
+    """What a backend does, and what callers need to know of it (so none compares names)."""
+
+    name: ClassVar[str]
+    # `start` returns only once the run has ended, whatever `RunOptions.wait` says.
+    always_waits: ClassVar[bool]
+    # Every attempt of every task is in the store (`StateStore.get_attempts`); otherwise
+    # `attempt_history` asks the backend.
+    records_attempts: ClassVar[bool]
+    # A process on the submitting host drives the run: if it dies, the run is INTERRUPTED.
+    driven_from_host: ClassVar[bool]
+    # How `corral status`/the report price a run: "actual" (what it cost where it ran) or
+    # "hypothetical" (what the same attempts would cost on AWS Batch).
+    cost_basis: ClassVar[Literal["actual", "hypothetical"]]
+    # The RunOptions fields (RUN_FLAGS) this backend honours; others are ignored with a note.
+    flags: ClassVar[frozenset[str]]
+
+    @classmethod
+    def create(cls, *, workflow: Any = None, run: RunRecord | None = None, **settings: Any) -> Backend:
+        """A backend for ``workflow`` (to start a run) or for a recorded ``run`` (to follow it)."""
+        ...
+
+    @classmethod
+    def open_store(cls, *, workflow: Any = None, **settings: Any) -> StateStore:
+        """The state store this backend's runs are recorded in."""
+        ...
+
+    @classmethod
+    def store_exists(cls) -> bool:
+        """Whether that store may hold runs already (without creating it)."""
+        ...
+
+    def run_options(self, workflow: Any) -> dict[str, Any]:
+        """What a new run's record keeps so any machine can follow it (``RunRecord.options``)."""
+        ...
+
+    def workspace(self, run: RunRecord) -> str | None:
+        """The run's shared workspace as a path on this machine, or None when it lives elsewhere
+        (EFS on AWS)."""
+        ...
+
+    def attempt_history(self, run: RunRecord, tasks: Sequence[TaskRecord]) -> dict[str, list[AttemptRecord]]:
+        """Attempts the backend knows beyond the store (by task id); {} when ``records_attempts``."""
+        ...
+
+    def diagnose(self, run: RunRecord | None, store: StateStore | None, plan: Plan | None,
+                 tasks: list[TaskRecord] | None, *, runnable_after_s: float) -> list[Any]:
+        """`corral doctor`'s findings about this backend (and the run, when given)."""
+        ...
 
     def check(self, plan: Plan) -> None:
         """Refuse, with a PlanError naming the stage, what this backend can never run."""

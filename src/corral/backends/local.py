@@ -24,15 +24,19 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from corral import storage
-from corral.backends.base import RunOptions
+from corral import runstate, storage
+from corral.backends.base import OUTPUT_MISSING, RunOptions
 from corral.backends.runtime import container_argv, detect_engine, require_engine
-from corral.errors import BackendError, StorageError, UsageError
+from corral.errors import BackendError, CorralError, StorageError, UsageError
 from corral.model import AttemptRecord, RunRecord, RunState, TaskRecord, TaskState, now
 from corral.plan import Plan, Task, check_local_secrets
 from corral.state.base import StateStore
+from corral.state.lease import LeaseHeld
 
 KILL_GRACE_S = 5.0
+LOG_TAIL_LINES = 2000  # `corral logs` shows at most the last lines of each stream...
+LOG_TAIL_BYTES = 1 << 20  # ... and at most the last MiB, read from the end of the file
+LOG_CHUNK = 1 << 16  # `logs --follow` reads this much at a time; longer lines come out in pieces
 PROGRESS_EVERY_S = 0.1
 
 
@@ -99,6 +103,41 @@ def _proc_has_env(pid: int, needle: bytes) -> bool:
         return False
 
 
+def task_marker(run_id: str, task_id: str) -> tuple[bytes, bytes]:
+    """The environment entries every process of a task inherits (its own and its descendants')."""
+    return f"CORRAL_RUN_ID={run_id}".encode(), f"CORRAL_TASK_ID={task_id}".encode()
+
+
+def marked_processes(marker: tuple[bytes, bytes]) -> list[int]:
+    """Processes whose environment carries ``marker``: a task's descendants, also those that left
+    its session with ``setsid`` (daemons). Limit: a process that clears its environment (or was
+    started by a service manager) is not found; this machine has no cgroup v2 corral may use."""
+    out = []
+    me = os.getpid()
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit() or int(entry.name) == me:
+            continue
+        try:
+            env = Path(entry.path, "environ").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if marker[0] in env and marker[1] in env:
+            out.append(int(entry.name))
+    return out
+
+
+def kill_task(pid: int, marker: tuple[bytes, bytes], sig: int = signal.SIGKILL, *, ours: bool = True) -> None:
+    """Signal a task's whole session (its process group) and every process carrying its marker.
+    ``ours``: ``pid`` is our child (it cannot have been reused); else its group is signalled only
+    while ``pid`` still carries the marker."""
+    if ours or _proc_has_env(pid, marker[1]):
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(pid, sig)
+    for p in marked_processes(marker):
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.kill(p, sig)
+
+
 def group_rss_mib(pgid: int) -> int:
     """Resident memory of every process in a process group (Linux /proc)."""
     total = 0
@@ -121,19 +160,59 @@ class _Running:
     attempt: AttemptRecord
     pid: int
     pidfd: int | None
-    deadline: float | None
+    deadline: float | None  # time.monotonic() at which the stage's timeout kills it
     memory_limit_mib: int | None
     vcpus: float
     memory_mib: int
     container_name: str | None = None
     kill_reason: str = ""
-    kill_at: float | None = None  # when to escalate SIGTERM -> SIGKILL
+    kill_at: float | None = None  # when (monotonic) to escalate SIGTERM -> SIGKILL
+    started_mono: float = 0.0  # time.monotonic() at start: durations never go negative on a clock jump
 
 
 class LocalBackend:
     """Runs a plan on this machine; see the module docstring."""
 
     name = "local"
+    always_waits = True
+    records_attempts = True
+    driven_from_host = True
+    cost_basis = "hypothetical"  # what the same attempts would cost on AWS Batch
+    flags = frozenset({"force", "max_parallel", "runtime", "force_stages", "reuse"})
+
+    @classmethod
+    def create(cls, *, workflow: object = None, run: RunRecord | None = None, **settings: object) -> LocalBackend:
+        from corral.home import corral_home
+
+        return cls(corral_home())
+
+    @classmethod
+    def open_store(cls, *, workflow: object = None, **settings: object) -> StateStore:
+        from corral.home import corral_home
+        from corral.state.sqlite import SqliteStore
+
+        return SqliteStore(corral_home() / "state.db")
+
+    @classmethod
+    def store_exists(cls) -> bool:
+        from corral.home import corral_home
+
+        return (corral_home() / "state.db").exists()
+
+    def run_options(self, workflow: object) -> dict[str, object]:
+        return {}
+
+    def workspace(self, run: RunRecord) -> str | None:
+        return str(workspace_dir(self.home, run.run_id))
+
+    def attempt_history(self, run: RunRecord, tasks: object) -> dict[str, list[AttemptRecord]]:
+        return {}  # every attempt is in the store
+
+    def diagnose(self, run: RunRecord | None, store: StateStore | None, plan: Plan | None,
+                 tasks: list[TaskRecord] | None, *, runnable_after_s: float) -> list[object]:
+        from corral.doctor import run_checks
+
+        return run_checks(store, run, plan) if run is not None and store is not None else []
 
     def __init__(
         self,
@@ -190,12 +269,48 @@ class LocalBackend:
         self._execute(plan, run, store, options, first_attempts={t.task_id: t.attempts for t in tasks})
 
     def refresh(self, run: RunRecord, store: StateStore) -> list[TaskRecord]:
-        """The store is the truth locally; a run whose scheduler died is marked INTERRUPTED."""
-        if run.state == RunState.RUNNING and run.host == socket.gethostname() and not scheduler_alive(run):
-            store.save_run(run.replace(state=RunState.INTERRUPTED, pid=None))
+        """The store is the truth locally. A run whose scheduler died is marked INTERRUPTED (read
+        from the store, never from the caller's possibly stale ``run``) and those of its tasks
+        still running past their timeout are stopped (:meth:`stop_overdue`); both under the run's
+        lease, skipped while another command holds it."""
+        live = run.state in (RunState.RUNNING, RunState.INTERRUPTED)
+        if live and run.host == socket.gethostname() and not scheduler_alive(run):
+            with contextlib.suppress(LeaseHeld), store.lease(run.run_id, "status", wait=0):
+                fresh = runstate.interrupt_if_dead(store, run, scheduler_alive)
+                if fresh.state in (RunState.RUNNING, RunState.INTERRUPTED) and not scheduler_alive(fresh):
+                    self.stop_overdue(fresh, store)
         return store.get_tasks(run.run_id)
 
+    def stop_overdue(self, run: RunRecord, store: StateStore) -> int:
+        """The reaper for a dead scheduler's tasks: kill (whole session and marked descendants)
+        every attempt still running past its stage's timeout and record it FAILED; the number
+        stopped. Runs from `corral status`; the deadline is on the wall clock here (the scheduler
+        that knew the monotonic one is gone)."""
+        stopped = 0
+        plan: Plan | None = None
+        for t in store.get_tasks(run.run_id, [TaskState.RUNNING]):
+            for a in store.get_attempts(run.run_id, t.task_id):
+                marker = task_marker(run.run_id, t.task_id)
+                if a.state != TaskState.RUNNING or not a.pid or not _proc_has_env(a.pid, marker[1]):
+                    continue
+                plan = plan or Plan.from_manifest(store.load_manifest(run.run_id))
+                task = plan.by_id.get(t.task_id)
+                timeout = task.stage.timeout if task is not None else None
+                started = a.started_at or now()
+                if not timeout or now() < started + timeout:
+                    continue
+                kill_task(a.pid, marker, ours=False)
+                why = f"timed out after {timeout:g}s (stopped by `corral status`: its scheduler had stopped)"
+                end = started + timeout
+                store.save_attempt(a.replace(state=TaskState.FAILED, reason=why, ended_at=end))
+                store.save_tasks([t.replace(state=TaskState.FAILED, reason=why, ended_at=end)])
+                stopped += 1
+        return stopped
+
     def cancel(self, run: RunRecord, store: StateStore) -> None:
+        run = store.get_run(run.run_id)
+        if run.state in runstate.ENDED:
+            return  # an ended run keeps its state (only `resume` changes it)
         if run.state == RunState.RUNNING and scheduler_alive(run):
             assert run.pid is not None
             os.kill(run.pid, signal.SIGTERM)  # the scheduler kills its children and records the states
@@ -204,15 +319,16 @@ class LocalBackend:
                 _wait_exit(run.pid, 0.5)
             if not process_alive(run.pid):
                 return
-        # No live scheduler: record the cancellation ourselves.
-        self._reap_orphans(run, store)
-        changed = [
-            t.replace(state=TaskState.CANCELLED, reason="cancelled", ended_at=t.ended_at or now())
-            for t in store.get_tasks(run.run_id)
-            if not t.state.terminal
-        ]
-        store.save_tasks(changed)
-        store.save_run(store.get_run(run.run_id).replace(state=RunState.CANCELLED, pid=None))
+        # No live scheduler: record the cancellation ourselves, as the run's one writer.
+        with store.lease(run.run_id, "cancel"):
+            self._reap_orphans(run, store)
+            changed = [
+                t.replace(state=TaskState.CANCELLED, reason="cancelled", ended_at=t.ended_at or now())
+                for t in store.get_tasks(run.run_id)
+                if not t.state.terminal
+            ]
+            store.save_tasks(changed)
+            runstate.settle(store, run.run_id, RunState.CANCELLED, pid=None)
 
     def logs(
         self, run: RunRecord, store: StateStore, task: TaskRecord, attempt: int | None, follow: bool
@@ -227,30 +343,38 @@ class LocalBackend:
                 f"task {task.label} has no attempt {attempt}",
                 f"it has attempts 1..{attempts[-1].attempt}",
             )
+        ends: dict[str, int] = {}
         for stream, path in (("stdout", chosen.stdout), ("stderr", chosen.stderr)):
             yield f"==> {stream} of {task.label}, attempt {chosen.attempt} ({path}) <=="
             try:
-                with open(path, errors="replace") as fh:
-                    yield from (line.rstrip("\n") for line in fh)
+                yield from tail_lines(path, ends)
             except OSError:
                 yield "(no output file)"
         if follow:
-            yield from self._follow(run, store, task, chosen)
+            yield from self._follow(run, store, task, chosen, ends.get(chosen.stdout, 0))
 
-    def _follow(self, run: RunRecord, store: StateStore, task: TaskRecord, attempt: AttemptRecord) -> Iterator[str]:
-        """Follow the attempt's stdout until the task ends (bounded backoff between reads)."""
-        pos = os.path.getsize(attempt.stdout) if os.path.exists(attempt.stdout) else 0
+    def _follow(
+        self, run: RunRecord, store: StateStore, task: TaskRecord, attempt: AttemptRecord, pos: int
+    ) -> Iterator[str]:
+        """Follow the attempt's stdout from ``pos`` until the task ends (bounded backoff between
+        reads; at most LOG_CHUNK bytes in memory, a longer line comes out in pieces)."""
         delay = 0.1
+        pending = b""
         while True:
-            rec = next(t for t in store.get_tasks(run.run_id) if t.task_id == task.task_id)
-            with contextlib.suppress(OSError), open(attempt.stdout, errors="replace") as fh:
+            rec = next((t for t in store.get_tasks(run.run_id) if t.task_id == task.task_id), None)
+            with contextlib.suppress(OSError), open(attempt.stdout, "rb") as fh:
                 fh.seek(pos)
-                chunk = fh.read()
-                pos = fh.tell()
-                if chunk:
+                while chunk := fh.read(LOG_CHUNK):
+                    pos += len(chunk)
                     delay = 0.1
-                    yield from chunk.rstrip("\n").split("\n")
-            if rec.state.terminal or rec.attempts != attempt.attempt:
+                    *lines, pending = (pending + chunk).split(b"\n")
+                    yield from (line.decode(errors="replace") for line in lines)
+                    while len(pending) >= LOG_CHUNK:
+                        yield pending[:LOG_CHUNK].decode(errors="replace")
+                        pending = pending[LOG_CHUNK:]
+            if rec is None or rec.state.terminal or rec.attempts != attempt.attempt:
+                if pending:
+                    yield pending.decode(errors="replace")
                 return
             if attempt.pid:
                 _wait_exit(attempt.pid, delay)
@@ -268,9 +392,8 @@ class LocalBackend:
             for a in store.get_attempts(run.run_id, t.task_id):
                 if a.state != TaskState.RUNNING:
                     continue
-                if a.pid and _proc_has_env(a.pid, f"CORRAL_TASK_ID={t.task_id}".encode()):
-                    with contextlib.suppress(ProcessLookupError, PermissionError):
-                        os.killpg(a.pid, signal.SIGKILL)
+                if a.pid:
+                    kill_task(a.pid, task_marker(run.run_id, t.task_id), ours=False)
                 store.save_attempt(
                     a.replace(state=TaskState.FAILED, reason="interrupted: the scheduler stopped", ended_at=now())
                 )
@@ -340,10 +463,14 @@ class Scheduler:
         self.free_vcpus = float(backend.vcpus)
         self.free_mem = backend.memory_mib
         self.max_parallel = options.max_parallel or backend.vcpus
+        from corral.reuse import forced_stages
+
+        self.forced = forced_stages(plan, options.force_stages)  # --force-stage and what needs them
         self.last_progress = 0.0
         self.dirty_tasks: dict[str, TaskRecord] = {}
         self.dirty_attempts: list[AttemptRecord] = []
         self.made_dirs: set[Path] = set()
+        self.watchdog: tuple[int, int] | None = None  # (pid, write end of its stdin)
         self.host = socket.gethostname()
         self.base_env = dict(os.environ)  # read once: copying os.environ per task is measurable
         self.use_engine = None
@@ -358,14 +485,10 @@ class Scheduler:
     # -- main loop ----------------------------------------------------------------------------
     def run(self) -> None:
         storage.prepare_workspace(str(self.workdir))
-        self.logdir.mkdir(parents=True, exist_ok=True)
+        self.logdir.mkdir(parents=True, exist_ok=True, mode=0o700)
         me = os.getpid()
-        self.store.save_run(
-            self.run_rec.replace(
-                state=RunState.RUNNING, pid=me, host=self.host,
-                options={**self.run_rec.options, "scheduler_start": process_start_time(me)},
-            )
-        )
+        runstate.reopen(self.store, self.run_rec, pid=me, host=self.host,
+                        options={**self.run_rec.options, "scheduler_start": process_start_time(me)})
         rfd, wfd = os.pipe()
         os.set_blocking(wfd, False)
         os.set_blocking(rfd, False)
@@ -375,6 +498,8 @@ class Scheduler:
         old_handlers = {s: signal.signal(s, self._on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
         old_cwd = os.getcwd()
         os.chdir(self.plan.workflow.base_dir)  # every task runs in the workflow's folder
+        if any(s.timeout for s in self.plan.workflow.stages):
+            self._start_watchdog()
         crashed = True
         try:
             self._loop(rfd)
@@ -389,23 +514,63 @@ class Scheduler:
             self.sel.close()
             if crashed:
                 self._abandon()
-            self._flush()
-            if crashed:  # leave a state that `corral resume` completes
-                self.store.save_run(self.store.get_run(self.run_rec.run_id).replace(state=RunState.INTERRUPTED, pid=None))
-        tasks = list(self.records.values())
-        if self.cancelled:
-            state = RunState.CANCELLED
-        elif all(t.state.ok for t in tasks):
-            state = RunState.SUCCEEDED
-        else:
-            state = RunState.FAILED
-        self.store.save_run(self.store.get_run(self.run_rec.run_id).replace(state=state, pid=None))
+                # Leave a state that `corral resume` completes, as far as the store still takes
+                # writes (a full disk): the error that stopped the loop is the one reported.
+                with contextlib.suppress(CorralError):
+                    self._flush()
+                with contextlib.suppress(CorralError):
+                    runstate.settle(self.store, self.run_rec.run_id, RunState.INTERRUPTED, pid=None)
+            else:
+                self._flush()
+            self._stop_watchdog()
+        runstate.end(self.store, self.run_rec.run_id, list(self.records.values()), cancelled=self.cancelled, pid=None)
         self._progress(force=True)
         # Everything is recorded (CANCELLED): now let Ctrl-C mean what it means to the caller, so
         # `corral run` ends with 130 and a Python caller gets its KeyboardInterrupt. (SIGTERM is how
         # `corral cancel` stops a scheduler: a cancelled run, which returns as such.)
         if self.stopped_by == signal.SIGINT:
             raise KeyboardInterrupt
+
+    # -- the watchdog (corral.backends.watchdog) ---------------------------------------------------
+    def _start_watchdog(self) -> None:
+        """A process in its own session that enforces the timeouts if this scheduler dies."""
+        r, w = os.pipe()  # both ends close-on-exec: tasks never hold the write end
+        out = os.open(os.devnull, os.O_WRONLY | os.O_CLOEXEC)
+        try:
+            pid = os.posix_spawn(
+                sys.executable, [sys.executable, "-m", "corral.backends.watchdog"], self.base_env, setsid=True,
+                file_actions=[(os.POSIX_SPAWN_DUP2, r, 0), (os.POSIX_SPAWN_DUP2, out, 1),
+                              (os.POSIX_SPAWN_DUP2, out, 2)],
+            )
+        except OSError:
+            os.close(w)
+            self.b._note("no watchdog could start: if the scheduler dies, its tasks run past their timeouts "
+                         "until `corral status` or `resume`")
+            return
+        finally:
+            os.close(r)
+            os.close(out)
+        self.watchdog = (pid, w)
+
+    def _tell_watchdog(self, line: str) -> None:
+        if self.watchdog is None:
+            return
+        try:
+            os.write(self.watchdog[1], line.encode() + b"\n")
+        except OSError:  # it died: the scheduler goes on without it
+            os.close(self.watchdog[1])
+            self.watchdog = None
+
+    def _stop_watchdog(self) -> None:
+        if self.watchdog is None:
+            return
+        pid, _ = self.watchdog
+        self._tell_watchdog("bye")
+        if self.watchdog is not None:
+            os.close(self.watchdog[1])
+            self.watchdog = None
+        with contextlib.suppress(ChildProcessError):
+            os.waitpid(pid, 0)
 
     def _on_signal(self, signum: int, frame: object) -> None:
         self.cancelled = True
@@ -424,15 +589,21 @@ class Scheduler:
                     continue  # tasks became ready while launching (skips, failed starts)
                 break
             self._progress()
+            exited = []
             for key, _ in self.sel.select(self._next_timeout()):
                 if key.data == "signal":
                     with contextlib.suppress(BlockingIOError):
                         os.read(rfd, 4096)
                     continue
-                self._reap(key.data)
+                if self._reap(key.data):
+                    exited.append(key.data)
             if not _HAS_PIDFD:
-                for pid in list(self.running):
-                    self._reap(pid)
+                exited += [pid for pid in list(self.running) if self._reap(pid)]
+            if exited:
+                # Commit the exits before anything else (no task starts, nothing is killed
+                # first): a finished task is recorded once the scheduler has seen it end.
+                self._flush()
+                _release(exited)
             self._enforce_limits()
         left = [tid for tid, r in self.records.items() if not r.state.terminal]
         if left and not self.cancelled:
@@ -490,7 +661,7 @@ class Scheduler:
                     stack.append((dep, False))
 
     def _next_timeout(self) -> float:
-        t = now()
+        t = time.monotonic()
         candidates = [1.0 if any(r.memory_limit_mib for r in self.running.values()) else 30.0]
         for r in self.running.values():
             if r.kill_at is not None:
@@ -523,6 +694,10 @@ class Scheduler:
                 continue
             vcpus = min(task.stage.resources.vcpus, float(self.b.vcpus))
             mem = min(task.stage.resources.memory, self.b.memory_mib)
+            if self._stage_full(task):
+                deferred.append(entry)  # the stage's max_parallel is reached; other stages may start
+                self.unmet[tid] = 0
+                continue
             if self.running and not (self.free_vcpus >= vcpus - 1e-9 and self.free_mem >= mem):
                 deferred.append(entry)  # does not fit now; smaller tasks behind it may
                 self.unmet[tid] = 0
@@ -531,14 +706,34 @@ class Scheduler:
         for entry in deferred:
             heapq.heappush(self.ready, entry)
 
+    def _stage_full(self, task: Task) -> bool:
+        """The stage's ``max_parallel`` tasks are running (the cap of that stage alone)."""
+        cap = task.stage.max_parallel
+        return cap is not None and sum(1 for r in self.running.values() if r.task.stage.name == task.stage.name) >= cap
+
     def _outputs_exist(self, task: Task) -> bool:
-        if not task.stage.outputs or self.options.force:
+        if not task.stage.outputs or self.options.force or task.stage.name in self.forced:
             return False
         run_id, workdir = self.run_rec.run_id, str(self.workdir)
         return storage.outputs_exist(
             task.paths("outputs", run_id, workdir), task.paths("inputs", run_id, workdir),
             run_id=run_id, workdir=workdir, base_dir=self.plan.workflow.base_dir,
         )
+
+    def _missing_output(self, task: Task) -> str:
+        """After exit 0: "" when every declared output exists, else the reason naming the first
+        missing one (a task that exits 0 without its outputs has failed, on every backend)."""
+        if not task.stage.outputs:
+            return ""
+        run_id, workdir = self.run_rec.run_id, str(self.workdir)
+        for uri in task.paths("outputs", run_id, workdir):
+            try:
+                exists = storage.uri_times(storage.parse(uri, workdir=workdir, base_dir=self.plan.workflow.base_dir))[0]
+            except StorageError as exc:
+                return f"cannot check output {uri}: {exc.one_line()}"
+            if not exists:
+                return f"{OUTPUT_MISSING}: {uri}"
+        return ""
 
     def _argv(self, task: Task, workdir: str) -> tuple[list[str], dict[str, str]]:
         run_id = self.run_rec.run_id
@@ -560,12 +755,13 @@ class Scheduler:
         number = rec.attempts + 1
         folder = self.logdir / task.stage.name
         if folder not in self.made_dirs:
-            folder.mkdir(parents=True, exist_ok=True)
+            folder.mkdir(parents=True, exist_ok=True, mode=0o700)
             self.made_dirs.add(folder)
         base = f"{folder}/{task.key}.{task.id[:8]}.{number}"
         out_path, err_path = f"{base}.out", f"{base}.err"
         workdir = str(self.workdir)
         started = now()
+        mono = time.monotonic()
         container_name = None
         argv: list[str] = []
         try:
@@ -614,10 +810,12 @@ class Scheduler:
                 pidfd = None
         attempt = attempt.replace(pid=pid)
         self.dirty_attempts.append(attempt)
+        if task.stage.timeout:
+            self._tell_watchdog(f"start {pid} {mono + task.stage.timeout!r} {run_id} {task.id}")
         limit = task.stage.resources.memory if _explicit_memory(task) and container_name is None else None
         self.running[pid] = _Running(
             task=task, attempt=attempt, pid=pid, pidfd=pidfd,
-            deadline=started + task.stage.timeout if task.stage.timeout else None,
+            deadline=mono + task.stage.timeout if task.stage.timeout else None, started_mono=mono,
             memory_limit_mib=limit, vcpus=vcpus, memory_mib=mem, container_name=container_name,
         )
 
@@ -625,7 +823,9 @@ class Scheduler:
         self, task: Task, number: int, started: float, out_path: str, err_path: str, why: str, *, retryable: bool
     ) -> None:
         with contextlib.suppress(OSError):
-            Path(err_path).write_text(f"corral: {why}\n")
+            fd = os.open(err_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+            with os.fdopen(fd, "w") as fh:
+                fh.write(f"corral: {why}\n")
         attempt = AttemptRecord(
             run_id=self.run_rec.run_id, task_id=task.id, attempt=number, state=TaskState.FAILED, exit_code=127,
             reason=why, started_at=started, ended_at=now(), stdout=out_path, stderr=err_path, host=self.host,
@@ -663,38 +863,52 @@ class Scheduler:
         return out
 
     # -- completion ---------------------------------------------------------------------------
-    def _reap(self, pid: int) -> None:
+    def _reap(self, pid: int) -> bool:
+        """Record the attempt's end if ``pid`` has exited; True if so. The exit is read with
+        WNOWAIT: the process stays a zombie (its pid and group cannot be reused) until the caller
+        has committed the record and releases it with :func:`_release`."""
         r = self.running.get(pid)
         if r is None:
-            return
+            return False
         try:
-            got, status = os.waitpid(pid, os.WNOHANG)
+            info = os.waitid(os.P_PID, pid, os.WEXITED | os.WNOHANG | os.WNOWAIT)
         except ChildProcessError:
-            got, status = pid, 255 << 8
-        if got == 0:
-            return
-        code = os.waitstatus_to_exitcode(status)
+            code = 255
+        else:
+            if info is None or info.si_pid == 0:
+                return False
+            code = info.si_status if info.si_code == os.CLD_EXITED else -info.si_status
         del self.running[pid]
+        if r.deadline is not None:
+            self._tell_watchdog(f"end {pid}")
         if r.pidfd is not None:
             self.sel.unregister(r.pidfd)
             os.close(r.pidfd)
         self.free_vcpus += r.vcpus
         self.free_mem += r.memory_mib
-        # The group may hold children the task left behind: they go with it.
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(pid, signal.SIGKILL)
+        # The group may hold children the task left behind: they go with it (after a timeout or
+        # cancel, also the daemons it started in sessions of their own).
+        if r.kill_reason:
+            kill_task(pid, task_marker(self.run_rec.run_id, r.task.id))
+        else:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(pid, signal.SIGKILL)
         if r.kill_reason:
             state = TaskState.CANCELLED if r.kill_reason == "cancelled" else TaskState.FAILED
             reason = r.kill_reason
         elif code == 0:
             state, reason = TaskState.SUCCEEDED, ""
+            missing = self._missing_output(r.task)
+            if missing:
+                state, reason = TaskState.FAILED, missing
         elif code < 0:
             state, reason = TaskState.FAILED, f"killed by signal {signal.Signals(-code).name}"
         else:
             state, reason = TaskState.FAILED, f"exit code {code}"
-        attempt = r.attempt.replace(state=state, exit_code=code, reason=reason, ended_at=now())
+        attempt = r.attempt.replace(state=state, exit_code=code, reason=reason, ended_at=_ended(r))
         self.dirty_attempts.append(attempt)
         self._finish(r.task, attempt)
+        return True
 
     def _finish(self, task: Task, attempt: AttemptRecord, retryable: bool = True) -> None:
         rec = self.records[task.id]
@@ -715,7 +929,7 @@ class Scheduler:
             self._resolved(task.id)
 
     def _enforce_limits(self) -> None:
-        t = now()
+        t = time.monotonic()
         for r in list(self.running.values()):
             if r.kill_at is not None:
                 if t >= r.kill_at:
@@ -731,17 +945,16 @@ class Scheduler:
 
     def _kill(self, r: _Running, reason: str) -> None:
         r.kill_reason = reason
-        r.kill_at = now() + KILL_GRACE_S
+        r.kill_at = time.monotonic() + KILL_GRACE_S
         if r.container_name and self.use_engine is not None:
             import subprocess
 
             subprocess.run([self.use_engine.path, "kill", r.container_name], capture_output=True, timeout=30)
         self._signal(r, signal.SIGTERM if "memory" not in reason else signal.SIGKILL)
 
-    @staticmethod
-    def _signal(r: _Running, sig: signal.Signals) -> None:
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(r.pid, sig)
+    def _signal(self, r: _Running, sig: signal.Signals) -> None:
+        """Timeout, cancel, memory: the task's whole session and its marked descendants."""
+        kill_task(r.pid, task_marker(self.run_rec.run_id, r.task.id), sig)
 
     def _cancel_all(self) -> None:
         for r in self.running.values():
@@ -762,7 +975,7 @@ class Scheduler:
             if r.pidfd is not None:
                 os.close(r.pidfd)
             self.dirty_attempts.append(r.attempt.replace(
-                state=TaskState.FAILED, reason="interrupted: the scheduler stopped", ended_at=now()))
+                state=TaskState.FAILED, reason="interrupted: the scheduler stopped", ended_at=_ended(r)))
             self._set(self.records[r.task.id].replace(state=TaskState.PENDING, reason="interrupted"))
         self.running.clear()
 
@@ -789,6 +1002,52 @@ class Scheduler:
             cb(list(self.records.values()))
 
 
+def tail_lines(
+    path: str, ends: dict[str, int] | None = None, max_lines: int = LOG_TAIL_LINES, max_bytes: int = LOG_TAIL_BYTES
+) -> Iterator[str]:
+    """The last ``max_lines`` lines of a file, reading at most ``max_bytes`` backwards from its end
+    (a 2 GB log or a 512 MB line costs one MiB); a first line says what was left out. The size
+    read up to goes into ``ends[path]`` (where ``--follow`` goes on)."""
+    with open(path, "rb") as fh:
+        size = fh.seek(0, os.SEEK_END)
+        start = max(0, size - max_bytes)
+        pos, blocks, newlines = size, [], 0
+        while pos > start and newlines <= max_lines:
+            n = min(LOG_CHUNK, pos - start)
+            pos -= n
+            fh.seek(pos)
+            block = fh.read(n)
+            blocks.append(block)
+            newlines += block.count(b"\n")
+    if ends is not None:
+        ends[path] = size
+    data = b"".join(reversed(blocks))
+    lines = data.split(b"\n")
+    if lines and lines[-1] == b"":
+        lines.pop()
+    cut = pos > 0
+    if len(lines) > max_lines:
+        lines, cut = lines[-max_lines:], True
+    if cut:
+        shown = sum(len(x) + 1 for x in lines)
+        yield f"(... {max(0, size - shown)} earlier bytes not shown; the whole file is {path})"
+    for line in lines:
+        yield line.decode(errors="replace")
+
+
+def _release(pids: list[int]) -> None:
+    """Reap zombies whose exits are recorded."""
+    for pid in pids:
+        with contextlib.suppress(ChildProcessError):
+            os.waitpid(pid, 0)
+
+
+def _ended(r: _Running) -> float:
+    """Wall-clock end of an attempt measured on the monotonic clock from its start (a clock jump
+    neither shortens nor lengthens it, and never makes it negative)."""
+    return (r.attempt.started_at or now()) + max(0.0, time.monotonic() - r.started_mono)
+
+
 def _explicit_memory(task: Task) -> bool:
     """Memory limits are enforced locally only where the workflow set them."""
     return "memory" in task.stage.resources.model_fields_set
@@ -797,9 +1056,9 @@ def _explicit_memory(task: Task) -> bool:
 def _start_process(argv: list[str], env: dict[str, str], out_path: str, err_path: str, devnull: int) -> int:
     """Create the attempt's log files and start it in a new session (posix_spawn); returns the pid."""
     flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC
-    fd_out = os.open(out_path, flags, 0o644)
+    fd_out = os.open(out_path, flags, 0o600)  # logs are the user's alone (CORRAL_HOME is 0700)
     try:
-        fd_err = os.open(err_path, flags, 0o644)
+        fd_err = os.open(err_path, flags, 0o600)
         try:
             return os.posix_spawnp(
                 argv[0], argv, env, setsid=True,

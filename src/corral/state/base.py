@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
+from contextlib import AbstractContextManager
 from typing import Protocol, runtime_checkable
 
 from corral.model import AttemptRecord, RunRecord, TaskRecord, TaskState
@@ -17,7 +18,10 @@ class StateStore(Protocol):
     run is never recorded twice.
     """
 
-    def create_run(self, run: RunRecord, manifest: bytes, tasks: Sequence[TaskRecord]) -> None: ...
+    def create_run(self, run: RunRecord, manifest: bytes, tasks: Sequence[TaskRecord]) -> None:
+        """Record the run, its manifest and its tasks atomically: until every part is written,
+        no reader (``get_run``, ``list_runs``, ``resume``, another machine) sees the run."""
+        ...
 
     def get_run(self, run_id: str) -> RunRecord:
         """The run, or StateError naming the run id and how to list runs."""
@@ -40,6 +44,21 @@ class StateStore(Protocol):
     def swap_task(self, old: TaskRecord, new: TaskRecord) -> bool:
         """Write ``new`` only if the stored task is still exactly ``old`` (compare-and-set); True if
         written. Of several processes swapping the same ``old``, exactly one wins."""
+        ...
+
+    def update_tasks(self, pairs: Sequence[tuple[TaskRecord, TaskRecord]]) -> list[TaskRecord]:
+        """For each (old, new), ``swap_task`` in as few writes as the store allows; the records written.
+        Refreshes write with this, so a claim another process made is never overwritten."""
+        ...
+
+    def restore_tasks(self, run_id: str, tasks: Sequence[TaskRecord]) -> int:
+        """Record those of ``tasks`` the run does not hold (``resume`` rebuilds from the manifest);
+        existing records stay as they are. Returns how many were added."""
+        ...
+
+    def lease(self, run_id: str, purpose: str, wait: float = ...) -> AbstractContextManager[None]:
+        """Hold the run's one-writer lease (re-entrant in a process); if another process holds it
+        after ``wait`` seconds, :class:`corral.state.lease.LeaseHeld` says who (host, pid, since)."""
         ...
 
     def save_attempt(self, attempt: AttemptRecord) -> None:

@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import json
+import os
 import sqlite3
 import zlib
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from corral.errors import StateError
 from corral.model import AttemptRecord, RunRecord, RunState, TaskRecord, TaskState, now
+from corral.state.lease import LEASE_WAIT_S, file_lease
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS runs (
@@ -75,13 +79,46 @@ _ATTEMPT_COLS = (
 _RUN_COLS = "run_id, workflow_name, backend, created_at, updated_at, state, workflow_path, base_dir, host, pid, options"
 
 
+_F = TypeVar("_F", bound=Callable[..., Any])
+
+
+def _sql_errors(fn: _F) -> _F:
+    """A full disk, a read-only or vanished database: one StateError line, never a traceback."""
+
+    @functools.wraps(fn)
+    def wrapper(self: SqliteStore, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(self, *args, **kwargs)
+        except sqlite3.Error as exc:
+            raise _state_error(self.path, exc) from None
+
+    return wrapper  # type: ignore[return-value]
+
+
+def _state_error(path: Path, exc: BaseException) -> StateError:
+    text = str(exc)
+    if "full" in text:
+        hint = "free space where CORRAL_HOME is (or point CORRAL_HOME elsewhere), then `corral resume`"
+    elif "readonly" in text or "read-only" in text:
+        hint = f"make {path} and its folder writable again, then `corral resume`"
+    else:
+        hint = "check CORRAL_HOME; `corral doctor` checks the state database"
+    return StateError(f"the state database {path} cannot be used: {text}", hint)
+
+
 class SqliteStore:
     """The local state store. One connection per instance; open one per process."""
 
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
         try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
+            # CORRAL_HOME is private (0700) and the database 0600: SQLite gives its -wal and -shm files
+            # the database file's permissions, so they are 0600 too (state rows name paths and items).
+            if not self.path.parent.exists():
+                self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+            os.close(os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600))
+            if self.path.stat().st_mode & 0o077:
+                os.chmod(self.path, 0o600)  # made by an older corral as 0644
             self._db = sqlite3.connect(str(self.path), timeout=30.0, isolation_level=None)
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA synchronous=NORMAL")
@@ -94,6 +131,7 @@ class SqliteStore:
             ) from exc
 
     # -- runs ---------------------------------------------------------------------------------
+    @_sql_errors
     def create_run(self, run: RunRecord, manifest: bytes, tasks: Sequence[TaskRecord]) -> None:
         with self._tx():
             exists = self._db.execute("SELECT 1 FROM runs WHERE run_id=?", (run.run_id,)).fetchone()
@@ -108,18 +146,21 @@ class SqliteStore:
                 [(*_task_row(t), i) for i, t in enumerate(tasks)],
             )
 
+    @_sql_errors
     def get_run(self, run_id: str) -> RunRecord:
         row = self._db.execute(f"SELECT {_RUN_COLS} FROM runs WHERE run_id=?", (run_id,)).fetchone()
         if row is None:
             raise StateError(f"no run {run_id!r} in {self.path}", "`corral status --all` lists the runs")
         return _run_from_row(row)
 
+    @_sql_errors
     def list_runs(self, limit: int = 20) -> list[RunRecord]:
         rows = self._db.execute(
             f"SELECT {_RUN_COLS} FROM runs ORDER BY created_at DESC, run_id DESC LIMIT ?", (limit,)
         ).fetchall()
         return [_run_from_row(r) for r in rows]
 
+    @_sql_errors
     def save_run(self, run: RunRecord) -> None:
         run = run.replace(updated_at=now())
         with self._tx():
@@ -131,6 +172,7 @@ class SqliteStore:
             if cur.rowcount == 0:
                 raise StateError(f"no run {run.run_id!r} to update", "create the run first")
 
+    @_sql_errors
     def load_manifest(self, run_id: str) -> bytes:
         row = self._db.execute("SELECT manifest FROM runs WHERE run_id=?", (run_id,)).fetchone()
         if row is None:
@@ -138,6 +180,7 @@ class SqliteStore:
         return zlib.decompress(row[0])
 
     # -- tasks --------------------------------------------------------------------------------
+    @_sql_errors
     def get_tasks(self, run_id: str, states: Iterable[TaskState] | None = None) -> list[TaskRecord]:
         sql = f"SELECT {_TASK_COLS} FROM tasks WHERE run_id=?"
         args: list[Any] = [run_id]
@@ -148,21 +191,20 @@ class SqliteStore:
         rows = self._db.execute(sql + " ORDER BY ord", args).fetchall()
         return [_task_from_row(r) for r in rows]
 
+    @_sql_errors
     def save_tasks(self, tasks: Sequence[TaskRecord]) -> None:
         if not tasks:
             return
         with self._tx():
             self._db.executemany(_UPDATE_TASK, [_task_update_row(t) for t in tasks])
 
+    @_sql_errors
     def swap_task(self, old: TaskRecord, new: TaskRecord) -> bool:
         with self._tx():
-            cur = self._db.execute(
-                _UPDATE_TASK + " AND state=? AND attempts=? AND exit_code IS ? AND reason=? AND started_at IS ? "
-                "AND ended_at IS ? AND external_id=? AND instance_type=?",
-                (*_task_update_row(new), *_task_update_row(old)[:8]),
-            )
+            cur = self._db.execute(_SWAP_TASK, (*_task_update_row(new), *_task_update_row(old)[:8]))
             return cur.rowcount == 1
 
+    @_sql_errors
     def save_batch(self, tasks: Sequence[TaskRecord], attempts: Sequence[AttemptRecord]) -> None:
         """Tasks and attempts in one transaction (the local scheduler's write path)."""
         with self._tx():
@@ -173,6 +215,7 @@ class SqliteStore:
             self._db.executemany(_UPDATE_TASK, [_task_update_row(t) for t in tasks])
 
     # -- attempts -----------------------------------------------------------------------------
+    @_sql_errors
     def save_attempt(self, attempt: AttemptRecord) -> None:
         with self._tx():
             self._db.execute(
@@ -180,12 +223,41 @@ class SqliteStore:
                 _attempt_row(attempt),
             )
 
+    @_sql_errors
     def get_attempts(self, run_id: str, task_id: str) -> list[AttemptRecord]:
         rows = self._db.execute(
             f"SELECT {_ATTEMPT_COLS} FROM attempts WHERE run_id=? AND task_id=? ORDER BY attempt",
             (run_id, task_id),
         ).fetchall()
         return [_attempt_from_row(r) for r in rows]
+
+    @_sql_errors
+    def update_tasks(self, pairs: Sequence[tuple[TaskRecord, TaskRecord]]) -> list[TaskRecord]:
+        """For each (old, new): write ``new`` only where the stored record is still ``old``."""
+        written = []
+        with self._tx():
+            for old, new in pairs:
+                cur = self._db.execute(_SWAP_TASK, (*_task_update_row(new), *_task_update_row(old)[:8]))
+                if cur.rowcount == 1:
+                    written.append(new)
+        return written
+
+    @_sql_errors
+    def restore_tasks(self, run_id: str, tasks: Sequence[TaskRecord]) -> int:
+        """Record the tasks the run does not hold yet; the number added."""
+        with self._tx():
+            top = self._db.execute("SELECT COALESCE(MAX(ord), -1) FROM tasks WHERE run_id=?", (run_id,)).fetchone()[0]
+            cur = self._db.executemany(
+                f"INSERT OR IGNORE INTO tasks ({_TASK_COLS}, ord) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+                [(*_task_row(t), top + 1 + i) for i, t in enumerate(tasks) if t.run_id == run_id],
+            )
+            return max(cur.rowcount, 0)
+
+    @contextlib.contextmanager
+    def lease(self, run_id: str, purpose: str, wait: float = LEASE_WAIT_S) -> Iterator[None]:
+        """The run's lease: an flock the kernel releases when this process ends (see corral.state.lease)."""
+        with file_lease(self.path.parent / "locks", run_id, purpose, wait):
+            yield
 
     def integrity_ok(self) -> bool:
         return self._db.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
@@ -207,14 +279,25 @@ class _Transaction:
 
     def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
         if exc_type is None:
-            self.db.execute("COMMIT")
+            try:
+                self.db.execute("COMMIT")
+            except sqlite3.Error:
+                with contextlib.suppress(sqlite3.Error):
+                    self.db.execute("ROLLBACK")
+                raise
         else:
-            self.db.execute("ROLLBACK")
+            with contextlib.suppress(sqlite3.Error):  # the first error is the one to report
+                self.db.execute("ROLLBACK")
 
 
 _UPDATE_TASK = (
     "UPDATE tasks SET state=?, attempts=?, exit_code=?, reason=?, started_at=?, ended_at=?, "
     "external_id=?, instance_type=? WHERE run_id=? AND task_id=?"
+)
+
+_SWAP_TASK = (
+    _UPDATE_TASK + " AND state=? AND attempts=? AND exit_code IS ? AND reason=? AND started_at IS ? "
+    "AND ended_at IS ? AND external_id=? AND instance_type=?"
 )
 
 

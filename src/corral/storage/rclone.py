@@ -194,7 +194,10 @@ def s3_connection(region: str | None = None, endpoint: str | None = None) -> str
     """rclone's on-the-fly S3 remote using the standard AWS credential chain."""
     # rclone (1.60) always uses virtual-host addressing for provider=AWS; a custom endpoint (an
     # S3-compatible store, a test server) gets provider=Other with path-style addressing.
-    opts = ["s3", "provider=Other" if endpoint else "provider=AWS", "env_auth=true"]
+    # no_check_bucket: never HEAD or create the bucket before an upload. Without it rclone checks
+    # the bucket and may try CreateBucket, which a job role (no s3:CreateBucket, ListBucket only
+    # under its prefixes) is denied (rclone/rclone#4703, #5119; rclone docs, s3 `no_check_bucket`).
+    opts = ["s3", "provider=Other" if endpoint else "provider=AWS", "env_auth=true", "no_check_bucket=true"]
     if region:
         opts.append(f"region={region}")
     if endpoint:

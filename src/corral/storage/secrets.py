@@ -8,13 +8,18 @@ those tags. The value never leaves these calls: not in a return value, an error 
 On AWS Batch a secret reaches a container through the job definition's ``secrets`` list
 (``{"name": ENV, "valueFrom": ARN}``): the ECS agent reads it with the job's *execution role*,
 which therefore needs ``secretsmanager:GetSecretValue`` on exactly these ARNs
-(:func:`read_statement`). :func:`restrict_readers` adds a resource policy that denies
-``GetSecretValue`` to every other principal of the account.
+(:func:`read_statement`). :func:`restrict_readers` (called by the AWS backend right after it
+makes the run's secret) adds a resource policy (PutResourcePolicy) that denies
+``GetSecretValue`` to every principal but the run's execution role — also to the account's
+administrators; corral itself never reads the value back.
 
 With ``aws: secrets: ssm`` the same value is an SSM Parameter Store **SecureString**
 ``/<prefix>/<run_id>/<purpose>`` (encrypted with the account's ``aws/ssm`` key, same tags), made by
 :func:`create_parameter` and removed by :func:`delete_parameters`; the execution role reads it with
 ``ssm:GetParameters`` on its ARN and ``kms:Decrypt`` only via SSM (:func:`parameter_statements`).
+Parameter Store has no resource policies: there, who may read the parameter rests on identity
+policies alone (corral's roles grant it only to the run's execution role; an account identity with
+``ssm:GetParameter*`` on ``*`` and ``kms:Decrypt`` on the ``aws/ssm`` key can read it too).
 """
 
 from __future__ import annotations
@@ -131,9 +136,20 @@ def read_statement(arns: Iterable[str]) -> dict[str, Any]:
             "Resource": sorted(arns)}
 
 
+def _with_and_without_path(role_arn: str) -> list[str]:
+    """A role ARN with its path (``role/corral/x``) and without (``role/x``): ``aws:PrincipalArn``
+    is documented as the role's ARN; both forms are listed so the role is never locked out."""
+    head, sep, rest = role_arn.partition(":role/")
+    if not sep or "/" not in rest:
+        return [role_arn]
+    return [role_arn, f"{head}:role/{rest.rsplit('/', 1)[1]}"]
+
+
 def reader_policy(reader_role_arns: Iterable[str]) -> str:
     """A resource policy: nobody but these roles may read the secret's value."""
-    roles = sorted(reader_role_arns)
+    roles = sorted({a for arn in reader_role_arns for a in _with_and_without_path(arn)})
+    if not roles or not all(r.startswith("arn:") for r in roles):
+        raise ValueError(f"reader_policy needs role ARNs, not {roles!r}")
     return json.dumps({
         "Version": "2012-10-17",
         "Statement": [{

@@ -21,6 +21,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+from corral import runstate
 from corral.backends.aws_batch import payloads as pl
 from corral.backends.aws_batch import staging
 from corral.backends.aws_batch.client import AwsClients
@@ -38,18 +39,75 @@ from corral.backends.aws_batch.submit import (
     parent_of,
     reconcile,
 )
-from corral.backends.base import RunOptions
+from corral.backends.base import OUTPUT_MISSING, RunOptions
 from corral.errors import BackendError, CorralError, CredentialsError, PlanError, UsageError
 from corral.model import RunRecord, RunState, TaskRecord, TaskState, now
 from corral.plan import Plan
 from corral.spec import AwsSettings
 from corral.state.base import StateStore
+from corral.state.lease import LeaseHeld
 
 __all__ = ["CANCEL_REASON", "CLAIM_LEASE", "AwsBatchBackend", "task_state_of"]
 
 
 class AwsBatchBackend:
     name = "aws"
+    always_waits = False  # `run` returns once submitted unless RunOptions.wait
+    records_attempts = False  # Batch keeps each attempt (attempt_history reads them)
+    driven_from_host = False  # Batch runs it: no client needs to stay up
+    cost_basis = "actual"
+    flags = frozenset({"force", "wait", "force_stages", "reuse"})
+
+    # -- what callers need to know (Backend protocol) ------------------------------------------
+    @classmethod
+    def create(cls, *, workflow: Any = None, run: RunRecord | None = None, region: str | None = None,
+               profile: str | None = None, **settings: Any) -> AwsBatchBackend:
+        if workflow is not None:
+            aws = workflow.aws
+        else:
+            aws = AwsSettings(**(run.options.get("aws", {}) if run else {}))
+        if region or profile:
+            aws = aws.model_copy(update={k: v for k, v in (("region", region), ("profile", profile)) if v})
+        return cls(AwsClients(region=aws.region, profile=aws.profile), aws)
+
+    @classmethod
+    def open_store(cls, *, workflow: Any = None, **settings: Any) -> StateStore:
+        from corral.state.dynamodb import DynamoStore
+
+        aws = workflow.aws if workflow is not None else AwsSettings(
+            **{k: v for k, v in settings.items() if v is not None and k in AwsSettings.model_fields})
+        clients = AwsClients(region=aws.region, profile=aws.profile)
+        return DynamoStore(settings.get("table") or "corral-state", clients.dynamodb)
+
+    @classmethod
+    def store_exists(cls) -> bool:
+        return True  # a DynamoDB table: asking costs a call; the store says when it is missing
+
+    def run_options(self, workflow: Any) -> dict[str, Any]:
+        return {"aws": workflow.aws.model_dump(mode="json")}
+
+    def workspace(self, run: RunRecord) -> str | None:
+        return None  # on EFS (or the instance's disk): not a path on this machine
+
+    def attempt_history(self, run: RunRecord, tasks: Any) -> dict[str, list[Any]]:
+        """Every attempt Batch still knows (Batch forgets jobs ~7 days after they end)."""
+        from corral.report import batch_attempts
+
+        ecs = self.clients.client("ecs")
+        clusters: list[str] = []
+        try:
+            for page in self.clients.batch.get_paginator("describe_compute_environments").paginate():
+                clusters += [c["ecsClusterArn"] for c in page.get("computeEnvironments", []) if c.get("ecsClusterArn")]
+        except Exception:  # noqa: BLE001 - only used to find old-format container instance ARNs
+            clusters = []
+        return batch_attempts(run.run_id, list(tasks), self.api.describe_jobs, ecs, clusters)
+
+    def diagnose(self, run: RunRecord | None, store: StateStore | None, plan: Plan | None,
+                 tasks: list[TaskRecord] | None, *, runnable_after_s: float) -> list[Any]:
+        from corral.doctor import aws_checks
+
+        return aws_checks(self.clients, plan.workflow.aws if plan is not None else self.settings, plan=plan, run=run,
+                          tasks=tasks, runnable_after_s=runnable_after_s)
 
     def __init__(
         self,
@@ -65,6 +123,7 @@ class AwsBatchBackend:
         after_submit: Callable[[str, str], None] | None = None,
         say: Callable[[str], None] | None = None,
         wall_clock: Callable[[], float] = time.time,
+        api: BatchApi | None = None,
     ) -> None:
         self.clients = clients
         self.say = say or (lambda msg: print(msg, file=sys.stderr))  # one line for people, on stderr
@@ -78,7 +137,7 @@ class AwsBatchBackend:
         self.settle_polls = settle_polls
         self.after_submit = after_submit
         self._bucket = bucket or TokenBucket(clock=clock, sleep=sleep)
-        self._api: BatchApi | None = None
+        self._api: BatchApi | None = api  # (tests give a BatchApi that plays Batch: the contract suite)
         self._secrets: dict[str, str] = {}
         # On resume only the tasks to resubmit need their local sources (checked when staging them).
         self._resuming = False
@@ -94,8 +153,7 @@ class AwsBatchBackend:
         if self._environment is None:
             from corral.backends.aws_batch import provision
 
-            needs = provision.needs_for(plan)
-            needs.run_id = run_id
+            needs = provision.needs_for(plan, run_id)  # {run} in S3 URIs: this run's scope only
             if staging.reads_local_paths(plan):
                 needs.bucket = True  # local sources are staged in the run's bucket
             if run_id:
@@ -146,6 +204,14 @@ class AwsBatchBackend:
     def check(self, plan: Plan) -> None:
         wf = plan.workflow
         for s in wf.stages:
+            if s.max_parallel is not None:
+                # Not silently ignored: a lab's cap (DANDI uploads, licences) must hold.
+                raise PlanError(
+                    f"stage {s.name!r} sets max_parallel, which the AWS backend does not enforce yet",
+                    "remove max_parallel for --backend aws (or cap the whole run with aws.max_vcpus); "
+                    "the local backend enforces it",
+                    where=wf.stage_where(s.name, "max_parallel"),
+                )
             if s.kind == "transfer":
                 self._check_transfer(plan, s, sources=not self._resuming)
             elif not s.image and not (s.kind == "cleanup" and s.command is None):
@@ -219,7 +285,7 @@ class AwsBatchBackend:
         """Make (or update) the run's rclone-config secret when its transfers use rclone remotes:
         ``{CORRAL_RCLONE_CONFIG: ARN}`` (Secrets Manager, or an SSM SecureString)."""
         from corral.storage.aws import CONFIG_ENV, prepare_rclone_secret, rclone_config_text, workflow_remotes
-        from corral.storage.secrets import create_parameter
+        from corral.storage.secrets import create_parameter, restrict_readers
 
         names = workflow_remotes(plan.workflow)
         if not names:
@@ -231,7 +297,11 @@ class AwsBatchBackend:
                 account_id=self.clients.account_id(), partition=self.clients.partition(),
             )
             return {CONFIG_ENV: arn}
-        return prepare_rclone_secret(self.clients.secretsmanager, plan.workflow, run.run_id, tags=tags)
+        made = prepare_rclone_secret(self.clients.secretsmanager, plan.workflow, run.run_id, tags=tags)
+        reader = getattr(self.environment(plan, run.run_id), "execution_role_arn", "")
+        if reader:  # the secret's resource policy: nobody but the run's execution role reads it
+            restrict_readers(self.clients.secretsmanager, made[CONFIG_ENV], [reader])
+        return made
 
     def start(self, plan: Plan, run: RunRecord, store: StateStore, options: RunOptions) -> None:
         self.check(plan)
@@ -240,8 +310,11 @@ class AwsBatchBackend:
         _record_where(run, plan, env)
         records = {t.task_id: t for t in store.get_tasks(run.run_id)}
         to_submit = {tid for tid, t in records.items() if t.state == TaskState.PENDING}
+        to_submit -= skip_done(plan, run, store, records, to_submit, options)
         staged = self._stage(plan, run, env, to_submit)
         self._submitter(env, store, plan, staged).submit_round(plan, run, records, to_submit, 0)
+        if not to_submit:  # everything was skipped: the run has ended
+            self._update_run_state(run, store, store.get_tasks(run.run_id))
         if options.wait:
             self.wait(run, store, options)
 
@@ -281,6 +354,8 @@ class AwsBatchBackend:
             # (also when a cleanup already ran after the failures).
             to_submit |= {t.task_id for t in tasks if t.stage in cleanups and t.state.terminal}
         round_ = int(opts.get("round", -1)) + 1 if "round" in opts else 0
+        never_tried = {tid for tid in to_submit if records[tid].attempts == 0}
+        to_submit -= skip_done(plan, run, store, records, never_tried, options)
         staged = self._stage(plan, run, env, to_submit)
         if run.state != RunState.RUNNING and to_submit:
             run.state = RunState.RUNNING
@@ -292,7 +367,15 @@ class AwsBatchBackend:
 
     def refresh(self, run: RunRecord, store: StateStore, *, final_cleanup: bool = True) -> list[TaskRecord]:
         """Read the jobs' states into the store; after a failed run, also see that its workspace
-        cleanup runs (:class:`final_cleanup.FinalCleanup`) unless ``final_cleanup`` is false."""
+        cleanup runs (:class:`final_cleanup.FinalCleanup`) unless ``final_cleanup`` is false.
+        Holds the run's lease while it writes; while another command holds it, the stored view."""
+        try:
+            with store.lease(run.run_id, "status"):
+                return self._refresh(run, store, final_cleanup=final_cleanup)
+        except LeaseHeld:
+            return store.get_tasks(run.run_id)
+
+    def _refresh(self, run: RunRecord, store: StateStore, *, final_cleanup: bool) -> list[TaskRecord]:
         tasks = store.get_tasks(run.run_id)
         by_parent: dict[str, list[TaskRecord]] = {}  # every task recorded in a job, live or ended
         for t in tasks:
@@ -300,6 +383,7 @@ class AwsBatchBackend:
                 by_parent.setdefault(parent_of(t.external_id), []).append(t)
         moving = [p for p, members in by_parent.items() if any(not t.state.terminal for t in members)]
         changed: dict[str, TaskRecord] = {}
+        jobs: dict[str, dict[str, Any]] = {}
         if moving:
             jobs = self.api.describe_jobs(moving)
             for parent in moving:
@@ -318,8 +402,15 @@ class AwsBatchBackend:
                     for t in live:
                         apply_summary(t, job, changed)
         if changed:
-            store.save_tasks(list(changed.values()))
-            tasks = [changed.get(t.task_id, t) for t in tasks]
+            self._count_attempts(changed, jobs)
+            self._name_missing_outputs(run, store, changed)
+            # Conditional: a record another process changed since we read it (a cleanup claim) stands.
+            before = {t.task_id: t for t in tasks}
+            written = store.update_tasks([(before[tid], new) for tid, new in changed.items()])
+            if len(written) == len(changed):
+                tasks = [changed.get(t.task_id, t) for t in tasks]
+            else:
+                tasks = store.get_tasks(run.run_id)
         self._update_run_state(run, store, tasks)
         if final_cleanup:
             try:
@@ -334,7 +425,61 @@ class AwsBatchBackend:
                 tasks = store.get_tasks(run.run_id)
         return tasks
 
+    def _count_attempts(self, changed: dict[str, TaskRecord], parents: dict[str, dict[str, Any]]) -> None:
+        """Attempts of array children that just ended, where their job allows more than one
+        (``retryStrategy.attempts`` in the parent's DescribeJobs, which AWS returns; moto does not).
+
+        Every failure is retried while attempts remain (payloads.retry_strategy), so a FAILED child
+        used them all. A SUCCEEDED one may have needed 1..N: ListJobs summaries carry no attempts,
+        so those are described (100 per call, once: an ended child never changes) — ``attempts``
+        then means what it means locally."""
+        want: list[str] = []
+        for t in changed.values():
+            if ":" not in t.external_id or t.state not in (TaskState.SUCCEEDED, TaskState.FAILED):
+                continue
+            allowed = int(((parents.get(parent_of(t.external_id)) or {}).get("retryStrategy") or {})
+                          .get("attempts") or 1)
+            if allowed <= 1:
+                continue
+            if t.state == TaskState.FAILED:
+                changed[t.task_id] = t.replace(attempts=allowed)
+            else:
+                want.append(t.external_id)
+        if not want:
+            return
+        described = self.api.describe_jobs(want)
+        for t in list(changed.values()):
+            job = described.get(t.external_id)
+            if job is not None and job.get("attempts"):
+                changed[t.task_id] = t.replace(attempts=len(job["attempts"]))
+
+    @staticmethod
+    def _name_missing_outputs(run: RunRecord, store: StateStore, changed: dict[str, TaskRecord]) -> None:
+        """A child whose wrapper found a declared output missing exits OUTPUT_MISSING_BASE + i
+        (payloads.outputs_words): its reason names output i, as the local backend's does."""
+        base = pl.OUTPUT_MISSING_BASE
+        hits = [t for t in changed.values() if t.state == TaskState.FAILED and t.exit_code is not None
+                and base <= t.exit_code < base + pl.MAX_CHECKED_OUTPUTS]
+        if not hits:
+            return
+        try:
+            plan = Plan.from_manifest(store.load_manifest(run.run_id)).with_keys(
+                {t.task_id: t.item_key for t in hits})
+        except CorralError:
+            return
+        for t in hits:
+            task = plan.by_id.get(t.task_id)
+            i = int(t.exit_code or 0) - base
+            if task is None or i >= len(task.stage.outputs):
+                continue
+            uri = task.paths("outputs", run.run_id, "")[i]
+            changed[t.task_id] = changed[t.task_id].replace(reason=f"{OUTPUT_MISSING}: {uri}")
+
     def cancel(self, run: RunRecord, store: StateStore) -> None:
+        with store.lease(run.run_id, "cancel"):
+            self._cancel(run, store)
+
+    def _cancel(self, run: RunRecord, store: StateStore) -> None:
         tasks = store.get_tasks(run.run_id)
         if OPTIONS_KEY in run.options and run.options[OPTIONS_KEY].get("job_queue"):
             queues = self._queues(run)
@@ -354,7 +499,7 @@ class AwsBatchBackend:
         ]
         store.save_tasks(cancelled)
         if cancelled:  # a run that had already ended keeps its state
-            store.save_run(store.get_run(run.run_id).replace(state=RunState.CANCELLED))
+            runstate.settle(store, run.run_id, RunState.CANCELLED)
 
     def logs(
         self, run: RunRecord, store: StateStore, task: TaskRecord, attempt: int | None, follow: bool
@@ -406,6 +551,8 @@ class AwsBatchBackend:
             rclone_secrets=self._secrets, s3_endpoint=self._s3_endpoint(),
             instance_types=list(self._aws(plan).instance_types),
             staged=staged, base_dir=plan.workflow.base_dir,
+            share_identifier=getattr(self._aws(plan), "share_identifier", "corral"),
+            user_queues=[q for q in [self._aws(plan).queue] if q],
         )
 
     def _s3_endpoint(self) -> str | None:
@@ -421,14 +568,7 @@ class AwsBatchBackend:
     def _update_run_state(run: RunRecord, store: StateStore, tasks: list[TaskRecord]) -> None:
         if not tasks or run.state != RunState.RUNNING or not all(t.state.terminal for t in tasks):
             return
-        state = RunState.SUCCEEDED if all(t.state.ok for t in tasks) else RunState.FAILED
-        if any(t.state == TaskState.CANCELLED for t in tasks):
-            state = RunState.CANCELLED
-        run.state = state
-        # Re-read before writing: another machine may have changed the run's options (a resume).
-        fresh = store.get_run(run.run_id)
-        if fresh.state == RunState.RUNNING:
-            store.save_run(fresh.replace(state=state))
+        run.state = runstate.end(store, run.run_id, tasks).state  # (from the stored run, not ours)
 
     def wait(self, run: RunRecord, store: StateStore, options: RunOptions, max_delay: float = 30.0) -> None:
         """Poll until every task is terminal, with backoff (2 s → ``max_delay``)."""
@@ -446,6 +586,40 @@ class AwsBatchBackend:
                 return
             self.sleep(delay)
             delay = min(max_delay, delay * 1.5)
+
+
+def skip_done(plan: Plan, run: RunRecord, store: StateStore, records: dict[str, TaskRecord], candidates: set[str],
+              options: RunOptions) -> set[str]:
+    """Skip-if-done before submission, as locally: a task whose declared outputs all exist where
+    this machine can see them (s3://, rclone remotes, local paths; not workspace://, which only a
+    job sees) and are not older than its inputs is recorded SKIPPED ("outputs exist") and not
+    submitted — unless ``options.force``. Returns the ids skipped (``records`` updated)."""
+    from corral import storage
+    from corral.errors import StorageError
+    from corral.reuse import forced_stages
+
+    if options.force:
+        return set()
+    forced = forced_stages(plan, options.force_stages)
+    skipped: list[TaskRecord] = []
+    for task in plan.tasks:
+        if task.id not in candidates or not task.stage.outputs or task.stage.name in forced:
+            continue
+        if any(o.startswith("workspace://") or "{workdir}" in o for o in task.stage.outputs):
+            continue
+        try:
+            done = storage.outputs_exist(
+                task.paths("outputs", run.run_id, ""), task.paths("inputs", run.run_id, ""),
+                run_id=run.run_id, workdir="/nonexistent-workspace", base_dir=plan.workflow.base_dir,
+            )
+        except StorageError:
+            continue  # cannot tell from here: the job runs
+        if done:
+            rec = records[task.id].replace(state=TaskState.SKIPPED, reason="outputs exist", ended_at=now())
+            records[task.id] = rec
+            skipped.append(rec)
+    store.save_tasks(skipped)
+    return {t.task_id for t in skipped}
 
 
 def _record_where(run: RunRecord, plan: Plan, env: Any) -> dict[str, Any]:

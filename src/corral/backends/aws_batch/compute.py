@@ -1,12 +1,14 @@
 """Compute environments, their launch template, and the job queues in front of them.
 
 - One managed EC2 on-demand environment (BEST_FIT_PROGRESSIVE, minvCpus 0: nothing runs, nothing
-  is paid, while the queue is empty); with ``spot`` also a SPOT one (SPOT_CAPACITY_OPTIMIZED) that
-  the queue tries first. GPU stages get the same pair over GPU families, on the ECS GPU-optimized
-  AMI (``ec2Configuration.imageType = ECS_AL2023_NVIDIA``), behind a queue of their own.
-- Scratch disk: when a stage asks more disk than the default root volume (30 GiB), the
-  environments get a launch template whose root volume (gp3) holds the largest such stage plus
-  room for images. There is one template, ``corral-batch``; each distinct content is one of its
+  is paid, while the queue is empty); with ``spot`` also a SPOT one (SPOT_PRICE_CAPACITY_OPTIMIZED)
+  that the queue tries first. Every EC2 environment names its AMI type: ``ECS_AL2023`` for CPU,
+  ``ECS_AL2023_NVIDIA`` (the ECS GPU-optimized AMI) for GPU stages, which get the same pair over
+  GPU families behind a queue of their own. Never Amazon Linux 2 (see ``CPU_IMAGE_TYPE``).
+- Scratch disk: ``resources.disk`` is per task, the root volume per instance. When the scratch
+  one instance may need (``corral.routes.scratch_per_instance_gib``: every task that can share
+  the largest allowed instance) exceeds the default root volume (30 GiB), the environments get a
+  launch template whose root volume (gp3) holds it plus room for images. There is one template, ``corral-batch``; each distinct content is one of its
   versions, found again by a hash kept in the version's description, and environments point at
   an exact version number (so a later version never changes a running environment).
 - Environment names end in a hash of everything that cannot be changed in place (type, strategy,
@@ -21,22 +23,32 @@
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from typing import Any
 
+from corral import routes
 from corral.backends.aws_batch.client import aws_errors, error_code, is_not_found
 from corral.backends.aws_batch.common import NAME, Ctx, content_hash, is_managed, tag_list
 from corral.backends.aws_batch.network import Network
 from corral.errors import ProvisionError
-from corral.instances import DEFAULT_ROOT_VOLUME_GIB, MAX_ROOT_VOLUME_GIB
+from corral.instances import MAX_ROOT_VOLUME_GIB
 
 LAUNCH_TEMPLATE = f"{NAME}-batch"
 ROOT_DEVICE = "/dev/xvda"  # root device of the ECS-optimized Amazon Linux AMIs (CPU and NVIDIA)
-IMAGE_ROOM_GIB = 30  # room on the root volume for the OS, Docker and images, beside the scratch
-DISK_STEP_GIB = 50  # root volumes are rounded up to this, so similar stages share a template version
+IMAGE_ROOM_GIB = routes.IMAGE_ROOM_GIB
+DISK_STEP_GIB = routes.DISK_STEP_GIB
 STUCK_RUNNABLE_SECONDS = 4 * 3600
-GPU_IMAGE_TYPE = "ECS_AL2023_NVIDIA"  # Batch refuses new AL2 environments from 2026-06-30
+# Batch-provided Amazon Linux 2 AMIs (ECS_AL2, ECS_AL2_NVIDIA) are retired: from 2026-06-30 Batch
+# refuses new compute environments on them. AWS Batch User Guide, "How to migrate from ECS AL2 to
+# ECS AL2023" (https://docs.aws.amazon.com/batch/latest/userguide/ecs-migration-2023.html) and the
+# Ec2Configuration API reference (imageType: ECS_AL2023, ECS_AL2023_NVIDIA).
+CPU_IMAGE_TYPE = "ECS_AL2023"
+GPU_IMAGE_TYPE = "ECS_AL2023_NVIDIA"
+# SPOT_PRICE_CAPACITY_OPTIMIZED: the strategy the ComputeResource API reference marks recommended
+# for spot (lowest interruption chance at a low price); SPOT_CAPACITY_OPTIMIZED ignores the price.
+# https://docs.aws.amazon.com/batch/latest/APIReference/API_ComputeResource.html
+SPOT_STRATEGY = "SPOT_PRICE_CAPACITY_OPTIMIZED"
+ON_DEMAND_STRATEGY = "BEST_FIT_PROGRESSIVE"
 
 
 @dataclass
@@ -71,7 +83,7 @@ class ComputeSpec:
             }
         r: dict[str, Any] = {
             "type": "SPOT" if self.spot else "EC2",
-            "allocationStrategy": "SPOT_CAPACITY_OPTIMIZED" if self.spot else "BEST_FIT_PROGRESSIVE",
+            "allocationStrategy": SPOT_STRATEGY if self.spot else ON_DEMAND_STRATEGY,
             "minvCpus": 0,
             "maxvCpus": self.max_vcpus,
             "instanceTypes": list(self.instance_types),
@@ -83,8 +95,7 @@ class ComputeSpec:
         }
         if self.launch_template:
             r["launchTemplate"] = dict(self.launch_template)
-        if self.image_type:
-            r["ec2Configuration"] = [{"imageType": self.image_type}]
+        r["ec2Configuration"] = [{"imageType": self.image_type or CPU_IMAGE_TYPE}]
         return r
 
     @property
@@ -93,20 +104,17 @@ class ComputeSpec:
         return f"{NAME}-{self.kind}-{content_hash(fixed, 8)}"
 
 
-def root_volume_gib(max_disk_gib: int | None) -> int | None:
-    """The root volume a stage's scratch needs, or None when the default one is enough."""
-    if not max_disk_gib or max_disk_gib + IMAGE_ROOM_GIB <= DEFAULT_ROOT_VOLUME_GIB:
-        return None
-    size = int(math.ceil((max_disk_gib + IMAGE_ROOM_GIB) / DISK_STEP_GIB) * DISK_STEP_GIB)
-    if size > MAX_ROOT_VOLUME_GIB:
-        if max_disk_gib + IMAGE_ROOM_GIB > MAX_ROOT_VOLUME_GIB:
-            raise ProvisionError(
-                f"a stage asks for {max_disk_gib} GiB of disk; a root volume holds at most "
-                f"{MAX_ROOT_VOLUME_GIB} GiB (with {IMAGE_ROOM_GIB} GiB kept for images)",
-                "lower resources.disk, or stream the data from S3/EFS",
-            )
-        size = MAX_ROOT_VOLUME_GIB
-    return size
+def root_volume_gib(scratch_gib: int | None) -> int | None:
+    """The root volume for ``scratch_gib`` of scratch per instance (``Needs.scratch_per_instance``),
+    or None when the default one is enough (``corral.routes.root_volume_gib``)."""
+    try:
+        return routes.root_volume_gib(scratch_gib)
+    except ValueError:
+        raise ProvisionError(
+            f"{scratch_gib} GiB of scratch per instance is more than a root volume holds "
+            f"({MAX_ROOT_VOLUME_GIB} GiB, with {IMAGE_ROOM_GIB} GiB kept for images)",
+            "lower resources.disk, or stream the data from S3/EFS",
+        ) from None
 
 
 def ensure_launch_template(ctx: Ctx, size_gib: int) -> dict[str, str]:

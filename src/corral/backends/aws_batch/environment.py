@@ -1,7 +1,8 @@
 """``ensure_environment``'s body: the order in which things are found or made.
 
 1. refuse what no allowed instance can hold (before any API call),
-2. account and network (default VPC or the settings' subnets/security groups),
+2. account and network (default VPC or the settings' subnets/security groups), and the network
+   preflight (a way out for every subnet, egress allowed): refused before anything is made,
 3. log group, state table, bucket (when needed), EFS (when needed),
 4. IAM: instance role/profile, job role and execution role for exactly these needs,
 5. launch template (when a stage needs more disk than the default root volume),
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+from corral import routes
 from corral.backends.aws_batch import compute, iam, network, storage
 from corral.backends.aws_batch.client import AwsClients
 from corral.backends.aws_batch.common import MANAGED_TAG, NAME, Ctx, content_hash
@@ -70,7 +72,12 @@ def check_needs_fit(settings: AwsSettings, needs: Needs) -> None:
             f"a task asks for {needs.max_vcpus_per_task:g} vCPUs but aws.max_vcpus is {settings.max_vcpus}",
             "raise aws.max_vcpus (or --max-vcpus), or lower the stage's resources.vcpus",
         )
-    compute.root_volume_gib(needs.max_disk_gib)  # raises for a disk no root volume can hold
+    too_much = routes.too_much_scratch(needs.disk_needs)
+    if too_much:
+        raise ProvisionError(too_much, "allow only smaller instance types in aws.instance_types (e.g. m6i.4xlarge "
+                             "instead of m6i), ask more vcpus/memory per task so fewer share an instance, or lower "
+                             "resources.disk and stream data from S3/EFS")
+    compute.root_volume_gib(needs.scratch_per_instance)  # raises for a disk no root volume can hold
 
 
 def queue_names(settings: AwsSettings, needs: Needs) -> dict[str, str]:
@@ -84,7 +91,7 @@ def queue_names(settings: AwsSettings, needs: Needs) -> dict[str, str]:
     """
     from corral.instances import DEFAULT_GPU_FAMILIES
 
-    root = compute.root_volume_gib(needs.max_disk_gib)
+    root = compute.root_volume_gib(needs.scratch_per_instance)
     cpu_entries, gpu_entries = split_allowed(list(settings.instance_types))
 
     def name(base: str, config: dict[str, Any], plain: dict[str, Any]) -> str:
@@ -107,10 +114,17 @@ def build_environment(clients: AwsClients, settings: AwsSettings, needs: Needs,
     ctx = Ctx(clients=clients, report=report, tags=base_tags(settings))
     account = ctx.account
     net = network.discover(ctx, list(settings.subnets), list(settings.security_groups))
+    # `instance_types: [fargate]` alone: every job runs on Fargate, so no EC2 environment is made and
+    # the Fargate queue is the run's default queue too.
+    fargate_only = (needs.fargate and not needs.gpu and not settings.queue
+                    and all(is_fargate_entry(e) for e in settings.instance_types))
+    # before anything is made: a network jobs cannot work in is refused (network.check_network)
+    network.preflight(ctx, net, efs=needs.efs,
+                      public_ip_from_job=fargate_only and getattr(settings, "assign_public_ip", True))
 
     log_group = getattr(settings, "log_group", None) or DEFAULT_LOG_GROUP
     table = getattr(settings, "table", None) or DEFAULT_TABLE
-    storage.ensure_log_group(ctx, log_group)
+    storage.ensure_log_group(ctx, log_group, getattr(settings, "log_retention_days", None))
     storage.ensure_table(ctx, table)
     bucket = storage.ensure_bucket(ctx, settings.bucket) if (needs.bucket or settings.bucket) else None
     efs_id = access_point = None
@@ -122,20 +136,16 @@ def build_environment(clients: AwsClients, settings: AwsSettings, needs: Needs,
         table=table, log_group=log_group, bucket=bucket, prefix=settings.prefix,
         s3_read=tuple(needs.s3_read), s3_write=tuple(needs.s3_write), secrets=tuple(needs.secrets),
         ecr_repositories=tuple(needs.ecr_repositories), efs_id=efs_id,
-        run_secrets=tuple(needs.run_secrets), run_id=needs.run_id,
+        run_secrets=tuple(needs.run_secrets), run_id=needs.run_id, efs_access_point=access_point,
     )
     profile_arn = iam.ensure_instance_profile(ctx)
     job_role, exec_role = iam.ensure_job_roles(ctx, policy_inputs)
 
-    size = compute.root_volume_gib(needs.max_disk_gib)
+    size = compute.root_volume_gib(needs.scratch_per_instance)
     template = compute.ensure_launch_template(ctx, size) if size else None
 
     cpu_entries, gpu_entries = split_allowed(list(settings.instance_types))
     names = queue_names(settings, needs)
-    # `instance_types: [fargate]` alone: every job runs on Fargate, so no EC2 environment is made and
-    # the Fargate queue is the run's default queue too.
-    fargate_only = (needs.fargate and not needs.gpu and not settings.queue
-                    and all(is_fargate_entry(e) for e in settings.instance_types))
     queue_name = names["cpu"]
     queue_arn = compute.existing_foreign_queue(ctx, queue_name) if settings.queue else None
     cpu_ces: list[str] = []

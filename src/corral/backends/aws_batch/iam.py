@@ -1,4 +1,4 @@
-"""IAM for Batch: the instance role/profile, a job role and an execution role per workflow's needs.
+"""IAM for Batch: the instance role/profile, a job role per run and an execution role per need.
 
 Every role lives under the path ``/corral/`` and carries ``corral:managed=true``.
 
@@ -6,20 +6,33 @@ Every role lives under the path ``/corral/`` and carries ``corral:managed=true``
   EC2. It gets one AWS-managed policy, ``service-role/AmazonEC2ContainerServiceforEC2Role``: the
   narrow standard policy that lets the ECS agent register the instance, pull images and write
   container logs (it is what the Batch console itself attaches). Nothing else.
-- **Job role** ``corral-job-<hash>``, trusted by ECS tasks of this account: an inline policy that
-  grants only what the workflow uses — object access under its bucket/prefix and the S3 scopes
-  its stages read or write, its DynamoDB table, its log group, its secrets, its EFS file system.
-- **Execution role** ``corral-exec-<hash>``, trusted by ECS tasks of this account: pull from
-  exactly the workflow's ECR repositories, write to its log group, read exactly its secrets. When
-  it reads a run's own rclone-config secret (a Secrets Manager secret, or an SSM SecureString with
+- **Job role** (the credentials the job's own code gets), one per run: ``corral-job-<hash>`` where
+  the hash covers the run id and the policy, tagged ``corral:run=<run>`` and removed by
+  ``corral aws teardown --run``. :func:`job_policy` builds it from the run's facts
+  (:class:`JobPolicyInputs`): object reads of the run's own staged sources
+  (``<prefix>/staged/<run>/``) and of the S3 scopes its stages read, writes under the scopes its
+  stages write (``{run}`` in a URI is filled in, so ``s3://b/out/{run}/...`` is this run's only),
+  and EFS ``ClientMount``/``ClientWrite`` only through the run's access point
+  (``elasticfilesystem:AccessPointArn``). No DynamoDB (no job reads or writes the state table;
+  ``table_access`` exists for a stage that would), no logs (the awslogs driver writes with the
+  instance or execution role), no secrets (ECS hands a stage's ``secrets`` to the container with
+  the execution role). Why a role per run rather than one role scoped by session tags: ECS assumes
+  a job's role itself, and neither Batch nor ECS lets the caller attach session tags to that
+  session, so a tag-scoped shared role has nothing per run to match.
+- **Execution role** ``corral-exec-<hash>`` (used by the ECS agent, never by the job's code):
+  pull from exactly the workflow's ECR repositories, write to its log group, read exactly the
+  secrets the run's stages name. When it reads a run's own rclone-config secret (a Secrets
+  Manager secret, whose resource policy then admits only this role, or an SSM SecureString with
   ``kms:Decrypt`` allowed only via SSM for that parameter) it is that run's role: tagged
-  ``corral:run`` and removed by ``corral aws teardown --run``.
-  ``ecr:GetAuthorizationToken`` has no resource-level permissions in IAM, so that single action
-  is granted on ``"*"`` (the only wildcard resource besides ``kms:Decrypt`` on the account's keys,
-  which holds only via SSM for the run's own parameter; no statement has a wildcard action).
+  ``corral:run`` and removed by ``corral aws teardown --run``. ``ecr:GetAuthorizationToken`` has
+  no resource-level permissions in IAM, so that single action is granted on ``"*"`` (the only
+  wildcard resource besides ``kms:Decrypt`` on the account's keys, which holds only via SSM for
+  the run's own parameter; no statement has a wildcard action).
 
-Job and execution roles are named by a hash of their policy, so equal needs share one role,
-different needs get their own, and a found role never needs its policy rewritten.
+Quota: an account holds 1,000 IAM roles by default (IAM quotas page; raisable to 5,000); every
+run not torn down keeps its job role (and its execution role when it has an rclone secret). A
+refused CreateRole says so in one line. New roles are eventually consistent: after creating one,
+corral polls (bounded) until GetRole and GetRolePolicy return it, never a fixed sleep.
 
 The Batch **service role**: AWS Batch uses its service-linked role ``AWSServiceRoleForBatch``
 when ``serviceRole`` is left out, and corral leaves it out. :func:`service_linked_role_arn` is
@@ -34,7 +47,7 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
-from corral.backends.aws_batch.client import aws_errors, is_not_found
+from corral.backends.aws_batch.client import aws_errors, error_code, is_not_found
 from corral.backends.aws_batch.common import IAM_PATH, NAME, Ctx, content_hash, tag_list
 from corral.errors import ProvisionError
 
@@ -43,9 +56,13 @@ INLINE_POLICY = NAME
 ECS_INSTANCE_POLICY = "service-role/AmazonEC2ContainerServiceforEC2Role"
 BATCH_SERVICE = "batch.amazonaws.com"
 
-# What the job role may do with objects under a scope it reads / writes.
-S3_READ_ACTIONS = ["s3:GetObject", "s3:GetObjectTagging"]
-S3_WRITE_ACTIONS = ["s3:GetObject", "s3:PutObject", "s3:PutObjectTagging", "s3:DeleteObject",
+# What the job role may do with objects under a scope it reads / writes: exactly what rclone's
+# copy/sync does (and boto3's transfer manager). PutObject covers Create/UploadPart/Complete of a
+# multipart upload; Abort and ListParts are their own actions; DeleteObject is sync's. No tagging:
+# rclone keeps its metadata (mtime) in the object's headers. Amazon S3 User Guide, "Actions,
+# resources, and condition keys for Amazon S3" and "Multipart upload API and permissions".
+S3_READ_ACTIONS = ["s3:GetObject"]
+S3_WRITE_ACTIONS = ["s3:GetObject", "s3:PutObject", "s3:DeleteObject",
                     "s3:AbortMultipartUpload", "s3:ListMultipartUploadParts"]
 DYNAMODB_ACTIONS = ["dynamodb:GetItem", "dynamodb:PutItem", "dynamodb:UpdateItem", "dynamodb:Query",
                     "dynamodb:BatchGetItem", "dynamodb:BatchWriteItem", "dynamodb:ConditionCheckItem"]
@@ -70,6 +87,15 @@ class JobPolicyInputs:
     # only the execution role may read them, and that role is then the run's (tagged corral:run).
     run_secrets: tuple[str, ...] = ()
     run_id: str | None = None
+    # The run's EFS access point id: the job role mounts the file system only through it.
+    efs_access_point: str | None = None
+    # Whether some stage's code reads or writes the state table itself (none does today).
+    table_access: bool = False
+
+
+def staged_scope(bucket: str, prefix: str, run_id: str) -> str:
+    """``bucket/<prefix>/staged/<run>/``: the run's staged local sources (see ``storage.aws.staged_root``)."""
+    return f"{bucket}/" + "/".join(x for x in (prefix.strip("/"), "staged", run_id) if x) + "/"
 
 
 def _doc(statements: list[dict[str, Any]]) -> dict[str, Any]:
@@ -132,7 +158,9 @@ def _s3_statements(ctx: Ctx, read: list[str], write: list[str]) -> list[dict[str
     if read:
         out.append({"Sid": "ReadObjects", "Effect": "Allow", "Action": S3_READ_ACTIONS,
                     "Resource": [f"arn:{p}:s3:::{b}/{pre}*" for b, pre in map(_split_scope, read)]})
-    # Listing is granted per bucket, limited to the prefixes used.
+    # Listing is granted per bucket, limited to the prefixes used: rclone lists a directory with
+    # ListObjectsV2 `prefix=<dir>/` (so the request carries s3:prefix), and with no_check_bucket
+    # (corral.storage.rclone.s3_connection) it never sends HeadBucket, which has no s3:prefix.
     by_bucket: dict[str, list[str]] = {}
     for scope in [*write, *read]:
         b, pre = _split_scope(scope)
@@ -150,26 +178,28 @@ def _s3_statements(ctx: Ctx, read: list[str], write: list[str]) -> list[dict[str
 
 
 def job_policy(ctx: Ctx, inp: JobPolicyInputs) -> dict[str, Any]:
-    log_group_arn = ctx.arn("logs", f"log-group:{inp.log_group}")
-    statements: list[dict[str, Any]] = [
-        {"Sid": "State", "Effect": "Allow", "Action": DYNAMODB_ACTIONS,
-         "Resource": ctx.arn("dynamodb", f"table/{inp.table}")},
-        {"Sid": "Logs", "Effect": "Allow", "Action": LOG_ACTIONS,
-         "Resource": [f"{log_group_arn}:*", f"{log_group_arn}:log-stream:*"]},
-    ]
+    """The job role's policy: what the run's own code may reach, and nothing of another run."""
+    statements: list[dict[str, Any]] = []
+    if inp.table_access:
+        statements.append({"Sid": "State", "Effect": "Allow", "Action": DYNAMODB_ACTIONS,
+                           "Resource": ctx.arn("dynamodb", f"table/{inp.table}")})
     read = list(inp.s3_read)
     write = list(inp.s3_write)
-    if inp.bucket:
-        own = f"{inp.bucket}/{inp.prefix.strip('/')}/" if inp.prefix.strip("/") else f"{inp.bucket}/"
-        if own not in write:
-            write.insert(0, own)
+    if inp.bucket and inp.run_id:
+        staged = staged_scope(inp.bucket, inp.prefix, inp.run_id)  # jobs only read their staged copies
+        if staged not in read:
+            read.insert(0, staged)
     read = [r for r in read if r not in write]
     statements += _s3_statements(ctx, read, write)
-    statements += _secret_statements(ctx, inp.secrets)
-    if inp.efs_id:
-        statements.append({"Sid": "Workspace", "Effect": "Allow",
-                           "Action": ["elasticfilesystem:ClientMount", "elasticfilesystem:ClientWrite"],
-                           "Resource": ctx.arn("elasticfilesystem", f"file-system/{inp.efs_id}")})
+    if inp.efs_id and inp.efs_access_point:
+        statements.append({
+            "Sid": "Workspace", "Effect": "Allow",
+            "Action": ["elasticfilesystem:ClientMount", "elasticfilesystem:ClientWrite"],
+            "Resource": ctx.arn("elasticfilesystem", f"file-system/{inp.efs_id}"),
+            "Condition": {"StringEquals": {
+                "elasticfilesystem:AccessPointArn": ctx.arn("elasticfilesystem", f"access-point/{inp.efs_access_point}"),
+            }},
+        })
     return _doc(statements)
 
 
@@ -218,15 +248,26 @@ def ensure_role(
     with aws_errors(f"set up IAM role {name}"):
         role = _get_role(ctx, name)
         if role is None:
-            role = iam.create_role(
-                Path=IAM_PATH, RoleName=name, AssumeRolePolicyDocument=json.dumps(trust),
-                Description=description[:1000], Tags=tag_list(ctx.tags if tags is None else tags),
-                MaxSessionDuration=3600,
-            )["Role"]
+            try:
+                role = iam.create_role(
+                    Path=IAM_PATH, RoleName=name, AssumeRolePolicyDocument=json.dumps(trust),
+                    Description=description[:1000], Tags=tag_list(ctx.tags if tags is None else tags),
+                    MaxSessionDuration=3600,
+                )["Role"]
+            except Exception as exc:
+                if error_code(exc) == "LimitExceeded":
+                    raise ProvisionError(
+                        f"cannot create IAM role {name}: the account's role quota is reached",
+                        "remove finished runs' roles with `corral aws teardown --run RUN_ID`, or ask AWS to raise "
+                        "the IAM 'Roles per account' quota (1,000 by default)",
+                    ) from None
+                raise
             ctx.created("role", name)
+            made = True
             have_inline: set[str] = set()
             have_managed: set[str] = set()
         else:
+            made = False
             ctx.found("role", name)
             have_inline = set(iam.list_role_policies(RoleName=name)["PolicyNames"]) if inline else set()
             have_managed = {
@@ -237,7 +278,32 @@ def ensure_role(
         for arn in managed_arns:
             if arn not in have_managed:
                 iam.attach_role_policy(RoleName=name, PolicyArn=arn)
+        if made:
+            wait_until_visible(ctx, name, inline=inline is not None)
     return role["Arn"]
+
+
+ROLE_VISIBLE_TIMEOUT = 120.0  # s; IAM changes usually show within seconds (IAM user guide, "eventual consistency")
+
+
+def wait_until_visible(ctx: Ctx, name: str, *, inline: bool) -> None:
+    """Bounded polling until IAM answers GetRole (and GetRolePolicy for the inline policy) for a new
+    role, so Batch is not handed a role IAM does not know yet. This is what the caller can observe;
+    STS/ECS may still lag a little (AWS documents no bound), which the jobs' launch retries absorb."""
+    iam = ctx.clients.iam
+
+    def visible() -> bool:
+        try:
+            iam.get_role(RoleName=name)
+            if inline:
+                iam.get_role_policy(RoleName=name, PolicyName=INLINE_POLICY)
+        except Exception as exc:
+            if is_not_found(exc):
+                return False
+            raise
+        return True
+
+    ctx.poller.poll(visible, what=f"IAM role {name} to become visible", timeout=ROLE_VISIBLE_TIMEOUT)
 
 
 def ensure_instance_profile(ctx: Ctx) -> str:
@@ -261,13 +327,26 @@ def ensure_instance_profile(ctx: Ctx) -> str:
     return profile["Arn"]
 
 
+def job_role_name(ctx: Ctx, inp: JobPolicyInputs) -> str:
+    """``corral-job-<hash>``: the hash covers the run id (one role per run) and the trust and policy
+    (a found role never needs its policy rewritten)."""
+    return f"{NAME}-job-{content_hash([inp.run_id, ecs_tasks_trust(ctx), job_policy(ctx, inp)])}"
+
+
 def ensure_job_roles(ctx: Ctx, inp: JobPolicyInputs) -> tuple[str, str]:
-    """(job role ARN, execution role ARN), each named by a hash of its trust and policy."""
+    """(job role ARN, execution role ARN). The job role is the run's (tagged ``corral:run``, removed
+    by ``corral aws teardown --run``) whenever a run id is given."""
     trust = ecs_tasks_trust(ctx)
     jp = job_policy(ctx, inp)
     ep = execution_policy(ctx, inp)
-    job = ensure_role(ctx, f"{NAME}-job-{content_hash([trust, jp])}", trust, inline=jp,
-                      description="corral: what the workflow's jobs may reach (bucket, table, logs, secrets)")
+    check_policy_is_narrow(jp)
+    check_policy_is_narrow(ep)
+    job_tags = ctx.with_run(inp.run_id) if inp.run_id else None
+    what = f"run {inp.run_id}'s" if inp.run_id else "the workflow's"
+    # A run that reaches nothing (no S3, no workspace) gets a role without a policy: IAM refuses an
+    # empty Statement list.
+    job = ensure_role(ctx, job_role_name(ctx, inp), trust, inline=jp if jp["Statement"] else None, tags=job_tags,
+                      description=f"corral: what {what} jobs may reach (its staged data, outputs, workspace)")
     # An execution role that reads a run's own secret is that run's: tagged corral:run, removed by
     # `corral aws teardown --run` (its name hashes the run's secret ARN, so no other run shares it).
     run_tags = ctx.with_run(inp.run_id) if inp.run_secrets and inp.run_id else None

@@ -109,15 +109,23 @@ for c in ${CORRAL_COLUMNS:-}; do eval "export $c=\"\\$1\""; shift; done
 for f in ${CORRAL_FIELDS:-}; do eval "export $f=\"\\$CORRAL_ITEM_$f\""; done
 if [ -n "${CORRAL_KEY_FROM:-}" ]; then eval "export CORRAL_ITEM_KEY=\"\\$$CORRAL_KEY_FROM\""; fi
 if [ -n "${CORRAL_INDEX_BASE:-}" ]; then export CORRAL_ITEM_INDEX=$((CORRAL_INDEX_BASE + i)); fi
+outs=${CORRAL_OUTPUTS:-}
 eval "set -- $CORRAL_ARGV"
-unset CORRAL_ARGV CORRAL_COLUMNS CORRAL_FIELDS CORRAL_KEY_FROM CORRAL_INDEX_BASE CORRAL_WRAPPER NL c f i row
+unset CORRAL_ARGV CORRAL_COLUMNS CORRAL_FIELDS CORRAL_KEY_FROM CORRAL_INDEX_BASE CORRAL_OUTPUTS CORRAL_WRAPPER NL c f i row
 if [ -n "${CORRAL_WORKDIR:-}" ]; then mkdir -p "$CORRAL_WORKDIR" 2>/dev/null || true; fi
 if [ -n "${CORRAL_PROGRAM:-}" ]; then set -- /bin/sh -c "$CORRAL_PROGRAM" corral-program "$@"; fi
 r=${CORRAL_RETRIES:-0}
 t=${CORRAL_TRY_TIMEOUT:-}
 unset CORRAL_PROGRAM CORRAL_RETRIES CORRAL_TRY_TIMEOUT
 if [ -n "$t" ] && command -v timeout >/dev/null 2>&1; then set -- timeout -s TERM "$t" "$@"; fi
-if [ "$r" -eq 0 ]; then exec "$@"; fi
+if [ "$r" -eq 0 ] && [ -z "$outs" ]; then exec "$@"; fi
+check_outputs() {
+  eval "set -- $outs"
+  while [ $# -gt 1 ]; do
+    if [ ! -e "$2" ]; then echo "corral: declared output missing: $2" >&2; return $((OUTPUT_MISSING_BASE + $1)); fi
+    shift 2
+  done
+}
 n=0
 stop=
 while :; do
@@ -128,6 +136,7 @@ while :; do
   wait "$p"
   rc=$?
   while kill -0 "$p" 2>/dev/null; do wait "$p"; rc=$?; done
+  if [ "$rc" -eq 0 ] && [ -n "$outs" ]; then check_outputs; rc=$?; fi
   set -e
   trap - TERM INT HUP
   if [ "$rc" -eq 0 ] || [ -n "$stop" ] || [ "$n" -ge "$r" ]; then exit "$rc"; fi
@@ -144,6 +153,33 @@ def wrapper(program: str | None = None) -> str:
     whose command corral builds) travels beside it as ``CORRAL_PROGRAM`` (see :func:`job_definition`)
     and runs with the row's argv as its arguments (``"$@"``): once per job definition, not per row."""
     return WRAPPER
+
+# -- declared outputs, checked in the job (issue 14) -----------------------------------------------
+# A task that exits 0 without writing a declared output fails: the wrapper checks the outputs it
+# can see (workspace:// on the job's EFS mount, absolute paths) and exits OUTPUT_MISSING_BASE + i
+# for the first missing output i of the stage's `outputs:`; refresh names the path in the reason.
+# (A command that itself exits 200..249 in a stage with outputs is reported the same way.)
+OUTPUT_MISSING_BASE = 200
+MAX_CHECKED_OUTPUTS = 50
+WRAPPER = WRAPPER.replace("OUTPUT_MISSING_BASE", str(OUTPUT_MISSING_BASE))
+
+
+def outputs_words(stage: Stage) -> str:
+    """``CORRAL_OUTPUTS``: pairs ``index "path"`` (sh words with ``${...}`` references, as the
+    argv template) of the stage's outputs a job can check itself; "" when there are none."""
+    from corral.plan import parse_template
+
+    words = []
+    for i, uri in enumerate(stage.outputs[:MAX_CHECKED_OUTPUTS]):
+        if uri.startswith("workspace://"):
+            text = '"${CORRAL_WORKDIR}/' + "".join(
+                _dq(v) if k == "text" else _reference(v) for k, v in parse_template(uri[len("workspace://"):]))
+        elif uri.startswith("/"):
+            text = '"' + "".join(_dq(v) if k == "text" else _reference(v) for k, v in parse_template(uri))
+        else:
+            continue  # s3:// and remotes: the submitter checks them; relative paths mean nothing in a job
+        words.append(f'{i} {text}"')
+    return " ".join(words)
 
 # Per-task environment names: always in the table, even when a stage has a single task.
 PER_TASK_KEYS = ("CORRAL_TASK_ID", "CORRAL_ITEM_KEY", "CORRAL_ITEM_INDEX")
@@ -419,6 +455,8 @@ class StageTable:
                 sh_quote(v)  # raises the PlanError naming the problem
         constant["CORRAL_COLUMNS"] = " ".join(self.columns)
         constant["CORRAL_FIELDS"] = " ".join(plain)
+        if argv_of is None and (outs := outputs_words(stage)):
+            constant["CORRAL_OUTPUTS"] = outs
         self.env = constant
         self._per_row_argv = argv is None
 

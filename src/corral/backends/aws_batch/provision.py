@@ -23,6 +23,7 @@ from corral.backends.aws_batch.environment import (
     GPU_QUEUE,
     queue_names,
 )
+from corral.routes import DiskNeed, disk_needs, scratch_per_instance_gib
 
 if TYPE_CHECKING:  # pragma: no cover
     from corral.plan import Plan
@@ -54,6 +55,16 @@ class Needs:
     efs_name: str | None = None  # the EFS CreationToken/Name; None: corral's shared workspace
     fargate: bool = False  # also Fargate environments + queue, for stages that fit Fargate
     run_secrets: list[str] = field(default_factory=list)  # the run's own secrets: execution role only
+    # the EC2 stages' scratch (corral.routes): the root volume holds every task that can share an
+    # instance. Empty (Needs made by hand, `setup --disk`): one task of max_disk_gib per instance.
+    disk_needs: list[DiskNeed] = field(default_factory=list)
+
+    @property
+    def scratch_per_instance(self) -> int | None:
+        """GiB of scratch one instance must hold (what sizes the root volume)."""
+        if self.disk_needs:
+            return max(scratch_per_instance_gib(self.disk_needs) or 0, self.max_disk_gib or 0) or None
+        return self.max_disk_gib
 
 
 @dataclass
@@ -103,13 +114,24 @@ class ProvisionReport:
 _S3_URI = re.compile(r"^s3://([^/{}]+)/?([^{}]*)")
 
 
-def _s3_scope(uri: str) -> str | None:
-    """``s3://bucket/a/b/{x}/c`` → ``bucket/a/b/`` (the fixed part: what a policy may grant)."""
-    m = _S3_URI.match(uri)
-    if not m:
-        return None
-    bucket, path = m.group(1), m.group(2)
-    return f"{bucket}/{path}"
+def _s3_scope(uri: str, run_id: str | None = None) -> str | None:
+    """``s3://bucket/a/b/{x}/c`` → ``bucket/a/b/`` (the fixed part: what a policy may grant).
+    With ``run_id``, ``{run}`` is part of the fixed part: ``s3://b/out/{run}/{x}`` → ``b/out/<run>/``."""
+    from corral.plan import parse_template
+
+    fixed, whole = "", True
+    for kind, value in parse_template(uri):
+        if kind == "text":
+            fixed += value
+        elif value == "run" and run_id:
+            fixed += run_id
+        else:
+            whole = False
+            break
+    m = _S3_URI.match(fixed)
+    if not m or (not whole and "/" not in fixed[len("s3://"):]):
+        return None  # not s3://, or the bucket name itself is a placeholder
+    return f"{m.group(1)}/{m.group(2)}"
 
 
 def ecr_repository_of(image: str | None) -> str | None:
@@ -129,14 +151,15 @@ def ecr_repository_of(image: str | None) -> str | None:
     return rest or None
 
 
-def needs_for(plan: Plan) -> Needs:
-    """What the plan's stages ask of AWS: GPUs, the largest disk, EFS, a bucket, secrets…"""
+def needs_for(plan: Plan, run_id: str | None = None) -> Needs:
+    """What the plan's stages ask of AWS: GPUs, the largest disk, EFS, a bucket, secrets… With
+    ``run_id``, the S3 scopes have ``{run}`` filled in (the run's job role reaches only its own)."""
     from corral.plan import template_fields
 
     wf = plan.workflow
     settings = wf.aws
     stages = wf.stages
-    needs = Needs()
+    needs = Needs(run_id=run_id)
     needs.gpu = any(s.resources.gpus > 0 for s in stages)
     disks = [s.resources.disk for s in stages if s.resources.disk]
     needs.max_disk_gib = max(disks) if disks else None
@@ -161,11 +184,11 @@ def needs_for(plan: Plan) -> Needs:
         if any("workdir" in template_fields(t) for t in texts if t):
             uses_workdir = True
         for uri in [*s.inputs, s.source or ""]:
-            scope = _s3_scope(uri)
+            scope = _s3_scope(uri, run_id)
             if scope and scope not in read:
                 read.append(scope)
         for uri in [*s.outputs, s.dest or ""]:
-            scope = _s3_scope(uri)
+            scope = _s3_scope(uri, run_id)
             if scope and scope not in write:
                 write.append(scope)
         repo = ecr_repository_of(s.image)
@@ -180,6 +203,7 @@ def needs_for(plan: Plan) -> Needs:
     needs.fargate = any(on_fargate(s.resources, allowed) for s in stages)
     ec2_disks = [s.resources.disk for s in stages if s.resources.disk and not on_fargate(s.resources, allowed)]
     needs.max_disk_gib = max(ec2_disks) if ec2_disks else None
+    needs.disk_needs = disk_needs(((s.name, s.resources, len(plan.stage_tasks(s.name))) for s in stages), allowed)
     # {workdir} is the run's shared workspace: on AWS it lives on EFS, so using it needs EFS.
     needs.efs = needs.efs or uses_workdir
     needs.bucket = bool(settings.bucket)
@@ -197,13 +221,15 @@ def ensure_environment(
 
 def teardown(
     clients: AwsClients, *, run_id: str | None = None, everything: bool = False, purge: bool = False,
-    keep_access_point: str | None = None,
+    keep_access_point: str | None = None, force: bool = False,
 ) -> ProvisionReport:
     """Remove what corral made: a run's things (``run_id``) or everything tagged (``everything``).
 
     Only resources tagged ``corral:managed=true`` are touched (and, for a run, ``corral:run=<id>``).
-    A bucket or ECR repository that still holds data is kept (and reported) unless ``purge``.
+    A bucket or ECR repository that still holds data, the state table and the EFS file system are
+    kept (and reported) unless ``purge``; ``everything`` refuses while jobs are in flight unless ``force``.
     """
     from corral.backends.aws_batch.teardown import remove
 
-    return remove(clients, run_id=run_id, everything=everything, purge=purge, keep_access_point=keep_access_point)
+    return remove(clients, run_id=run_id, everything=everything, purge=purge, keep_access_point=keep_access_point,
+                  force=force)

@@ -36,6 +36,7 @@ from typing import Any
 
 from corral.backends.aws_batch import payloads as pl
 from corral.backends.aws_batch.client import aws_errors, http_status, is_throttling
+from corral.backends.aws_batch.fair_share import DEFAULT_SHARE, FairShare
 from corral.errors import BackendError
 from corral.instances import on_fargate
 from corral.model import RunRecord, TaskRecord, TaskState
@@ -398,6 +399,8 @@ class Submitter:
         instance_types: Sequence[str] = (),
         staged: Mapping[str, str] | None = None,
         base_dir: Path | None = None,
+        share_identifier: str = DEFAULT_SHARE,
+        user_queues: Sequence[str] = (),
     ) -> None:
         self.api = api
         # the workflow's aws.instance_types: with `fargate` there, stages that fit go to Fargate
@@ -416,6 +419,9 @@ class Submitter:
         # the workflow's folder, which relative local paths are read against
         self.staged = dict(staged or {})
         self.base_dir = base_dir
+        # shareIdentifier on fair-share queues (fair_share.py)
+        self.fair_share = FairShare(lambda **kw: api.call("describe_job_queues", "describe job queue", **kw),
+                                    share_identifier, user_queues)
 
     # -- transfer and cleanup stages ----------------------------------------------------------
     @staticmethod
@@ -648,6 +654,7 @@ class Submitter:
         return {**table.override_env, "CORRAL_INDEX_BASE": str(first_index)}
 
     def _submit(self, kwargs: dict[str, Any], spec: pl.JobDefinitionSpec | None = None) -> str:
+        kwargs = {**kwargs, **self.fair_share.submit_kwargs(kwargs["jobQueue"])}
         size = pl.payload_size(kwargs)
         if size > pl.PAYLOAD_LIMIT:
             raise BackendError(

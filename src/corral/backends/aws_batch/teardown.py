@@ -4,7 +4,9 @@ A resource is removed only when it carries ``corral:managed=true`` (for a run, a
 ``corral:run=<id>``). Order matters on AWS: a queue is disabled and deleted before its compute
 environments, a compute environment is gone before its instance profile, mount targets before
 their file system. Each wait is bounded polling. Data is not destroyed by default: a bucket
-with objects or an ECR repository with images is kept (and reported) unless ``purge``. The Batch
+with objects, an ECR repository with images, the state table and the EFS file system (with its
+mount targets and security group) are kept (and reported) unless ``purge``; ``--all`` refuses
+while corral's queues have jobs in flight unless forced. The Batch
 service-linked role belongs to the account and is never removed.
 """
 
@@ -20,10 +22,19 @@ from corral.errors import UsageError
 TIMEOUT = 1200.0
 
 
+IN_FLIGHT = ("SUBMITTED", "PENDING", "RUNNABLE", "STARTING", "RUNNING")
+
+
 def remove(clients: AwsClients, *, run_id: str | None = None, everything: bool = False,
-           purge: bool = False, keep_access_point: str | None = None) -> Any:
+           purge: bool = False, keep_access_point: str | None = None, force: bool = False) -> Any:
     """``keep_access_point`` (why): keep the run's EFS access point, e.g. when its data could not
-    be removed (:mod:`corral.backends.aws_batch.run_data`), so removing it can be tried again."""
+    be removed (:mod:`corral.backends.aws_batch.run_data`), so removing it can be tried again.
+
+    ``everything`` refuses while any job is in flight in corral's queues (unless ``force``), and
+    keeps the state table and the EFS file system (runs' data) unless ``purge``.
+
+    ``run_id`` deregisters the job definitions tagged with the run; the content-named ones that
+    every run with the same stage runtime shares carry no run tag and stay until ``everything``."""
     from corral.backends.aws_batch.provision import ProvisionReport
 
     if not everything and not run_id:
@@ -31,8 +42,16 @@ def remove(clients: AwsClients, *, run_id: str | None = None, everything: bool =
     report = ProvisionReport()
     ctx = Ctx(clients=clients, report=report, tags={})
     with aws_errors("tear down corral's AWS resources"):
+        if everything and not force:
+            busy = jobs_in_flight(ctx)
+            if busy:
+                what = ", ".join(f"{n} {status} in {queue}" for queue, status, n in busy[:4])
+                raise UsageError(
+                    f"corral's queues still have jobs in flight ({what}); tearing down now would kill them",
+                    "`corral cancel RUN --backend aws` for each run (or wait for them), or add --force",
+                )
         if run_id:
-            _job_definitions(ctx, run_id)
+            _job_definitions(ctx, run_id)  # those tagged with the run; the shared ones stay (above)
             if keep_access_point:
                 _kept(ctx, "efs-access-point", f"of run {run_id}", keep_access_point)
             else:
@@ -46,10 +65,16 @@ def remove(clients: AwsClients, *, run_id: str | None = None, everything: bool =
             _compute_environments(ctx)
             _job_definitions(ctx, None)
             _launch_templates(ctx)
-            _file_systems(ctx)
+            if purge:
+                _file_systems(ctx)
+                _security_groups(ctx)
+            else:
+                for fs in _managed_file_systems(ctx):
+                    _kept(ctx, "efs", f"{fs.get('Name') or fs.get('CreationToken')} ({fs['FileSystemId']})",
+                          "holds runs' data; --purge deletes it")
             _secrets(ctx, None)
             _parameters(ctx, None)
-            _tables(ctx)
+            _tables(ctx, purge)
             _log_groups(ctx)
             _buckets(ctx, purge)
             _repositories(ctx, purge)
@@ -156,6 +181,21 @@ def _launch_templates(ctx: Ctx) -> None:
                 _deleted(ctx, "launch-template", lt["LaunchTemplateName"])
 
 
+def jobs_in_flight(ctx: Ctx) -> list[tuple[str, str, int]]:
+    """(queue, status, how many) of jobs SUBMITTED..RUNNING in corral's queues (ListJobs per status:
+    without ``jobStatus`` AWS lists RUNNING only). Array parents count once each."""
+    batch = ctx.clients.batch
+    out: list[tuple[str, str, int]] = []
+    for q in _managed_queues(ctx):
+        for status in IN_FLIGHT:
+            n = 0
+            for page in batch.get_paginator("list_jobs").paginate(jobQueue=q["jobQueueArn"], jobStatus=status):
+                n += sum(1 for j in page.get("jobSummaryList", []) if j.get("status", status) == status)
+            if n:
+                out.append((q["jobQueueName"], status, n))
+    return out
+
+
 # -- EFS ------------------------------------------------------------------------------------------
 def _efs_access_points(ctx: Ctx, run_id: str | None, fs_id: str | None = None) -> None:
     efs = ctx.clients.efs
@@ -188,6 +228,31 @@ def _file_systems(ctx: Ctx) -> None:
                         what=f"mount targets of {fid} to be deleted", timeout=TIMEOUT)
         efs.delete_file_system(FileSystemId=fid)
         _deleted(ctx, "efs", f"{fs.get('Name') or fs.get('CreationToken')} ({fid})")
+
+
+def _security_groups(ctx: Ctx) -> None:
+    """corral's own security groups (``corral-efs``), once the mount targets using them are gone;
+    a mount target's network interface can take a while to go, so DependencyViolation is waited out."""
+    ec2 = ctx.clients.ec2
+    for page in ec2.get_paginator("describe_security_groups").paginate(
+        Filters=[{"Name": "tag:corral:managed", "Values": ["true"]}]
+    ):
+        for g in page["SecurityGroups"]:
+            if not is_managed(g.get("Tags")):
+                continue
+
+            def gone(gid: str = g["GroupId"]) -> bool:
+                try:
+                    ec2.delete_security_group(GroupId=gid)
+                except Exception as exc:
+                    if error_code(exc) == "DependencyViolation":
+                        return False
+                    if not is_not_found(exc) and not error_code(exc).startswith("InvalidGroup"):
+                        raise
+                return True
+
+            ctx.poller.poll(gone, what=f"security group {g['GroupId']} to be free to delete", timeout=TIMEOUT)
+            _deleted(ctx, "security-group", f"{g.get('GroupName', '')} ({g['GroupId']})")
 
 
 # -- other services -------------------------------------------------------------------------------
@@ -287,15 +352,19 @@ def _run_roles(ctx: Ctx, run_id: str) -> None:
                 _deleted(ctx, "role", name)
 
 
-def _tables(ctx: Ctx) -> None:
+def _tables(ctx: Ctx, purge: bool) -> None:
     ddb = ctx.clients.dynamodb
     for page in ddb.get_paginator("list_tables").paginate():
         for name in page["TableNames"]:
             arn = ddb.describe_table(TableName=name)["Table"]["TableArn"]
             tags = ddb.list_tags_of_resource(ResourceArn=arn).get("Tags", [])
-            if is_managed(tags):
-                ddb.delete_table(TableName=name)
-                _deleted(ctx, "dynamodb-table", name)
+            if not is_managed(tags):
+                continue
+            if not purge:
+                _kept(ctx, "dynamodb-table", name, "the record of every run; --purge deletes it")
+                continue
+            ddb.delete_table(TableName=name)
+            _deleted(ctx, "dynamodb-table", name)
 
 
 def _log_groups(ctx: Ctx) -> None:
