@@ -9,6 +9,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).parent))
 
 from moto_server import REGION, default_vpc_as_on_aws, moto_server, reset  # noqa: E402
+from strict_aws import StrictAws  # noqa: E402
 
 
 @pytest.fixture(autouse=True)
@@ -32,8 +33,18 @@ def moto_url() -> Iterator[str]:
 
 
 @pytest.fixture
-def aws(moto_url: str, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
-    """Point boto3 at the moto server with dummy credentials; the server is reset after the test."""
+def strict_aws(moto_url: str) -> Iterator[StrictAws]:
+    """The strict-AWS layer (tests/strict_aws.py): every botocore client made while it is active
+    refuses what AWS would refuse. On for every test that uses ``aws``."""
+    layer = StrictAws(endpoint_url=moto_url, region=REGION)
+    with layer.active():
+        yield layer
+
+
+@pytest.fixture
+def aws(moto_url: str, monkeypatch: pytest.MonkeyPatch, strict_aws: StrictAws) -> Iterator[str]:
+    """Point boto3 at the moto server with dummy credentials, under the strict-AWS layer; the
+    server is reset after the test."""
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
     monkeypatch.setenv("AWS_DEFAULT_REGION", REGION)

@@ -39,7 +39,7 @@ def configure(url: str, config: dict) -> None:
 
 def reset(url: str) -> None:
     req = urllib.request.Request(f"{url}/moto-api/reset", data=b"", method="POST")
-    urllib.request.urlopen(req, timeout=10).read()
+    urllib.request.urlopen(req, timeout=60).read()  # (a loaded 2-core machine: 10 s was not always enough)
 
 
 def default_vpc_as_on_aws(url: str, region: str = REGION) -> None:

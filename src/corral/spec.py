@@ -109,6 +109,13 @@ Amount = Annotated[float, BeforeValidator(_number)]
 FilterRule = Annotated[str, BeforeValidator(_filter_rule)]
 MemoryMiB = Annotated[int, BeforeValidator(_memory_mib), Field(gt=0, le=MAX_MEMORY_MIB)]
 DiskGiB = Annotated[int | None, BeforeValidator(_disk_gib)]
+
+
+def _shm_mib(v: object) -> int | None:
+    return None if v is None else _memory_mib(v)
+
+
+ShmMiB = Annotated[int | None, BeforeValidator(_shm_mib)]
 Seconds = Annotated[float | None, BeforeValidator(_duration)]
 EnvValue = Annotated[str, BeforeValidator(_str_value)]
 
@@ -118,12 +125,29 @@ class Model(BaseModel):
 
 
 class Resources(Model):
-    """What one task needs: vCPUs, memory (MiB once parsed), GPUs, scratch disk (GiB)."""
+    """What one task needs: vCPUs, memory (MiB once parsed), GPUs, scratch disk (GiB), and the size
+    of ``/dev/shm`` (MiB; containers only — Docker's default is 64 MiB, too small for sorters that
+    share arrays between processes)."""
 
     vcpus: Amount = Field(1, gt=0, le=MAX_VCPUS)
     memory: MemoryMiB = 2048
     gpus: Count = Field(0, ge=0, le=MAX_GPUS)
     disk: DiskGiB = Field(None)
+    shm: ShmMiB = Field(None)
+
+    @field_validator("shm")
+    @classmethod
+    def _shm_positive(cls, v: int | None) -> int | None:
+        if v is not None and v < 1:
+            raise ValueError("shm must be at least 1MiB")
+        return v
+
+    @model_validator(mode="after")
+    def _shm_within_memory(self) -> Resources:
+        # /dev/shm is memory: it counts against the container's memory limit
+        if self.shm is not None and self.shm > self.memory:
+            raise ValueError(f"shm ({self.shm}MiB) must not exceed memory ({self.memory}MiB): /dev/shm is memory")
+        return self
 
     @field_validator("disk")
     @classmethod

@@ -126,8 +126,9 @@ stages:
     # Run each submitted fetch child's command as the container would (Batch fills the secret).
     fetch = next(j for j in jobs if "fetch" in j["jobName"])
     command = transfer_def["containerProperties"]["command"]
-    assert command[:2] == ["/bin/sh", "-c"] and command[2] == pl.WRAPPER
-    overrides = {e["name"]: e["value"] for e in fetch["container"]["environment"]}
+    assert command == pl.BOOT_COMMAND  # the wrapper and the transfer script are in the definition's env
+    overrides = {e["name"]: e["value"] for e in transfer_def["containerProperties"].get("environment", [])}
+    overrides.update({e["name"]: e["value"] for e in fetch["container"]["environment"]})
     assert CONFIG_ENV not in overrides
     for index in range(2):
         env = {

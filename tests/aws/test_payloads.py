@@ -67,8 +67,28 @@ def _workflow(labels: list[str]) -> Any:
     return loads_workflow(WORKFLOW.replace("ITEMS", items))
 
 
+_DEFS: dict[str, dict[str, Any]] = {}
+
+
+def _definition_of(job: dict[str, Any]) -> dict[str, Any]:
+    """The job definition a described job runs with (as ECS starts its task: definition + overrides)."""
+    arn = job["jobDefinition"]
+    if arn not in _DEFS:
+        _DEFS[arn] = AwsClients().batch.describe_job_definitions(jobDefinitions=[arn])["jobDefinitions"][0]
+    return _DEFS[arn]
+
+
+def _job_env(job: dict[str, Any]) -> dict[str, str]:
+    """The environment a task of the job starts with: the job definition's, then the overrides'."""
+    props = _definition_of(job)["containerProperties"]
+    env = {e["name"]: e["value"] for e in props.get("environment", [])}
+    env.update({e["name"]: e["value"] for e in job["container"]["environment"]})
+    return env
+
+
 def _run_child(job: dict[str, Any], command: list[str], index: int | None, out: Path) -> subprocess.CompletedProcess:
-    env = {e["name"]: e["value"] for e in job["container"]["environment"]}
+    command = _definition_of(job)["containerProperties"]["command"]
+    env = _job_env(job)
     env.update(PATH=os.environ["PATH"], OUT=str(out))
     if index is not None:
         env["AWS_BATCH_JOB_ARRAY_INDEX"] = str(index)
@@ -83,6 +103,8 @@ def test_each_child_runs_exactly_its_item(aws: str, tmp_path: Path) -> None:
     plan = make_plan(_workflow(AWKWARD))
     store = SqliteStore(tmp_path / "state.db")
     run = record_run(store, plan, "run-awk")
+    sent: list[dict[str, Any]] = []
+    clients.register_hook("before-parameter-build.batch.SubmitJob", lambda params, **kw: sent.append(dict(params)))
     backend = AwsBatchBackend(clients, environment=env)
     backend.start(plan, run, store, RunOptions(wait=False))
 
@@ -99,11 +121,13 @@ def test_each_child_runs_exactly_its_item(aws: str, tmp_path: Path) -> None:
     assert total["dependsOn"] == [{"jobId": second["jobId"]}]
     assert "arrayProperties" not in total or "size" not in total.get("arrayProperties", {})
 
-    # The command comes from the job definition (one definition per runtime, not per job).
+    # The command and the stage-wide values come from the job definition (one per stage's runtime and
+    # argv template, not per job): the command boots the wrapper from the definition's environment.
     defs = clients.batch.describe_job_definitions(status="ACTIVE")["jobDefinitions"]
-    assert len(defs) == 1
+    assert len(defs) == len({j["jobDefinition"] for j in jobs}) <= 5
     command = defs[0]["containerProperties"]["command"]
-    assert command[:2] == ["/bin/sh", "-c"] and "AWS_BATCH_JOB_ARRAY_INDEX" in command[2]
+    assert command == pl.BOOT_COMMAND
+    assert all("AWS_BATCH_JOB_ARRAY_INDEX" in _job_env(j)[pl.WRAPPER_VAR] for j in jobs)
 
     for k, label in enumerate(AWKWARD):
         r1 = _run_child(first, command, k, tmp_path)
@@ -136,23 +160,27 @@ def test_each_child_runs_exactly_its_item(aws: str, tmp_path: Path) -> None:
     assert (tmp_path / "total-run-awk").read_text() == "done\n"
     # Nothing else was written: each child did exactly one item's work.
     assert len(list(tmp_path.glob("first-*"))) == len(AWKWARD)
-    # Constant values travel as plain override variables; per-item ones only in the table.
-    first_env = {e["name"]: e["value"] for e in first["container"]["environment"]}
+    # Constant values travel in the job definition; per-item ones only in the table.
+    first_env = _job_env(first)
     assert first_env["CONST"] == "same" and first_env["CORRAL_STAGE"] == "first"
     assert "GREETING" not in first_env and "label" not in first_env
+    assert len(sent) == 5
+    for params in sent:  # what SubmitJob sent: the table and a few names only
+        overrides = {e["name"] for e in params["containerOverrides"]["environment"]}
+        assert overrides <= {pl.TABLE_VAR, *pl.OVERRIDE_KEYS}, overrides
     # Task ids travel in the rows of the stage using {task} only.
     ids = {t.id for t in plan.tasks}
     for name, has_ids in [("first", False), ("second", False), ("dump", False), ("tagged", True)]:
-        job_env = {e["name"]: e["value"] for e in by_name[f"corral-run-awk-{name}-r0-c0"]["container"]["environment"]}
+        job_env = _job_env(by_name[f"corral-run-awk-{name}-r0-c0"])
         assert ("CORRAL_TASK_ID" in job_env["CORRAL_COLUMNS"].split()) == has_ids, name
         table = pl.decode_table(job_env[pl.TABLE_VAR])
         assert any(tid in row for row in table for tid in ids) == has_ids, name
     # A placeholder inside quotes ("$OUT/first-{n}"): the argv is rendered per task, as locally.
     assert "CORRAL_ARGV" in first_env["CORRAL_COLUMNS"].split()
     # Otherwise the command is rendered once, with references (a list, and a string command).
-    second_env = {e["name"]: e["value"] for e in second["container"]["environment"]}
+    second_env = _job_env(second)
     assert "${CORRAL_ITEM_label}" in second_env["CORRAL_ARGV"]
-    total_env = {e["name"]: e["value"] for e in total["container"]["environment"]}
+    total_env = _job_env(total)
     assert "${CORRAL_RUN_ID}" in total_env["CORRAL_ARGV"]
 
 
@@ -209,17 +237,76 @@ stages:
     assert cp["resourceRequirements"] == [
         {"type": "VCPU", "value": "2"}, {"type": "MEMORY", "value": "3072"}, {"type": "GPU", "value": "1"}
     ]
-    assert kw["timeout"] == {"attemptDurationSeconds": 60}
+    # the attempt holds the command's 1 + 3 tries of 10 s each (the wrapper re-runs the command)
+    assert kw["timeout"] == {"attemptDurationSeconds": 70}
     rs = kw["retryStrategy"]
-    assert rs["attempts"] == 4 and len(rs["evaluateOnExit"]) <= 5
+    assert rs["attempts"] == 1 + pl.INFRA_RETRIES and len(rs["evaluateOnExit"]) <= 5
     assert rs["evaluateOnExit"][0] == {"onStatusReason": "Host EC2*", "action": "RETRY"}
     assert {"onExitCode": "*", "action": "RETRY"} in rs["evaluateOnExit"]  # the task's own failure, as locally
     assert cp["secrets"] == [
         {"name": "TOKEN", "valueFrom": "arn:aws:secretsmanager:eu-west-1:111122223333:secret:dandi-key"}
     ]
-    assert "environment" not in cp
-    assert c.kwargs["retryStrategy"] == {"attempts": 1}
-    assert pl.retry_strategy(50)["attempts"] == 10
+    assert {e["name"]: e["value"] for e in cp["environment"]} == {"CORRAL_RETRIES": "3", "CORRAL_TRY_TIMEOUT": "10"}
+    # retries: 0 still retries spot reclaims and image pulls (a separate bound), never the command
+    assert c.kwargs["retryStrategy"] == pl.retry_strategy(0) == rs
+    assert "environment" not in c.kwargs["containerProperties"]
+
+
+def _counting_command(tmp_path: Path, fail_times: int) -> str:
+    counter = tmp_path / "count"
+    counter.write_text("0")
+    return (f"n=$(cat {counter}); n=$((n + 1)); echo $n > {counter}; "
+            f"if [ $n -le {fail_times} ]; then exit 3; fi; echo ok")
+
+
+@pytest.mark.parametrize("retries, fail_times, want_rc, want_runs", [
+    (0, 1, 3, 1), (2, 2, 0, 3), (2, 5, 3, 3), (1, 0, 0, 1),
+])
+def test_wrapper_reruns_a_failed_command_retries_times(
+    tmp_path: Path, retries: int, fail_times: int, want_rc: int, want_runs: int
+) -> None:
+    """`retries: N` on AWS: the wrapper re-runs the failing command N times inside the attempt, as
+    the local backend does (Batch's own attempts are kept for infrastructure failures)."""
+    cmd = _counting_command(tmp_path, fail_times)
+    env = {"PATH": os.environ["PATH"], "CORRAL_TABLE": pl.encode_table(["x"]), "CORRAL_COLUMNS": "X",
+           "CORRAL_FIELDS": "", "CORRAL_ARGV": " ".join(pl.sh_quote(a) for a in ["/bin/sh", "-c", cmd]),
+           "CORRAL_WRAPPER": pl.WRAPPER, **({"CORRAL_RETRIES": str(retries)} if retries else {})}
+    out = subprocess.run(pl.BOOT_COMMAND, env=env, capture_output=True, text=True, timeout=60)
+    assert out.returncode == want_rc, out.stderr
+    assert int((tmp_path / "count").read_text()) == want_runs
+    assert out.stderr.count("corral: the command exited 3; retry") == want_runs - 1
+
+
+def test_wrapper_runs_the_program_of_the_job_definition_with_the_rows_argv(tmp_path: Path) -> None:
+    """A transfer's script is the job definition's (CORRAL_PROGRAM), the row holds only its arguments."""
+    env = {"PATH": os.environ["PATH"], "CORRAL_TABLE": pl.encode_table(["'a b' c"]), "CORRAL_COLUMNS": "X Y",
+           "CORRAL_FIELDS": "", "CORRAL_ARGV": '"$X" "$Y"', "CORRAL_WRAPPER": pl.WRAPPER,
+           "CORRAL_PROGRAM": 'printf "%s|" "$@"'}
+    out = subprocess.run(pl.BOOT_COMMAND, env=env, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0 and out.stdout == "a b|c|", out.stderr
+
+
+def test_shm_becomes_shared_memory_size_and_is_validated() -> None:
+    from corral.errors import SpecError
+
+    wf = loads_workflow(
+        "name: shm\nitems: [{a: 1}]\nstages:\n"
+        "  - {name: sort, image: img:1, command: 'true', resources: {memory: 8GiB, shm: 2GiB}}\n"
+    )
+    kw = pl.job_definition(wf.stage("sort"), _ctx()).kwargs
+    assert kw["containerProperties"]["linuxParameters"] == {"sharedMemorySize": 2048}
+    with pytest.raises(PlanError, match="Fargate"):
+        pl.job_definition(wf.stage("sort"), pl.JobContext(region="r", account_id="1", execution_role_arn="x"),
+                          fargate=True)
+    with pytest.raises(SpecError, match="shm"):
+        loads_workflow("name: shm\nitems: [{a: 1}]\nstages:\n"
+                       "  - {name: s, command: 'true', resources: {memory: 1GiB, shm: 2GiB}}\n")
+    # locally, containers get the same /dev/shm (processes use the host's)
+    from corral.backends.runtime import Engine, container_argv
+
+    argv = container_argv(Engine(name="docker", path="/usr/bin/docker"), name="n", image="img:1", argv=["true"],
+                          env_names=[], mounts=[], cwd="/", vcpus=1, memory_mib=8192, gpus=0, shm_mib=2048)
+    assert "--shm-size=2048m" in argv
 
 
 def test_chunks_respect_payload_and_array_limits() -> None:

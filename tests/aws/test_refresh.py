@@ -96,8 +96,9 @@ def test_ten_thousand_items_in_few_arrays_and_refresh_lists_only_what_changed(aw
     env = make_environment(clients)
     store = _CountingStore(tmp_path / "s.db")
     be, run, parents = _start(clients, env, 10_000, store)
-    # No task ids in the rows (the stage does not use {task}): 10,000 items need few arrays.
-    assert 2 <= len(parents) <= 5, len(parents)
+    # No task ids in the rows (the stage does not use {task}): 10,000 items need few arrays, even
+    # with every array's overrides under ECS's 8,192 characters (the strict-AWS layer checks each).
+    assert 2 <= len(parents) <= 10, len(parents)
     jobs = moto_batch_backend()._jobs
     children = {p: jobs[p]._child_jobs for p in parents}
     assert sum(len(c) for c in children.values()) == 10_000
@@ -118,7 +119,7 @@ def test_ten_thousand_items_in_few_arrays_and_refresh_lists_only_what_changed(aw
     lists = _ListCalls(clients)
     got = be.refresh(store.get_run(run.run_id), store)
     # FAILED, RUNNING and the waiting ones listed per array, SUCCEEDED inferred.
-    assert counter.count("batch") == 1 + 3 * len(parents) <= 16, counter.calls
+    assert counter.count("batch") == 1 + 3 * len(parents) <= 31, counter.calls
     assert _states(got) == _full_listing(clients, parents)
 
     # Nothing changed: one DescribeJobs for the (≤ 100) parents, no ListJobs, nothing written.

@@ -79,7 +79,8 @@ def test_thousand_items_three_stages_in_few_calls(aws: str, tmp_path: Path) -> N
     _backend(clients, env).start(plan, run, store, RunOptions(wait=False))
     batch_calls = counter.count("batch")
     assert batch_calls <= 12, counter.calls
-    assert counter.count("batch", "RegisterJobDefinition") == 2  # two runtimes (convert is bigger)
+    # one per stage: runtime (convert is bigger) and the stage's argv template, in its environment
+    assert counter.count("batch", "RegisterJobDefinition") == 3
     tasks = store.get_tasks(run.run_id)
     assert all(t.state == TaskState.SUBMITTED for t in tasks)
     assert len({t.external_id for t in tasks}) == 3000
@@ -97,7 +98,7 @@ def test_thousand_items_three_stages_in_few_calls(aws: str, tmp_path: Path) -> N
     run2 = record_run(store, plan, "run-2")
     _backend(clients, env).start(plan, run2, store, RunOptions(wait=False))
     assert counter.count("batch", "RegisterJobDefinition") == 0
-    assert counter.count("batch", "DescribeJobDefinitions") == 2
+    assert counter.count("batch", "DescribeJobDefinitions") == 3
 
 
 def test_big_items_split_into_aligned_chunks_under_30k(aws: str, tmp_path: Path) -> None:
@@ -136,8 +137,19 @@ stages:
             assert rows_a[k].split()[0] == rows_b[k].split()[0] == f"s{start + k}"
         start += n
     final = by_name[job_name(run.run_id, "c", 0, None)]
-    assert {d["jobId"] for d in final["dependsOn"]} == {by_name[job_name(run.run_id, "b", 0, c)]["jobId"]
-                                                        for c in range(len(sizes))}
+    # (chunks are small under the 8,192-character override budget: past 20 the dependencies go
+    # through no-op barrier jobs, each depending on at most 20)
+    by_id = {j["jobId"]: j for j in by_name.values()}
+
+    def upstream(job: dict[str, Any]) -> set[str]:
+        out: set[str] = set()
+        for d in job.get("dependsOn", []):
+            dep = by_id[d["jobId"]]
+            out |= upstream(dep) if "-b0-" in dep["jobName"] else {d["jobId"]}
+        return out
+
+    assert len(final["dependsOn"]) <= 20
+    assert upstream(final) == {by_name[job_name(run.run_id, "b", 0, c)]["jobId"] for c in range(len(sizes))}
 
 
 def test_more_than_twenty_dependencies_go_through_barriers(aws: str, tmp_path: Path) -> None:
@@ -400,3 +412,103 @@ def test_kill_minus_nine_after_a_submit_then_resume(aws: str, tmp_path: Path, ki
     tasks = store.get_tasks("run-1")
     runs = _runs_per_task(moto_parent_jobs(), plan, "run-1")
     assert runs == collections.Counter({t.task_id: 1 for t in tasks})
+
+
+LOSSY = """
+name: lossy
+defaults: {image: busybox}
+stages:
+  - {name: fetch, command: "fetch {session}"}
+  - {name: convert, needs: [fetch], command: "convert {session}"}
+  - {name: report, per: run, needs: [convert], command: "report"}
+"""
+
+
+def _random_plan(n: int) -> Plan:
+    """Items with incompressible ids: several array chunks per stage."""
+    rng = random.Random(n)
+    return make_plan(loads_workflow(LOSSY), items=[{"session": f"{rng.getrandbits(48):012x}"} for _ in range(n)])
+
+
+def _lose_responses_hook(rate: float, seed: int, kinds: tuple[str, ...]) -> Any:
+    """A ``before-send`` hook on SubmitJob that sends the request to moto itself (so Batch acts),
+    then loses the response: a closed connection, a read timeout or an HTTP 500 in its place."""
+    from botocore.awsrequest import AWSResponse
+    from botocore.exceptions import ConnectionClosedError, ReadTimeoutError
+    from botocore.httpsession import URLLib3Session
+
+    rng = random.Random(seed)
+    http = URLLib3Session()
+    stats = collections.Counter[str]()
+
+    class _Raw:
+        def __init__(self, body: bytes) -> None:
+            self.body = body
+
+        def stream(self, **kw: Any) -> Any:
+            yield self.body
+
+    sent = [0]
+
+    def hook(request: Any, **kw: Any) -> Any:
+        sent[0] += 1
+        if rng.random() >= rate and sent[0] % 2 == 0:
+            return None
+        acted = http.send(request)
+        assert acted.status_code == 200, acted.content  # the server made the job
+        kind = kinds[sum(stats.values()) % len(kinds)]
+        stats[kind] += 1
+        if kind == "closed":
+            raise ConnectionClosedError(endpoint_url=request.url)
+        if kind == "timeout":
+            raise ReadTimeoutError(endpoint_url=request.url)
+        body = b'{"message":"Internal server error"}'
+        return AWSResponse(request.url, 500, {"x-amzn-ErrorType": "ServerException",
+                                              "Content-Type": "application/json"}, _Raw(body))
+
+    return hook, stats
+
+
+@pytest.mark.parametrize("kinds", [("closed", "timeout", "500")])
+def test_lost_submit_responses_give_each_task_exactly_one_job(aws: str, tmp_path: Path, kinds: tuple[str, ...]) -> None:
+    """#13: 30% of SubmitJob responses lost after moto made the job (connection closed, read
+    timeout, HTTP 500): botocore must not re-send SubmitJob; corral finds the job by its name."""
+    clients = AwsClients()
+    env = make_environment(clients)
+    plan = _random_plan(2000)
+    hook, stats = _lose_responses_hook(0.5, seed=5, kinds=kinds)
+    faulty = AwsClients()
+    faulty.register_hook("before-send.batch.SubmitJob", hook)
+    counter = CallCounter(faulty)
+    store = SqliteStore(tmp_path / "s.db")
+    run = record_run(store, plan)
+    _backend(faulty, env).start(plan, run, store, RunOptions(wait=False))
+    assert sum(stats.values()) >= 3 and len(stats) == 3, stats
+    jobs = moto_parent_jobs()
+    names = collections.Counter(j["jobName"] for j in jobs)
+    assert all(n == 1 for n in names.values()), [k for k, n in names.items() if n > 1]
+    runs = _runs_per_task(jobs, plan, run.run_id)
+    tasks = store.get_tasks(run.run_id)
+    assert runs == collections.Counter({t.task_id: 1 for t in tasks})
+    # every task recorded against the job that exists
+    ids = {j["jobId"] for j in jobs}
+    assert all(t.external_id.split(":")[0] in ids for t in tasks)
+    # no SubmitJob was re-sent after a lost response: one per job name
+    assert counter.count("batch", "SubmitJob") == len(names)
+
+
+def test_throttled_submit_job_is_retried_by_corral(aws: str, tmp_path: Path) -> None:
+    """Throttling is answered before Batch acts: SubmitJob is sent again (by corral, not botocore)."""
+    clients = AwsClients()
+    env = make_environment(clients)
+    plan = _random_plan(2000)
+    hook, stats = _throttle_hook(0.5, seed=3)
+    faulty = AwsClients()
+    faulty.register_hook("before-send.batch.SubmitJob", hook)
+    store = SqliteStore(tmp_path / "s.db")
+    run = record_run(store, plan)
+    _backend(faulty, env).start(plan, run, store, RunOptions(wait=False))
+    assert stats["throttled"] >= 1
+    names = collections.Counter(j["jobName"] for j in moto_parent_jobs())
+    assert names and all(n == 1 for n in names.values())
+    assert len(store.get_tasks(run.run_id)) == len(plan.tasks)

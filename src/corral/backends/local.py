@@ -780,7 +780,7 @@ class Scheduler:
                     env_names=sorted({*task_env, *secret_env}),
                     mounts=[workdir, str(self.plan.workflow.base_dir)], cwd=str(self.plan.workflow.base_dir),
                     vcpus=vcpus, memory_mib=mem if _explicit_memory(task) else None,
-                    gpus=task.stage.resources.gpus,
+                    gpus=task.stage.resources.gpus, shm_mib=task.stage.resources.shm,
                 )
         except (BackendError, StorageError) as exc:
             self._failed_start(task, number, started, out_path, err_path, exc.one_line(), retryable=False)

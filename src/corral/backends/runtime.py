@@ -52,11 +52,15 @@ def container_argv(
     vcpus: float,
     memory_mib: int | None,
     gpus: int,
+    shm_mib: int | None = None,
 ) -> list[str]:
-    """``docker run`` (or podman) for one attempt; env values are passed by name, never on argv."""
+    """``docker run`` (or podman) for one attempt; env values are passed by name, never on argv.
+    ``shm_mib``: the size of ``/dev/shm`` (``resources.shm``; a process runs with the host's)."""
     cmd = [engine.path, "run", "--rm", "--name", name, "--init", "-w", cwd, f"--cpus={vcpus:g}"]
     if memory_mib:
         cmd.append(f"--memory={memory_mib}m")
+    if shm_mib:
+        cmd.append(f"--shm-size={shm_mib}m")
     for m in dict.fromkeys(mounts):
         cmd += ["-v", f"{m}:{m}"]
     for n in env_names:

@@ -145,7 +145,7 @@ class AwsBatchBackend:
     @property
     def api(self) -> BatchApi:
         if self._api is None:
-            self._api = BatchApi(self.clients.batch, self._bucket)
+            self._api = BatchApi(self.clients.batch, self._bucket, submit_client=self.clients.batch_once)
         return self._api
 
     # -- environment --------------------------------------------------------------------------

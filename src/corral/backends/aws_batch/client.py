@@ -23,6 +23,16 @@ if TYPE_CHECKING:  # pragma: no cover
     import boto3
 
 RETRY_CONFIG = {"mode": "adaptive", "max_attempts": 10}
+# SubmitJob has no idempotency token (Batch API reference, SubmitJob): botocore re-sending it after a
+# lost response (connection reset, read timeout, 5xx after Batch acted) makes a second job. Its client
+# never retries; corral resolves a lost response by the deterministic job name instead
+# (submit.BatchApi.submit_job) and retries only throttling itself.
+NO_RETRY_CONFIG = {"mode": "standard", "total_max_attempts": 1}
+# Errors AWS returns before acting on a request (the call may be sent again as it is).
+THROTTLING_CODES = {
+    "ThrottlingException", "TooManyRequestsException", "Throttling", "RequestLimitExceeded",
+    "ProvisionedThroughputExceededException", "SlowDown",
+}
 
 # Error codes that mean "who you are" or "what you may do" is the problem, not the request.
 _CREDENTIAL_CODES = {
@@ -108,21 +118,24 @@ class AwsClients:
         self._account_id: str | None = None
 
     # -- clients ------------------------------------------------------------------------------
-    def client(self, service: str) -> Any:
-        c = self._clients.get(service)
+    def client(self, service: str, *, retries: bool = True) -> Any:
+        """The cached client of ``service`` (adaptive retries), or with ``retries=False`` one that
+        sends each call once (for calls that must not be re-sent blindly: SubmitJob)."""
+        key = service if retries else f"{service}#once"
+        c = self._clients.get(key)
         if c is None:
             from botocore.config import Config
 
             kwargs: dict[str, Any] = {
                 "region_name": self.region,
-                "config": Config(retries=dict(RETRY_CONFIG)),
+                "config": Config(retries=dict(RETRY_CONFIG if retries else NO_RETRY_CONFIG)),
             }
             if self.endpoint_url:
                 kwargs["endpoint_url"] = self.endpoint_url
             c = self.session.client(service, **kwargs)
             for event, handler in self._hooks:
                 c.meta.events.register(event, handler)
-            self._clients[service] = c
+            self._clients[key] = c
         return c
 
     def register_hook(self, event: str, handler: Callable[..., Any]) -> None:
@@ -134,6 +147,11 @@ class AwsClients:
     @property
     def batch(self) -> Any:
         return self.client("batch")
+
+    @property
+    def batch_once(self) -> Any:
+        """A Batch client without automatic retries (SubmitJob: see :data:`NO_RETRY_CONFIG`)."""
+        return self.client("batch", retries=False)
 
     @property
     def ec2(self) -> Any:
@@ -205,6 +223,18 @@ def error_code(exc: BaseException) -> str:
     if isinstance(response, dict):
         return str(response.get("Error", {}).get("Code", ""))
     return ""
+
+
+def is_throttling(exc: BaseException) -> bool:
+    """True for an error AWS returns without acting on the request (throttling)."""
+    return error_code(exc) in THROTTLING_CODES
+
+
+def http_status(exc: BaseException) -> int:
+    response = getattr(exc, "response", None)
+    if isinstance(response, dict):
+        return int(response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0) or 0)
+    return 0
 
 
 def is_not_found(exc: BaseException) -> bool:

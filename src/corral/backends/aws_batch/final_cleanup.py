@@ -120,7 +120,7 @@ class FinalCleanup:
         if not store.swap_task(t, claim):
             return None  # another process claimed it (or the task changed): it is not ours to submit
         kwargs = resubmission(job, name)
-        job_id: str = self.api.call("submit_job", f"submit job {name}", **kwargs)["jobId"]
+        job_id = self.api.submit_job(kwargs)  # never re-sent blindly (a lost response: looked up by name)
         if self.after_submit is not None:
             self.after_submit(name, job_id)
         done = claim.replace(state=TaskState.SUBMITTED, external_id=job_id, reason="")

@@ -1,6 +1,9 @@
 """A task's output from CloudWatch Logs: the stream Batch names in ``container.logStreamName``.
 
-``read`` pages through ``GetLogEvents`` (from the head, until the forward token stops moving);
+``read`` pages through ``GetLogEvents`` forward: every call has ``startFromHead=true`` — the
+GetLogEvents reference requires it when ``nextToken`` is a ``nextForwardToken`` (without it the
+call pages backwards and logs past one page come back incomplete) — until the forward token comes
+back unchanged (the end of the stream repeats the token it was given);
 ``follow`` keeps polling with a bounded backoff (reset whenever lines arrive) until the job is
 terminal, then drains what is left.
 """
@@ -53,13 +56,11 @@ class LogReader:
         """Every event after ``token`` (from the head if None): (lines, next token)."""
         lines: list[str] = []
         while True:
-            kwargs: dict[str, Any] = {"logGroupName": group, "logStreamName": stream}
+            kwargs: dict[str, Any] = {"logGroupName": group, "logStreamName": stream, "startFromHead": True}
             if self.page_limit:
                 kwargs["limit"] = self.page_limit
             if token:
                 kwargs["nextToken"] = token
-            else:
-                kwargs["startFromHead"] = True
             try:
                 with aws_errors(f"read log stream {stream}"):
                     resp = self.client.get_log_events(**kwargs)

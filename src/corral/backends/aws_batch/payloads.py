@@ -75,8 +75,18 @@ from corral.errors import PlanError
 from corral.plan import Task
 from corral.spec import Stage
 
-PAYLOAD_LIMIT = 30 * 1024  # SubmitJob request body
+PAYLOAD_LIMIT = 30 * 1024  # SubmitJob request body (Batch service quotas: "SubmitJob payload 30 KiB")
 PAYLOAD_MARGIN = 2048  # room for dependsOn (≤ 20 entries), tags and the JSON framing
+# ECS RunTask API reference, `overrides`: "A total of 8192 characters are allowed for overrides. This
+# limit includes the JSON formatting characters of the override structure." Batch launches every job
+# and array child as an ECS task whose container override holds the command (the job definition's),
+# the environment and the resource requirements, plus variables Batch adds itself (AWS_BATCH_JOB_ID,
+# _JOB_ATTEMPT, _JQ_NAME, _CE_NAME, _JOB_ARRAY_INDEX, ...). Over it, SubmitJob accepts the job and
+# every child FAILS at launch ("Container Overrides length must be at most 8192", ASFHyP3/hyp3#3041).
+ECS_OVERRIDES_LIMIT = 8192
+JOB_DEFINITION_LIMIT = 24 * 1024  # Batch service quotas: "job definition size 24 KiB"
+BATCH_VARIABLES_RESERVE = 768  # what Batch's own variables may take (measured ~430 with 128-char names)
+OVERRIDES_MARGIN = 512  # kept free below the limit: JSON escaping differences, future Batch variables
 MAX_ARRAY_SIZE = 10_000
 MAX_DEPENDS_ON = 20
 MIN_TIMEOUT = 60
@@ -101,18 +111,48 @@ if [ -n "${CORRAL_KEY_FROM:-}" ]; then eval "export CORRAL_ITEM_KEY=\"\\$$CORRAL
 if [ -n "${CORRAL_INDEX_BASE:-}" ]; then export CORRAL_ITEM_INDEX=$((CORRAL_INDEX_BASE + i)); fi
 outs=${CORRAL_OUTPUTS:-}
 eval "set -- $CORRAL_ARGV"
-unset CORRAL_ARGV CORRAL_COLUMNS CORRAL_FIELDS CORRAL_KEY_FROM CORRAL_INDEX_BASE CORRAL_OUTPUTS NL c f i row
+unset CORRAL_ARGV CORRAL_COLUMNS CORRAL_FIELDS CORRAL_KEY_FROM CORRAL_INDEX_BASE CORRAL_OUTPUTS CORRAL_WRAPPER NL c f i row
 if [ -n "${CORRAL_WORKDIR:-}" ]; then mkdir -p "$CORRAL_WORKDIR" 2>/dev/null || true; fi
-if [ -z "$outs" ]; then exec "$@"; fi
-"$@"
-eval "set -- $outs"
-while [ $# -gt 1 ]; do
-  if [ ! -e "$2" ]; then echo "corral: declared output missing: $2" >&2; exit $((OUTPUT_MISSING_BASE + $1)); fi
-  shift 2
+if [ -n "${CORRAL_PROGRAM:-}" ]; then set -- /bin/sh -c "$CORRAL_PROGRAM" corral-program "$@"; fi
+r=${CORRAL_RETRIES:-0}
+t=${CORRAL_TRY_TIMEOUT:-}
+unset CORRAL_PROGRAM CORRAL_RETRIES CORRAL_TRY_TIMEOUT
+if [ -n "$t" ] && command -v timeout >/dev/null 2>&1; then set -- timeout -s TERM "$t" "$@"; fi
+if [ "$r" -eq 0 ] && [ -z "$outs" ]; then exec "$@"; fi
+check_outputs() {
+  eval "set -- $outs"
+  while [ $# -gt 1 ]; do
+    if [ ! -e "$2" ]; then echo "corral: declared output missing: $2" >&2; return $((OUTPUT_MISSING_BASE + $1)); fi
+    shift 2
+  done
+}
+n=0
+stop=
+while :; do
+  "$@" &
+  p=$!
+  trap 'stop=1; kill -TERM "$p" 2>/dev/null || :' TERM INT HUP
+  set +e
+  wait "$p"
+  rc=$?
+  while kill -0 "$p" 2>/dev/null; do wait "$p"; rc=$?; done
+  if [ "$rc" -eq 0 ] && [ -n "$outs" ]; then check_outputs; rc=$?; fi
+  set -e
+  trap - TERM INT HUP
+  if [ "$rc" -eq 0 ] || [ -n "$stop" ] || [ "$n" -ge "$r" ]; then exit "$rc"; fi
+  n=$((n + 1))
+  echo "corral: the command exited $rc; retry $n of $r" >&2
 done
 """
 
 BARRIER_COMMAND = ["/bin/sh", "-c", ":"]
+
+
+def wrapper(program: str | None = None) -> str:
+    """The job definition's script: :data:`WRAPPER`. A ``program`` (the transfer script of a stage
+    whose command corral builds) travels beside it as ``CORRAL_PROGRAM`` (see :func:`job_definition`)
+    and runs with the row's argv as its arguments (``"$@"``): once per job definition, not per row."""
+    return WRAPPER
 
 # -- declared outputs, checked in the job (issue 14) -----------------------------------------------
 # A task that exits 0 without writing a declared output fails: the wrapper checks the outputs it
@@ -143,6 +183,13 @@ def outputs_words(stage: Stage) -> str:
 
 # Per-task environment names: always in the table, even when a stage has a single task.
 PER_TASK_KEYS = ("CORRAL_TASK_ID", "CORRAL_ITEM_KEY", "CORRAL_ITEM_INDEX")
+# Kept in each job's container overrides (short; what DescribeJobs readers use to map children to
+# tasks); every other stage-wide value goes in the job definition's environment.
+OVERRIDE_KEYS = ("CORRAL_RUN_ID", "CORRAL_STAGE", "CORRAL_WORKDIR", "CORRAL_COLUMNS", "CORRAL_INDEX_BASE")
+WRAPPER_VAR = "CORRAL_WRAPPER"
+# The job definition's command when the wrapper travels in its environment: 31 characters of the
+# override budget instead of the ~1,000-2,000 of the script itself.
+BOOT_COMMAND = ["/bin/sh", "-c", 'eval "$CORRAL_WRAPPER"']
 CONSTANT_KEYS = ("CORRAL_RUN_ID", "CORRAL_STAGE", "CORRAL_WORKDIR")
 PADDING_ROW = "-"
 # What a placeholder refers to once the wrapper has exported the row.
@@ -277,6 +324,59 @@ def argv_template(stage: Stage) -> str | None:
     return " ".join(words)
 
 
+_SENTINEL = "Zq{}qZ"
+
+
+def argv_template_of(
+    tasks: Sequence[Task], argv_of: Callable[[Task], Sequence[str]], columns: Sequence[str],
+) -> str | None:
+    """One argv template (sh words with ``${VAR}`` references to ``columns``) that gives exactly
+    ``argv_of(task)`` for every task once the wrapper has exported the task's row, or None.
+
+    The argv is built once for a stand-in task whose per-task values are unique sentinels; each
+    sentinel in it becomes a reference. The result is then checked against every task's own argv
+    (sentinels replaced by the task's values): any difference (a value transformed on the way, a
+    local path staged per file) keeps the per-task column."""
+    import dataclasses
+
+    if not tasks:
+        return None
+    names = {c: _SENTINEL.format(i) for i, c in enumerate(columns)}
+    first = tasks[0]
+    item = dict(first.item)
+    for f in first.item:
+        if f"CORRAL_ITEM_{f}" in names:
+            item[f] = names[f"CORRAL_ITEM_{f}"]
+    stand_in = dataclasses.replace(
+        first, item=item,
+        key=names.get("CORRAL_ITEM_KEY", first.key),
+        id=names.get("CORRAL_TASK_ID", first.id),
+        index=names.get("CORRAL_ITEM_INDEX", first.index),  # type: ignore[arg-type]
+    )
+    try:
+        words = list(argv_of(stand_in))
+    except Exception:  # noqa: BLE001 - any refusal (e.g. a local path) keeps the per-task column
+        return None
+    for t in tasks:
+        env = t.env("", "")
+        values = {names[c]: (("" if t.index is None else str(t.index)) if c == "CORRAL_ITEM_INDEX" else t.id if c == "CORRAL_TASK_ID"
+                             else t.key if c == "CORRAL_ITEM_KEY" else env.get(c, "")) for c in names}
+
+        def fill(word: str, values: dict[str, str] = values) -> str:
+            return re.sub(r"Zq\d+qZ", lambda m: values.get(m.group(0), m.group(0)), word)
+
+        try:
+            want = list(argv_of(t))
+        except Exception:  # noqa: BLE001
+            return None
+        if [fill(w) for w in words] != want:
+            return None
+    by_sentinel = {v: k for k, v in names.items()}
+    return " ".join(
+        '"' + re.sub(r"Zq\d+qZ", lambda m: "${" + by_sentinel[m.group(0)] + "}", _dq(w)) + '"' for w in words
+    )
+
+
 def uses_task_id(stage: Stage) -> bool:
     """True when something rendered per task for the stage's AWS job uses the task id: ``{task}``
     (or ``CORRAL_TASK_ID`` read from the environment) in the command, an env value or a transfer's
@@ -300,8 +400,10 @@ class StageTable:
         self, tasks: Sequence[Task], run_id: str, workdir: str, *, index_column: bool = True,
         argv_of: Callable[[Task], Sequence[str]] | None = None,
     ) -> None:
-        """``argv_of(task)``, when given, is each task's argv (rendered per task, a column): for
-        stages whose container command is not the stage's ``command`` (transfers, cleanup)."""
+        """``argv_of(task)``, when given, is each task's argv: for stages whose container command is
+        not the stage's ``command`` (transfers, cleanup). It becomes one stage-wide template of
+        ``${...}`` references when that template gives every task's argv exactly
+        (:func:`argv_template_of`), else a column rendered per task."""
         if not tasks:
             raise ValueError("a stage table needs tasks")
         self.run_id = run_id
@@ -336,7 +438,14 @@ class StageTable:
                     self.columns.remove("CORRAL_ITEM_KEY")
                     constant["CORRAL_KEY_FROM"] = c
                     break
-        argv = None if argv_of is not None else argv_template(stage)
+        if argv_of is not None:
+            # the wrapper exports the key and index whether they are columns or derived
+            refs = list(dict.fromkeys([*self.columns, "CORRAL_ITEM_KEY", "CORRAL_ITEM_INDEX"]))
+            argv = argv_template_of(tasks, argv_of, refs)
+            if argv is not None:
+                self._argv_of = None
+        else:
+            argv = argv_template(stage)
         if argv is None:
             self.columns.append("CORRAL_ARGV")
         else:
@@ -350,6 +459,18 @@ class StageTable:
             constant["CORRAL_OUTPUTS"] = outs
         self.env = constant
         self._per_row_argv = argv is None
+
+    @property
+    def override_env(self) -> dict[str, str]:
+        """What each job of the stage carries in its container overrides besides the table: the
+        few short names that identify the job and lay its rows out (:data:`OVERRIDE_KEYS`)."""
+        return {k: v for k, v in self.env.items() if k in OVERRIDE_KEYS}
+
+    @property
+    def definition_env(self) -> dict[str, str]:
+        """What is the same for every job of the stage: in the job definition's environment, once
+        (the argv template, field names, constant values), outside ECS's override budget."""
+        return {k: v for k, v in self.env.items() if k not in OVERRIDE_KEYS}
 
     def row(self, task: Task) -> str:
         env = self._envs.get(task.id) or task.env(self.run_id, self.workdir)
@@ -404,30 +525,32 @@ def child_item_index(env: Mapping[str, str], k: int, row: str) -> int | None:
 FARGATE_SPOT_REASON = "Your Spot Task was interrupted*"
 
 
-def retry_strategy(retries: int, *, fargate: bool = False) -> dict[str, Any]:
-    """attempts = retries + 1, and every failure is retried while attempts remain — the task's own
-    failure (a non-zero exit, declared outputs missing, a timeout) as locally, and infrastructure
-    failures. Batch retries a job when no ``evaluateOnExit`` rule matches, so the rules only name
-    the infrastructure cases; a job ended by TerminateJob/CancelJob (``corral cancel``) is never
-    retried (Batch user guide, "Automated job retries").
+# Infrastructure failures retried whatever `retries` says, up to this many extra attempts: a spot
+# reclaim or instance failure (EC2 "Host EC2 ..."), a Fargate Spot interruption, an image pull that
+# failed. A failing command is re-run by the wrapper inside the attempt (CORRAL_RETRIES), so
+# Batch's single attempt counter (1-10) only counts what the command could not cause.
+INFRA_RETRIES = 2
 
-    On EC2 a spot reclaim or instance failure reads ``Host EC2 …``; Fargate has no hosts, and a
-    Fargate Spot interruption reads ``Your Spot Task was interrupted.`` (at most 5 rules)."""
-    attempts = max(1, min(MAX_ATTEMPTS, retries + 1))
+
+def retry_strategy(retries: int, *, fargate: bool = False) -> dict[str, Any]:
+    """Batch's retryStrategy: ``1 + INFRA_RETRIES`` attempts, retried only on infrastructure
+    failures (at most 5 rules, first match wins); the command's own failure ends the attempt's
+    job — the wrapper already re-ran it ``retries`` times. ``retries`` is not needed here: it
+    travels in the job definition's environment."""
+    del retries
     reclaim = (
         {"onStatusReason": FARGATE_SPOT_REASON, "action": "RETRY"} if fargate
         else {"onStatusReason": "Host EC2*", "action": "RETRY"}  # spot reclaim, instance failure
     )
     return {
-        "attempts": attempts,
+        "attempts": 1 + INFRA_RETRIES,
         "evaluateOnExit": [
             reclaim,
             {"onStatusReason": "CannotPullContainerError*", "action": "RETRY"},
             {"onReason": "CannotPullContainerError*", "action": "RETRY"},
-            {"onExitCode": "*", "action": "RETRY"},  # the command's own failure: `retries` counts them
-        ]
-        if attempts > 1
-        else [],
+            {"onExitCode": "*", "action": "EXIT"},  # the command's own failure (after its own retries)
+            {"onStatusReason": "*", "action": "EXIT"},
+        ],
     }
 
 
@@ -492,12 +615,20 @@ def _require_execution_role(ctx: JobContext, what: str) -> None:
         )
 
 
-def job_definition(stage: Stage, ctx: JobContext, *, fargate: bool = False) -> JobDefinitionSpec:
+def job_definition(
+    stage: Stage, ctx: JobContext, *, fargate: bool = False, program: str | None = None,
+    env: Mapping[str, str] | None = None,
+) -> JobDefinitionSpec:
     """RegisterJobDefinition kwargs for a stage's runtime, named from a hash of their content.
 
     ``fargate``: a Fargate job definition (platformCapabilities FARGATE, the size rounded up to a
     valid Fargate vCPU/memory pair, execution role, network configuration, ephemeral storage for
-    the stage's disk); otherwise an EC2 one (GPUs, scratch on the instance's root volume)."""
+    the stage's disk); otherwise an EC2 one (GPUs, scratch on the instance's root volume).
+    ``program``: the script the wrapper runs the row's argv with (:func:`wrapper`; transfers).
+    ``env``: the stage's job-wide variables (:attr:`StageTable.definition_env`); then the wrapper
+    travels in the environment too (``CORRAL_WRAPPER``) and the command is :data:`BOOT_COMMAND`, so
+    ECS's override of each task holds only the job's rows and a few names. Without ``env`` the
+    command is the wrapper itself."""
     if not stage.image:
         raise PlanError(
             f"stage {stage.name!r} has no image; AWS Batch runs every task in a container",
@@ -519,6 +650,18 @@ def job_definition(stage: Stage, ctx: JobContext, *, fargate: bool = False) -> J
         "command": ["/bin/sh", "-c", WRAPPER],
         "resourceRequirements": requirements,
     }
+    extra: dict[str, str] = {}
+    if program is not None:
+        extra["CORRAL_PROGRAM"] = program
+    if stage.retries:
+        extra["CORRAL_RETRIES"] = str(stage.retries)
+        if stage.timeout:
+            extra["CORRAL_TRY_TIMEOUT"] = str(max(1, math.ceil(stage.timeout)))
+    if env is not None:
+        container["command"] = list(BOOT_COMMAND)
+        extra = {**env, **extra, WRAPPER_VAR: WRAPPER}
+    if extra:
+        container["environment"] = [{"name": k, "value": v} for k, v in sorted(extra.items())]
     if ctx.job_role_arn:
         container["jobRoleArn"] = ctx.job_role_arn
     if ctx.execution_role_arn:
@@ -538,6 +681,15 @@ def job_definition(stage: Stage, ctx: JobContext, *, fargate: bool = False) -> J
             efs["authorizationConfig"] = {"accessPointId": ctx.efs_access_point, "iam": "ENABLED"}
         container["volumes"] = [{"name": EFS_VOLUME, "efsVolumeConfiguration": efs}]
         container["mountPoints"] = [{"sourceVolume": EFS_VOLUME, "containerPath": EFS_MOUNT}]
+    if res.shm:
+        if fargate:
+            raise PlanError(
+                f"stage {stage.name!r} sets resources.shm, which Fargate does not support (linuxParameters."
+                "sharedMemorySize is EC2 only)",
+                "leave `fargate` out of aws.instance_types for it, or drop resources.shm",
+            )
+        # Batch API reference, LinuxParameters.sharedMemorySize: the size (MiB) of /dev/shm
+        container["linuxParameters"] = {"sharedMemorySize": int(res.shm)}
     if fargate:
         container.update(fargate_properties(ctx, res.disk))
     content: dict[str, Any] = {
@@ -546,10 +698,11 @@ def job_definition(stage: Stage, ctx: JobContext, *, fargate: bool = False) -> J
         "containerProperties": container,
         "retryStrategy": retry_strategy(stage.retries, fargate=fargate),
     }
-    if not content["retryStrategy"]["evaluateOnExit"]:
-        del content["retryStrategy"]["evaluateOnExit"]
     if stage.timeout:
-        content["timeout"] = {"attemptDurationSeconds": max(MIN_TIMEOUT, math.ceil(stage.timeout))}
+        # An attempt holds the command's tries (each stopped at `timeout` by the wrapper where the
+        # image has `timeout`), so Batch's limit is their sum, with a little room for the wrapper.
+        tries = 1 + stage.retries
+        content["timeout"] = {"attemptDurationSeconds": max(MIN_TIMEOUT, math.ceil(stage.timeout) * tries + 10 * (tries - 1))}
     name = _content_name(content)
     kwargs = {
         "jobDefinitionName": name,
@@ -625,17 +778,52 @@ def env_size(env: Mapping[str, str]) -> int:
     return sum(len(json.dumps({"name": k, "value": v})) + 1 for k, v in env.items())
 
 
-def chunk_bounds(tables: Sequence[Sequence[str]], budget: int) -> list[int]:
+def overrides_length(command: Sequence[str], env: Mapping[str, str], requirements: Sequence[Any]) -> int:
+    """Characters of the ECS container override of one task of a job (JSON framing included):
+    the command, the environment and the resource requirements (see :data:`ECS_OVERRIDES_LIMIT`)."""
+    override: dict[str, Any] = {"name": "default"}
+    if command:
+        override["command"] = list(command)
+    if env:
+        override["environment"] = [{"name": k, "value": v} for k, v in env.items()]
+    if requirements:
+        override["resourceRequirements"] = list(requirements)
+    return len(json.dumps({"containerOverrides": [override]}, separators=(",", ":"), ensure_ascii=False))
+
+
+def table_budget(spec: JobDefinitionSpec, env: Mapping[str, str]) -> int:
+    """Characters the encoded item table of one job may take: what the ECS override limit leaves
+    after the job definition's command and resources, the job's other variables (with room for
+    ``CORRAL_INDEX_BASE``), Batch's own variables and a margin — and under SubmitJob's 30 KiB."""
+    container = spec.kwargs.get("containerProperties", {})
+    fixed = overrides_length(
+        container.get("command", []), {**env, "CORRAL_INDEX_BASE": "99999", TABLE_VAR: ""},
+        container.get("resourceRequirements", []),
+    )
+    if len(json.dumps(spec.kwargs, separators=(",", ":")).encode()) > JOB_DEFINITION_LIMIT:
+        raise PlanError(
+            f"the job definition of stage {spec.kwargs.get('jobDefinitionName')} would be over AWS Batch's 24 KiB",
+            "keep the stage's env values and the item fields that are the same for every item short",
+        )
+    ecs = ECS_OVERRIDES_LIMIT - BATCH_VARIABLES_RESERVE - OVERRIDES_MARGIN - fixed
+    submit = PAYLOAD_LIMIT - PAYLOAD_MARGIN - env_size(env)
+    return min(ecs, submit)
+
+
+def chunk_bounds(tables: Sequence[Sequence[str]], budget: int | Sequence[int]) -> list[int]:
     """Cut ``n`` aligned rows into chunks: sizes such that, for every table, the encoded rows of each
-    chunk take at most ``budget`` bytes and no chunk has more than 10,000 rows. All tables must
-    have the same length; the same cut applies to all (so N_TO_N children stay aligned)."""
+    chunk take at most its ``budget`` bytes (one for all, or one per table) and no chunk has more
+    than 10,000 rows. All tables must have the same length; the same cut applies to all (so N_TO_N
+    children stay aligned)."""
     if not tables:
         return []
     n = len(tables[0])
     assert all(len(t) == n for t in tables)
+    budgets = [budget] * len(tables) if isinstance(budget, int) else list(budget)
+    assert len(budgets) == len(tables)
 
     def fits(a: int, b: int) -> bool:
-        return all(len(encode_table(t[a:b])) <= budget for t in tables)
+        return all(len(encode_table(t[a:b])) <= bb for t, bb in zip(tables, budgets, strict=True))
 
     sizes: list[int] = []
     a = 0
@@ -644,7 +832,7 @@ def chunk_bounds(tables: Sequence[Sequence[str]], budget: int) -> list[int]:
         hi = min(n, a + MAX_ARRAY_SIZE)
         if not fits(a, a + 1):
             raise PlanError(
-                f"item {a} is too large to pass to AWS Batch (its row is over {budget} bytes compressed)",
+                f"item {a} is too large to pass to AWS Batch (its row is over {min(budgets)} bytes compressed)",
                 "keep item fields and env values short; put large data in files the command reads",
             )
         if fits(a, hi):

@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from corral.backends.aws_batch import payloads as pl
-from corral.backends.aws_batch.client import aws_errors
+from corral.backends.aws_batch.client import aws_errors, http_status, is_throttling
 from corral.backends.aws_batch.fair_share import DEFAULT_SHARE, FairShare
 from corral.errors import BackendError
 from corral.instances import on_fargate
@@ -86,12 +86,93 @@ class TokenBucket:
                 waited += wait
 
 
-class BatchApi:
-    """The Batch calls corral makes, each rate-limited and with botocore errors made corral errors."""
+SUBMIT_ATTEMPTS = 8  # SubmitJob sends (throttled or lost) before giving up
+LOOKUP_POLLS = 4  # ListJobs look-ups of a job name after a lost SubmitJob response, before re-sending
 
-    def __init__(self, client: Any, bucket: TokenBucket | None = None) -> None:
+
+class BatchApi:
+    """The Batch calls corral makes, each rate-limited and with botocore errors made corral errors.
+
+    ``submit_client`` (a Batch client without automatic retries, ``AwsClients.batch_once``) sends
+    SubmitJob: see :meth:`submit_job`. Without it, ``client`` does (and botocore may re-send)."""
+
+    def __init__(self, client: Any, bucket: TokenBucket | None = None, *, submit_client: Any = None) -> None:
         self.client = client
         self.bucket = bucket or TokenBucket()
+        self.submit_client = submit_client
+
+    def submit_job(self, kwargs: Mapping[str, Any]) -> str:
+        """SubmitJob exactly once per job name, although SubmitJob has no idempotency token.
+
+        The call is sent by a client that never re-sends it. Throttling (which AWS answers without
+        acting) is retried with backoff. A lost response — connection closed or timed out after the
+        request went out, or a 5xx — may hide a job Batch made: the job is looked up by its
+        (deterministic, unique) name with ListJobs, polled with backoff since ListJobs is eventually
+        consistent; only when it is still absent is SubmitJob sent again."""
+        from botocore.exceptions import (
+            ClientError,
+            ConnectionClosedError,
+            ConnectTimeoutError,
+            EndpointConnectionError,
+        )
+        from botocore.exceptions import ReadTimeoutError as BotoReadTimeout
+
+        client = self.submit_client or self.client
+        name = str(kwargs["jobName"])
+        delay = 0.2
+        for attempt in range(1, SUBMIT_ATTEMPTS + 1):
+            self.bucket.acquire()
+            last = attempt == SUBMIT_ATTEMPTS
+            try:
+                return str(client.submit_job(**kwargs)["jobId"])
+            except (EndpointConnectionError, ConnectTimeoutError) as exc:
+                # not connected: the request never reached Batch
+                if last:
+                    with aws_errors(f"submit job {name}"):
+                        raise exc from None
+            except (ConnectionClosedError, BotoReadTimeout) as exc:
+                found = self._look_up(kwargs, delay)
+                if found:
+                    return found
+                if last:
+                    with aws_errors(f"submit job {name}"):
+                        raise exc from None
+            except ClientError as exc:
+                if is_throttling(exc):
+                    if last:
+                        with aws_errors(f"submit job {name}"):
+                            raise
+                elif http_status(exc) >= 500:
+                    found = self._look_up(kwargs, delay)
+                    if found:
+                        return found
+                    if last:
+                        with aws_errors(f"submit job {name}"):
+                            raise
+                else:
+                    with aws_errors(f"submit job {name}"):
+                        raise
+            self.bucket.sleep(delay)
+            delay = min(delay * 2, 10.0)
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    def _look_up(self, kwargs: Mapping[str, Any], delay: float) -> str | None:
+        """The id of the job named ``kwargs['jobName']`` in its queue (the oldest), or None."""
+        name = str(kwargs["jobName"])
+        for poll in range(LOOKUP_POLLS):
+            if poll:
+                self.bucket.sleep(delay)
+                delay = min(delay * 2, 10.0)
+            found = [
+                j for j in self.list_jobs(
+                    f"look up job {name} after a lost SubmitJob response", jobQueue=kwargs["jobQueue"],
+                    filters=[{"name": "JOB_NAME", "values": [name]}],
+                )
+                if j.get("jobName") == name and ":" not in j["jobId"]
+            ]
+            if found:
+                return str(min(found, key=lambda j: (j.get("createdAt", 0), j["jobId"]))["jobId"])
+        return None
 
     def call(self, op: str, action: str, **kwargs: Any) -> dict[str, Any]:
         self.bucket.acquire()
@@ -354,15 +435,44 @@ class Submitter:
 
         return job_stage(stage, secrets=self.rclone_secrets) if self.runs_rclone(stage) else stage
 
+    @staticmethod
+    def program_of(stage: Stage) -> str | None:
+        """The script a stage's job definition runs the row's argv with: the transfer script for a
+        transfer (once per job definition, not once per row); None (the argv runs as is) otherwise."""
+        if stage.kind != "transfer":
+            return None
+        from corral.storage.aws import TRANSFER_SCRIPT
+
+        return TRANSFER_SCRIPT
+
     def _argv_of(self, stage: Stage, run_id: str, workdir: str) -> Callable[[Task], Sequence[str]] | None:
         if not self.runs_rclone(stage):
             return None
-        from corral.storage.aws import task_argv
+        from corral.storage.aws import TRANSFER_SCRIPT, task_argv
 
         root = workdir.rsplit("/", 1)[0]
-        return lambda task: task_argv(
-            task, run_id=run_id, workdir=workdir, region=self.ctx.region, workspace_root=root,
-            endpoint=self.s3_endpoint, stage_local=self._staged_uri, base_dir=self.base_dir,
+        prefix = ["/bin/sh", "-c", TRANSFER_SCRIPT, "corral-transfer"]
+        program = self.program_of(stage)
+
+        def argv(task: Task) -> Sequence[str]:
+            words = task_argv(
+                task, run_id=run_id, workdir=workdir, region=self.ctx.region, workspace_root=root,
+                endpoint=self.s3_endpoint, stage_local=self._staged_uri, base_dir=self.base_dir,
+            )
+            if program is not None:
+                assert words[:4] == prefix, "a transfer's argv starts with the transfer script"
+                return words[4:]  # the script is the job definition's (pl.wrapper(program))
+            return words
+
+        return argv
+
+    def definition_spec(self, stage: Stage, table: pl.StageTable) -> pl.JobDefinitionSpec:
+        """The job definition a stage's jobs run with (content-hashed name, see payloads): its
+        runtime, the wrapper and the stage's job-wide variables."""
+        job = self.job_stage(stage)  # (same resources as the stage: it only swaps image and secrets)
+        fargate = on_fargate(stage.resources, self.instance_types)
+        return pl.job_definition(
+            job, self.ctx, fargate=fargate, program=self.program_of(stage), env=table.definition_env
         )
 
     def _staged_uri(self, path: str) -> str:
@@ -425,11 +535,13 @@ class Submitter:
             rows[s] = [
                 tables[s].row(by_index[j]) if by_index[j].id in to_submit else pl.PADDING_ROW for j in U
             ]
-        budget = min(
-            (pl.PAYLOAD_LIMIT - pl.PAYLOAD_MARGIN - pl.env_size(tables[s].env) for s in item_stages),
-            default=pl.PAYLOAD_LIMIT - pl.PAYLOAD_MARGIN,
-        )
-        sizes = pl.chunk_bounds([rows[s] for s in item_stages], budget)
+        # Each stage's table within what its job's ECS override (≤ 8,192 characters, the same for
+        # every child) and its SubmitJob request (≤ 30 KiB) leave: see pl.table_budget.
+        budgets = [
+            pl.table_budget(self.definition_spec(plan.workflow.stage(s), tables[s]), self._chunk_env(tables[s], 0))
+            for s in item_stages
+        ]
+        sizes = pl.chunk_bounds([rows[s] for s in item_stages], budgets)
         return U, sizes, rows, tables
 
     def submit_round(
@@ -483,10 +595,12 @@ class Submitter:
             stage = plan.workflow.stage(s)
             job = self.job_stage(stage)  # (same resources as the stage: it only swaps image and secrets)
             fargate = on_fargate(stage.resources, self.instance_types)
-            spec = pl.job_definition(job, self.ctx, fargate=fargate)
             image = job.image or ""
             queue = self.queues.for_stage(stage.resources.gpus, fargate=fargate)
             done: list[TaskRecord] = []
+            if s not in tables:
+                continue  # nothing of this stage in the round
+            spec = self.definition_spec(stage, tables[s])
             if stage.per == "item":
                 if s not in rows:
                     continue
@@ -504,7 +618,7 @@ class Submitter:
                         table=pl.encode_table(rows[s][a : a + n]), env=self._chunk_env(tables[s], U[a]),
                         depends_on=deps, tags=tags,
                     )
-                    job_id = self._submit(kwargs)
+                    job_id = self._submit(kwargs, spec)
                     result.submitted[name] = job_id
                     jobs[(s, c)] = (job_id, n)
                     for k, t in enumerate(members):
@@ -519,24 +633,27 @@ class Submitter:
                 deps = self._fan_in(deps, 1, name, image, queue, tags, fargate=fargate)
                 kwargs = pl.submit_kwargs(
                     job_name=name, job_queue=queue, job_definition=self.definition_arn(spec), size=1,
-                    table=pl.encode_table([tables[s].row(task)]), env=tables[s].env, depends_on=deps, tags=tags,
+                    table=pl.encode_table([tables[s].row(task)]), env=tables[s].override_env, depends_on=deps,
+                    tags=tags,
                 )
-                job_id = self._submit(kwargs)
+                job_id = self._submit(kwargs, spec)
                 result.submitted[name] = job_id
                 jobs[(s, None)] = (job_id, 1)
                 done.append(_submitted(records[task.id], job_id))
             # 3. record what was submitted (a crash before this is healed by reconcile())
             self.store.save_tasks(done)
-            for t in done:
-                records[t.task_id] = t
+            for rec in done:
+                records[rec.task_id] = rec
         return result
 
     def _chunk_env(self, table: pl.StageTable, first_index: int) -> dict[str, str]:
+        """A chunk's override variables (besides its table): the stage's few override names, and
+        the index of its first item when the round's items are consecutive."""
         if "CORRAL_ITEM_INDEX" in table.columns or not self.contiguous:
-            return table.env
-        return {**table.env, "CORRAL_INDEX_BASE": str(first_index)}
+            return table.override_env
+        return {**table.override_env, "CORRAL_INDEX_BASE": str(first_index)}
 
-    def _submit(self, kwargs: dict[str, Any]) -> str:
+    def _submit(self, kwargs: dict[str, Any], spec: pl.JobDefinitionSpec | None = None) -> str:
         kwargs = {**kwargs, **self.fair_share.submit_kwargs(kwargs["jobQueue"])}
         size = pl.payload_size(kwargs)
         if size > pl.PAYLOAD_LIMIT:
@@ -544,7 +661,17 @@ class Submitter:
                 f"the SubmitJob request for {kwargs['jobName']} would be {size} bytes (limit {pl.PAYLOAD_LIMIT})",
                 "this is a corral bug: report it with the workflow",
             )
-        job_id: str = self.api.call("submit_job", f"submit job {kwargs['jobName']}", **kwargs)["jobId"]
+        if spec is not None:
+            container = spec.kwargs.get("containerProperties", {})
+            env = {e["name"]: e["value"] for e in kwargs.get("containerOverrides", {}).get("environment", [])}
+            length = pl.overrides_length(container.get("command", []), env, container.get("resourceRequirements", []))
+            if length + pl.BATCH_VARIABLES_RESERVE > pl.ECS_OVERRIDES_LIMIT:
+                raise BackendError(
+                    f"the container overrides of {kwargs['jobName']} would be {length} characters; with Batch's "
+                    f"own variables that is over ECS's {pl.ECS_OVERRIDES_LIMIT} and every task would fail at launch",
+                    "this is a corral bug: report it with the workflow",
+                )
+        job_id = self.api.submit_job(kwargs)
         if self.after_submit is not None:
             self.after_submit(kwargs["jobName"], job_id)
         return job_id
