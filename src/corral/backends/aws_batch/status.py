@@ -61,8 +61,8 @@ def children(
     size = int(job["arrayProperties"]["size"])
     summary = job["arrayProperties"].get("statusSummary") or {}
     times = {"startedAt": job.get("startedAt"), "stoppedAt": job.get("stoppedAt")}
-    succeeded = {"status": "SUCCEEDED", **times}
-    waiting_summary = {"status": "SUBMITTED"}
+    succeeded: dict[str, Any] = {"status": "SUCCEEDED", **times}
+    waiting_summary: dict[str, Any] = {"status": "SUBMITTED"}
     if job.get("status") == "SUCCEEDED" or summary.get("SUCCEEDED", 0) == size:
         return {f"{parent}:{i}": succeeded for i in range(size)}
     known = collections.Counter(_BATCH_STATUS.get(t.state, "") for t in members)
