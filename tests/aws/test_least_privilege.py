@@ -87,6 +87,8 @@ class Run:
         self.access_points: dict[str, dict[str, Any]] = {}
         self.teardown_report: Any = None
         self.roles_after_teardown: set[str] = set()
+        self.definitions_before: list[str] = []  # ACTIVE job definitions naming the run's job role
+        self.definitions_after: list[str] = []
         self.secret_policy = _doc(clients.secretsmanager.get_resource_policy(SecretId=self.secret)["ResourcePolicy"])
 
 
@@ -134,7 +136,16 @@ def two_runs(moto_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterato
             a.fs_policy = _doc(clients.efs.describe_file_system_policy(FileSystemId=fs_id)["Policy"])
             a.access_points = {ap["AccessPointId"]: ap
                                for ap in clients.efs.describe_access_points(FileSystemId=fs_id)["AccessPoints"]}
+            def definitions_naming(role: str) -> list[str]:
+                return [d["jobDefinitionArn"] for page in clients.batch.get_paginator("describe_job_definitions")
+                        .paginate(status="ACTIVE") for d in page["jobDefinitions"]
+                        if d.get("status") == "ACTIVE"
+                        and (d.get("containerProperties") or {}).get("jobRoleArn") == role]
+
+            a.definitions_before = definitions_naming(a.job_role)
             a.teardown_report = teardown(clients, run_id=a.id)
+            a.definitions_after = definitions_naming(a.job_role)
+            b.definitions_after = definitions_naming(b.job_role)
             a.roles_after_teardown = {r["RoleName"] for r in clients.iam.list_roles(PathPrefix="/corral/")["Roles"]}
             yield clients, a, b
         finally:
@@ -152,7 +163,7 @@ def test_each_run_has_its_own_job_role_tagged_with_the_run(two_runs: tuple[AwsCl
     for run in (a, b):
         tags = run.role_tags
         assert tags["corral:run"] == run.id and tags["corral:managed"] == "true"
-        assert len(run.job_definitions) == 2  # the transfers (fetch, vault) share one; convert
+        assert len(run.job_definitions) == 3  # one per stage (fetch, vault, convert): each holds its own script
         # every job of the run runs as the run's role and mounts the workspace through its access point
         assert {d["containerProperties"]["jobRoleArn"] for d in run.job_definitions} == {run.job_role}
         for d in run.job_definitions:
@@ -269,6 +280,9 @@ def test_teardown_of_a_run_removes_its_roles_and_leaves_the_other_run(two_runs: 
     for role in (a.job_role, a.exec_role):
         assert role.rsplit("/", 1)[1] not in names and f"role {role.rsplit('/', 1)[1]}" in report.deleted
     assert {b.job_role.rsplit("/", 1)[1], b.exec_role.rsplit("/", 1)[1]} <= names
+    # the run's own job definitions (they name its job role) are deregistered; the other run's stay
+    assert a.definitions_before and a.definitions_after == []
+    assert b.definitions_after
 
 
 # -- the bucket ------------------------------------------------------------------------------------

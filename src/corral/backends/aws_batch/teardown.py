@@ -33,8 +33,9 @@ def remove(clients: AwsClients, *, run_id: str | None = None, everything: bool =
     ``everything`` refuses while any job is in flight in corral's queues (unless ``force``), and
     keeps the state table and the EFS file system (runs' data) unless ``purge``.
 
-    ``run_id`` deregisters the job definitions tagged with the run; the content-named ones that
-    every run with the same stage runtime shares carry no run tag and stay until ``everything``."""
+    ``run_id`` deregisters the run's job definitions: those tagged with the run, and those whose
+    job or execution role is one of the run's own roles (each run has its own job role, so the
+    content-named definitions that name it are the run's alone). ``everything`` deregisters all."""
     from corral.backends.aws_batch.provision import ProvisionReport
 
     if not everything and not run_id:
@@ -51,7 +52,7 @@ def remove(clients: AwsClients, *, run_id: str | None = None, everything: bool =
                     "`corral cancel RUN --backend aws` for each run (or wait for them), or add --force",
                 )
         if run_id:
-            _job_definitions(ctx, run_id)  # those tagged with the run; the shared ones stay (above)
+            _job_definitions(ctx, run_id, _run_role_arns(ctx, run_id))
             if keep_access_point:
                 _kept(ctx, "efs-access-point", f"of run {run_id}", keep_access_point)
             else:
@@ -162,11 +163,17 @@ def _compute_environments(ctx: Ctx) -> None:
     )
 
 
-def _job_definitions(ctx: Ctx, run_id: str | None) -> None:
+def _job_definitions(ctx: Ctx, run_id: str | None, run_roles: frozenset[str] = frozenset()) -> None:
+    """Managed ACTIVE definitions: all (``run_id`` None), or the run's (tagged with it, or naming one
+    of ``run_roles`` as job or execution role)."""
     batch = ctx.clients.batch
     for page in batch.get_paginator("describe_job_definitions").paginate(status="ACTIVE"):
         for jd in page["jobDefinitions"]:
-            if jd.get("status") == "ACTIVE" and is_managed(jd.get("tags"), run_id):
+            if jd.get("status") != "ACTIVE" or not is_managed(jd.get("tags")):
+                continue
+            props = jd.get("containerProperties") or {}
+            roles = {props.get("jobRoleArn"), props.get("executionRoleArn")}
+            if is_managed(jd.get("tags"), run_id) or (run_id is not None and roles & run_roles):
                 batch.deregister_job_definition(jobDefinition=jd["jobDefinitionArn"])
                 _deleted(ctx, "job-definition", f"{jd['jobDefinitionName']}:{jd['revision']}")
 
@@ -342,6 +349,17 @@ def _delete_role(iam: Any, name: str) -> None:
     for pname in iam.list_role_policies(RoleName=name)["PolicyNames"]:
         iam.delete_role_policy(RoleName=name, PolicyName=pname)
     iam.delete_role(RoleName=name)
+
+
+def _run_role_arns(ctx: Ctx, run_id: str) -> frozenset[str]:
+    """ARNs of the roles made for the run (tagged ``corral:run=<run>``)."""
+    iam = ctx.clients.iam
+    out = set()
+    for page in iam.get_paginator("list_roles").paginate(PathPrefix=IAM_PATH):
+        for role in page["Roles"]:
+            if is_managed(iam.list_role_tags(RoleName=role["RoleName"]).get("Tags", []), run_id):
+                out.add(role["Arn"])
+    return frozenset(out)
 
 
 def _run_roles(ctx: Ctx, run_id: str) -> None:
