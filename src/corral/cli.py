@@ -318,7 +318,8 @@ def status(run_id: str | None, backend: str | None, all_runs: bool, show_tasks: 
     if watch:
         from corral.cli_ops import watch_run
 
-        watch_run(be, rec, store, console=err, interval=interval)
+        watch_run(be, rec, store, console=err, interval=interval,
+                  show_cost=be.cost_basis == "actual")  # a local run has no AWS bill to show
         if not as_json:
             return
     tasks = be.refresh(rec, store)

@@ -139,3 +139,55 @@ def test_corral_run_resolves_the_items_once(tmp_path: Path) -> None:
     res = subprocess.run([sys.executable, "-c", script, "run", str(wf)], capture_output=True, text=True, timeout=120)
     assert res.returncode == 0, res.stderr
     assert counter.read_text() == "x"
+
+
+def test_logs_follow_shows_both_streams_and_goes_on_into_the_retry(tmp_path: Path) -> None:
+    import subprocess
+
+    from helpers import corral_cmd, wait_for
+
+    go = tmp_path / "go"
+    wf = tmp_path / "wf.yaml"
+    wf.write_text(
+        "name: follow\nitems: [{i: x}]\nstages:\n  - name: a\n    retries: 1\n    command: >-\n"
+        f"      if [ -e {tmp_path}/tried ]; then echo out-2; echo err-2 >&2; exit 0; fi;\n"
+        f"      touch {tmp_path}/tried; echo out-1; echo err-1 >&2;\n"
+        f"      i=0; while [ ! -e {go} ] && [ $i -lt 300 ]; do sleep 0.1; i=$((i+1)); done; exit 1\n"
+    )
+    run = subprocess.Popen(corral_cmd("run", str(wf)), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        wait_for(lambda: (tmp_path / "tried").exists(), 30, "the first attempt to start")
+        run_id = wait_for(lambda: json.loads(run_cli("status", "--json").stdout or "null") and
+                          json.loads(run_cli("status", "--json").stdout)["run_id"], 30, "the run's record")
+        follow = subprocess.Popen(corral_cmd("logs", run_id, "a[x]", "-f"), stdout=subprocess.PIPE,
+                                  stderr=subprocess.PIPE, text=True)
+        assert follow.stdout is not None
+        seen = []
+        for line in follow.stdout:  # attempt 1 is still running: its output so far, then go on
+            seen.append(line.rstrip("\n"))
+            if seen[-1] == "err-1":
+                break
+        go.touch()
+        rest, err = follow.communicate(timeout=60)
+        out = "\n".join(seen) + "\n" + rest
+        assert follow.returncode == 0, err
+        assert run.wait(timeout=60) == 0
+    finally:
+        for p in (run,):
+            if p.poll() is None:
+                p.kill()
+    lines = out.splitlines()
+    assert "out-1" in lines and "err-1" in lines  # stderr is shown (and followed), not only stdout
+    i = lines.index("err-1")
+    assert any(line.startswith("==> stderr of a[x], attempt 1") for line in lines[:i])
+    # it went on into the retry, with a header naming it, and stopped by itself when the task ended
+    j = next(k for k, line in enumerate(lines) if "attempt 2" in line and line.startswith("==> "))
+    assert j > i and "out-2" in lines[j:] and "err-2" in lines[j:]
+
+
+def test_watching_a_local_run_prints_no_aws_cost(tmp_path: Path) -> None:
+    _quickstart(tmp_path)
+    res = run_cli("status", "--watch", "--interval", "0.2")
+    assert res.returncode == 0, res.stderr
+    assert "succeeded" in res.stderr
+    assert "cost:" not in res.stderr  # a local run has no AWS bill (`corral cost` estimates one)

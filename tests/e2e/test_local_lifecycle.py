@@ -242,7 +242,7 @@ def test_logs_follow_reads_in_bounded_pieces(tmp_path: Path) -> None:
     be = local.LocalBackend(api.corral_home())
     tracemalloc.start()
     n, longest, last = 0, 0, ""
-    for line in be._follow(run, store, task, attempt, 0):
+    for line in be._follow(run, store, task, attempt, {}):
         n += 1
         longest = max(longest, len(line))
         last = line

@@ -352,33 +352,65 @@ class LocalBackend:
             except OSError:
                 yield "(no output file)"
         if follow:
-            yield from self._follow(run, store, task, chosen, ends.get(chosen.stdout, 0))
+            yield from self._follow(run, store, task, chosen, ends)
 
     def _follow(
-        self, run: RunRecord, store: StateStore, task: TaskRecord, attempt: AttemptRecord, pos: int
+        self, run: RunRecord, store: StateStore, task: TaskRecord, attempt: AttemptRecord, ends: dict[str, int]
     ) -> Iterator[str]:
-        """Follow the attempt's stdout from ``pos`` until the task ends (bounded backoff between
-        reads; at most LOG_CHUNK bytes in memory, a longer line comes out in pieces)."""
+        """Follow the attempt's stdout and stderr from where the dump ended (``ends``: path ->
+        offset), then each retry's, until the task ends. A header says which stream (and attempt)
+        the lines that follow come from whenever that changes, as ``tail -f`` does with two files.
+        Bounded backoff between reads; at most LOG_CHUNK bytes in memory per stream, a longer line
+        comes out in pieces."""
         delay = 0.1
-        pending = b""
+        current = attempt
+        offsets = {current.stdout: ends.get(current.stdout, 0), current.stderr: ends.get(current.stderr, 0)}
+        pending: dict[str, bytes] = {}
+        shown = "stderr"  # the dump ended with the stderr section
+
+        def drain(stream: str, path: str, final: bool) -> Iterator[str]:
+            nonlocal shown, delay
+
+            def emit(text: str) -> Iterator[str]:  # the header goes before the first new line
+                nonlocal shown
+                if shown != stream:
+                    yield f"==> {stream} of {task.label}, attempt {current.attempt} <=="
+                    shown = stream
+                yield text
+
+            with contextlib.suppress(OSError), open(path, "rb") as fh:
+                fh.seek(offsets.get(path, 0))
+                while chunk := fh.read(LOG_CHUNK):
+                    offsets[path] = offsets.get(path, 0) + len(chunk)
+                    delay = 0.1
+                    *lines, rest = (pending.get(path, b"") + chunk).split(b"\n")
+                    for line in lines:
+                        yield from emit(line.decode(errors="replace"))
+                    while len(rest) >= LOG_CHUNK:
+                        yield from emit(rest[:LOG_CHUNK].decode(errors="replace"))
+                        rest = rest[LOG_CHUNK:]
+                    pending[path] = rest
+            if final and pending.get(path):
+                yield from emit(pending.pop(path).decode(errors="replace"))
+
         while True:
             rec = next((t for t in store.get_tasks(run.run_id) if t.task_id == task.task_id), None)
-            with contextlib.suppress(OSError), open(attempt.stdout, "rb") as fh:
-                fh.seek(pos)
-                while chunk := fh.read(LOG_CHUNK):
-                    pos += len(chunk)
-                    delay = 0.1
-                    *lines, pending = (pending + chunk).split(b"\n")
-                    yield from (line.decode(errors="replace") for line in lines)
-                    while len(pending) >= LOG_CHUNK:
-                        yield pending[:LOG_CHUNK].decode(errors="replace")
-                        pending = pending[LOG_CHUNK:]
-            if rec is None or rec.state.terminal or rec.attempts != attempt.attempt:
-                if pending:
-                    yield pending.decode(errors="replace")
+            retried = rec is not None and rec.attempts > current.attempt
+            final = rec is None or rec.state.terminal or retried  # this attempt writes no more
+            for stream, path in (("stdout", current.stdout), ("stderr", current.stderr)):
+                yield from drain(stream, path, final=final)
+            if retried:
+                later = [a for a in store.get_attempts(run.run_id, task.task_id) if a.attempt > current.attempt]
+                if later:  # a retry started: follow it from its beginning
+                    current = later[0]
+                    offsets = {current.stdout: 0, current.stderr: 0}
+                    pending = {}
+                    shown = ""
+                    continue
+            if rec is None or rec.state.terminal:
                 return
-            if attempt.pid:
-                _wait_exit(attempt.pid, delay)
+            if current.pid:
+                _wait_exit(current.pid, delay)
             delay = min(delay * 2, 2.0)
 
     # -- internals ----------------------------------------------------------------------------
