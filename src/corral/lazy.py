@@ -17,4 +17,6 @@ class LazyModule:
     def __getattr__(self, attr: str) -> Any:
         if self._module is None:
             self._module = importlib.import_module(self._name)
-        return getattr(self._module, attr)
+        value = getattr(self._module, attr)
+        setattr(self, attr, value)  # found on the instance from now on: a plain attribute read
+        return value

@@ -330,10 +330,13 @@ def _task_row(t: TaskRecord) -> tuple[Any, ...]:
     )
 
 
+_STATE_OF = {s.value: s for s in TaskState}  # a dict look-up, not Enum's call machinery, per row
+
+
 def _task_from_row(row: tuple[Any, ...]) -> TaskRecord:
     return TaskRecord(
         run_id=row[0], task_id=row[1], stage=row[2], item_key=row[3], item_index=row[4],
-        state=TaskState(row[5]), attempts=row[6], exit_code=row[7], reason=row[8], started_at=row[9],
+        state=_STATE_OF[row[5]], attempts=row[6], exit_code=row[7], reason=row[8], started_at=row[9],
         ended_at=row[10], external_id=row[11], instance_type=row[12],
     )
 
