@@ -22,6 +22,7 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar, Literal, Protocol, runtime_checkable
 
+from corral.errors import UsageError
 from corral.model import AttemptRecord, RunRecord, TaskRecord
 from corral.plan import Plan
 from corral.state.base import StateStore
@@ -123,3 +124,12 @@ class Backend(Protocol):
         """Lines of the task's output (last attempt unless ``attempt`` is given); ``follow``
         keeps reading until the task reaches a terminal state."""
         ...
+
+
+def chosen_attempt(task: TaskRecord, attempts: Sequence[AttemptRecord], attempt: int | None) -> AttemptRecord:
+    """The attempt `corral logs` shows: ``attempt`` (1-based), else the last; a UsageError naming
+    the range when there is no such attempt. ``attempts`` is not empty."""
+    chosen = attempts[-1] if attempt is None else next((a for a in attempts if a.attempt == attempt), None)
+    if chosen is None:
+        raise UsageError(f"task {task.label} has no attempt {attempt}", f"it has attempts 1..{attempts[-1].attempt}")
+    return chosen

@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from corral import runstate, storage
-from corral.backends.base import OUTPUT_MISSING, RunOptions
+from corral.backends.base import OUTPUT_MISSING, RunOptions, chosen_attempt
 from corral.backends.runtime import container_argv, detect_engine, require_engine
 from corral.errors import BackendError, CorralError, StorageError, UsageError
 from corral.model import AttemptRecord, RunRecord, RunState, TaskRecord, TaskState, now
@@ -338,12 +338,7 @@ class LocalBackend:
         if not attempts:
             yield f"(task {task.label} has not started yet: {task.state.value})"
             return
-        chosen = attempts[-1] if attempt is None else next((a for a in attempts if a.attempt == attempt), None)
-        if chosen is None:
-            raise UsageError(
-                f"task {task.label} has no attempt {attempt}",
-                f"it has attempts 1..{attempts[-1].attempt}",
-            )
+        chosen = chosen_attempt(task, attempts, attempt)
         ends: dict[str, int] = {}
         for stream, path in (("stdout", chosen.stdout), ("stderr", chosen.stderr)):
             yield f"==> {stream} of {task.label}, attempt {chosen.attempt} ({path}) <=="

@@ -37,7 +37,7 @@ from pathlib import Path
 from typing import Any
 
 from corral import runstate, storage
-from corral.backends.base import RunOptions
+from corral.backends.base import RunOptions, chosen_attempt
 from corral.backends.slurm import script
 from corral.backends.slurm.client import JobRow, SlurmClient
 from corral.errors import BackendError, SpecError, StorageError, UsageError
@@ -276,9 +276,7 @@ class SlurmBackend:
         if not attempts:
             yield f"(task {task.label} has not started yet: {task.state.value})"
             return
-        chosen = attempts[-1] if attempt is None else next((a for a in attempts if a.attempt == attempt), None)
-        if chosen is None:
-            raise UsageError(f"task {task.label} has no attempt {attempt}", f"it has attempts 1..{attempts[-1].attempt}")
+        chosen = chosen_attempt(task, attempts, attempt)
         note = " (every try of this Slurm job shares the file)" if len(attempts) > 1 else ""
         for stream, path in (("stdout", chosen.stdout), ("stderr", chosen.stderr)):
             yield f"==> {stream} of {task.label}, attempt {chosen.attempt} ({path}){note} <=="
