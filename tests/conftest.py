@@ -50,6 +50,6 @@ def aws(moto_url: str, monkeypatch: pytest.MonkeyPatch, strict_aws: StrictAws) -
     monkeypatch.setenv("AWS_DEFAULT_REGION", REGION)
     monkeypatch.setenv("AWS_REGION", REGION)
     monkeypatch.setenv("AWS_ENDPOINT_URL", moto_url)
-    default_vpc_as_on_aws(moto_url)
+    strict_aws.before_first_ec2 = lambda: default_vpc_as_on_aws(moto_url)  # made when EC2 is first asked
     yield moto_url
     reset(moto_url)
