@@ -98,6 +98,10 @@ class SimulatedBatch(BatchApi):
         self.execute = execute  # False: every child succeeds at once without running (benchmarks)
 
     # -- the calls corral makes -----------------------------------------------------------------
+    def submit_job(self, kwargs: Any) -> str:
+        """SubmitJob reaches the simulation (BatchApi's own sends it with a client of its own)."""
+        return str(self.call("submit_job", f"submit job {kwargs['jobName']}", **kwargs)["jobId"])
+
     def call(self, op: str, action: str, **kwargs: Any) -> dict[str, Any]:
         if op == "describe_jobs":
             return {"jobs": [j for i in kwargs["jobs"] if (j := self._describe(i)) is not None]}
@@ -227,7 +231,8 @@ class SimulatedBatch(BatchApi):
         strategy = definition.get("retryStrategy") or {}
         max_attempts = int(strategy.get("attempts", 1))
         while True:
-            env = {"PATH": os.environ["PATH"], "HOME": str(self.workdir), **job.env,
+            defined = {e["name"]: e["value"] for e in definition["containerProperties"].get("environment", [])}
+            env = {"PATH": os.environ["PATH"], "HOME": str(self.workdir), **defined, **job.env,  # as Batch merges them
                    "AWS_BATCH_JOB_ID": c.job_id, "AWS_BATCH_JOB_ATTEMPT": str(len(c.attempts) + 1),
                    "AWS_BATCH_JQ_NAME": job.queue}
             if c.index is not None:
