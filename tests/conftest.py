@@ -50,6 +50,8 @@ def aws(moto_url: str, monkeypatch: pytest.MonkeyPatch, strict_aws: StrictAws) -
     monkeypatch.setenv("AWS_DEFAULT_REGION", REGION)
     monkeypatch.setenv("AWS_REGION", REGION)
     monkeypatch.setenv("AWS_ENDPOINT_URL", moto_url)
-    strict_aws.before_first_ec2 = lambda: default_vpc_as_on_aws(moto_url)  # made when EC2 is first asked
+    # Before the test, not on its first EC2 call: tests that run `corral` in a subprocess use
+    # clients the in-process layer never sees.
+    default_vpc_as_on_aws(moto_url)
     yield moto_url
     reset(moto_url)

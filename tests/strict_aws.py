@@ -126,9 +126,6 @@ class StrictAws:
         self.largest_overrides = 0
         self.largest_submit = 0
         self._create_client: Callable[..., Any] | None = None
-        # Called once, before the first EC2 request of the test (the fixture gives moto's default
-        # VPC what AWS's has there: most AWS tests never touch EC2 and need not pay for it).
-        self.before_first_ec2: Callable[[], None] | None = None
 
     # -- installation --------------------------------------------------------------------------
     @contextmanager
@@ -168,13 +165,6 @@ class StrictAws:
             events.register(f"before-parameter-build.{service}", before, unique_id=f"strict-before-{id(self)}")
         if service == "batch":
             events.register("after-call.batch", self._remember, unique_id=f"strict-after-{id(self)}")
-        if service == "ec2":
-            events.register("before-call.ec2", self._first_ec2, unique_id=f"strict-ec2-{id(self)}")
-
-    def _first_ec2(self, **_: Any) -> None:
-        prepare, self.before_first_ec2 = self.before_first_ec2, None  # once (it calls EC2 itself)
-        if prepare is not None:
-            prepare()
 
     def _refuse(self, operation: str, code: str, message: str) -> None:
         with self._lock:
