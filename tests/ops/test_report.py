@@ -236,8 +236,10 @@ def test_report_renders_one_bar_per_attempt_in_chromium(finished_run: tuple[Path
     width, height, rows = _png_pixels(data)
     assert (width, height) == WINDOW
     bpp = len(rows[0]) // width
-    assert _count_colour(rows, bpp, _hex(COLOURS["SUCCEEDED"])) > 7 * 20  # seven green bars (and the legend)
-    assert _count_colour(rows, bpp, _hex(COLOURS["FAILED"])) > 2 * 20
+    # Seven green bars (and the legend's swatch), two red. Only exact-colour pixels count, and a short
+    # attempt's bar is 1.5 px wide, anti-aliased at its edges: count what even the thinnest ones show.
+    assert _count_colour(rows, bpp, _hex(COLOURS["SUCCEEDED"])) > 7 * 8
+    assert _count_colour(rows, bpp, _hex(COLOURS["FAILED"])) > 2 * 8
 
 
 def test_write_report_refuses_an_unwritable_path(finished_run: tuple[Path, str], tmp_path: Path) -> None:
