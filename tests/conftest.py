@@ -8,6 +8,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 
+from fake_registry import FakeRegistry  # noqa: E402
 from moto_server import REGION, default_vpc_as_on_aws, moto_server, reset  # noqa: E402
 from strict_aws import StrictAws  # noqa: E402
 
@@ -32,6 +33,15 @@ def moto_url() -> Iterator[str]:
         yield url
 
 
+@pytest.fixture(scope="session")
+def rclone_registry() -> Iterator[FakeRegistry]:
+    """A registry on 127.0.0.1 with a stand-in for the official rclone image: what corral copies
+    into (moto's) ECR for transfer jobs instead of Docker Hub (tests/fake_registry.py)."""
+    registry = FakeRegistry().start()
+    yield registry
+    registry.stop()
+
+
 @pytest.fixture
 def strict_aws(moto_url: str) -> Iterator[StrictAws]:
     """The strict-AWS layer (tests/strict_aws.py): every botocore client made while it is active
@@ -42,14 +52,17 @@ def strict_aws(moto_url: str) -> Iterator[StrictAws]:
 
 
 @pytest.fixture
-def aws(moto_url: str, monkeypatch: pytest.MonkeyPatch, strict_aws: StrictAws) -> Iterator[str]:
-    """Point boto3 at the moto server with dummy credentials, under the strict-AWS layer; the
-    server is reset after the test."""
+def aws(moto_url: str, monkeypatch: pytest.MonkeyPatch, strict_aws: StrictAws,
+        rclone_registry: FakeRegistry) -> Iterator[str]:
+    """Point boto3 at the moto server with dummy credentials, under the strict-AWS layer, and
+    corral's rclone image source at the fake registry; the server is reset after the test."""
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
     monkeypatch.setenv("AWS_DEFAULT_REGION", REGION)
     monkeypatch.setenv("AWS_REGION", REGION)
     monkeypatch.setenv("AWS_ENDPOINT_URL", moto_url)
+    monkeypatch.setenv("CORRAL_RCLONE_SOURCE", rclone_registry.reference)
+    monkeypatch.delenv("CORRAL_RCLONE_IMAGE", raising=False)
     # Before the test, not on its first EC2 call: tests that run `corral` in a subprocess use
     # clients the in-process layer never sees.
     default_vpc_as_on_aws(moto_url)

@@ -22,7 +22,8 @@ from corral.backends.aws_batch.client import AwsClients
 from corral.backends.base import RunOptions
 from corral.model import TaskState
 from corral.spec import load_workflow
-from corral.storage.aws import CONFIG_ENV, rclone_image
+from corral.backends.aws_batch.rclone_image import ensure_rclone_image
+from corral.storage.aws import CONFIG_ENV
 
 pytestmark = pytest.mark.aws
 
@@ -139,7 +140,7 @@ stages:
     assert len(jobs) == 1
     assert str(tmp_path) not in json.dumps(jobs, default=str)  # no path of this machine reaches the job
     jd = clients.batch.describe_job_definitions(jobDefinitions=[jobs[0]["jobDefinition"]])["jobDefinitions"][0]
-    assert jd["containerProperties"]["image"] == rclone_image()
+    assert jd["containerProperties"]["image"] == ensure_rclone_image(clients)
     _run_children(clients, jobs[0], 2, tmp_path)
     assert _objects(clients, OUT) == {"raw/s1/big.bin": big, "raw/s1/sub/a.txt": b"A s1", "raw/s2/a.txt": b"A s2"}
 

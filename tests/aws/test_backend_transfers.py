@@ -19,7 +19,8 @@ from corral.backends.aws_batch import payloads as pl
 from corral.backends.aws_batch.client import AwsClients
 from corral.backends.base import RunOptions
 from corral.spec import loads_workflow
-from corral.storage.aws import CONFIG_ENV, rclone_image
+from corral.backends.aws_batch.rclone_image import ensure_rclone_image
+from corral.storage.aws import CONFIG_ENV
 
 pytestmark = pytest.mark.aws
 
@@ -89,7 +90,9 @@ stages:
     batch = clients.batch
     defs = batch.describe_job_definitions(status="ACTIVE")["jobDefinitions"]
     by_image = {d["containerProperties"]["image"]: d for d in defs}
-    transfer_def = by_image[rclone_image()]
+    image = ensure_rclone_image(clients)  # (found: the run copied it; one DescribeImages)
+    assert image.startswith(f"{account}.dkr.ecr.{region}.amazonaws.com/corral/rclone@sha256:")
+    transfer_def = by_image[image]
     assert transfer_def["containerProperties"]["secrets"] == [{"name": CONFIG_ENV, "valueFrom": desc["ARN"]}]
     assert f"{account}.dkr.ecr.{region}.amazonaws.com/my-sorter:1.2" in by_image
     assert not any(i.startswith("ecr://") for i in by_image)

@@ -22,7 +22,8 @@ from corral.backends.base import RunOptions
 from corral.plan import make_plan
 from corral.spec import loads_workflow
 from corral.state.sqlite import SqliteStore
-from corral.storage.aws import cleanup_container_argv, rclone_image
+from corral.backends.aws_batch.rclone_image import ensure_rclone_image
+from corral.storage.aws import cleanup_container_argv
 
 pytestmark = pytest.mark.aws
 
@@ -94,7 +95,7 @@ def test_run_data_job_removes_exactly_the_run_folder_then_the_access_point_goes(
     argv = job.container_overrides["command"]
     assert argv == cleanup_container_argv(str(mine), root=str(tmp_path / "efs" / "runs"))
     props = job.job_definition.container_properties
-    assert props["image"] == rclone_image()  # only /bin/sh is needed
+    assert props["image"] == ensure_rclone_image(clients)  # corral's pinned rclone image, by digest
     (volume,) = props["volumes"]
     assert volume["efsVolumeConfiguration"]["authorizationConfig"]["accessPointId"] == ap
     assert props["jobRoleArn"].endswith(":role/job")  # the run's roles, as recorded

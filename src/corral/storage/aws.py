@@ -19,11 +19,12 @@ machine cannot be reached from a job: a local ``from:`` is uploaded first
 ``to:`` is refused. With ``aws: secrets: ssm`` the config secret is an SSM SecureString instead
 (:func:`corral.storage.secrets.create_parameter`).
 
-The image: any image with ``/bin/sh`` and **no ENTRYPOINT** (Batch cannot override one; the
-official ``rclone/rclone`` image has ``ENTRYPOINT ["rclone"]`` and so cannot run a wrapped
-command). The default is Alpine from the ECR Public mirror of Docker Official Images; when
-``rclone`` is not in the image the script installs the distribution's package (``apk``/``apt-get``)
-at start — set ``CORRAL_RCLONE_IMAGE`` to an image with rclone preinstalled to skip that.
+The image: by default corral's copy, in the account's ECR, of the official rclone image pinned by
+version and digest (:data:`RCLONE_SOURCE`), with its ``ENTRYPOINT ["rclone"]`` removed (Batch cannot
+override an entrypoint); :mod:`corral.backends.aws_batch.rclone_image` makes the copy without a
+container engine and job definitions name it by digest. Nothing is installed when a job runs: the
+script only checks that ``rclone`` is there. ``CORRAL_RCLONE_IMAGE`` names another image instead
+(it must have ``/bin/sh``, ``base64``, ``gzip``, ``sed`` and ``rclone``, and no ENTRYPOINT).
 """
 
 from __future__ import annotations
@@ -40,19 +41,42 @@ from corral.storage.secrets import create_secret
 from corral.storage.uri import WORKSPACE, Location, parse, remote_names
 
 CONFIG_ENV = "CORRAL_RCLONE_CONFIG"
-DEFAULT_RCLONE_IMAGE = "public.ecr.aws/docker/library/alpine:3.20"
+IMAGE_ENV = "CORRAL_RCLONE_IMAGE"
+SOURCE_ENV = "CORRAL_RCLONE_SOURCE"
+# The official image (Docker Hub rclone/rclone, also ghcr.io/rclone/rclone), pinned by version AND by
+# the digest of its multi-platform index. The digest could not be checked against the registry here
+# (no network): it is the one independent public repositories pin for tag 1.74.4 (README, "Transfers
+# on AWS"). corral checks every manifest and blob it copies against it, so a wrong digest fails the
+# copy with one line; it can never run another image.
+RCLONE_VERSION = "1.74.4"
+RCLONE_SOURCE = (
+    f"docker.io/rclone/rclone:{RCLONE_VERSION}"
+    "@sha256:c61954aaa32328a5486715dd063a81c7879f5195ad3505cd362deddd509dc4a1"
+)
+RCLONE_REPOSITORY = "corral/rclone"  # in the account's ECR (tag-immutable)
 
+
+def rclone_target_tag(tag: str, digest: str) -> str:
+    """The tag of corral's copy of a source image: its tag and the first 12 hex of its digest."""
+    return f"{tag}-{digest.split(':', 1)[-1][:12]}"
+
+
+def default_rclone_image() -> str:
+    """``ecr://corral/rclone:<version>-<digest12>`` (of ``CORRAL_RCLONE_SOURCE`` when set)."""
+    source = os.environ.get(SOURCE_ENV) or RCLONE_SOURCE
+    rest, _, digest = source.partition("@")
+    last = rest.rsplit("/", 1)[-1]
+    tag = last.rsplit(":", 1)[1] if ":" in last else "latest"
+    return f"ecr://{RCLONE_REPOSITORY}:{rclone_target_tag(tag, digest)}"
+
+
+# Run as CORRAL_PROGRAM by the job's wrapper, with rclone's arguments. Installs nothing: an image
+# without rclone fails at once (127) saying so.
 TRANSFER_SCRIPT = """set -eu
 if ! command -v rclone >/dev/null 2>&1; then
-  echo "corral: rclone is not in this image; installing the distribution's package" >&2
-  if command -v apk >/dev/null 2>&1; then apk add --no-cache --quiet rclone ca-certificates >&2
-  elif command -v apt-get >/dev/null 2>&1; then
-    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq rclone ca-certificates) >&2
-  else
-    echo "corral: error: rclone is not in this image and cannot be installed" >&2
-    echo "corral: hint: use an image with rclone (CORRAL_RCLONE_IMAGE)" >&2
-    exit 127
-  fi
+  echo "corral: error: rclone is not in this image (corral installs nothing at run time)" >&2
+  echo "corral: hint: unset CORRAL_RCLONE_IMAGE to use corral's pinned rclone image, or name one with rclone" >&2
+  exit 127
 fi
 umask 077
 conf=$(mktemp "${TMPDIR:-/tmp}/corral-rclone.XXXXXX")
@@ -80,8 +104,15 @@ echo "corral: removed workspace $d" >&2
 
 
 def rclone_image(override: str | None = None) -> str:
-    """The image transfer jobs run in: ``override``, else ``CORRAL_RCLONE_IMAGE``, else the default."""
-    return override or os.environ.get("CORRAL_RCLONE_IMAGE") or DEFAULT_RCLONE_IMAGE
+    """The image transfer jobs run in: ``override``, else ``CORRAL_RCLONE_IMAGE``, else corral's
+    pinned copy (:func:`default_rclone_image`, an ``ecr://`` name the AWS backend resolves to the
+    copy's digest, see :func:`corral.backends.aws_batch.rclone_image.ensure_rclone_image`)."""
+    return override or os.environ.get(IMAGE_ENV) or default_rclone_image()
+
+
+def uses_default_rclone_image() -> bool:
+    """True when transfer jobs run in corral's pinned copy (``CORRAL_RCLONE_IMAGE`` is not set)."""
+    return not os.environ.get(IMAGE_ENV)
 
 
 def _job_location(uri: str, workdir: str) -> Location:

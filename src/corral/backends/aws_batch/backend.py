@@ -139,6 +139,7 @@ class AwsBatchBackend:
         self._bucket = bucket or TokenBucket(clock=clock, sleep=sleep)
         self._api: BatchApi | None = api  # (tests give a BatchApi that plays Batch: the contract suite)
         self._secrets: dict[str, str] = {}
+        self._rclone_image: str | None = None
         # On resume only the tasks to resubmit need their local sources (checked when staging them).
         self._resuming = False
 
@@ -303,10 +304,21 @@ class AwsBatchBackend:
             restrict_readers(self.clients.secretsmanager, made[CONFIG_ENV], [reader])
         return made
 
+    def _rclone_image_for(self, plan: Plan) -> str | None:
+        """corral's pinned rclone image in this account, by digest (copied on first use), when some
+        stage runs in it and ``CORRAL_RCLONE_IMAGE`` does not name another; else None."""
+        from corral.backends.aws_batch.rclone_image import ensure_rclone_image
+        from corral.storage.aws import uses_default_rclone_image
+
+        if not uses_default_rclone_image() or not any(Submitter.runs_rclone(s) for s in plan.workflow.stages):
+            return None
+        return ensure_rclone_image(self.clients, log=lambda m: print(f"corral: {m}", file=sys.stderr))
+
     def start(self, plan: Plan, run: RunRecord, store: StateStore, options: RunOptions) -> None:
         self.check(plan)
         env = self.environment(plan, run.run_id)
         self._secrets = self._rclone_secrets(plan, run)
+        self._rclone_image = self._rclone_image_for(plan)
         _record_where(run, plan, env)
         records = {t.task_id: t for t in store.get_tasks(run.run_id)}
         to_submit = {tid for tid, t in records.items() if t.state == TaskState.PENDING}
@@ -326,6 +338,7 @@ class AwsBatchBackend:
             self._resuming = False
         env = self.environment(plan, run.run_id)
         self._secrets = self._rclone_secrets(plan, run)
+        self._rclone_image = self._rclone_image_for(plan)
         opts = _record_where(run, plan, env)
         queues = self._queues(run)
         tasks = self.refresh(run, store, final_cleanup=False)
@@ -545,6 +558,8 @@ class AwsBatchBackend:
     # -- helpers ------------------------------------------------------------------------------
     def _submitter(self, env: Any, store: StateStore, plan: Plan, staged: dict[str, str] | None = None) -> Submitter:
         queues = Queues(env.job_queue, getattr(env, "gpu_job_queue", None), getattr(env, "fargate_job_queue", None))
+        if self._rclone_image is None:  # (a refresh in a new process: one DescribeImages)
+            self._rclone_image = self._rclone_image_for(plan)
         return Submitter(
             self.api, store, self._context(env, plan), queues,
             tags=dict(self.settings.tags or {}), after_submit=self.after_submit,
@@ -553,6 +568,7 @@ class AwsBatchBackend:
             staged=staged, base_dir=plan.workflow.base_dir,
             share_identifier=getattr(self._aws(plan), "share_identifier", "corral"),
             user_queues=[q for q in [self._aws(plan).queue] if q],
+            rclone_image=self._rclone_image,
         )
 
     def _s3_endpoint(self) -> str | None:

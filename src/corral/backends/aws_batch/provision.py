@@ -194,6 +194,13 @@ def needs_for(plan: Plan, run_id: str | None = None) -> Needs:
         repo = ecr_repository_of(s.image)
         if repo and repo not in repos:
             repos.append(repo)
+    # corral's own jobs (transfers, workspace cleanup, the EFS data removal) pull its rclone image
+    from corral.storage.aws import rclone_image
+
+    if any(s.kind == "transfer" or s.kind == "cleanup" for s in stages) or needs.efs or uses_workdir:
+        repo = ecr_repository_of(rclone_image())
+        if repo and repo not in repos:
+            repos.append(repo)
     needs.s3_read, needs.s3_write, needs.ecr_repositories = read, write, repos
     # Fargate only when asked for (`fargate` in aws.instance_types) and some stage fits it; the
     # stages that run there get their disk from Fargate's ephemeral storage, not a root volume.

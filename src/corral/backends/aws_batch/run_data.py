@@ -173,7 +173,15 @@ def remove_run_data(
     from corral.spec import Stage
     from corral.storage.aws import cleanup_container_argv, job_stage
 
-    spec = pl.job_definition(job_stage(Stage(name=DATA_STAGE, kind="cleanup", per="run")), ctx, fargate=fargate)
+    from corral.storage.aws import uses_default_rclone_image
+
+    image = None
+    if uses_default_rclone_image():  # corral's pinned rclone image, by digest (copied if missing)
+        from corral.backends.aws_batch.rclone_image import ensure_rclone_image
+
+        image = ensure_rclone_image(clients)
+    spec = pl.job_definition(job_stage(Stage(name=DATA_STAGE, kind="cleanup", per="run"), image=image), ctx,
+                             fargate=fargate)
     workdir = pl.workdir_for(run_id, ctx)
     argv = cleanup_container_argv(workdir, root=workdir.rsplit("/", 1)[0])
     batch = clients.batch

@@ -401,6 +401,7 @@ class Submitter:
         base_dir: Path | None = None,
         share_identifier: str = DEFAULT_SHARE,
         user_queues: Sequence[str] = (),
+        rclone_image: str | None = None,
     ) -> None:
         self.api = api
         # the workflow's aws.instance_types: with `fargate` there, stages that fit go to Fargate
@@ -414,6 +415,9 @@ class Submitter:
         self.contiguous = False
         # {CORRAL_RCLONE_CONFIG: secret ARN} for transfer stages (storage.aws.prepare_rclone_secret)
         self.rclone_secrets = dict(rclone_secrets or {})
+        # the image transfer and cleanup jobs run in (rclone_image.ensure_rclone_image: corral's pinned
+        # copy by digest); None: storage.aws.rclone_image()
+        self.rclone_image = rclone_image
         self.s3_endpoint = s3_endpoint  # only for S3-compatible stores and tests
         # local `from:` path -> its staged s3:// URI (staging.stage_local_sources); base_dir:
         # the workflow's folder, which relative local paths are read against
@@ -433,7 +437,7 @@ class Submitter:
         """The stage as its job definition is built: transfers in the rclone image with the secret."""
         from corral.storage.aws import job_stage
 
-        return job_stage(stage, secrets=self.rclone_secrets) if self.runs_rclone(stage) else stage
+        return job_stage(stage, secrets=self.rclone_secrets, image=self.rclone_image) if self.runs_rclone(stage) else stage
 
     @staticmethod
     def program_of(stage: Stage) -> str | None:
