@@ -67,6 +67,13 @@ FARGATE_MEMORY: dict[str, set[int]] = {
     "16": set(range(32768, 122881, 8192)),
 }
 EPHEMERAL_MIN, EPHEMERAL_MAX = 21, 200
+# Amazon ECR service quotas: "Minimum layer part size 5 MiB" (all but a layer's last part),
+# "Maximum layer part size 10 MiB". ECR API reference, PutImage: imageManifest 1-4,194,304
+# characters, imageTag 1-300; ImageDigestDoesNotMatchException, LayersNotFoundException,
+# ReferencedImagesNotFoundException; CompleteLayerUpload: LayerPartTooSmallException,
+# LayerAlreadyExistsException.
+ECR_PART_MIN, ECR_PART_MAX = 5 * 1024 * 1024, 10 * 1024 * 1024
+ECR_MANIFEST_MAX, ECR_TAG_MAX = 4_194_304, 300
 
 
 @dataclass
@@ -122,6 +129,10 @@ class StrictAws:
         self._job_defs: dict[str, dict[str, Any]] = {}  # arn | name | name:rev -> RegisterJobDefinition params
         self._fair_share: dict[str, bool] = {}  # queue name and arn -> has a scheduling policy
         self._raw: Any = None
+        self._raw_ecr_client: Any = None
+        self._ecr_parts: dict[str, list[int]] = {}  # upload id -> sizes of its parts so far
+        self._ecr_blobs: dict[str, set[str]] = {}  # repository -> layer/config digests known there
+        self._ecr_images: dict[str, set[str]] = {}  # repository -> manifest digests put there
         # the largest accepted ECS override (with Batch's variables) and SubmitJob body seen
         self.largest_overrides = 0
         self.largest_submit = 0
@@ -152,7 +163,7 @@ class StrictAws:
         service = client.meta.service_model.service_name
         events = client.meta.events
         checks: dict[str, Callable[[str, dict[str, Any]], None]] = {
-            "batch": self._check_batch, "logs": self._check_logs,
+            "batch": self._check_batch, "logs": self._check_logs, "ecr": self._check_ecr,
         }
         if service in checks:
             check = checks[service]
@@ -165,6 +176,8 @@ class StrictAws:
             events.register(f"before-parameter-build.{service}", before, unique_id=f"strict-before-{id(self)}")
         if service == "batch":
             events.register("after-call.batch", self._remember, unique_id=f"strict-after-{id(self)}")
+        if service == "ecr":
+            events.register("after-call.ecr", self._remember_ecr, unique_id=f"strict-after-ecr-{id(self)}")
 
     def _refuse(self, operation: str, code: str, message: str) -> None:
         with self._lock:
@@ -393,6 +406,92 @@ class StrictAws:
         fair = bool(queues[0].get("schedulingPolicyArn"))
         self._fair_share[ref] = fair
         return fair
+
+    # -- ECR (corral's copy of the rclone image: backends/aws_batch/rclone_image.py) --------------
+    def _check_ecr(self, op: str, params: Mapping[str, Any]) -> None:
+        import hashlib
+
+        repo = str(params.get("repositoryName", ""))
+        if op == "UploadLayerPart":
+            blob = params.get("layerPartBlob") or b""
+            size = len(blob)
+            if size > ECR_PART_MAX:
+                self._refuse(op, "InvalidLayerPartException", f"layer part of {size} bytes is over 10 MiB")
+            if int(params.get("partLastByte", -1)) - int(params.get("partFirstByte", 0)) + 1 != size:
+                self._refuse(op, "InvalidLayerPartException", "partFirstByte..partLastByte is not the part's length")
+            with self._lock:
+                self._ecr_parts.setdefault(str(params.get("uploadId")), []).append(size)
+        elif op == "CompleteLayerUpload":
+            parts = self._ecr_parts.pop(str(params.get("uploadId")), [])
+            if any(p < ECR_PART_MIN for p in parts[:-1]):
+                self._refuse(op, "LayerPartTooSmallException", "Layer parts must be at least 5 MiB in size.")
+            if not parts or sum(parts) == 0:
+                self._refuse(op, "EmptyUploadException", "the upload holds no bytes")
+            for digest in params.get("layerDigests", []):
+                if self._ecr_has(repo, [digest], blobs=True) == []:
+                    self._refuse(op, "LayerAlreadyExistsException", f"layer {digest} already exists in {repo}")
+        elif op == "PutImage":
+            body = str(params.get("imageManifest", ""))
+            if not 1 <= len(body) <= ECR_MANIFEST_MAX:
+                self._refuse(op, "InvalidParameterException", "imageManifest must be 1-4,194,304 characters")
+            if "imageTag" in params and not 1 <= len(str(params["imageTag"])) <= ECR_TAG_MAX:
+                self._refuse(op, "InvalidParameterException", "imageTag must be 1-300 characters")
+            want = params.get("imageDigest")
+            if want and want != "sha256:" + hashlib.sha256(body.encode()).hexdigest():
+                self._refuse(op, "ImageDigestDoesNotMatchException",
+                             "The specified image digest does not match the digest that Amazon ECR calculated for the image.")
+            manifest = json.loads(body)
+            blobs = [d["digest"] for d in [manifest.get("config") or {}, *manifest.get("layers", [])] if d.get("digest")]
+            if self._ecr_has(repo, blobs, blobs=True):
+                self._refuse(op, "LayersNotFoundException", "The specified layers could not be found.")
+            children = [m["digest"] for m in manifest.get("manifests", [])]
+            if self._ecr_has(repo, children, blobs=False):
+                self._refuse(op, "ReferencedImagesNotFoundException",
+                             "The manifest list is referencing an image that does not exist.")
+
+    def _ecr_has(self, repo: str, digests: list[str], *, blobs: bool) -> list[str]:
+        """The digests not in the repository (remembered, else looked up once without hooks)."""
+        known = (self._ecr_blobs if blobs else self._ecr_images).setdefault(repo, set())
+        missing = [d for d in digests if d not in known]
+        if not missing:
+            return []
+        raw = self._raw_ecr()
+        try:
+            if blobs:
+                found = raw.batch_check_layer_availability(repositoryName=repo, layerDigests=missing)["layers"]
+                have = {x["layerDigest"] for x in found if x.get("layerAvailability") == "AVAILABLE"}
+            else:
+                found = raw.batch_get_image(repositoryName=repo, imageIds=[{"imageDigest": d} for d in missing])
+                have = {x["imageId"]["imageDigest"] for x in found.get("images", [])}
+        except ClientError:
+            have = set()
+        known |= have
+        return [d for d in missing if d not in have]
+
+    def _raw_ecr(self) -> Any:
+        if self._raw_ecr_client is None:
+            import botocore.session
+
+            create = self._create_client or botocore.session.Session.create_client
+            self._raw_ecr_client = create(
+                botocore.session.get_session(), "ecr",
+                region_name=self.region or os.environ.get("AWS_DEFAULT_REGION", "us-east-2"),
+                endpoint_url=self.endpoint_url or os.environ.get("AWS_ENDPOINT_URL"),
+            )
+        return self._raw_ecr_client
+
+    def _remember_ecr(self, parsed: Mapping[str, Any], model: Any, context: dict[str, Any],
+                      http_response: Any = None, **_: Any) -> None:
+        if getattr(http_response, "status_code", 200) >= 300:
+            return
+        repo = str(parsed.get("repositoryName") or (parsed.get("image") or {}).get("repositoryName") or "")
+        with self._lock:
+            if model.name == "CompleteLayerUpload" and parsed.get("layerDigest"):
+                self._ecr_blobs.setdefault(repo, set()).add(parsed["layerDigest"])
+            elif model.name == "PutImage":
+                digest = ((parsed.get("image") or {}).get("imageId") or {}).get("imageDigest")
+                if digest:
+                    self._ecr_images.setdefault(repo, set()).add(digest)
 
     # -- CloudWatch Logs -----------------------------------------------------------------------
     def _check_logs(self, op: str, params: Mapping[str, Any]) -> None:

@@ -215,13 +215,13 @@ class _Ecr:
         upload_id = self.ecr.initiate_layer_upload(repositoryName=self.repo)["uploadId"]
         first = 0
         source.seek(0)
-        while first < size or (size == 0 and first == 0):
+        while first < size:
             part = source.read(PART_SIZE)
+            if not part:
+                raise ProvisionError(f"layer {digest} ended after {first} of {size} bytes", "run the command again")
             self.ecr.upload_layer_part(repositoryName=self.repo, uploadId=upload_id, partFirstByte=first,
                                        partLastByte=first + len(part) - 1, layerPartBlob=part)
             first += len(part)
-            if not part:
-                break
         got = self.ecr.complete_layer_upload(repositoryName=self.repo, uploadId=upload_id,
                                              layerDigests=[digest])["layerDigest"]
         if got != digest:
