@@ -33,12 +33,21 @@ def moto_url() -> Iterator[str]:
         yield url
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="session", autouse=True)
 def rclone_registry() -> Iterator[FakeRegistry]:
     """A registry on 127.0.0.1 with a stand-in for the official rclone image: what corral copies
-    into (moto's) ECR for transfer jobs instead of Docker Hub (tests/fake_registry.py)."""
+    into (moto's) ECR for transfer jobs instead of Docker Hub (tests/fake_registry.py). Set for the
+    whole session (module fixtures and subprocesses included), so no test reaches docker.io."""
+    import os
+
     registry = FakeRegistry().start()
+    old = os.environ.get("CORRAL_RCLONE_SOURCE")
+    os.environ["CORRAL_RCLONE_SOURCE"] = registry.reference
     yield registry
+    if old is None:
+        os.environ.pop("CORRAL_RCLONE_SOURCE", None)
+    else:
+        os.environ["CORRAL_RCLONE_SOURCE"] = old
     registry.stop()
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 import subprocess
@@ -146,9 +147,16 @@ def test_push_of_a_missing_image_says_so(clients: AwsClients) -> None:
 def test_list_repositories_lists_corrals_only(clients: AwsClients) -> None:
     ecr.ensure_repository(clients, "my-sorter")
     clients.ecr.create_repository(repositoryName="not-corrals")
+    # (ECR refuses a manifest whose config was not uploaded: LayersNotFoundException, strict layer)
+    config = b"{}"
+    upload = clients.ecr.initiate_layer_upload(repositoryName="my-sorter")["uploadId"]
+    clients.ecr.upload_layer_part(repositoryName="my-sorter", uploadId=upload, partFirstByte=0, partLastByte=1,
+                                  layerPartBlob=config)
+    digest = clients.ecr.complete_layer_upload(repositoryName="my-sorter", uploadId=upload,
+                                               layerDigests=["sha256:" + hashlib.sha256(config).hexdigest()])["layerDigest"]
     clients.ecr.put_image(repositoryName="my-sorter", imageTag="1.2", imageManifest=json.dumps(
         {"schemaVersion": 2, "mediaType": "application/vnd.docker.distribution.manifest.v2+json",
-         "config": {"digest": "sha256:" + "1" * 64, "size": 1, "mediaType": "application/vnd.docker.container.image.v1+json"},
+         "config": {"digest": digest, "size": 2, "mediaType": "application/vnd.docker.container.image.v1+json"},
          "layers": []}))
     repos = ecr.list_repositories(clients)
     assert [r["repository"] for r in repos] == ["my-sorter"]
