@@ -19,10 +19,10 @@ from test_backend_support import item_text
 
 from corral.backends.aws_batch.backend import AwsBatchBackend
 from corral.backends.aws_batch.client import AwsClients
+from corral.backends.aws_batch.rclone_image import ensure_rclone_image
 from corral.backends.base import RunOptions
 from corral.model import TaskState
 from corral.spec import load_workflow
-from corral.backends.aws_batch.rclone_image import ensure_rclone_image
 from corral.storage.aws import CONFIG_ENV
 
 pytestmark = pytest.mark.aws

@@ -17,9 +17,9 @@ from test_backend_support import item_text
 
 from corral.backends.aws_batch import payloads as pl
 from corral.backends.aws_batch.client import AwsClients
+from corral.backends.aws_batch.rclone_image import ensure_rclone_image
 from corral.backends.base import RunOptions
 from corral.spec import loads_workflow
-from corral.backends.aws_batch.rclone_image import ensure_rclone_image
 from corral.storage.aws import CONFIG_ENV
 
 pytestmark = pytest.mark.aws

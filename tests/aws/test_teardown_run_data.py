@@ -16,13 +16,13 @@ from test_backend_support import make_environment, moto_batch_backend, record_ru
 from corral.backends.aws_batch import payloads as pl
 from corral.backends.aws_batch.backend import AwsBatchBackend
 from corral.backends.aws_batch.client import AwsClients
+from corral.backends.aws_batch.rclone_image import ensure_rclone_image
 from corral.backends.aws_batch.run_data import remove_run_data
 from corral.backends.aws_batch.teardown import remove
 from corral.backends.base import RunOptions
 from corral.plan import make_plan
 from corral.spec import loads_workflow
 from corral.state.sqlite import SqliteStore
-from corral.backends.aws_batch.rclone_image import ensure_rclone_image
 from corral.storage.aws import cleanup_container_argv
 
 pytestmark = pytest.mark.aws

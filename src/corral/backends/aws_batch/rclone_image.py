@@ -3,15 +3,15 @@ pinned, copied into the account's ECR with its ENTRYPOINT cleared — without a 
 
 Why a copy. The official ``rclone/rclone`` image has ``ENTRYPOINT ["rclone"]`` and AWS Batch cannot
 override an entrypoint (Batch API reference: neither ``ContainerProperties`` nor
-``TaskContainerProperties`` has an ``entryPoint`` member; aws/containers-roadmap asks for it), so
+``TaskContainerProperties`` has an ``entryPoint`` member; nextflow-io/nextflow#5340 hit it), so
 corral's wrapper (``/bin/sh -c …``) cannot run in it as published. The copy differs from the
 upstream image only in its config blob (``Entrypoint`` removed, a ``org.corral.source`` label); the
 layers are the upstream layers, byte for byte. It lives in the account's own registry, so:
 
 - nothing is installed or downloaded when a job runs (no ``apk add``): the job pulls one image
   from ECR, which private subnets reach through VPC endpoints without any route to the internet;
-- the 10,000 children of an array do not pull from Docker Hub (whose anonymous pulls are
-  rate-limited per source IP);
+- the 10,000 children of an array do not pull from Docker Hub (Docker Hub usage and limits:
+  unauthenticated pulls are limited per IPv4 address — 10 an hour at the time of writing);
 - job definitions name the copy by digest (``…/corral/rclone@sha256:…``); the repository's tags
   are immutable.
 

@@ -171,9 +171,7 @@ def remove_run_data(
     # A Fargate-only run has no EC2 queue: its default queue is the Fargate one.
     fargate = bool(opts.get("fargate_job_queue")) and opts.get("fargate_job_queue") == queue
     from corral.spec import Stage
-    from corral.storage.aws import cleanup_container_argv, job_stage
-
-    from corral.storage.aws import uses_default_rclone_image
+    from corral.storage.aws import cleanup_container_argv, job_stage, uses_default_rclone_image
 
     image = None
     if uses_default_rclone_image():  # corral's pinned rclone image, by digest (copied if missing)
