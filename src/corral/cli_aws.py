@@ -112,7 +112,10 @@ def setup(region: str | None, profile: str | None, spot: bool | None, gpu: bool,
     _echo(f"setting up corral on AWS Batch in {clients.region} ...")
     report = ProvisionReport()
     env = ensure_environment(clients, settings, needs, report)
+    rclone = _rclone_image(clients, needs, report)
     _print_report(report, "done: ")
+    if rclone:
+        _echo(f"rclone image: {rclone}")
     _echo(f"job queue: {env.job_queue}")
     if env.gpu_job_queue:
         _echo(f"GPU job queue: {env.gpu_job_queue}")
@@ -120,6 +123,18 @@ def setup(region: str | None, profile: str | None, spot: bool | None, gpu: bool,
         _echo(f"Fargate job queue: {env.fargate_job_queue}")
     if as_json:
         click.echo(json.dumps({"environment": dataclasses.asdict(env), "report": report.as_dict()}, indent=2))
+
+
+def _rclone_image(clients: Any, needs: Any, report: Any) -> str | None:
+    """corral's pinned rclone image in this account (copied when missing), when the workflow's
+    transfers or cleanups, or its EFS workspace, use it and CORRAL_RCLONE_IMAGE names no other."""
+    from corral.storage.aws import RCLONE_REPOSITORY, uses_default_rclone_image
+
+    if not uses_default_rclone_image() or not (RCLONE_REPOSITORY in needs.ecr_repositories or needs.efs):
+        return None
+    from corral.backends.aws_batch.rclone_image import ensure_rclone_image
+
+    return ensure_rclone_image(clients, report=report, log=_echo)
 
 
 @click.command()

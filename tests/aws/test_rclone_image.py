@@ -270,3 +270,22 @@ def test_strict_ecr_put_image(ecr: Any) -> None:
                  ) == "ReferencedImagesNotFoundException"
     index["manifests"][0]["digest"] = good
     ecr.put_image(repositoryName="strict/r", imageManifest=json.dumps(index), imageTag="i")
+
+
+def test_aws_setup_copies_the_image_once_for_a_workflow_with_transfers(
+    aws: str, tmp_path: Path, rclone_registry: FakeRegistry,
+) -> None:
+    """`corral aws setup -w` (a subprocess) copies the image for a workflow that moves data, and
+    says where it is; run again, it reads nothing from the source registry."""
+    from helpers import run_cli
+
+    wf = tmp_path / "wf.yaml"
+    wf.write_text("name: s\nitems: [{s: a}]\nstages:\n  - {name: f, from: 's3://b/{s}', to: 's3://b/o/{s}'}\n")
+    first = run_cli("aws", "setup", "--workflow", str(wf), timeout=300)
+    assert first.returncode == 0, first.stderr
+    line = next(x for x in first.stderr.splitlines() if x.startswith("rclone image: "))
+    assert PINNED.match(line.split(": ", 1)[1])
+    before = len(rclone_registry.requests)
+    again = run_cli("aws", "setup", "--workflow", str(wf), timeout=300)
+    assert again.returncode == 0, again.stderr
+    assert line in again.stderr.splitlines() and len(rclone_registry.requests) == before
