@@ -36,6 +36,7 @@ from pathlib import Path
 from typing import Any
 
 from corral.errors import StorageError
+from corral.jobshell import RUN_FORWARDING
 from corral.storage import rclone
 from corral.storage.secrets import create_secret
 from corral.storage.uri import WORKSPACE, Location, parse, remote_names
@@ -73,7 +74,7 @@ def default_rclone_image() -> str:
 # Run as CORRAL_PROGRAM by the job's wrapper, with rclone's arguments. Installs nothing: an image
 # without rclone fails at once (127) saying so.
 TRANSFER_SCRIPT = """set -eu
-if ! command -v rclone >/dev/null 2>&1; then
+""" + RUN_FORWARDING + """if ! command -v rclone >/dev/null 2>&1; then
   echo "corral: error: rclone is not in this image (corral installs nothing at run time)" >&2
   echo "corral: hint: unset CORRAL_RCLONE_IMAGE to use corral's pinned rclone image, or name one with rclone" >&2
   exit 127
@@ -83,13 +84,8 @@ conf=$(mktemp "${TMPDIR:-/tmp}/corral-rclone.XXXXXX")
 trap 'rm -f "$conf"' EXIT
 printf '%s\\n' "${CORRAL_RCLONE_CONFIG:-}" > "$conf"
 unset CORRAL_RCLONE_CONFIG
-RCLONE_CONFIG=$conf rclone "$@" &
-pid=$!
-trap 'kill -TERM "$pid" 2>/dev/null || :' TERM INT HUP
-set +e
-wait "$pid"
-rc=$?
-while kill -0 "$pid" 2>/dev/null; do wait "$pid"; rc=$?; done
+export RCLONE_CONFIG="$conf"
+run_forwarding rclone "$@"
 exit "$rc"
 """
 

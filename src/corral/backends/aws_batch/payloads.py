@@ -72,6 +72,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from corral.errors import PlanError
+from corral.jobshell import RUN_FORWARDING
 from corral.plan import Task
 from corral.spec import Stage
 
@@ -97,7 +98,7 @@ TABLE_VAR = "CORRAL_TABLE"
 RESERVED_ENV_PREFIXES = ("AWS_BATCH_", "ECS_")  # names AWS Batch sets in every job
 
 WRAPPER = """set -eu
-NL='
+""" + RUN_FORWARDING + """NL='
 '
 i=${AWS_BATCH_JOB_ARRAY_INDEX:-0}
 row=$(printf '%s' "$CORRAL_TABLE" | base64 -d | gzip -dc | sed -n "$((i + 1))p")
@@ -129,16 +130,8 @@ check_outputs() {
 n=0
 stop=
 while :; do
-  "$@" &
-  p=$!
-  trap 'stop=1; kill -TERM "$p" 2>/dev/null || :' TERM INT HUP
-  set +e
-  wait "$p"
-  rc=$?
-  while kill -0 "$p" 2>/dev/null; do wait "$p"; rc=$?; done
-  if [ "$rc" -eq 0 ] && [ -n "$outs" ]; then check_outputs; rc=$?; fi
-  set -e
-  trap - TERM INT HUP
+  run_forwarding "$@"
+  if [ "$rc" -eq 0 ] && [ -n "$outs" ]; then check_outputs && rc=0 || rc=$?; fi
   if [ "$rc" -eq 0 ] || [ -n "$stop" ] || [ "$n" -ge "$r" ]; then exit "$rc"; fi
   n=$((n + 1))
   echo "corral: the command exited $rc; retry $n of $r" >&2
