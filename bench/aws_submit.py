@@ -402,6 +402,13 @@ def main(argv: list[str] | None = None) -> int:
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # the strict-AWS layer
 
     server, url = start_moto()
+    # corral copies its rclone image into (moto's) ECR on a run's first transfer: from a registry
+    # on 127.0.0.1 standing in for Docker Hub (tests/fake_registry.py), never from the internet
+    from fake_registry import FakeRegistry
+
+    registry = FakeRegistry().start()
+    os.environ["CORRAL_RCLONE_SOURCE"] = registry.reference
+    os.environ.pop("CORRAL_RCLONE_IMAGE", None)
     try:
         plan = make_plan_for(WORKFLOW, args.items)
         rows: dict[str, list[dict[str, float]]] = {"corral": [], "corral+dynamodb": [], "loop": []}
@@ -422,6 +429,7 @@ def main(argv: list[str] | None = None) -> int:
                 refresh.append(refresh_scenarios(args.refresh_items))
                 print(f"round {r + 1}/{args.rounds} done", file=sys.stderr)
     finally:
+        registry.stop()
         server.stop()
 
     def med(kind: str, key: str) -> float:

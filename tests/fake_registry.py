@@ -5,7 +5,9 @@ It speaks what corral reads of the OCI distribution spec: ``GET /v2/<name>/manif
 ``WWW-Authenticate: Bearer realm=…,service=…,scope=…``, a token from the realm). The image is an
 OCI index of linux/amd64 and linux/arm64 plus an attestation manifest (``unknown/unknown``), as
 Docker Hub's multi-platform images are; each platform's config has ``Entrypoint ["rclone"]``.
-``tamper`` serves a layer whose bytes do not match its digest; ``requests`` records every path.
+Blobs redirect (307) to a ``/cdn/`` path that refuses a request still carrying the registry's
+token, as presigned storage URLs do. ``tamper`` serves a layer whose bytes do not match its
+digest; ``requests`` records every path.
 """
 
 from __future__ import annotations
@@ -115,6 +117,15 @@ class FakeRegistry:
                 registry.requests.append(self.path)
                 if self.path.startswith("/token"):
                     return self._send(200, json.dumps({"token": TOKEN}).encode())
+                if self.path.startswith("/cdn/"):  # where blobs redirect: refuses a second credential
+                    if self.headers.get("Authorization"):
+                        return self._send(400, b"only one auth mechanism allowed")
+                    body = registry.blobs.get(self.path[len("/cdn/"):])
+                    if body is None:
+                        return self._send(404, b"{}")
+                    if registry.tamper and len(body) > 200:
+                        body = body[:-1] + bytes([body[-1] ^ 1])
+                    return self._send(200, body, "application/octet-stream")
                 if self.headers.get("Authorization") != f"Bearer {TOKEN}":
                     realm = f"http://{registry.host}/token"
                     challenge = f'Bearer realm="{realm}",service="fake",scope="repository:{NAME}:pull"'
@@ -126,11 +137,8 @@ class FakeRegistry:
                 if kind == "manifests" and digest in registry.manifests:
                     body, ctype = registry.manifests[digest]
                     return self._send(200, body, ctype)
-                if kind == "blobs" and digest in registry.blobs:
-                    body = registry.blobs[digest]
-                    if registry.tamper and len(body) > 200:
-                        body = body[:-1] + bytes([body[-1] ^ 1])
-                    return self._send(200, body, "application/octet-stream")
+                if kind == "blobs" and digest in registry.blobs:  # as Docker Hub: a redirect to its CDN
+                    return self._send(307, b"", Location=f"http://{registry.host}/cdn/{digest}")
                 return self._send(404, b"{}")
 
         self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)

@@ -324,7 +324,7 @@ stages:
     assert needs.bucket and needs.efs  # lab-bucket given; {workdir} is on EFS
     assert needs.secrets == ["lab/api-token"]
     assert needs.s3_read == ["raw-data/sessions/"] and needs.s3_write == ["results/sorted/"]
-    assert needs.ecr_repositories == ["my-sorter"]
+    assert needs.ecr_repositories == ["my-sorter", "corral/rclone"]  # corral's rclone image: EFS cleanup jobs
 
 
 def test_needs_for_a_workflow_without_workspace_or_bucket() -> None:

@@ -165,7 +165,7 @@ stages:
   - name: convert
     command: >-
       echo {item} >> OUT/runs.{item};
-      env | grep '^CORRAL_' | grep -Ev '^CORRAL_(WORKDIR|HOME)=' | sort > OUT/env.{item}.$(wc -l < OUT/runs.{item} | tr -d ' ');
+      env | grep '^CORRAL_' | grep -Ev '^CORRAL_(WORKDIR|HOME|RCLONE_SOURCE)=' | sort > OUT/env.{item}.$(wc -l < OUT/runs.{item} | tr -d ' ');
       echo task={task} >> OUT/env.{item}.$(wc -l < OUT/runs.{item} | tr -d ' ');
       { test {session} != ses03 || test -e OUT/fixed; } && touch OUT/{item}.txt
   - {name: upload, needs: [convert], command: "echo {item} >> OUT/uploads"}

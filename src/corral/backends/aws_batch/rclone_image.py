@@ -129,8 +129,8 @@ class Registry:
             req = urllib.request.Request(self.base + path)
             if accept:
                 req.add_header("Accept", accept)
-            if self._token:
-                req.add_header("Authorization", f"Bearer {self._token}")
+            if self._token:  # not sent on to where a blob redirects (a CDN or a presigned URL)
+                req.add_unredirected_header("Authorization", f"Bearer {self._token}")
             try:
                 return self.opener(req, timeout=self.timeout)
             except urllib.error.HTTPError as exc:
@@ -222,8 +222,13 @@ class _Ecr:
             self.ecr.upload_layer_part(repositoryName=self.repo, uploadId=upload_id, partFirstByte=first,
                                        partLastByte=first + len(part) - 1, layerPartBlob=part)
             first += len(part)
-        got = self.ecr.complete_layer_upload(repositoryName=self.repo, uploadId=upload_id,
-                                             layerDigests=[digest])["layerDigest"]
+        try:
+            got = self.ecr.complete_layer_upload(repositoryName=self.repo, uploadId=upload_id,
+                                                 layerDigests=[digest])["layerDigest"]
+        except Exception as exc:  # another corral copied the same layer meanwhile
+            if error_code(exc) != "LayerAlreadyExistsException":
+                raise
+            return
         if got != digest:
             raise ProvisionError(f"ECR computed {got} for layer {digest} of {self.repo}", "run the command again")
 
