@@ -247,6 +247,9 @@ def corral_submit(plan: Any, store_kind: str, tmp: Path) -> dict[str, float]:
 
     setup = AwsClients()
     env = make_env(setup)
+    from corral.backends.aws_batch.rclone_image import ensure_rclone_image
+
+    ensure_rclone_image(setup)  # once per account, as `corral aws setup -w` does: not timed (start finds it)
     clients = AwsClients()
     counter = Counter(clients)
     if store_kind == "sqlite":

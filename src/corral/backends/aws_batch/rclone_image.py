@@ -327,6 +327,9 @@ def ensure_rclone_image(clients: AwsClients, *, opener: Opener | None = None, re
     if digest:
         return f"{base}@{digest}"
     ecrmod.ensure_repository(clients, RCLONE_REPOSITORY, immutable=True, report=report)
+    if log:
+        log(f"copying {ref.text} into ECR as {RCLONE_REPOSITORY}:{tag}, without its entrypoint "
+            "(once per account and region)")
     try:
         with aws_errors(f"copy {ref.text} into ECR ({RCLONE_REPOSITORY}:{tag})"):
             digest = copy_image(clients.ecr, Registry(ref, opener), repository=RCLONE_REPOSITORY, tag=tag, log=log)
