@@ -181,7 +181,7 @@ def test_corral_rclone_image_overrides_and_nothing_is_copied(
     aws: str, monkeypatch: pytest.MonkeyPatch, rclone_registry: FakeRegistry,
 ) -> None:
     monkeypatch.setenv("CORRAL_RCLONE_IMAGE", "ecr://lab/rclone-sh:1.74.4")
-    wf = loads_workflow("name: o\nitems: [{s: a}]\nstages:\n  - {name: f, from: 's3://b/{s}', to: 's3://b/o/{s}'}\n")
+    wf = loads_workflow("name: o\nitems: [{s: a}]\nstages:\n  - {name: f, from: 's3://lab-bkt/{s}', to: 's3://lab-bkt/o/{s}'}\n")
     assert saws.rclone_image() == "ecr://lab/rclone-sh:1.74.4" and not saws.uses_default_rclone_image()
     assert needs_for(make_plan(wf)).ecr_repositories == ["lab/rclone-sh"]  # its pull permission
     stage = saws.job_stage(wf.stage("f"))
@@ -280,7 +280,7 @@ def test_aws_setup_copies_the_image_once_for_a_workflow_with_transfers(
     from helpers import run_cli
 
     wf = tmp_path / "wf.yaml"
-    wf.write_text("name: s\nitems: [{s: a}]\nstages:\n  - {name: f, from: 's3://b/{s}', to: 's3://b/o/{s}'}\n")
+    wf.write_text("name: s\nitems: [{s: a}]\nstages:\n  - {name: f, from: 's3://lab-bkt/{s}', to: 's3://lab-bkt/o/{s}'}\n")
     first = run_cli("aws", "setup", "--workflow", str(wf), timeout=300)
     assert first.returncode == 0, first.stderr
     line = next(x for x in first.stderr.splitlines() if x.startswith("rclone image: "))
@@ -289,3 +289,27 @@ def test_aws_setup_copies_the_image_once_for_a_workflow_with_transfers(
     again = run_cli("aws", "setup", "--workflow", str(wf), timeout=300)
     assert again.returncode == 0, again.stderr
     assert line in again.stderr.splitlines() and len(rclone_registry.requests) == before
+
+
+def test_corral_run_when_the_source_cannot_be_read_is_one_line_and_submits_nothing(
+    aws: str, tmp_path: Path,
+) -> None:
+    """`corral run --backend aws` from a machine that cannot reach the source: one clear line (no
+    traceback) naming the fix, no job submitted, no rclone secret made."""
+    from helpers import run_cli
+
+    gone = FakeRegistry().start()
+    ref = gone.reference
+    gone.stop()
+    wf = tmp_path / "wf.yaml"
+    wf.write_text("name: nr\nitems: [{s: a}, {s: b}]\nstages:\n  - {name: f, from: 's3://lab-bkt/{s}', to: 's3://lab-bkt/o/{s}'}\n")
+    r = run_cli("run", str(wf), "--backend", "aws", env={"CORRAL_RCLONE_SOURCE": ref}, timeout=300)
+    assert r.returncode != 0
+    assert "Traceback" not in r.stderr
+    assert f"cannot read {ref}" in r.stderr and "CORRAL_RCLONE_IMAGE" in r.stderr, r.stderr
+    batch = boto3.client("batch")
+    queues = [q["jobQueueName"] for q in batch.describe_job_queues()["jobQueues"]]
+    for q in queues:
+        for status in ("SUBMITTED", "PENDING", "RUNNABLE", "RUNNING", "SUCCEEDED", "FAILED"):
+            assert not batch.list_jobs(jobQueue=q, jobStatus=status)["jobSummaryList"]
+    assert not boto3.client("secretsmanager").list_secrets()["SecretList"]

@@ -317,8 +317,8 @@ class AwsBatchBackend:
     def start(self, plan: Plan, run: RunRecord, store: StateStore, options: RunOptions) -> None:
         self.check(plan)
         env = self.environment(plan, run.run_id)
-        self._secrets = self._rclone_secrets(plan, run)
         self._rclone_image = self._rclone_image_for(plan)
+        self._secrets = self._rclone_secrets(plan, run)
         _record_where(run, plan, env)
         records = {t.task_id: t for t in store.get_tasks(run.run_id)}
         to_submit = {tid for tid, t in records.items() if t.state == TaskState.PENDING}
@@ -337,8 +337,8 @@ class AwsBatchBackend:
         finally:
             self._resuming = False
         env = self.environment(plan, run.run_id)
-        self._secrets = self._rclone_secrets(plan, run)
         self._rclone_image = self._rclone_image_for(plan)
+        self._secrets = self._rclone_secrets(plan, run)
         opts = _record_where(run, plan, env)
         queues = self._queues(run)
         tasks = self.refresh(run, store, final_cleanup=False)
@@ -558,8 +558,6 @@ class AwsBatchBackend:
     # -- helpers ------------------------------------------------------------------------------
     def _submitter(self, env: Any, store: StateStore, plan: Plan, staged: dict[str, str] | None = None) -> Submitter:
         queues = Queues(env.job_queue, getattr(env, "gpu_job_queue", None), getattr(env, "fargate_job_queue", None))
-        if self._rclone_image is None:  # (a refresh in a new process: one DescribeImages)
-            self._rclone_image = self._rclone_image_for(plan)
         return Submitter(
             self.api, store, self._context(env, plan), queues,
             tags=dict(self.settings.tags or {}), after_submit=self.after_submit,
