@@ -115,7 +115,7 @@ def test_a_source_that_does_not_match_its_digest_is_refused_and_nothing_is_tagge
         monkeypatch.setenv("CORRAL_RCLONE_SOURCE", bad.reference)
         with pytest.raises(ProvisionError) as info:
             ensure_rclone_image(AwsClients())
-        assert "has digest" in str(info.value) and "nothing was pushed" in (info.value.hint or "")
+        assert "has digest" in str(info.value) and "no image was tagged" in (info.value.hint or "")
         tag = saws.rclone_target_tag(TAG, bad.index_digest)
         with pytest.raises(ClientError):
             boto3.client("ecr").describe_images(repositoryName=REPO, imageIds=[{"imageTag": tag}])

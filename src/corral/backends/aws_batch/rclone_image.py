@@ -185,7 +185,7 @@ class Registry:
         if got != digest:
             raise ProvisionError(
                 f"{self.ref.registry}/{self.ref.name}: the {what} served for {digest} has digest {got}",
-                "the source registry did not serve the pinned image; nothing was pushed. " + HINT,
+                "the source registry did not serve the pinned image; no image was tagged. " + HINT,
             )
 
 
