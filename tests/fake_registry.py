@@ -54,11 +54,12 @@ class FakeRegistry:
     tamper: bool = False
     index_digest: str = ""
     configs: dict[str, dict[str, Any]] = field(default_factory=dict)
+    arches: tuple[str, ...] = ("amd64", "arm64")
 
     def __post_init__(self) -> None:
         base = _layer({"bin/sh": b"#!busybox\n"})
         entries = []
-        for arch in ("amd64", "arm64"):
+        for arch in self.arches:
             layers = [base, _layer({"usr/local/bin/rclone": f"rclone {TAG} {arch}\n".encode()})]
             if arch == "amd64" and self.big_layer_bytes:
                 layers.append(os.urandom(self.big_layer_bytes))

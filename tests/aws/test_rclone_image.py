@@ -313,3 +313,19 @@ def test_corral_run_when_the_source_cannot_be_read_is_one_line_and_submits_nothi
         for status in ("SUBMITTED", "PENDING", "RUNNABLE", "RUNNING", "SUCCEEDED", "FAILED"):
             assert not batch.list_jobs(jobQueue=q, jobStatus=status)["jobSummaryList"]
     assert not boto3.client("secretsmanager").list_secrets()["SecretList"]
+
+
+def test_only_the_platforms_the_source_has_are_copied(aws: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    one = FakeRegistry(arches=("amd64",)).start()
+    none = FakeRegistry(arches=("s390x",)).start()
+    try:
+        monkeypatch.setenv("CORRAL_RCLONE_SOURCE", one.reference)
+        ensure_rclone_image(AwsClients())
+        index = _manifest(boto3.client("ecr"), saws.rclone_target_tag(TAG, one.index_digest))
+        assert [m["platform"] for m in index["manifests"]] == [{"os": "linux", "architecture": "amd64"}]
+        monkeypatch.setenv("CORRAL_RCLONE_SOURCE", none.reference)
+        with pytest.raises(ProvisionError, match="none of the platforms"):
+            ensure_rclone_image(AwsClients())
+    finally:
+        one.stop()
+        none.stop()

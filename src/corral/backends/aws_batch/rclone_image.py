@@ -20,8 +20,9 @@ missing, :func:`copy_image` reads the source through the registry HTTP API (OCI 
 ``GET /v2/<name>/manifests/<digest>``, ``GET /v2/<name>/blobs/<digest>``, anonymous bearer tokens),
 checks every manifest and blob against its digest — the index against the pinned digest — and
 writes the layers, the new config and the manifests with ECR's own API (InitiateLayerUpload,
-UploadLayerPart in 5–10 MiB parts, CompleteLayerUpload, PutImage with ``imageDigest``). Both
-``linux/amd64`` and ``linux/arm64`` are copied (Graviton instance types), under one index.
+UploadLayerPart in 5–10 MiB parts, CompleteLayerUpload, PutImage with ``imageDigest``).
+``linux/amd64`` and ``linux/arm64`` (Graviton instance types) are copied — those the source has —
+under one index.
 
 Overrides. ``CORRAL_RCLONE_SOURCE`` (``registry/name:tag@sha256:…``; a digest is required) names
 another source, e.g. a mirror holding the same image (``ghcr.io/rclone/rclone:1.74.4@sha256:…``).
@@ -273,9 +274,11 @@ def copy_image(ecr: Any, registry: Registry, *, repository: str, tag: str,
             found = [m for m in index.get("manifests", [])
                      if (m.get("platform") or {}).get("os") == os_name and (m.get("platform") or {}).get("architecture") == arch
                      and not (m.get("platform") or {}).get("variant", "").startswith("unknown")]
-            if not found:
-                raise ProvisionError(f"{source} has no {os_name}/{arch} image", HINT)
-            wanted.append(found[0])
+            if found:  # (a platform the source lacks is left out; Batch then cannot run it there)
+                wanted.append(found[0])
+        if not wanted:
+            raise ProvisionError(f"{source} has none of the platforms corral copies "
+                                 f"({', '.join('/'.join(p) for p in platforms)})", HINT)
         index_type = media
     else:  # a single-platform source
         wanted = [{"digest": ref.digest, "mediaType": media, "platform": None}]
