@@ -23,16 +23,18 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from corral import runstate, storage
 from corral.backends.base import OUTPUT_MISSING, RunOptions, chosen_attempt
 from corral.backends.runtime import container_argv, detect_engine, require_engine
 from corral.errors import BackendError, CorralError, StorageError, UsageError
 from corral.model import AttemptRecord, RunRecord, RunState, TaskRecord, TaskState, now
-from corral.plan import Plan, Task, check_local_secrets
 from corral.state.base import StateStore
 from corral.state.lease import LeaseHeld
+
+if TYPE_CHECKING:  # the planner (pydantic) loads when a plan is made, not for `corral status`
+    from corral.plan import Plan, Task
 
 KILL_GRACE_S = 5.0
 LOG_TAIL_LINES = 2000  # `corral logs` shows at most the last lines of each stream...
@@ -232,6 +234,8 @@ class LocalBackend:
     # -- Backend protocol ---------------------------------------------------------------------
     def check(self, plan: Plan) -> None:
         storage.check_workflow(plan.workflow)  # transfers that can never work: no rclone, unknown remote
+        from corral.plan import check_local_secrets
+
         check_local_secrets(plan.workflow)  # env:/file: secrets exist before any task starts
         for s in plan.workflow.stages:
             r = s.resources
@@ -251,36 +255,51 @@ class LocalBackend:
     def start(self, plan: Plan, run: RunRecord, store: StateStore, options: RunOptions) -> None:
         self._execute(plan, run, store, options)
 
-    def resume(self, plan: Plan, run: RunRecord, store: StateStore, options: RunOptions) -> None:
+    def resume(self, plan: Plan, run: RunRecord, store: StateStore, options: RunOptions,
+               tasks: list[TaskRecord] | None = None) -> None:
         if run.pid != os.getpid() and scheduler_alive(run):
             if run.state == RunState.RUNNING:
                 raise UsageError(
                     f"run {run.run_id} is still running (scheduler pid {run.pid})",
                     f"wait for it, or stop it with `corral cancel {run.run_id}`",
                 )
-        self._reap_orphans(run, store)
-        tasks = store.get_tasks(run.run_id)
+        reaped = self._reap_orphans(run, store)
+        records = {t.task_id: t for t in (store.get_tasks(run.run_id) if tasks is None else tasks)}
+        records.update((t.task_id, t) for t in reaped)
+        first_attempts = {tid: t.attempts for tid, t in records.items()}
         reset = []
-        for t in tasks:
+        for t in records.values():
             if not t.state.ok:
                 # started_at too: a resumed task's time is its new attempts', not the gap since the run
                 reset.append(t.replace(state=TaskState.PENDING, reason="", exit_code=None, started_at=None,
                                        ended_at=None))
         store.save_tasks(reset)
-        self._execute(plan, run, store, options, first_attempts={t.task_id: t.attempts for t in tasks})
+        records.update((t.task_id, t) for t in reset)
+        if not reset:  # every task is done: record the run's end, as a scheduler with nothing to run would
+            runstate.reopen(store, run, pid=None)
+            runstate.end(store, run.run_id, list(records.values()), pid=None)
+            if options.progress is not None:
+                options.progress(list(records.values()))
+            return
+        self._execute(plan, run, store, options, first_attempts=first_attempts, records=records)
 
     def refresh(self, run: RunRecord, store: StateStore) -> list[TaskRecord]:
-        """The store is the truth locally. A run whose scheduler died is marked INTERRUPTED (read
-        from the store, never from the caller's possibly stale ``run``) and those of its tasks
-        still running past their timeout are stopped (:meth:`stop_overdue`); both under the run's
-        lease, skipped while another command holds it."""
+        """The store is the truth locally: :meth:`sync`, then the run's tasks as stored."""
+        self.sync(run, store)
+        return store.get_tasks(run.run_id)
+
+    def sync(self, run: RunRecord, store: StateStore) -> None:
+        """Bring the store up to date without reading every task (`corral status` then aggregates
+        in the store). A run whose scheduler died is marked INTERRUPTED (read from the store, never
+        from the caller's possibly stale ``run``) and those of its tasks still running past their
+        timeout are stopped (:meth:`stop_overdue`); both under the run's lease, skipped while
+        another command holds it."""
         live = run.state in (RunState.RUNNING, RunState.INTERRUPTED)
         if live and run.host == socket.gethostname() and not scheduler_alive(run):
             with contextlib.suppress(LeaseHeld), store.lease(run.run_id, "status", wait=0):
                 fresh = runstate.interrupt_if_dead(store, run, scheduler_alive)
                 if fresh.state in (RunState.RUNNING, RunState.INTERRUPTED) and not scheduler_alive(fresh):
                     self.stop_overdue(fresh, store)
-        return store.get_tasks(run.run_id)
 
     def stop_overdue(self, run: RunRecord, store: StateStore) -> int:
         """The reaper for a dead scheduler's tasks: kill (whole session and marked descendants)
@@ -294,7 +313,10 @@ class LocalBackend:
                 marker = task_marker(run.run_id, t.task_id)
                 if a.state != TaskState.RUNNING or not a.pid or not _proc_has_env(a.pid, marker[1]):
                     continue
-                plan = plan or Plan.from_manifest(store.load_manifest(run.run_id))
+                if plan is None:
+                    from corral.plan import Plan
+
+                    plan = Plan.from_manifest(store.load_manifest(run.run_id))
                 task = plan.by_id.get(t.task_id)
                 timeout = task.stage.timeout if task is not None else None
                 started = a.started_at or now()
@@ -414,8 +436,10 @@ class LocalBackend:
             self._said.add(msg)
             self._say(f"note: {msg}")
 
-    def _reap_orphans(self, run: RunRecord, store: StateStore) -> None:
-        """Kill attempts left running by a dead scheduler and record them as interrupted."""
+    def _reap_orphans(self, run: RunRecord, store: StateStore) -> list[TaskRecord]:
+        """Kill attempts left running by a dead scheduler and record them as interrupted; the task
+        records it rewrote (PENDING)."""
+        changed = []
         for t in store.get_tasks(run.run_id, [TaskState.RUNNING, TaskState.SUBMITTED]):
             for a in store.get_attempts(run.run_id, t.task_id):
                 if a.state != TaskState.RUNNING:
@@ -425,7 +449,9 @@ class LocalBackend:
                 store.save_attempt(
                     a.replace(state=TaskState.FAILED, reason="interrupted: the scheduler stopped", ended_at=now())
                 )
-            store.save_tasks([t.replace(state=TaskState.PENDING, reason="interrupted")])
+            changed.append(t.replace(state=TaskState.PENDING, reason="interrupted"))
+            store.save_tasks([changed[-1]])
+        return changed
 
     def _execute(
         self,
@@ -434,8 +460,9 @@ class LocalBackend:
         store: StateStore,
         options: RunOptions,
         first_attempts: dict[str, int] | None = None,
+        records: dict[str, TaskRecord] | None = None,
     ) -> None:
-        Scheduler(self, plan, run, store, options, first_attempts or {}).run()
+        Scheduler(self, plan, run, store, options, first_attempts or {}, records).run()
 
 
 def _wait_exit(pid: int, timeout: float) -> None:
@@ -470,6 +497,7 @@ class Scheduler:
         store: StateStore,
         options: RunOptions,
         first_attempts: dict[str, int],
+        records: dict[str, TaskRecord] | None = None,
     ) -> None:
         self.b = backend
         self.plan = plan
@@ -478,7 +506,8 @@ class Scheduler:
         self.options = options
         self.workdir = workspace_dir(backend.home, run.run_id)
         self.logdir = run_dir(backend.home, run.run_id) / "logs"
-        self.records = {t.task_id: t for t in store.get_tasks(run.run_id)}
+        # the run's records as stored (``records``: as the caller read and wrote them, under the lease)
+        self.records = records if records is not None else {t.task_id: t for t in store.get_tasks(run.run_id)}
         self.attempts_before = first_attempts  # attempts made before this (re)start
         self.order = {t.id: i for i, t in enumerate(plan.tasks)}
         self.dependents = plan.dependents()
