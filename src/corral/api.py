@@ -256,7 +256,7 @@ def summary(store: StateStore, run_id: str, tasks: list[TaskRecord] | None = Non
     if tasks is None:
         aggregate = getattr(store, "summarize_run", None)
         if aggregate is not None:
-            return aggregate(run_id)  # type: ignore[no-any-return]
+            return aggregate(run_id)
         tasks = store.get_tasks(run_id)
     return RunSummary.of(tasks)
 

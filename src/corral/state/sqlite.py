@@ -13,7 +13,16 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from corral.errors import StateError
-from corral.model import FAILED_STATES, AttemptRecord, RunRecord, RunState, RunSummary, TaskRecord, TaskState, now
+from corral.model import (
+    FAILED_STATES,
+    AttemptRecord,
+    RunRecord,
+    RunState,
+    RunSummary,
+    TaskRecord,
+    TaskState,
+    now,
+)
 from corral.state.lease import LEASE_WAIT_S, file_lease
 
 SCHEMA = """
