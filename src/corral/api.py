@@ -106,6 +106,7 @@ def run(
     ]
     with store.lease(rec.run_id, "run"):  # one writer per run, from before it is visible
         store.create_run(rec, p.manifest(), tasks)
+        del tasks  # the backend reads the records it needs: not two copies of 300,000 in memory
         try:
             be.start(p, rec, store, _no_wait(be, options))
         except BaseException:

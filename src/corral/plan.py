@@ -604,6 +604,9 @@ class Plan:
             "base_dir": str(self.workflow.base_dir),
             "workflow": self.workflow.model_dump(mode="json", by_alias=True, exclude={"items"}),
             "items": self.items,
+            # which resources each stage set (the dump writes every field): locally an explicit
+            # memory is a limit, a default one is not, and a resumed run must mean the same
+            "resources_set": {s.name: sorted(s.resources.model_fields_set) for s in self.workflow.stages},
         }
         return json.dumps(data, separators=(",", ":")).encode()
 
@@ -631,6 +634,11 @@ class Plan:
         # is, without re-parsing it through the YAML loader that records positions (7 s for 60,000
         # tasks that way, for positions no error from this data would ever need).
         wf = from_located(Located(data=wf_raw, source=data["source"]), base_dir=Path(data["base_dir"]))
+        resources_set = data.get("resources_set")  # None: a manifest from before it was recorded
+        if resources_set is not None:
+            for st in wf.stages:
+                if st.name in resources_set:
+                    st.resources.__pydantic_fields_set__ = set(resources_set[st.name])
         return make_plan(wf)
 
 

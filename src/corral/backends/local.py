@@ -13,9 +13,13 @@ that have not succeeded. Ctrl-C / SIGTERM cancel cleanly: children are killed, s
 from __future__ import annotations
 
 import contextlib
+import functools
+import gc
 import heapq
 import os
+import re
 import selectors
+import shutil
 import signal
 import socket
 import sys
@@ -524,6 +528,7 @@ class Scheduler:
 
         self.forced = forced_stages(plan, options.force_stages)  # --force-stage and what needs them
         self.last_progress = 0.0
+        self.progress_every = PROGRESS_EVERY_S
         self.dirty_tasks: dict[str, TaskRecord] = {}
         self.dirty_attempts: list[AttemptRecord] = []
         self.made_dirs: set[Path] = set()
@@ -558,10 +563,14 @@ class Scheduler:
         if any(s.timeout for s in self.plan.workflow.stages):
             self._start_watchdog()
         crashed = True
+        # What exists now (the plan, the records) lives as long as the run: the cyclic collector
+        # need not walk it again and again (a full collection over 300,000 tasks' objects).
+        gc.freeze()
         try:
             self._loop(rfd)
             crashed = False
         finally:
+            gc.unfreeze()
             os.chdir(old_cwd)
             for s, h in old_handlers.items():
                 signal.signal(s, h)
@@ -838,6 +847,8 @@ class Scheduler:
                     vcpus=vcpus, memory_mib=mem if _explicit_memory(task) else None,
                     gpus=task.stage.resources.gpus, shm_mib=task.stage.resources.shm,
                 )
+            else:
+                argv = _direct_argv(argv, env)  # `sh -c "prog arg"` without shell syntax: prog itself
         except (BackendError, StorageError) as exc:
             self._failed_start(task, number, started, out_path, err_path, exc.one_line(), retryable=False)
             return
@@ -1054,9 +1065,12 @@ class Scheduler:
         if cb is None:
             return
         t = time.monotonic()
-        if force or t - self.last_progress >= PROGRESS_EVERY_S:
-            self.last_progress = t
+        if force or t - self.last_progress >= self.progress_every:
             cb(list(self.records.values()))
+            self.last_progress = done = time.monotonic()
+            # A callback that takes long (a summary of 300,000 records) is called less often: at
+            # most a tenth of the scheduler's time goes to it.
+            self.progress_every = max(PROGRESS_EVERY_S, 10 * (done - t))
 
 
 def tail_lines(
@@ -1133,6 +1147,60 @@ def _start_process(argv: list[str], env: dict[str, str], out_path: str, err_path
             os.close(fd_err)
     finally:
         os.close(fd_out)
+
+
+# A `sh -c` script that is one simple command: words of these characters only (no quotes, no $,
+# globs, redirections, operators, ~, # or newlines), so the shell would only split it on blanks.
+_SIMPLE_SCRIPT = re.compile(r"[A-Za-z0-9_./:@%+,=-]+(?:[ \t]+[A-Za-z0-9_./:@%+,=-]+)*")
+# dash's reserved words and builtins (a builtin and the program of that name differ: echo, kill,
+# printf, test...); `true`/`false` without arguments are the same either way.
+_SHELL_WORDS = frozenset(
+    "if then else elif fi case esac for while until do done in alias bg cd command echo eval exec exit export "
+    "fc fg getopts hash jobs kill local printf pwd read readonly return set shift test times trap type ulimit "
+    "umask unalias unset wait true false".split()
+)
+
+
+def _direct_argv(argv: list[str], env: dict[str, str]) -> list[str]:
+    """``["/bin/sh", "-c", "prog a b"]`` -> ``["prog", "a", "b"]`` when the script is one
+    simple command the shell would only split on blanks and ``prog`` is a program found on the
+    task's PATH (an ELF binary or a ``#!`` script): one exec per task instead of two (dash execs
+    the last command of ``-c`` itself, so exit codes, signals and the process group are the same).
+    Anything else — shell syntax, a builtin, a program not found — still runs under ``/bin/sh -c``
+    (and a missing program gets the shell's "not found", exit 127)."""
+    if len(argv) != 3 or argv[0] != "/bin/sh" or argv[1] != "-c":
+        return argv
+    script = argv[2].strip(" \t")
+    if not _SIMPLE_SCRIPT.fullmatch(script):
+        return argv
+    words = script.split()
+    prog = words[0]
+    if prog in ("true", "false") and len(words) == 1:
+        pass
+    elif prog in _SHELL_WORDS or "=" in prog or "/" in prog:
+        return argv
+    search = env.get("PATH", os.defpath)
+    # posix_spawnp searches this process's PATH: the task's must be the same (else the shell looks)
+    if search != os.environ.get("PATH", os.defpath) or not _is_program(prog, search):
+        return argv
+    if "PWD" in env:  # the shell would have set it to the working directory (and exported it)
+        env["PWD"] = os.getcwd()
+    return words  # argv[0] as the shell passes it: the name as written
+
+
+@functools.lru_cache(maxsize=256)
+def _is_program(name: str, search: str) -> bool:
+    """``name`` is found on the PATH ``search`` (in an absolute folder) as an ELF binary or a
+    ``#!`` script (anything else the shell would run as a script itself)."""
+    found = shutil.which(name, path=search)
+    if found is None or not os.path.isabs(found):
+        return False
+    try:
+        with open(found, "rb") as fh:
+            head = fh.read(4)
+    except OSError:
+        return False
+    return head == b"\x7fELF" or head[:2] == b"#!"
 
 
 def _render(task: Task, text: str, run_id: str, workdir: str) -> str:
