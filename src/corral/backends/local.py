@@ -1154,11 +1154,12 @@ def _start_process(argv: list[str], env: dict[str, str], out_path: str, err_path
 _SIMPLE_SCRIPT = re.compile(r"[A-Za-z0-9_./:@%+,=-]+(?:[ \t]+[A-Za-z0-9_./:@%+,=-]+)*")
 # dash's reserved words and builtins (a builtin and the program of that name differ: echo, kill,
 # printf, test...); `true`/`false` without arguments are the same either way.
-_SHELL_WORDS = frozenset(
-    "if then else elif fi case esac for while until do done in alias bg cd command echo eval exec exit export "
-    "fc fg getopts hash jobs kill local printf pwd read readonly return set shift test times trap type ulimit "
-    "umask unalias unset wait true false".split()
-)
+_SHELL_WORDS = frozenset((
+    "if", "then", "else", "elif", "fi", "case", "esac", "for", "while", "until", "do", "done", "in", "alias",
+    "bg", "cd", "command", "echo", "eval", "exec", "exit", "export", "fc", "fg", "getopts", "hash", "jobs",
+    "kill", "local", "printf", "pwd", "read", "readonly", "return", "set", "shift", "test", "times", "trap",
+    "type", "ulimit", "umask", "unalias", "unset", "wait", "true", "false",
+))
 
 
 def _direct_argv(argv: list[str], env: dict[str, str]) -> list[str]:
