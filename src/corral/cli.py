@@ -255,12 +255,13 @@ def run(workflow: str, backend: str, max_parallel: int | None, runtime: str, for
     store = be.open_store(workflow=wf)
     with live:
         rec = api.run(wf, backend, store=store, options=opts, backend_impl=be, plan=p)
-    tasks = store.get_tasks(rec.run_id)
-    n_reused = sum(1 for t in tasks if t.state == model.TaskState.REUSED)
+    tasks = store.get_tasks(rec.run_id) if as_json else None  # else the store's summary: no second copy
+    summary = api.summary(store, rec.run_id, tasks)
+    n_reused = summary.counts[model.TaskState.REUSED.value]
     if n_reused:
         err.print(f"corral: {n_reused} task(s) reused: they succeeded in earlier runs of {wf.name} "
                   "(`--force-stage STAGE` or `--force` runs them again)", markup=False)
-    if as_json:
+    if tasks is not None:
         write_json(_run_json(rec, tasks))
     else:
         out.print(rec.run_id, markup=False)
@@ -272,7 +273,7 @@ def run(workflow: str, backend: str, max_parallel: int | None, runtime: str, for
                       "submitted by the first `corral status` (or --watch) that sees the run end",
                       markup=False, soft_wrap=True)
         return
-    sys.exit(_report_end(rec, model.RunSummary.of(tasks)))
+    sys.exit(_report_end(rec, summary))
 
 
 @cli.command()
