@@ -202,7 +202,7 @@ def _resume_plan(store: Any, rec: RunRecord) -> Any:
             err.print(f"note: {path} has changed since run {rec.run_id} started (it no longer loads); resume runs "
                       "the run as recorded", markup=False)
         else:
-            if now_plan.manifest() == manifest:
+            if now_plan.records(manifest):
                 return now_plan
     plan = Plan.from_manifest(manifest)
     if now_plan is not None:

@@ -610,6 +610,15 @@ class Plan:
         }
         return json.dumps(data, separators=(",", ":")).encode()
 
+    def records(self, stored: bytes) -> bool:
+        """Whether ``stored`` (a run's manifest) is this plan's: the same bytes, or those a corral
+        wrote before manifests recorded ``resources_set`` (its last key)."""
+        mine = self.manifest()
+        if mine == stored:
+            return True
+        cut = mine.rfind(b',"resources_set":')
+        return cut > 0 and b'"resources_set"' not in stored and mine[:cut] + b"}" == stored
+
     def with_keys(self, recorded: Mapping[str, str]) -> Plan:
         """The plan with the item keys a run recorded for its tasks (task id → key): a manifest
         written before version 2 sorted item fields, which changed the keys made from them."""

@@ -232,3 +232,13 @@ stages:
     for before, after in zip(p.tasks, again.tasks, strict=True):
         assert local._explicit_memory(after) == local._explicit_memory(before)
     assert [local._explicit_memory(t) for t in again.tasks] == [False, True]
+
+
+def test_a_manifest_from_before_resources_set_is_still_the_plans_own(tmp_path: Path) -> None:
+    wf = write_workflow(tmp_path, "name: old\nitems: [{n: 1}]\nstages:\n  - {name: a, command: \"true\"}\n")
+    p = api.plan(str(wf))
+    mine = p.manifest()
+    older = mine[:mine.rindex(b',"resources_set":')] + b"}"
+    assert p.records(mine) and p.records(older)
+    assert not p.records(older.replace(b'"true"', b'"false"'))
+    assert not p.records(mine.replace(b'"true"', b'"false"'))
