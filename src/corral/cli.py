@@ -6,20 +6,16 @@ import importlib
 import os
 import sys
 import time
-import traceback
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
-from rich.console import Console, Group
-from rich.table import Table
-from rich.text import Text
 
 from corral import backends
 from corral.errors import CorralError
 from corral.jsonout import write_json
-from corral.lazy import LazyModule
+from corral.lazy import LazyModule, lazy_console
 from corral.units import format_duration, format_size_mib
 
 if TYPE_CHECKING:
@@ -38,8 +34,8 @@ else:
 EXTENSIONS = ["corral.cli_aws", "corral.cli_aws_jobs", "corral.cli_storage", "corral.cli_ops", "corral.cli_recipes"]
 
 # Off a terminal rich would cut every line at 80 columns (run ids, stage names): give it room.
-err = Console(stderr=True, highlight=False, width=None if sys.stderr.isatty() else 250)
-out = Console(highlight=False, soft_wrap=True)
+err = lazy_console(stderr=True, highlight=False, width=None if sys.stderr.isatty() else 250)
+out = lazy_console(highlight=False, soft_wrap=True)
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -71,6 +67,10 @@ def cli(ctx: click.Context, debug: bool, home: str | None) -> None:
 
 # -- helpers ------------------------------------------------------------------------------------
 def _stage_table(summary: model.RunSummary, title: str | None = None) -> Any:
+    from rich.console import Group
+    from rich.table import Table
+    from rich.text import Text
+
     table = Table(show_edge=False, pad_edge=False)
     table.add_column("stage")
     seen = {s for per in summary.stages.values() for s, n in per.items() if n}
@@ -149,7 +149,7 @@ class LiveProgress:
         self.enabled = err.is_terminal
         self.progress = Progress(
             TextColumn("{task.description:<18}"), BarColumn(), MofNCompleteColumn(),
-            TextColumn("{task.fields[detail]}"), TimeRemainingColumn(), console=err, transient=False,
+            TextColumn("{task.fields[detail]}"), TimeRemainingColumn(), console=getattr(err, "real", err), transient=False,
         )
         self.ids = {s: self.progress.add_task(s, total=None, detail="") for s in stages}
 
@@ -316,6 +316,8 @@ def status(run_id: str | None, backend: str | None, all_runs: bool, show_tasks: 
             write_json([{"run_id": r.run_id, "workflow": r.workflow_name, "backend": r.backend,
                          "state": r.state.value, "created_at": r.created_at} for r in runs])
             return
+        from rich.table import Table
+
         table = Table(show_edge=False, pad_edge=False)
         for c in ("run", "workflow", "backend", "state", "started"):
             table.add_column(c)
@@ -329,7 +331,7 @@ def status(run_id: str | None, backend: str | None, all_runs: bool, show_tasks: 
     if watch:
         from corral.cli_ops import watch_run
 
-        watch_run(be, rec, store, console=err, interval=interval,
+        watch_run(be, rec, store, console=getattr(err, "real", err), interval=interval,
                   show_cost=be.cost_basis == "actual")  # a local run has no AWS bill to show
         if not as_json:
             return
@@ -448,6 +450,8 @@ def plan(workflow: str, show_tasks: bool, as_json: bool, with_cost: bool, spot: 
             data["cost"] = dataclasses.asdict(estimate)
         write_json(data)
         return
+    from rich.table import Table
+
     table = Table(title=f"{wf.name}: {len(p.items)} items, {len(p.tasks)} tasks", title_justify="left",
                   show_edge=False, pad_edge=False)
     table.add_column("stage", no_wrap=True, min_width=max(len(n) for n in p.stage_order))  # names stay whole
@@ -491,6 +495,8 @@ def main(argv: list[str] | None = None) -> None:
         cli.main(args=argv, prog_name="corral", standalone_mode=False)
     except CorralError as exc:
         if debug:
+            import traceback
+
             traceback.print_exc()
         print(f"error: {exc.one_line()}", file=sys.stderr)
         if exc.hint:
