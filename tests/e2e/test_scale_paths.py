@@ -242,3 +242,18 @@ def test_a_manifest_from_before_resources_set_is_still_the_plans_own(tmp_path: P
     assert p.records(mine) and p.records(older)
     assert not p.records(older.replace(b'"true"', b'"false"'))
     assert not p.records(mine.replace(b'"true"', b'"false"'))
+
+
+def test_help_and_status_load_only_what_they_need(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    probe = ("import sys; from corral import cli; cli._load_extensions(); "
+             "print(sorted({m.split('.')[0] for m in sys.modules} & {'rich', 'pydantic', 'yaml'}), "
+             "'corral.storage' in sys.modules, 'corral.spec' in sys.modules)")
+    res = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)
+    assert res.stdout.split() == ["[]", "False", "False"]  # `corral --help`: none of them
+    status = ("import sys; from corral import api; from corral.backends import local; "
+              "from corral.state import sqlite; print('pydantic' in sys.modules, 'corral.spec' in sys.modules)")
+    res = subprocess.run([sys.executable, "-c", status], capture_output=True, text=True, check=True)
+    assert res.stdout.split() == ["False", "False"]  # `corral status`: no workflow models
