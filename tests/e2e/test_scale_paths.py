@@ -52,6 +52,7 @@ def test_the_sql_summary_is_the_summary_of_every_record(n: int, seed: int) -> No
     if seed == 3:  # another run's rows never count
         store.create_run(other, b"{}", _records("other", 50, 99))
     got = store.summarize_run(run.run_id)
+    assert store.get_tasks(run.run_id) == tasks  # every field back as written, in plan order
     want = RunSummary.of(store.get_tasks(run.run_id))
     assert list(got.stages) == list(want.stages)  # stages in plan order
     assert got.stages == want.stages
