@@ -8,6 +8,7 @@ import os
 import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import Any
 
 REGION = "us-east-2"
 ACCOUNT = "123456789012"  # moto's default account, which the tests' ARNs spell out
@@ -36,6 +37,7 @@ def moto_server() -> Iterator[str]:
         os.environ.setdefault(name, value)
     from moto.server import ThreadedMotoServer
 
+    _parse_managed_policies_once()
     logging.getLogger("werkzeug").setLevel(logging.ERROR)
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
     server.start()
@@ -48,6 +50,44 @@ def moto_server() -> Iterator[str]:
     finally:
         _IN_THIS_PROCESS.discard(url)
         server.stop()
+
+
+def _parse_managed_policies_once() -> None:
+    """moto's IAM backend parses its 4.7 MB table of AWS-managed policies (json.loads, then one
+    json.dumps and two date parses per policy) each time it is created, which is on the first
+    request of every AWS test (moto marks the account visited in IAM on every request): more than
+    half of what a test's moto backends cost. The table is constant, so it is parsed once here; every
+    backend still gets its own 1,582 policy objects, made with exactly the arguments moto's
+    ``AWSManagedPolicy.from_data`` gives them. Should moto's layout differ, it parses as before."""
+    try:
+        from datetime import datetime
+
+        from moto.iam import models
+        from moto.settings import load_iam_aws_managed_policies
+
+        backend, policy, data = models.IAMBackend, models.AWSManagedPolicy, models.aws_managed_policies_data
+        original = backend._init_aws_policies
+    except (ImportError, AttributeError):
+        return
+    if getattr(original, "parsed_once", False):
+        return
+    prepared: list[tuple[str, dict[str, Any]]] = []
+
+    def init_aws_policies(self: Any) -> list[Any]:
+        if not load_iam_aws_managed_policies():
+            return []
+        if not prepared:  # as AWSManagedPolicy.from_data does for each, once
+            prepared.extend(
+                (name, {"default_version_id": d.get("DefaultVersionId"), "path": d.get("Path"),
+                        "document": json.dumps(d.get("Document")),
+                        "create_date": datetime.fromisoformat(d["CreateDate"]),
+                        "update_date": datetime.fromisoformat(d["UpdateDate"])})
+                for name, d in json.loads(data).items()
+            )
+        return [policy(name, account_id=self.account_id, region=self.region_name, **kw) for name, kw in prepared]
+
+    init_aws_policies.parsed_once = True  # type: ignore[attr-defined]
+    backend._init_aws_policies = init_aws_policies
 
 
 def configure(url: str, config: dict) -> None:
