@@ -559,6 +559,7 @@ class Scheduler:
             else:
                 self._flush()
             self._stop_watchdog()
+            memory_limit.sweep(self.b.home, self.run_rec.run_id)  # the run's cgroup list (empty by now)
         runstate.end(self.store, self.run_rec.run_id, list(self.records.values()), cancelled=self.cancelled, pid=None)
         self._progress(force=True)
         # Everything is recorded (CANCELLED): now let Ctrl-C mean what it means to the caller, so
