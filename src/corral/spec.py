@@ -18,6 +18,7 @@ from pydantic import (
     PrivateAttr,
     ValidationError,
     ValidationInfo,
+    field_serializer,
     field_validator,
     model_validator,
 )
@@ -158,6 +159,10 @@ class Resources(Model):
     # after an out-of-memory kill, the next attempt asks for more (see corral.backends.oom)
     retry_memory: RetryMemory = Field(None)
 
+    @field_serializer("retry_memory")
+    def _retry_memory_text(self, v: float | list[int] | None) -> str | list[int] | None:
+        return f"{v:g}x" if isinstance(v, float) else v  # as written: a manifest reads back the same
+
     @field_validator("retry_memory")
     @classmethod
     def _retry_memory_grows(cls, v: float | list[int] | None, info: ValidationInfo) -> float | list[int] | None:
@@ -260,6 +265,13 @@ class Stage(StageFields):
         if isinstance(v, list) and not v:
             raise ValueError("command is an empty list")
         return v
+
+    @model_validator(mode="after")
+    def _retry_memory_needs_retries(self) -> Stage:
+        if self.resources.retry_memory is not None and self.retries < 1:
+            raise ValueError("resources.retry_memory sets the memory of retries, and this stage has retries: 0: "
+                             "add `retries: N` (each out-of-memory retry is one of them)")
+        return self
 
     @model_validator(mode="after")
     def _kind(self) -> Stage:

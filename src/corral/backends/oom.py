@@ -82,3 +82,25 @@ def final_reason(resources: Resources, killed_at_mib: int, bound_mib: int | None
     else:
         why = f"the most {where} gives one task" if bound_mib is not None else "the most it can have"
     return reason(killed_at_mib, f"not retried: it already had {why}")
+
+
+# For the wrappers that run a task's tries inside one job (Slurm, AWS Batch): `_c_ooms` prints
+# how many processes the kernel has killed for memory in the job's own memory cgroup (cgroup v1
+# memory.oom_control or v2 memory.events, `oom_kill`), 0 when it cannot tell. A try that exits 137
+# while that count grew was killed for memory. $CORRAL_OOM_EVENTS names the file where the
+# cgroup is mounted elsewhere (and is the seam the tests use on a cluster that enforces no memory).
+OOM_COUNTER_SH = r"""_c_of=${CORRAL_OOM_EVENTS:-}
+if [ -z "$_c_of" ]; then
+  _c_cg=$(sed -n 's/^[0-9]*:[^:]*memory[^:]*:\(.*\)$/\1/p' /proc/self/cgroup 2>/dev/null | head -n 1) || _c_cg=
+  _c_c2=$(sed -n 's/^0::\(.*\)$/\1/p' /proc/self/cgroup 2>/dev/null | head -n 1) || _c_c2=
+  for _c_f in "/sys/fs/cgroup/memory${_c_cg:-/-}/memory.oom_control" "/sys/fs/cgroup${_c_c2:-/-}/memory.events" \
+      /sys/fs/cgroup/memory/memory.oom_control /sys/fs/cgroup/memory.events; do
+    if [ -r "$_c_f" ]; then _c_of=$_c_f; break; fi
+  done
+fi
+_c_ooms() {
+  _c_x=
+  if [ -n "$_c_of" ]; then _c_x=$(sed -n 's/^oom_kill \([0-9][0-9]*\)$/\1/p' "$_c_of" 2>/dev/null | head -n 1) || _c_x=; fi
+  echo "${_c_x:-0}"
+}
+"""
