@@ -27,6 +27,7 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -149,11 +150,10 @@ def _v2_usable(p: Path) -> bool:
         return False
 
 
-def detect(env: dict[str, str] | None = None) -> Limiter:
+def detect(env: Mapping[str, str] | None = None) -> Limiter:
     """The best mechanism this machine offers corral (see the module docstring)."""
-    env = os.environ if env is None else env
     mounts, own = _mounts(), _own_cgroups()
-    chosen = env.get("CORRAL_CGROUP", "").strip()
+    chosen = (os.environ if env is None else env).get("CORRAL_CGROUP", "").strip()
     if chosen:
         p = Path(chosen)
         if (p / "cgroup.subtree_control").exists():

@@ -193,7 +193,7 @@ class SlurmBackend:
             (folder / sub).mkdir(parents=True, exist_ok=True)
         (folder / "slurm" / "wrapper.sh").write_text(script.WRAPPER)
         storage.prepare_workspace(self.workspace(run.run_id))
-        state = {
+        state: dict[str, Any] = {
             "dir": str(folder), "accounting": self.client.accounting, "max_array": self.client.max_array_size,
             "round": 0, "arrays": [], "runtime": options.runtime, "force": options.force,
             # stage -> the largest --mem a node of its partition holds (retry_memory's bound)
