@@ -109,7 +109,9 @@ def plan_retries(plan: Plan, opts: dict[str, Any], tasks: list[TaskRecord],
             continue
         res = task.stage.resources
         entry = dict(grown.get(t.task_id, {}))
-        entry.setdefault("base", max(0, t.attempts - 1))  # attempts before the first job killed for memory
+        # Batch counts attempts per job (a FAILED child counts its job's allowed attempts), so the
+        # attempts of a task resubmitted for memory are its jobs since the first kill (`base` 0)
+        entry.setdefault("base", 0)
         entry.setdefault("jobs", 1)  # the jobs of this task since (each one attempt of the command)
         if int(entry["jobs"]) >= task.stage.retries + 1:
             continue
