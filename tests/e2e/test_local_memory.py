@@ -156,3 +156,30 @@ stages:
     (t,) = corral.status(run.run_id)
     assert t.state == TaskState.FAILED and t.reason.startswith("out of memory (limit 64MiB): resident memory reached")
     assert t.reason.endswith("(sampled)")
+
+
+@hard
+def test_doctor_removes_the_cgroups_of_a_killed_scheduler(tmp_path: Path) -> None:
+    wf = write_workflow(tmp_path, """
+name: stale2
+items: [{s: a}]
+stages:
+  - name: hold
+    resources: {memory: 64MiB}
+    command: "touch started; sleep 60"
+""")
+    proc = subprocess.Popen(corral_cmd("run", str(wf)), cwd=tmp_path, env=os.environ.copy(),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_for(lambda: (tmp_path / "started").exists(), 30, "the task to start")
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(10)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    (run,) = SqliteStore(corral_home() / "state.db").list_runs()
+    assert len(_leftover_cgroups(run.run_id)) == 1
+    doctor = subprocess.run(corral_cmd("doctor", "--json"), cwd=tmp_path, capture_output=True, text=True,
+                            timeout=120)
+    assert "removed 1 memory cgroup(s)" in doctor.stdout, doctor.stdout + doctor.stderr
+    assert _leftover_cgroups(run.run_id) == []  # and the task it held is gone with it

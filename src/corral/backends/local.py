@@ -216,7 +216,34 @@ class LocalBackend:
                  tasks: list[TaskRecord] | None, *, runnable_after_s: float) -> list[Any]:
         from corral.doctor import run_checks
 
-        return list(run_checks(store, run, plan)) if run is not None and store is not None else []
+        out: list[Any] = list(run_checks(store, run, plan)) if run is not None and store is not None else []
+        out += self._sweep_cgroups(store)
+        return out
+
+    def _sweep_cgroups(self, store: StateStore | None) -> list[Any]:
+        """Remove the memory cgroups of runs whose scheduler is gone (killed with ``kill -9``)."""
+        from corral.doctor import Finding
+
+        found: list[Any] = []
+        stale = memory_limit.stale_runs(self.home)
+        if not stale:
+            return found
+        if store is None:
+            from corral.state.sqlite import SqliteStore
+
+            store = SqliteStore(self.home / "state.db")
+        for run_id in stale:
+            try:
+                run = store.get_run(run_id)
+            except CorralError:
+                continue  # not a run this store knows: leave it
+            if scheduler_alive(run):
+                continue
+            removed = memory_limit.sweep(self.home, run_id)
+            if removed:
+                found.append(Finding("cgroups", "info", f"removed {len(removed)} memory cgroup(s) that run "
+                                     f"{run_id}'s scheduler left when it was killed", subject=run_id))
+        return found
 
     def __init__(
         self,
