@@ -116,7 +116,8 @@ if [ -n "${CORRAL_WORKDIR:-}" ]; then mkdir -p "$CORRAL_WORKDIR" 2>/dev/null || 
 if [ -n "${CORRAL_PROGRAM:-}" ]; then set -- /bin/sh -c "$CORRAL_PROGRAM" corral-program "$@"; fi
 r=${CORRAL_RETRIES:-0}
 t=${CORRAL_TRY_TIMEOUT:-}
-unset CORRAL_PROGRAM CORRAL_RETRIES CORRAL_TRY_TIMEOUT
+ev=${CORRAL_OOM_EVENTS:-}
+unset CORRAL_PROGRAM CORRAL_RETRIES CORRAL_TRY_TIMEOUT CORRAL_OOM_EVENTS
 if [ -n "$t" ] && command -v timeout >/dev/null 2>&1; then set -- timeout -s TERM "$t" "$@"; fi
 if [ "$r" -eq 0 ] && [ -z "$outs" ]; then exec "$@"; fi
 check_outputs() {
@@ -126,7 +127,7 @@ check_outputs() {
     shift 2
   done
 }
-oo() { for f in ${CORRAL_OOM_EVENTS:-} /sys/fs/cgroup/memory.events /sys/fs/cgroup/memory/memory.oom_control; do
+oo() { for f in $ev /sys/fs/cgroup/memory.events /sys/fs/cgroup/memory/memory.oom_control; do
   if [ -r "$f" ]; then x=$(sed -n 's/^oom_kill //p' "$f"); echo "${x:-0}"; return 0; fi; done; echo 0; }
 n=0
 stop=
