@@ -440,3 +440,32 @@ stages:
     if backend.name == "aws":
         big = [m for name, k, m in backend.sim.memory_of_runs if "-eat-r" in name and k in (None, 0)]
         assert big == [100, 300, 900]  # each retry of eat[big] a new job (its own round), with more memory
+
+
+def test_resume_after_oom_kills_goes_on_growing_the_memory(
+        backend: Harness, tmp_path: Path, out: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    if not backend.memory_is_enforced():
+        if backend.name != "slurm":
+            pytest.skip("no memory cgroup can be made here: nothing would kill the burst")
+        backend.inject_oom_seam(monkeypatch)
+    eat = tmp_path / "eat.sh"
+    eat.write_text(EAT)
+    wf = _workflow(tmp_path, f"""
+name: oom-resume
+items: [{{s: big}}]
+stages:
+  - name: eat
+    retries: 1
+    resources: {{memory: 100MiB, retry_memory: 3x}}
+    command: "echo x >> OUT/{{s}}.tries; sh {eat} 500"
+""", out)
+    run = backend.run(wf)
+    t = backend.tasks(run.run_id)["eat[big]"]
+    # 100 MiB then 300 MiB: both killed, and retries: 1 is spent
+    assert (t.state, t.attempts) == (TaskState.FAILED, 2) and run.state == RunState.FAILED
+    assert t.reason.startswith("out of memory (limit 300MiB)"), t.reason
+    again = backend.resume(run.run_id)
+    t = backend.tasks(run.run_id)["eat[big]"]
+    # resume goes on from the memory the last attempt was killed at: 900 MiB, enough
+    assert (again.state, t.state, t.attempts) == (RunState.SUCCEEDED, TaskState.SUCCEEDED, 3)
+    assert (out / "big.tries").read_text() == "x\n" * 3

@@ -524,6 +524,7 @@ class Scheduler:
         self.free_mem = backend.memory_mib
         self.max_parallel = options.max_parallel or backend.vcpus
         self.memory_now: dict[str, int] = {}  # task id -> memory of its next attempt, after an OOM kill
+        self._resume_memory()
         self.limiter = memory_limit.detect() if any(
             "memory" in s.resources.model_fields_set for s in plan.workflow.stages) else memory_limit.Limiter("sampler")
         from corral.reuse import forced_stages
@@ -544,6 +545,21 @@ class Scheduler:
             self.use_engine = engine
             if engine is None:
                 backend._note(f"no container engine answered ({why}): stages with an image run on the host")
+
+    def _resume_memory(self) -> None:
+        """On resume, a task last killed for memory goes on growing from there (not from
+        ``resources.memory``), as on the other backends."""
+        for tid, before in self.attempts_before.items():
+            task = self.plan.by_id.get(tid)
+            rec = self.records.get(tid)
+            if not before or task is None or rec is None or rec.state.terminal or not oom.grows(task.stage.resources):
+                continue
+            attempts = self.store.get_attempts(self.run_rec.run_id, tid)
+            if not attempts or not oom.is_oom(attempts[-1].reason):
+                continue
+            killed_at = oom.limit_of(attempts[-1].reason) or task.stage.resources.memory
+            more = oom.next_memory(task.stage.resources, killed_at, self.b.memory_mib)
+            self.memory_now[tid] = more or killed_at
 
     # -- main loop ----------------------------------------------------------------------------
     def run(self) -> None:

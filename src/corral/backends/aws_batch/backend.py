@@ -360,7 +360,10 @@ class AwsBatchBackend:
         staged = self._stage(plan, run, env, to_submit)
         if run.state != RunState.RUNNING and to_submit:
             run.state = RunState.RUNNING
-        self._submitter(env, store, plan, staged).submit_round(plan, run, records, to_submit, round_)
+        submitter = self._submitter(env, store, plan, staged)
+        submitter.memory = aws_memory.on_resume(plan, opts, [records[t] for t in to_submit],
+                                                list(self._aws(plan).instance_types))
+        submitter.submit_round(plan, run, records, to_submit, round_)
         if to_submit:
             store.save_run(run)
         if options.wait:

@@ -64,6 +64,30 @@ def count_attempts(opts: dict[str, Any], changed: dict[str, TaskRecord]) -> None
             changed[tid] = t.replace(attempts=int(entry.get("base", 0)) + int(entry.get("jobs", 1)))
 
 
+def on_resume(plan: Plan, opts: dict[str, Any], tasks: list[TaskRecord], instance_types: list[str]) -> dict[str, int]:
+    """``resume``: a task last killed for memory goes on with more (retry_memory) and a fresh budget
+    of ``retries``; one resubmitted for memory before keeps its memory. Returns task id -> MiB."""
+    grown: dict[str, Any] = dict(opts.get(KEY, {}))
+    out: dict[str, int] = {}
+    for t in tasks:
+        task = plan.by_id.get(t.task_id)
+        if task is None:
+            continue
+        res = task.stage.resources
+        if oom.is_oom(t.reason) and oom.grows(res):
+            killed_at = oom.limit_of(t.reason) or res.memory
+            mib = oom.next_memory(res, killed_at, bound_mib(res, instance_types)) or killed_at
+        elif t.task_id in grown:
+            mib = int(grown[t.task_id]["mib"])
+        else:
+            continue
+        grown[t.task_id] = {"mib": mib, "base": t.attempts, "jobs": 1}
+        out[t.task_id] = mib
+    if out:
+        opts[KEY] = grown
+    return out
+
+
 def bound_mib(resources: Resources, instance_types: list[str]) -> int | None:
     """The most memory one task of these vCPUs/GPUs can get from the allowed instance types."""
     from corral.instances import FARGATE_SIZES, _fargate_memories, expand, is_fargate_entry, wants_fargate

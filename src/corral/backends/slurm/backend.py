@@ -221,6 +221,8 @@ class SlurmBackend:
             raise UsageError(
                 f"run {run.run_id} still has {len(live)} task(s) queued or running in Slurm",
                 f"resume when they have ended (`corral status {run.run_id} --watch`), or `corral cancel` it first")
+        if redo:
+            run = self._resume_memory(run, store, redo)
         store.save_tasks([t.replace(state=TaskState.PENDING, reason="", exit_code=None, ended_at=None)
                           for t in redo if t.state != TaskState.PENDING])
         if redo:
@@ -567,6 +569,29 @@ class SlurmBackend:
         for a in new_attempts:
             store.save_attempt(a)
         return new.replace(attempts=attempts, started_at=started)
+
+    def _resume_memory(self, run: RunRecord, store: StateStore, redo: list[TaskRecord]) -> RunRecord:
+        """A task last killed for memory resumes with more (retry_memory), with its whole ``retries``."""
+        from corral.backends import oom
+
+        state = dict(run.options.get("slurm", {}))
+        grown: dict[str, Any] = dict(state.get("memory", {}))
+        if not grown and not any(oom.is_oom(t.reason) for t in redo):
+            return run
+        plan = _plan(store, run)
+        bounds = state.get("memory_bounds", {})
+        for t in redo:
+            task = plan.by_id.get(t.task_id) if plan is not None else None
+            if task is not None and oom.is_oom(t.reason) and oom.grows(task.stage.resources):
+                killed_at = oom.limit_of(t.reason) or task.stage.resources.memory
+                more = oom.next_memory(task.stage.resources, killed_at, bounds.get(t.stage))
+                grown[t.task_id] = {"mib": more or killed_at}
+            elif t.task_id in grown:
+                grown[t.task_id] = {"mib": grown[t.task_id]["mib"]}  # a fresh budget of tries
+        state["memory"] = grown
+        run = run.replace(options={**run.options, "slurm": state})
+        store.save_run(run)
+        return run
 
     def _oom_why(self, run: RunRecord, store: StateStore, t: TaskRecord) -> str:
         """The reason of a job Slurm ended OUT_OF_MEMORY (its cgroup's limit, or OverMemoryKill)."""
