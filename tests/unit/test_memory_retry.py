@@ -129,3 +129,13 @@ def test_the_aws_bound_is_the_largest_allowed_instance_that_holds_the_task() -> 
     assert aws_memory.overrides(r, 3000, fargate=True) == [{"type": "VCPU", "value": "2"},
                                                            {"type": "MEMORY", "value": "4096"}]
     assert aws_memory.overrides(r, 3000, fargate=False) == [{"type": "MEMORY", "value": "3000"}]
+
+
+def test_an_exit_137_with_another_cause_is_not_an_oom_kill() -> None:
+    def t(reason: str) -> TaskRecord:
+        return TaskRecord(run_id="r", task_id="t", stage="s", item_key="a", item_index=0, state=TaskState.FAILED,
+                          exit_code=137, reason=reason)
+
+    assert aws_memory.is_batch_oom(t("Essential container in task exited"))
+    assert not aws_memory.is_batch_oom(t("Your Spot Task was interrupted."))
+    assert not aws_memory.is_batch_oom(t("Host EC2 (instance i-0abc) terminated."))

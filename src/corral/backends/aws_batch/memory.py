@@ -3,8 +3,9 @@
 Recognised (:func:`name_oom`): a FAILED child whose reason carries ECS's
 ``OutOfMemoryError: Container killed due to memory usage`` (Batch copies it into the container's
 ``reason``; https://docs.aws.amazon.com/AmazonECS/latest/developerguide/out-of-memory.html), or that
-exited 137 (SIGKILL: the kernel's OOM killer, or the wrapper stopping after it saw the container
-cgroup's ``oom_kill`` count grow — it never re-runs a command killed for memory at the same memory).
+exited 137 with no other cause given (SIGKILL: the kernel's OOM killer, or the wrapper stopping after
+it saw the container cgroup's ``oom_kill`` count grow — it never re-runs a command killed for memory
+at the same memory; a Spot interruption or a cancel that also ends in 137 says so in its reason).
 Its reason becomes ``out of memory (limit X): <Batch's reason>``.
 
 Retried (:func:`retry_with_more_memory`): a job's memory is fixed when it is submitted (the job
@@ -41,8 +42,14 @@ def memory_of(opts: dict[str, Any], plan: Plan | None, task_id: str) -> int | No
     return task.stage.resources.memory if task is not None else None
 
 
+# An exit 137 counts as an out-of-memory kill only when Batch gives no other cause (a Spot
+# interruption, an instance that went away and a cancel also end in SIGKILL).
+_PLAIN_EXIT = ("", "Essential container in task exited")
+
+
 def is_batch_oom(t: TaskRecord) -> bool:
-    return t.state == TaskState.FAILED and (OOM_STATUS in t.reason or t.exit_code == oom.EXIT_KILLED)
+    return t.state == TaskState.FAILED and (
+        OOM_STATUS in t.reason or (t.exit_code == oom.EXIT_KILLED and t.reason.strip() in _PLAIN_EXIT))
 
 
 def name_oom(opts: dict[str, Any], plan: Plan | None, changed: dict[str, TaskRecord]) -> None:
