@@ -139,3 +139,16 @@ def test_an_exit_137_with_another_cause_is_not_an_oom_kill() -> None:
     assert aws_memory.is_batch_oom(t("Essential container in task exited"))
     assert not aws_memory.is_batch_oom(t("Your Spot Task was interrupted."))
     assert not aws_memory.is_batch_oom(t("Host EC2 (instance i-0abc) terminated."))
+
+
+def test_plan_shows_how_memory_grows(tmp_path: Path) -> None:
+    import json
+    import sys
+
+    wf = tmp_path / "w.yaml"
+    wf.write_text("name: w\nitems: [{s: a}]\nstages:\n  - name: s\n    command: echo\n    retries: 2\n"
+                  "    resources: {memory: 1GiB, retry_memory: [2GiB, 4GiB]}\n")
+    run = lambda *a: subprocess.run([sys.executable, "-m", "corral", "plan", str(wf), *a],  # noqa: E731
+                                    capture_output=True, text=True, timeout=60)
+    assert json.loads(run("--json").stdout)["stages"][0]["retry_memory"] == [2048, 4096]
+    assert "1GiB (then 2GiB, 4GiB on OOM)" in run().stderr
