@@ -124,6 +124,7 @@ def test_the_aws_bound_is_the_largest_allowed_instance_that_holds_the_task() -> 
     assert small is not None and 7000 < small < 8192  # 8 GiB less what ECS keeps
     # Fargate: up to 120 GiB, the override raising the vCPUs to a valid pair
     assert aws_memory.bound_mib(r, ["fargate"]) == 122880
+    assert aws_memory.bound_mib(r, ["fargate", "r6i"]) == 122880  # routed to Fargate: stays there
     assert aws_memory.overrides(r, 20000, fargate=True) == [{"type": "VCPU", "value": "4"},
                                                             {"type": "MEMORY", "value": "20480"}]
     assert aws_memory.overrides(r, 3000, fargate=True) == [{"type": "VCPU", "value": "2"},

@@ -97,8 +97,16 @@ def on_resume(plan: Plan, opts: dict[str, Any], tasks: list[TaskRecord], instanc
 
 def bound_mib(resources: Resources, instance_types: list[str]) -> int | None:
     """The most memory one task of these vCPUs/GPUs can get from the allowed instance types."""
-    from corral.instances import FARGATE_SIZES, _fargate_memories, expand, is_fargate_entry, wants_fargate
+    from corral.instances import (
+        FARGATE_SIZES,
+        _fargate_memories,
+        expand,
+        is_fargate_entry,
+        on_fargate,
+    )
 
+    if on_fargate(resources, instance_types):  # its jobs stay on the Fargate queue: Fargate's largest
+        return max(max(_fargate_memories(v)) for v in FARGATE_SIZES if v >= resources.vcpus)
     ec2 = [e for e in instance_types if not is_fargate_entry(e)]
     best = 0
     try:
@@ -108,10 +116,6 @@ def bound_mib(resources: Resources, instance_types: list[str]) -> int | None:
     for it in types:
         if it.vcpus >= resources.vcpus and it.gpus >= resources.gpus:
             best = max(best, it.usable_memory_mib)
-    if wants_fargate(instance_types) and not resources.gpus:
-        for vcpus in FARGATE_SIZES:
-            if vcpus >= resources.vcpus:
-                best = max(best, max(_fargate_memories(vcpus)))
     return best or None
 
 
