@@ -87,3 +87,43 @@ stages:
     assert (t.state, t.attempts, t.exit_code) == (TaskState.FAILED, 2, 137)
     assert t.reason == "out of memory (limit 100MiB): killed by the kernel (exit 137)"
     assert [a.reason for a in store.get_attempts(run.run_id, t.task_id)] == [t.reason] * 2
+
+
+def test_a_step_slurm_kills_for_memory_is_resubmitted_with_more(tmp_path: Path,
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    """A real kill: a cluster whose slurmstepd samples each step's memory every second and kills it
+    past --mem (JobAcctGatherParams=OverMemoryKill). The wrapper dies with the step, so the refresh
+    reads slurmstepd's own line in the job's stderr; the retry is a new sbatch with more --mem."""
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from slurm_cluster import ClusterUnavailable, memory_kill_cluster
+
+    try:
+        cluster = memory_kill_cluster()
+    except ClusterUnavailable as exc:
+        pytest.skip(f"no Slurm cluster here: {exc}")
+    monkeypatch.setenv("SLURM_CONF", str(cluster.conf))
+    out = tmp_path / "out"
+    out.mkdir()
+    wf = tmp_path / "workflow.yaml"
+    wf.write_text(f"""
+name: slurm-overmemory
+items: [{{s: a}}]
+stages:
+  - name: eat
+    retries: 2
+    resources: {{memory: 100MiB, retry_memory: [1GiB]}}
+    command: >-
+      echo "$SLURM_MEM_PER_NODE" >> {out}/mem;
+      python3 -c "import time; b = bytearray(500 * 2**20); time.sleep(4)"
+""")
+    run = api.run(wf, backend="slurm")
+    store = api.open_store("slurm")
+    (t,) = api.status(run.run_id, store=store)
+    assert store.get_run(run.run_id).state == RunState.SUCCEEDED, t.reason
+    assert (t.state, t.attempts) == (TaskState.SUCCEEDED, 2)
+    (first, second) = store.get_attempts(run.run_id, t.task_id)
+    assert first.state == TaskState.FAILED and first.reason.startswith("out of memory (limit 100MiB): "), first.reason
+    assert "memory limit" in first.reason  # slurmstepd's words
+    assert (out / "mem").read_text().split() == ["100", "1024"]

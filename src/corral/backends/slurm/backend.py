@@ -558,7 +558,10 @@ class SlurmBackend:
         elif row is None and accounting:
             new = t.replace(state=TaskState.RUNNING)  # not in the accounting database yet: decide later
         else:  # a try started and its job ended without a final record
-            if slurm_state == "CANCELLED":
+            said = slurm_memory_kill(f"{base}.err") if slurm_state != "RUNNING" else ""
+            if said:  # slurmstepd killed the whole step for memory (OverMemoryKill, or its cgroup)
+                new = t.replace(state=TaskState.FAILED, reason=self._oom_why(run, store, t, said), ended_at=now())
+            elif slurm_state == "CANCELLED":
                 new = t.replace(state=TaskState.CANCELLED, reason="cancelled in Slurm", ended_at=now())
             else:
                 why = self._oom_why(run, store, t) if slurm_state == "OUT_OF_MEMORY" else ENDED_REASONS.get(
@@ -566,6 +569,10 @@ class SlurmBackend:
                 new = t.replace(state=TaskState.FAILED, reason=why, ended_at=now())
             if new_attempts:
                 new_attempts[-1] = new_attempts[-1].replace(state=new.state, reason=new.reason, ended_at=now())
+            else:  # its RUNNING record was stored by an earlier refresh: it ends here
+                stored = store.get_attempts(run.run_id, t.task_id)
+                if stored and stored[-1].state == TaskState.RUNNING:
+                    new_attempts.append(stored[-1].replace(state=new.state, reason=new.reason, ended_at=now()))
         for a in new_attempts:
             store.save_attempt(a)
         return new.replace(attempts=attempts, started_at=started)
@@ -593,8 +600,9 @@ class SlurmBackend:
         store.save_run(run)
         return run
 
-    def _oom_why(self, run: RunRecord, store: StateStore, t: TaskRecord) -> str:
-        """The reason of a job Slurm ended OUT_OF_MEMORY (its cgroup's limit, or OverMemoryKill)."""
+    def _oom_why(self, run: RunRecord, store: StateStore, t: TaskRecord,
+                 said: str = "Slurm ended the job OUT_OF_MEMORY") -> str:
+        """The reason of a job Slurm ended for memory (OUT_OF_MEMORY; its cgroup's limit, or OverMemoryKill)."""
         from corral.backends import oom
 
         mib = run.options.get("slurm", {}).get("memory", {}).get(t.task_id, {}).get("mib")
@@ -602,7 +610,7 @@ class SlurmBackend:
             plan = _plan(store, run)
             task = plan.by_id.get(t.task_id) if plan is not None else None
             mib = task.stage.resources.memory if task is not None else None
-        return oom.reason(mib, "Slurm ended the job OUT_OF_MEMORY") if mib else ENDED_REASONS["OUT_OF_MEMORY"]
+        return oom.reason(mib, said) if mib else ENDED_REASONS["OUT_OF_MEMORY"]
 
     def _retry_with_more_memory(self, run: RunRecord, store: StateStore, tasks: list[TaskRecord]) -> bool:
         """Tasks the kernel killed for memory, with ``retry_memory`` and tries left: resubmitted (a new
@@ -763,6 +771,28 @@ def _remote_output_missing(store: StateStore, run: RunRecord, t: TaskRecord, wor
             return f"cannot check output {uri}: {exc.one_line()}"
         if not exists:
             return f"declared output missing: {uri}"
+    return ""
+
+
+# What slurmstepd writes to a job's stderr when it kills a step for memory: OverMemoryKill's sampler
+# ("StepId=1.batch exceeded memory limit (…), being killed", "Exceeded job memory limit") and the
+# cgroup task plugin ("Detected 1 oom-kill event(s) in StepId=…").
+_SLURM_OOM = ("exceeded job memory limit", "exceeded memory limit", "oom-kill event")
+
+
+def slurm_memory_kill(err_path: str) -> str:
+    """slurmstepd's own line saying it killed the step for memory, from the end of the job's
+    stderr, or ""."""
+    try:
+        with open(err_path, "rb") as fh:
+            size = fh.seek(0, os.SEEK_END)
+            fh.seek(max(0, size - 65536))
+            tail = fh.read().decode(errors="replace").splitlines()
+    except OSError:
+        return ""
+    for line in reversed(tail):
+        if line.startswith("slurmstepd") and any(k in line.lower() for k in _SLURM_OOM):
+            return line.split("error: ", 1)[-1].strip()[:200]
     return ""
 
 
