@@ -391,7 +391,9 @@ stages:
 EAT = """#!/bin/sh
 if [ -n "${CORRAL_OOM_EVENTS:-}" ] && [ -n "${SLURM_MEM_PER_NODE:-}" ]; then
   if [ "$SLURM_MEM_PER_NODE" -lt "$1" ]; then
-    n=$(sed -n 's/^oom_kill //p' "$CORRAL_OOM_EVENTS"); echo "oom_kill $((${n:-0} + 1))" > "$CORRAL_OOM_EVENTS"
+    # (written whole with a rename: a wrapper reading it meanwhile never sees it empty)
+    n=$(sed -n 's/^oom_kill //p' "$CORRAL_OOM_EVENTS"); echo "oom_kill $((${n:-0} + 1))" > "$CORRAL_OOM_EVENTS.$$"
+    mv -f "$CORRAL_OOM_EVENTS.$$" "$CORRAL_OOM_EVENTS"
     kill -9 $$
   fi
   exit 0

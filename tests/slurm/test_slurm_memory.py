@@ -21,7 +21,8 @@ from corral.model import RunState, TaskState
 pytestmark = pytest.mark.slurm
 
 # the kernel's OOM kill, at the counter the wrapper reads: bump oom_kill, then SIGKILL ourselves
-OOM = ('n=$(sed -n "s/^oom_kill //p" "$CORRAL_OOM_EVENTS"); echo "oom_kill $((${n:-0} + 1))" > "$CORRAL_OOM_EVENTS"; '
+OOM = ('n=$(sed -n "s/^oom_kill //p" "$CORRAL_OOM_EVENTS"); '
+       'echo "oom_kill $((${n:-0} + 1))" > "$CORRAL_OOM_EVENTS.$$"; mv -f "$CORRAL_OOM_EVENTS.$$" "$CORRAL_OOM_EVENTS"; '
        'kill -9 $$')
 
 
