@@ -146,6 +146,18 @@ def _scan(tokens: list[Any], *, render_values: Mapping[str, Any] | None = None
         if render_values is not None:
             out.append(x)
 
+    def open_dollar_paren(at: int) -> int:
+        """``tokens[at:at+2]`` is ``$(``: push ``$((`` arithmetic or a ``$(`` command; return the
+        index of the last token consumed."""
+        emit("(")
+        at += 1
+        if tokens[at + 1: at + 2] == ["("]:
+            emit("(")
+            stack.append(["arith", 0, False])
+            return at + 1
+        stack.append(["cmd", 0, True])
+        return at
+
     while i < n:
         tok = tokens[i]
         mode = stack[-1][0]
@@ -261,14 +273,7 @@ def _scan(tokens: list[Any], *, render_values: Mapping[str, Any] | None = None
             elif c == "`":
                 stack.append(["bt", 0, False])
             elif c == "$" and nxt == "(":
-                emit(nxt)
-                i += 1
-                if tokens[i + 1: i + 2] == ["("]:
-                    emit("(")
-                    i += 1
-                    stack.append(["arith", 0, False])
-                else:
-                    stack.append(["cmd", 0, True])
+                i = open_dollar_paren(i)
         else:  # cmd
             frame = stack[-1]
             if c == "\\" and nxt is not None and not isinstance(nxt, _Field):
@@ -291,14 +296,7 @@ def _scan(tokens: list[Any], *, render_values: Mapping[str, Any] | None = None
                 i += 1
                 stack.append(["dq", 0, False])
             elif c == "$" and nxt == "(":
-                emit(nxt)
-                i += 1
-                if tokens[i + 1: i + 2] == ["("]:
-                    emit("(")
-                    i += 1
-                    stack.append(["arith", 0, False])
-                else:
-                    stack.append(["cmd", 0, True])
+                i = open_dollar_paren(i)
                 word_start = True
                 i += 1
                 continue
