@@ -13,9 +13,13 @@ that have not succeeded. Ctrl-C / SIGTERM cancel cleanly: children are killed, s
 from __future__ import annotations
 
 import contextlib
+import functools
+import gc
 import heapq
 import os
+import re
 import selectors
+import shutil
 import signal
 import socket
 import sys
@@ -23,16 +27,19 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from corral import runstate, storage
+from corral.backends import memory_limit, oom
 from corral.backends.base import OUTPUT_MISSING, RunOptions, chosen_attempt
 from corral.backends.runtime import container_argv, detect_engine, require_engine
 from corral.errors import BackendError, CorralError, StorageError, UsageError
 from corral.model import AttemptRecord, RunRecord, RunState, TaskRecord, TaskState, now
-from corral.plan import Plan, Task, check_local_secrets
 from corral.state.base import StateStore
 from corral.state.lease import LeaseHeld
+
+if TYPE_CHECKING:  # the planner (pydantic) loads when a plan is made, not for `corral status`
+    from corral.plan import Plan, Task
 
 KILL_GRACE_S = 5.0
 LOG_TAIL_LINES = 2000  # `corral logs` shows at most the last lines of each stream...
@@ -162,10 +169,12 @@ class _Running:
     pid: int
     pidfd: int | None
     deadline: float | None  # time.monotonic() at which the stage's timeout kills it
-    memory_limit_mib: int | None
+    memory_limit_mib: int | None  # the RSS sampler's limit (where no cgroup holds the task)
     vcpus: float
     memory_mib: int
     container_name: str | None = None
+    cgroup: memory_limit.TaskCgroup | None = None  # the kernel's hard limit (corral.backends.memory_limit)
+    limit_mib: int | None = None  # the memory limit this attempt ran under, whatever enforced it
     kill_reason: str = ""
     kill_at: float | None = None  # when (monotonic) to escalate SIGTERM -> SIGKILL
     started_mono: float = 0.0  # time.monotonic() at start: durations never go negative on a clock jump
@@ -213,7 +222,34 @@ class LocalBackend:
                  tasks: list[TaskRecord] | None, *, runnable_after_s: float) -> list[Any]:
         from corral.doctor import run_checks
 
-        return list(run_checks(store, run, plan)) if run is not None and store is not None else []
+        out: list[Any] = list(run_checks(store, run, plan)) if run is not None and store is not None else []
+        out += self._sweep_cgroups(store)
+        return out
+
+    def _sweep_cgroups(self, store: StateStore | None) -> list[Any]:
+        """Remove the memory cgroups of runs whose scheduler is gone (killed with ``kill -9``)."""
+        from corral.doctor import Finding
+
+        found: list[Any] = []
+        stale = memory_limit.stale_runs(self.home)
+        if not stale:
+            return found
+        if store is None:
+            from corral.state.sqlite import SqliteStore
+
+            store = SqliteStore(self.home / "state.db")
+        for run_id in stale:
+            try:
+                run = store.get_run(run_id)
+            except CorralError:
+                continue  # not a run this store knows: leave it
+            if scheduler_alive(run):
+                continue
+            removed = memory_limit.sweep(self.home, run_id)
+            if removed:
+                found.append(Finding("cgroups", "info", f"removed {len(removed)} memory cgroup(s) that run "
+                                     f"{run_id}'s scheduler left when it was killed", subject=run_id))
+        return found
 
     def __init__(
         self,
@@ -232,6 +268,8 @@ class LocalBackend:
     # -- Backend protocol ---------------------------------------------------------------------
     def check(self, plan: Plan) -> None:
         storage.check_workflow(plan.workflow)  # transfers that can never work: no rclone, unknown remote
+        from corral.plan import check_local_secrets
+
         check_local_secrets(plan.workflow)  # env:/file: secrets exist before any task starts
         for s in plan.workflow.stages:
             r = s.resources
@@ -251,36 +289,52 @@ class LocalBackend:
     def start(self, plan: Plan, run: RunRecord, store: StateStore, options: RunOptions) -> None:
         self._execute(plan, run, store, options)
 
-    def resume(self, plan: Plan, run: RunRecord, store: StateStore, options: RunOptions) -> None:
+    def resume(self, plan: Plan, run: RunRecord, store: StateStore, options: RunOptions,
+               tasks: list[TaskRecord] | None = None) -> None:
         if run.pid != os.getpid() and scheduler_alive(run):
             if run.state == RunState.RUNNING:
                 raise UsageError(
                     f"run {run.run_id} is still running (scheduler pid {run.pid})",
                     f"wait for it, or stop it with `corral cancel {run.run_id}`",
                 )
-        self._reap_orphans(run, store)
-        tasks = store.get_tasks(run.run_id)
+        reaped = self._reap_orphans(run, store)
+        memory_limit.sweep(self.home, run.run_id)  # cgroups a killed scheduler left
+        records = {t.task_id: t for t in (store.get_tasks(run.run_id) if tasks is None else tasks)}
+        records.update((t.task_id, t) for t in reaped)
+        first_attempts = {tid: t.attempts for tid, t in records.items()}
         reset = []
-        for t in tasks:
+        for t in records.values():
             if not t.state.ok:
                 # started_at too: a resumed task's time is its new attempts', not the gap since the run
                 reset.append(t.replace(state=TaskState.PENDING, reason="", exit_code=None, started_at=None,
                                        ended_at=None))
         store.save_tasks(reset)
-        self._execute(plan, run, store, options, first_attempts={t.task_id: t.attempts for t in tasks})
+        records.update((t.task_id, t) for t in reset)
+        if not reset:  # every task is done: record the run's end, as a scheduler with nothing to run would
+            runstate.reopen(store, run, pid=None)
+            runstate.end(store, run.run_id, list(records.values()), pid=None)
+            if options.progress is not None:
+                options.progress(list(records.values()))
+            return
+        self._execute(plan, run, store, options, first_attempts=first_attempts, records=records)
 
     def refresh(self, run: RunRecord, store: StateStore) -> list[TaskRecord]:
-        """The store is the truth locally. A run whose scheduler died is marked INTERRUPTED (read
-        from the store, never from the caller's possibly stale ``run``) and those of its tasks
-        still running past their timeout are stopped (:meth:`stop_overdue`); both under the run's
-        lease, skipped while another command holds it."""
+        """The store is the truth locally: :meth:`sync`, then the run's tasks as stored."""
+        self.sync(run, store)
+        return store.get_tasks(run.run_id)
+
+    def sync(self, run: RunRecord, store: StateStore) -> None:
+        """Bring the store up to date without reading every task (`corral status` then aggregates
+        in the store). A run whose scheduler died is marked INTERRUPTED (read from the store, never
+        from the caller's possibly stale ``run``) and those of its tasks still running past their
+        timeout are stopped (:meth:`stop_overdue`); both under the run's lease, skipped while
+        another command holds it."""
         live = run.state in (RunState.RUNNING, RunState.INTERRUPTED)
         if live and run.host == socket.gethostname() and not scheduler_alive(run):
             with contextlib.suppress(LeaseHeld), store.lease(run.run_id, "status", wait=0):
                 fresh = runstate.interrupt_if_dead(store, run, scheduler_alive)
                 if fresh.state in (RunState.RUNNING, RunState.INTERRUPTED) and not scheduler_alive(fresh):
                     self.stop_overdue(fresh, store)
-        return store.get_tasks(run.run_id)
 
     def stop_overdue(self, run: RunRecord, store: StateStore) -> int:
         """The reaper for a dead scheduler's tasks: kill (whole session and marked descendants)
@@ -294,7 +348,10 @@ class LocalBackend:
                 marker = task_marker(run.run_id, t.task_id)
                 if a.state != TaskState.RUNNING or not a.pid or not _proc_has_env(a.pid, marker[1]):
                     continue
-                plan = plan or Plan.from_manifest(store.load_manifest(run.run_id))
+                if plan is None:
+                    from corral.plan import Plan
+
+                    plan = Plan.from_manifest(store.load_manifest(run.run_id))
                 task = plan.by_id.get(t.task_id)
                 timeout = task.stage.timeout if task is not None else None
                 started = a.started_at or now()
@@ -323,6 +380,7 @@ class LocalBackend:
         # No live scheduler: record the cancellation ourselves, as the run's one writer.
         with store.lease(run.run_id, "cancel"):
             self._reap_orphans(run, store)
+            memory_limit.sweep(self.home, run.run_id)
             changed = [
                 t.replace(state=TaskState.CANCELLED, reason="cancelled", ended_at=t.ended_at or now())
                 for t in store.get_tasks(run.run_id)
@@ -414,8 +472,10 @@ class LocalBackend:
             self._said.add(msg)
             self._say(f"note: {msg}")
 
-    def _reap_orphans(self, run: RunRecord, store: StateStore) -> None:
-        """Kill attempts left running by a dead scheduler and record them as interrupted."""
+    def _reap_orphans(self, run: RunRecord, store: StateStore) -> list[TaskRecord]:
+        """Kill attempts left running by a dead scheduler and record them as interrupted; the task
+        records it rewrote (PENDING)."""
+        changed = []
         for t in store.get_tasks(run.run_id, [TaskState.RUNNING, TaskState.SUBMITTED]):
             for a in store.get_attempts(run.run_id, t.task_id):
                 if a.state != TaskState.RUNNING:
@@ -425,7 +485,9 @@ class LocalBackend:
                 store.save_attempt(
                     a.replace(state=TaskState.FAILED, reason="interrupted: the scheduler stopped", ended_at=now())
                 )
-            store.save_tasks([t.replace(state=TaskState.PENDING, reason="interrupted")])
+            changed.append(t.replace(state=TaskState.PENDING, reason="interrupted"))
+            store.save_tasks([changed[-1]])
+        return changed
 
     def _execute(
         self,
@@ -434,8 +496,9 @@ class LocalBackend:
         store: StateStore,
         options: RunOptions,
         first_attempts: dict[str, int] | None = None,
+        records: dict[str, TaskRecord] | None = None,
     ) -> None:
-        Scheduler(self, plan, run, store, options, first_attempts or {}).run()
+        Scheduler(self, plan, run, store, options, first_attempts or {}, records).run()
 
 
 def _wait_exit(pid: int, timeout: float) -> None:
@@ -470,6 +533,7 @@ class Scheduler:
         store: StateStore,
         options: RunOptions,
         first_attempts: dict[str, int],
+        records: dict[str, TaskRecord] | None = None,
     ) -> None:
         self.b = backend
         self.plan = plan
@@ -478,7 +542,8 @@ class Scheduler:
         self.options = options
         self.workdir = workspace_dir(backend.home, run.run_id)
         self.logdir = run_dir(backend.home, run.run_id) / "logs"
-        self.records = {t.task_id: t for t in store.get_tasks(run.run_id)}
+        # the run's records as stored (``records``: as the caller read and wrote them, under the lease)
+        self.records = records if records is not None else {t.task_id: t for t in store.get_tasks(run.run_id)}
         self.attempts_before = first_attempts  # attempts made before this (re)start
         self.order = {t.id: i for i, t in enumerate(plan.tasks)}
         self.dependents = plan.dependents()
@@ -491,10 +556,15 @@ class Scheduler:
         self.free_vcpus = float(backend.vcpus)
         self.free_mem = backend.memory_mib
         self.max_parallel = options.max_parallel or backend.vcpus
+        self.memory_now: dict[str, int] = {}  # task id -> memory of its next attempt, after an OOM kill
+        self._resume_memory()
+        self.limiter = memory_limit.detect() if any(
+            "memory" in s.resources.model_fields_set for s in plan.workflow.stages) else memory_limit.Limiter("sampler")
         from corral.reuse import forced_stages
 
         self.forced = forced_stages(plan, options.force_stages)  # --force-stage and what needs them
         self.last_progress = 0.0
+        self.progress_every = PROGRESS_EVERY_S
         self.dirty_tasks: dict[str, TaskRecord] = {}
         self.dirty_attempts: list[AttemptRecord] = []
         self.made_dirs: set[Path] = set()
@@ -509,6 +579,21 @@ class Scheduler:
             self.use_engine = engine
             if engine is None:
                 backend._note(f"no container engine answered ({why}): stages with an image run on the host")
+
+    def _resume_memory(self) -> None:
+        """On resume, a task last killed for memory goes on growing from there (not from
+        ``resources.memory``), as on the other backends."""
+        for tid, before in self.attempts_before.items():
+            task = self.plan.by_id.get(tid)
+            rec = self.records.get(tid)
+            if not before or task is None or rec is None or rec.state.terminal or not oom.grows(task.stage.resources):
+                continue
+            attempts = self.store.get_attempts(self.run_rec.run_id, tid)
+            if not attempts or not oom.is_oom(attempts[-1].reason):
+                continue
+            killed_at = oom.limit_of(attempts[-1].reason) or task.stage.resources.memory
+            more = oom.next_memory(task.stage.resources, killed_at, self.b.memory_mib)
+            self.memory_now[tid] = more or killed_at
 
     # -- main loop ----------------------------------------------------------------------------
     def run(self) -> None:
@@ -529,10 +614,14 @@ class Scheduler:
         if any(s.timeout for s in self.plan.workflow.stages):
             self._start_watchdog()
         crashed = True
+        # What exists now (the plan, the records) lives as long as the run: the cyclic collector
+        # need not walk it again and again (a full collection over 300,000 tasks' objects).
+        gc.freeze()
         try:
             self._loop(rfd)
             crashed = False
         finally:
+            gc.unfreeze()
             os.chdir(old_cwd)
             for s, h in old_handlers.items():
                 signal.signal(s, h)
@@ -551,6 +640,7 @@ class Scheduler:
             else:
                 self._flush()
             self._stop_watchdog()
+            memory_limit.sweep(self.b.home, self.run_rec.run_id)  # the run's cgroup list (empty by now)
         runstate.end(self.store, self.run_rec.run_id, list(self.records.values()), cancelled=self.cancelled, pid=None)
         self._progress(force=True)
         # Everything is recorded (CANCELLED): now let Ctrl-C mean what it means to the caller, so
@@ -690,7 +780,7 @@ class Scheduler:
 
     def _next_timeout(self) -> float:
         t = time.monotonic()
-        candidates = [1.0 if any(r.memory_limit_mib for r in self.running.values()) else 30.0]
+        candidates = [memory_limit.SAMPLE_S if any(r.memory_limit_mib for r in self.running.values()) else 30.0]
         for r in self.running.values():
             if r.kill_at is not None:
                 candidates.append(r.kill_at - t)
@@ -721,7 +811,7 @@ class Scheduler:
                 self._resolved(tid)
                 continue
             vcpus = min(task.stage.resources.vcpus, float(self.b.vcpus))
-            mem = min(task.stage.resources.memory, self.b.memory_mib)
+            mem = min(self.memory_now.get(tid, task.stage.resources.memory), self.b.memory_mib)
             if self._stage_full(task):
                 deferred.append(entry)  # the stage's max_parallel is reached; other stages may start
                 self.unmet[tid] = 0
@@ -809,6 +899,8 @@ class Scheduler:
                     vcpus=vcpus, memory_mib=mem if _explicit_memory(task) else None,
                     gpus=task.stage.resources.gpus, shm_mib=task.stage.resources.shm,
                 )
+            else:
+                argv = _direct_argv(argv, env)  # `sh -c "prog arg"` without shell syntax: prog itself
         except (BackendError, StorageError) as exc:
             self._failed_start(task, number, started, out_path, err_path, exc.one_line(), retryable=False)
             return
@@ -820,9 +912,18 @@ class Scheduler:
                               reason="", exit_code=None, ended_at=None))
         self.free_vcpus -= vcpus
         self.free_mem -= mem
+        limited = _explicit_memory(task) and container_name is None  # a container's engine limits it
+        cgroup = None
+        if limited and self.limiter.hard:
+            cgroup = memory_limit.create(self.limiter, memory_limit.cgroup_name(run_id, task.id, number), mem,
+                                         memory_limit.registry(self.b.home, run_id))
+            if cgroup is not None:
+                argv = cgroup.wrap(argv)
         try:
             pid = _start_process(argv, env, out_path, err_path, self.devnull)
         except OSError as exc:
+            if cgroup is not None:
+                cgroup.remove()
             self.free_vcpus += vcpus
             self.free_mem += mem
             what = exc.filename or "the command"
@@ -840,11 +941,11 @@ class Scheduler:
         self.dirty_attempts.append(attempt)
         if task.stage.timeout:
             self._tell_watchdog(f"start {pid} {mono + task.stage.timeout!r} {run_id} {task.id}")
-        limit = task.stage.resources.memory if _explicit_memory(task) and container_name is None else None
         self.running[pid] = _Running(
             task=task, attempt=attempt, pid=pid, pidfd=pidfd,
             deadline=mono + task.stage.timeout if task.stage.timeout else None, started_mono=mono,
-            memory_limit_mib=limit, vcpus=vcpus, memory_mib=mem, container_name=container_name,
+            memory_limit_mib=mem if limited and cgroup is None else None, vcpus=vcpus, memory_mib=mem,
+            container_name=container_name, cgroup=cgroup, limit_mib=mem if _explicit_memory(task) else None,
         )
 
     def _failed_start(
@@ -921,9 +1022,18 @@ class Scheduler:
         else:
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.killpg(pid, signal.SIGKILL)
+        oom_killed = False
+        if r.cgroup is not None:
+            oom_killed = code != 0 and r.cgroup.oom_killed()
+            r.cgroup.remove()  # what the task left in it goes too
         if r.kill_reason:
             state = TaskState.CANCELLED if r.kill_reason == "cancelled" else TaskState.FAILED
             reason = r.kill_reason
+        elif oom_killed and r.limit_mib:
+            state, reason = TaskState.FAILED, oom.reason(r.limit_mib, f"killed by the kernel (exit {_shell_code(code)})")
+        elif r.container_name and code == oom.EXIT_KILLED and r.limit_mib:
+            # the engine's --memory: its OOM kill is exit 137 (the engine alone knows for sure)
+            state, reason = TaskState.FAILED, oom.reason(r.limit_mib, "exit 137 under the engine's --memory")
         elif code == 0:
             state, reason = TaskState.SUCCEEDED, ""
             missing = self._missing_output(r.task)
@@ -944,6 +1054,17 @@ class Scheduler:
         retry = (
             retryable and attempt.state == TaskState.FAILED and made_here <= task.stage.retries and not self.cancelled
         )
+        if attempt.state == TaskState.FAILED and oom.is_oom(attempt.reason) and oom.grows(task.stage.resources):
+            killed_at = oom.limit_of(attempt.reason) or task.stage.resources.memory
+            more = oom.next_memory(task.stage.resources, killed_at, self.b.memory_mib)
+            if more is None:
+                retry = False  # the same memory would fail the same way
+                attempt = attempt.replace(reason=oom.final_reason(task.stage.resources, killed_at,
+                                                                  self.b.memory_mib, "this machine"))
+                self.dirty_attempts = [a if a.attempt != attempt.attempt or a.task_id != task.id else attempt
+                                       for a in self.dirty_attempts]
+            elif retry:
+                self.memory_now[task.id] = more
         self._set(rec.replace(
             state=TaskState.PENDING if retry else attempt.state,
             exit_code=attempt.exit_code,
@@ -969,7 +1090,7 @@ class Scheduler:
             elif r.memory_limit_mib:
                 rss = group_rss_mib(r.pid)
                 if rss > r.memory_limit_mib:
-                    self._kill(r, f"memory limit exceeded ({rss} MiB > {r.memory_limit_mib} MiB)")
+                    self._kill(r, oom.reason(r.memory_limit_mib, f"resident memory reached {rss}MiB (sampled)"))
 
     def _kill(self, r: _Running, reason: str) -> None:
         r.kill_reason = reason
@@ -978,7 +1099,7 @@ class Scheduler:
             import subprocess
 
             subprocess.run([self.use_engine.path, "kill", r.container_name], capture_output=True, timeout=30)
-        self._signal(r, signal.SIGTERM if "memory" not in reason else signal.SIGKILL)
+        self._signal(r, signal.SIGKILL if oom.is_oom(reason) else signal.SIGTERM)
 
     def _signal(self, r: _Running, sig: signal.Signals) -> None:
         """Timeout, cancel, memory: the task's whole session and its marked descendants."""
@@ -1000,6 +1121,8 @@ class Scheduler:
             self._signal(r, signal.SIGKILL)
             with contextlib.suppress(ChildProcessError):
                 os.waitpid(r.pid, 0)
+            if r.cgroup is not None:
+                r.cgroup.remove()
             if r.pidfd is not None:
                 os.close(r.pidfd)
             self.dirty_attempts.append(r.attempt.replace(
@@ -1025,9 +1148,12 @@ class Scheduler:
         if cb is None:
             return
         t = time.monotonic()
-        if force or t - self.last_progress >= PROGRESS_EVERY_S:
-            self.last_progress = t
+        if force or t - self.last_progress >= self.progress_every:
             cb(list(self.records.values()))
+            self.last_progress = done = time.monotonic()
+            # A callback that takes long (a summary of 300,000 records) is called less often: at
+            # most a tenth of the scheduler's time goes to it.
+            self.progress_every = max(PROGRESS_EVERY_S, 10 * (done - t))
 
 
 def tail_lines(
@@ -1076,6 +1202,11 @@ def _ended(r: _Running) -> float:
     return (r.attempt.started_at or now()) + max(0.0, time.monotonic() - r.started_mono)
 
 
+def _shell_code(code: int) -> int:
+    """An exit status as a shell reports it (a signal N is 128 + N)."""
+    return 128 - code if code < 0 else code
+
+
 def _explicit_memory(task: Task) -> bool:
     """Memory limits are enforced locally only where the workflow set them."""
     return "memory" in task.stage.resources.model_fields_set
@@ -1104,6 +1235,61 @@ def _start_process(argv: list[str], env: dict[str, str], out_path: str, err_path
             os.close(fd_err)
     finally:
         os.close(fd_out)
+
+
+# A `sh -c` script that is one simple command: words of these characters only (no quotes, no $,
+# globs, redirections, operators, ~, # or newlines), so the shell would only split it on blanks.
+_SIMPLE_SCRIPT = re.compile(r"[A-Za-z0-9_./:@%+,=-]+(?:[ \t]+[A-Za-z0-9_./:@%+,=-]+)*")
+# dash's reserved words and builtins (a builtin and the program of that name differ: echo, kill,
+# printf, test...); `true`/`false` without arguments are the same either way.
+_SHELL_WORDS = frozenset((
+    "if", "then", "else", "elif", "fi", "case", "esac", "for", "while", "until", "do", "done", "in", "alias",
+    "bg", "cd", "command", "echo", "eval", "exec", "exit", "export", "fc", "fg", "getopts", "hash", "jobs",
+    "kill", "local", "printf", "pwd", "read", "readonly", "return", "set", "shift", "test", "times", "trap",
+    "type", "ulimit", "umask", "unalias", "unset", "wait", "true", "false",
+))
+
+
+def _direct_argv(argv: list[str], env: dict[str, str]) -> list[str]:
+    """``["/bin/sh", "-c", "prog a b"]`` -> ``["prog", "a", "b"]`` when the script is one
+    simple command the shell would only split on blanks and ``prog`` is a program found on the
+    task's PATH (an ELF binary or a ``#!`` script): one exec per task instead of two (dash execs
+    the last command of ``-c`` itself, so exit codes, signals and the process group are the same).
+    Anything else — shell syntax, a builtin, a program not found — still runs under ``/bin/sh -c``
+    (and a missing program gets the shell's "not found", exit 127)."""
+    if len(argv) != 3 or argv[0] != "/bin/sh" or argv[1] != "-c":
+        return argv
+    script = argv[2].strip(" \t")
+    if not _SIMPLE_SCRIPT.fullmatch(script):
+        return argv
+    words = script.split()
+    prog = words[0]
+    if prog in ("true", "false") and len(words) == 1:
+        pass
+    elif prog in _SHELL_WORDS or "=" in prog or "/" in prog:
+        return argv
+    search = env.get("PATH", os.defpath)
+    # posix_spawnp searches this process's PATH: the task's must be the same (else the shell looks)
+    if search != os.environ.get("PATH", os.defpath) or not _is_program(prog, search):
+        return argv
+    if "PWD" in env:  # the shell would have set it to the working directory (and exported it)
+        env["PWD"] = os.getcwd()
+    return words  # argv[0] as the shell passes it: the name as written
+
+
+@functools.lru_cache(maxsize=256)
+def _is_program(name: str, search: str) -> bool:
+    """``name`` is found on the PATH ``search`` (in an absolute folder) as an ELF binary or a
+    ``#!`` script (anything else the shell would run as a script itself)."""
+    found = shutil.which(name, path=search)
+    if found is None or not os.path.isabs(found):
+        return False
+    try:
+        with open(found, "rb") as fh:
+            head = fh.read(4)
+    except OSError:
+        return False
+    return head == b"\x7fELF" or head[:2] == b"#!"
 
 
 def _render(task: Task, text: str, run_id: str, workdir: str) -> str:
