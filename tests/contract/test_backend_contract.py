@@ -62,9 +62,6 @@ stages:
     assert (t["a[flaky]"].state, t["a[broken]"].state, t["a[broken]"].exit_code) == (
         TaskState.SUCCEEDED, TaskState.FAILED, 1)
     assert run.state == RunState.FAILED
-    if backend.name == "aws":
-        pytest.xfail("known divergence (#14): on AWS the wrapper re-runs the command inside one Batch attempt, "
-                     "and corral records Batch's attempts (1), not the tries (3)")
     assert (t["a[flaky]"].state, t["a[flaky]"].attempts) == (TaskState.SUCCEEDED, 3)
     assert (t["a[broken]"].state, t["a[broken]"].attempts, t["a[broken]"].exit_code) == (TaskState.FAILED, 3, 1)
     assert (out / "flaky.tries").read_text() == "x\n" * 3 and (out / "broken.tries").read_text() == "x\n" * 3
@@ -133,8 +130,6 @@ stages:
     assert (b.state, b.reason) == (TaskState.FAILED, "declared output missing: workspace://b/done")
     assert t["upload[b]"].state == TaskState.UPSTREAM_FAILED and not (out / "b.uploaded").exists()
     assert (out / "b.tries").read_text() == "try\n" * 2  # retried like any failure
-    if backend.name == "aws":
-        pytest.xfail("known divergence (#14): AWS records Batch's attempts, not the wrapper's tries")
     assert b.attempts == 2
 
 

@@ -426,24 +426,22 @@ class AwsBatchBackend:
         return tasks
 
     def _count_attempts(self, changed: dict[str, TaskRecord], parents: dict[str, dict[str, Any]]) -> None:
-        """Attempts of array children that just ended, where their job allows more than one
-        (``retryStrategy.attempts`` in the parent's DescribeJobs, which AWS returns; moto does not).
+        """Attempts of array children that just ended: each try of the command is one Batch
+        attempt (payloads.retry_strategy), so ``attempts`` means what it means locally.
 
-        Every failure is retried while attempts remain (payloads.retry_strategy), so a FAILED child
-        used them all. A SUCCEEDED one may have needed 1..N: ListJobs summaries carry no attempts,
-        so those are described (100 per call, once: an ended child never changes) — ``attempts``
-        then means what it means locally."""
+        ListJobs summaries carry no attempts, so the children that may have needed more than one
+        are described (100 per call, once: an ended child never changes): a FAILED child, and a
+        SUCCEEDED one of a stage with ``retries`` (its job allows more than ``1 + INFRA_RETRIES``
+        attempts: ``retryStrategy.attempts`` in the parent's DescribeJobs, which AWS returns and
+        moto does not). A child of a stage without retries that succeeded tried once (an attempt
+        lost to a spot reclaim shows in ``corral logs --attempt`` and the report's history)."""
         want: list[str] = []
         for t in changed.values():
             if ":" not in t.external_id or t.state not in (TaskState.SUCCEEDED, TaskState.FAILED):
                 continue
             allowed = int(((parents.get(parent_of(t.external_id)) or {}).get("retryStrategy") or {})
                           .get("attempts") or 1)
-            if allowed <= 1:
-                continue
-            if t.state == TaskState.FAILED:
-                changed[t.task_id] = t.replace(attempts=allowed)
-            else:
+            if allowed > 1 + pl.INFRA_RETRIES or (allowed > 1 and t.state == TaskState.FAILED):
                 want.append(t.external_id)
         if not want:
             return

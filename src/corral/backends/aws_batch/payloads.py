@@ -118,7 +118,6 @@ r=${CORRAL_RETRIES:-0}
 t=${CORRAL_TRY_TIMEOUT:-}
 unset CORRAL_PROGRAM CORRAL_RETRIES CORRAL_TRY_TIMEOUT
 if [ -n "$t" ] && command -v timeout >/dev/null 2>&1; then set -- timeout -s TERM "$t" "$@"; fi
-if [ "$r" -eq 0 ] && [ -z "$outs" ]; then exec "$@"; fi
 check_outputs() {
   eval "set -- $outs"
   while [ $# -gt 1 ]; do
@@ -126,23 +125,23 @@ check_outputs() {
     shift 2
   done
 }
-n=0
+"$@" &
+p=$!
 stop=
-while :; do
-  "$@" &
-  p=$!
-  trap 'stop=1; kill -TERM "$p" 2>/dev/null || :' TERM INT HUP
-  set +e
-  wait "$p"
-  rc=$?
-  while kill -0 "$p" 2>/dev/null; do wait "$p"; rc=$?; done
-  if [ "$rc" -eq 0 ] && [ -n "$outs" ]; then check_outputs; rc=$?; fi
-  set -e
-  trap - TERM INT HUP
-  if [ "$rc" -eq 0 ] || [ -n "$stop" ] || [ "$n" -ge "$r" ]; then exit "$rc"; fi
-  n=$((n + 1))
-  echo "corral: the command exited $rc; retry $n of $r" >&2
-done
+trap 'stop=1; kill -TERM "$p" 2>/dev/null || :' TERM INT HUP
+set +e
+wait "$p"
+rc=$?
+while kill -0 "$p" 2>/dev/null; do wait "$p"; rc=$?; done
+if [ "$rc" -eq 0 ] && [ -n "$outs" ]; then check_outputs; rc=$?; fi
+set -e
+a=${AWS_BATCH_JOB_ATTEMPT:-1}
+if [ "$rc" -ne 0 ] && [ -z "$stop" ] && [ "$a" -le "$r" ]; then
+  echo "corral: the command exited $rc; retry $a of $r" >&2
+  exit RETRY_EXIT
+fi
+if [ "$rc" -eq RETRY_EXIT ]; then echo "corral: the command exited RETRY_EXIT (corral's retry code): recorded as 1" >&2; rc=1; fi
+exit "$rc"
 """
 
 BARRIER_COMMAND = ["/bin/sh", "-c", ":"]
@@ -161,7 +160,13 @@ def wrapper(program: str | None = None) -> str:
 # (A command that itself exits 200..249 in a stage with outputs is reported the same way.)
 OUTPUT_MISSING_BASE = 200
 MAX_CHECKED_OUTPUTS = 50
-WRAPPER = WRAPPER.replace("OUTPUT_MISSING_BASE", str(OUTPUT_MISSING_BASE))
+# `retries: N` (issue 14): each try of the command is one Batch attempt, so Batch keeps each try's
+# exit code, times and log stream and corral records the same attempts as locally. A try that
+# fails while AWS_BATCH_JOB_ATTEMPT <= N exits RETRY_EXIT, which the retry strategy retries; the
+# last try exits the command's own code, which it does not. (Batch user guide, "Automated job
+# retries"; AWS_BATCH_JOB_ATTEMPT: "Batch job environment variables".)
+RETRY_EXIT = 250
+WRAPPER = WRAPPER.replace("OUTPUT_MISSING_BASE", str(OUTPUT_MISSING_BASE)).replace("RETRY_EXIT", str(RETRY_EXIT))
 
 
 def outputs_words(stage: Stage) -> str:
@@ -527,28 +532,29 @@ FARGATE_SPOT_REASON = "Your Spot Task was interrupted*"
 
 # Infrastructure failures retried whatever `retries` says, up to this many extra attempts: a spot
 # reclaim or instance failure (EC2 "Host EC2 ..."), a Fargate Spot interruption, an image pull that
-# failed. A failing command is re-run by the wrapper inside the attempt (CORRAL_RETRIES), so
-# Batch's single attempt counter (1-10) only counts what the command could not cause.
+# failed. A failing command is retried by Batch too, but only while the wrapper asks for it
+# (RETRY_EXIT: attempt number <= `retries`), so `retries: N` runs a failing command 1 + N times, as
+# locally; an attempt lost to the infrastructure counts among them. Batch allows 1-10 attempts.
 INFRA_RETRIES = 2
 
 
 def retry_strategy(retries: int, *, fargate: bool = False) -> dict[str, Any]:
-    """Batch's retryStrategy: ``1 + INFRA_RETRIES`` attempts, retried only on infrastructure
-    failures (at most 5 rules, first match wins); the command's own failure ends the attempt's
-    job — the wrapper already re-ran it ``retries`` times. ``retries`` is not needed here: it
-    travels in the job definition's environment."""
-    del retries
+    """Batch's retryStrategy: ``1 + retries + INFRA_RETRIES`` attempts (at most 10), at most 5
+    rules, first match wins: infrastructure failures and the wrapper's RETRY_EXIT are retried;
+    any other exit code (the command's last try) and any other reason end the job."""
     reclaim = (
         {"onStatusReason": FARGATE_SPOT_REASON, "action": "RETRY"} if fargate
         else {"onStatusReason": "Host EC2*", "action": "RETRY"}  # spot reclaim, instance failure
     )
     return {
-        "attempts": 1 + INFRA_RETRIES,
+        "attempts": min(MAX_ATTEMPTS, 1 + retries + INFRA_RETRIES),
         "evaluateOnExit": [
             reclaim,
-            {"onStatusReason": "CannotPullContainerError*", "action": "RETRY"},
+            # ECS puts the pull error in the container's reason ("CannotPullContainerError: ..."),
+            # Batch's statusReason then says "Task failed to start" (nextflow-io/nextflow#5099).
             {"onReason": "CannotPullContainerError*", "action": "RETRY"},
-            {"onExitCode": "*", "action": "EXIT"},  # the command's own failure (after its own retries)
+            {"onExitCode": str(RETRY_EXIT), "action": "RETRY"},  # the wrapper: retries remain
+            {"onExitCode": "*", "action": "EXIT"},  # the command's own failure, on its last try
             {"onStatusReason": "*", "action": "EXIT"},
         ],
     }
@@ -699,10 +705,11 @@ def job_definition(
         "retryStrategy": retry_strategy(stage.retries, fargate=fargate),
     }
     if stage.timeout:
-        # An attempt holds the command's tries (each stopped at `timeout` by the wrapper where the
-        # image has `timeout`), so Batch's limit is their sum, with a little room for the wrapper.
-        tries = 1 + stage.retries
-        content["timeout"] = {"attemptDurationSeconds": max(MIN_TIMEOUT, math.ceil(stage.timeout) * tries + 10 * (tries - 1))}
+        # One try per attempt. With retries the wrapper stops the try at `timeout` itself (where the
+        # image has `timeout`), so the try is retried like any failure; Batch's limit, a little
+        # later, is the backstop (a job Batch stops for it is not retried).
+        slack = 10 if stage.retries else 0
+        content["timeout"] = {"attemptDurationSeconds": max(MIN_TIMEOUT, math.ceil(stage.timeout) + slack)}
     name = _content_name(content)
     kwargs = {
         "jobDefinitionName": name,
