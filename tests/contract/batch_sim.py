@@ -12,7 +12,14 @@ environment and ``AWS_BATCH_JOB_ARRAY_INDEX``, the way Batch would:
 - a failed attempt is retried while ``retryStrategy.attempts`` remain, unless the first matching
   ``evaluateOnExit`` rule says EXIT (Batch's documented order; no rule matching means RETRY);
 - TerminateJob fails every child not yet ended with the given reason (never retried);
-- an array parent is SUCCEEDED when all its children are, FAILED when all ended and one failed.
+- an array parent is SUCCEEDED when all its children are, FAILED when all ended and one failed;
+- a job whose definition names consumable resources (``consumableResourceProperties``: a stage's
+  ``max_parallel``) starts only when the quantities are free, holds them until it ends and waits
+  RUNNABLE meanwhile (Batch user guide, "Specify the resources needed to run a job"); the
+  resources are the strict-AWS layer's (``tests/batch_consumables.py``), and the most ever held
+  at once is kept in ``peak``.
+
+The children of one wave run at the same time (threads, each its own process), as on a fleet.
 
 Nothing steers moto's private internals. ``step()`` runs one wave (everything runnable now);
 the backend's ``sleep`` is pointed at it, so ``--wait`` drives the simulated fleet.
@@ -23,7 +30,9 @@ from __future__ import annotations
 import fnmatch
 import os
 import subprocess
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -86,8 +95,14 @@ class Job:
 class SimulatedBatch(BatchApi):
     """A BatchApi whose job states are simulated (see the module docstring)."""
 
-    def __init__(self, client: Any, *, workdir: Path, timeout: float = 60.0, execute: bool = True) -> None:
+    def __init__(self, client: Any, *, workdir: Path, timeout: float = 60.0, execute: bool = True,
+                 consumables: Any = None, workers: int = 8) -> None:
         super().__init__(client, TokenBucket(rate=1e9))
+        self.consumables = consumables  # batch_consumables.ConsumableResources (the strict layer's)
+        self.registered: dict[str, dict[str, Any]] = {}  # job definition ARN -> RegisterJobDefinition kwargs
+        self.peak: dict[str, int] = {}  # consumable resource -> the most held at once
+        self.workers = workers
+        self._lock = threading.Lock()
         self.jobs: dict[str, Job] = {}
         self.children: dict[str, Child] = {}
         self.definitions: dict[str, dict[str, Any]] = {}
@@ -111,6 +126,8 @@ class SimulatedBatch(BatchApi):
             self._terminate(kwargs["jobId"], kwargs.get("reason", ""))
             return {}
         result = super().call(op, action, **kwargs)  # the real request, to moto
+        if op == "register_job_definition":  # (moto keeps no consumableResourceProperties)
+            self.registered[result["jobDefinitionArn"]] = dict(kwargs)
         if op == "submit_job":
             self._record(kwargs, result["jobId"])
             if self.crash_after_submits is not None:
@@ -193,9 +210,47 @@ class SimulatedBatch(BatchApi):
                 if verdict == "failed":
                     c.status, c.status_reason, c.stopped_at = "FAILED", DEPENDENT_FAILED, _ms()
                 elif verdict == "ready":
-                    wave.append((job, c))
-        for job, c in wave:
+                    if self._take(job):
+                        wave.append((job, c))
+                    else:
+                        c.status = "RUNNABLE"  # waits for its consumable resources
+        if len(wave) <= 1 or not self.execute:
+            for job, c in wave:
+                self._run_holding(job, c)
+            return
+        with ThreadPoolExecutor(max_workers=self.workers) as pool:
+            for f in [pool.submit(self._run_holding, job, c) for job, c in wave]:
+                f.result()
+
+    def _needs(self, job: Job) -> list[tuple[str, int]]:
+        props = self.registered.get(job.definition, {}).get("consumableResourceProperties") or {}
+        return [(e["consumableResource"], int(e["quantity"])) for e in props.get("consumableResourceList") or []]
+
+    def _take(self, job: Job) -> bool:
+        """Take every consumable resource the job's definition names, or none."""
+        needs = self._needs(job)
+        if not needs:
+            return True
+        assert self.consumables is not None, "a job needs consumable resources: give the simulator the layer's"
+        taken: list[tuple[str, int]] = []
+        for name, q in needs:
+            if not self.consumables.take(name, q):
+                for n, k in taken:
+                    self.consumables.give_back(n, k)
+                return False
+            taken.append((name, q))
+        with self._lock:
+            for name, _ in needs:
+                r = self.consumables.get(name)
+                self.peak[name] = max(self.peak.get(name, 0), r.in_use)
+        return True
+
+    def _run_holding(self, job: Job, c: Child) -> None:
+        try:
             self._run(job, c)
+        finally:
+            for name, q in self._needs(job):
+                self.consumables.give_back(name, q)
 
     def drain(self, limit: int = 50) -> None:
         for _ in range(limit):

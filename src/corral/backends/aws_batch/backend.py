@@ -139,6 +139,7 @@ class AwsBatchBackend:
         self._bucket = bucket or TokenBucket(clock=clock, sleep=sleep)
         self._api: BatchApi | None = api  # (tests give a BatchApi that plays Batch: the contract suite)
         self._secrets: dict[str, str] = {}
+        self._caps: dict[str, str] = {}  # stage -> its Batch consumable resource (max_parallel, caps.py)
         # On resume only the tasks to resubmit need their local sources (checked when staging them).
         self._resuming = False
 
@@ -204,14 +205,6 @@ class AwsBatchBackend:
     def check(self, plan: Plan) -> None:
         wf = plan.workflow
         for s in wf.stages:
-            if s.max_parallel is not None:
-                # Not silently ignored: a lab's cap (DANDI uploads, licences) must hold.
-                raise PlanError(
-                    f"stage {s.name!r} sets max_parallel, which the AWS backend does not enforce yet",
-                    "remove max_parallel for --backend aws (or cap the whole run with aws.max_vcpus); "
-                    "the local backend enforces it",
-                    where=wf.stage_where(s.name, "max_parallel"),
-                )
             if s.kind == "transfer":
                 self._check_transfer(plan, s, sources=not self._resuming)
             elif not s.image and not (s.kind == "cleanup" and s.command is None):
@@ -303,10 +296,19 @@ class AwsBatchBackend:
             restrict_readers(self.clients.secretsmanager, made[CONFIG_ENV], [reader])
         return made
 
+    def _ensure_caps(self, plan: Plan, run: RunRecord) -> dict[str, str]:
+        """A stage's ``max_parallel``, held by Batch itself: its consumable resource (:mod:`caps`)."""
+        from corral.backends.aws_batch import caps
+
+        if not caps.capped_stages(plan):
+            return {}
+        return caps.ensure(self.clients.batch, plan, run.run_id, tags=dict(self.settings.tags or {}), say=self.say)
+
     def start(self, plan: Plan, run: RunRecord, store: StateStore, options: RunOptions) -> None:
         self.check(plan)
         env = self.environment(plan, run.run_id)
         self._secrets = self._rclone_secrets(plan, run)
+        self._caps = self._ensure_caps(plan, run)
         _record_where(run, plan, env)
         records = {t.task_id: t for t in store.get_tasks(run.run_id)}
         to_submit = {tid for tid, t in records.items() if t.state == TaskState.PENDING}
@@ -326,6 +328,7 @@ class AwsBatchBackend:
             self._resuming = False
         env = self.environment(plan, run.run_id)
         self._secrets = self._rclone_secrets(plan, run)
+        self._caps = self._ensure_caps(plan, run)
         opts = _record_where(run, plan, env)
         queues = self._queues(run)
         tasks = self.refresh(run, store, final_cleanup=False)
@@ -551,6 +554,7 @@ class AwsBatchBackend:
             staged=staged, base_dir=plan.workflow.base_dir,
             share_identifier=getattr(self._aws(plan), "share_identifier", "corral"),
             user_queues=[q for q in [self._aws(plan).queue] if q],
+            caps=self._caps,
         )
 
     def _s3_endpoint(self) -> str | None:

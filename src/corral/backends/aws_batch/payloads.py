@@ -623,7 +623,7 @@ def _require_execution_role(ctx: JobContext, what: str) -> None:
 
 def job_definition(
     stage: Stage, ctx: JobContext, *, fargate: bool = False, program: str | None = None,
-    env: Mapping[str, str] | None = None,
+    env: Mapping[str, str] | None = None, consumable: Mapping[str, Any] | None = None,
 ) -> JobDefinitionSpec:
     """RegisterJobDefinition kwargs for a stage's runtime, named from a hash of their content.
 
@@ -634,7 +634,8 @@ def job_definition(
     ``env``: the stage's job-wide variables (:attr:`StageTable.definition_env`); then the wrapper
     travels in the environment too (``CORRAL_WRAPPER``) and the command is :data:`BOOT_COMMAND`, so
     ECS's override of each task holds only the job's rows and a few names. Without ``env`` the
-    command is the wrapper itself."""
+    command is the wrapper itself. ``consumable``: the job definition's
+    ``consumableResourceProperties`` (a stage's ``max_parallel``, :mod:`caps`)."""
     if not stage.image:
         raise PlanError(
             f"stage {stage.name!r} has no image; AWS Batch runs every task in a container",
@@ -704,6 +705,9 @@ def job_definition(
         "containerProperties": container,
         "retryStrategy": retry_strategy(stage.retries, fargate=fargate),
     }
+    if consumable:
+        # max_parallel (caps.py): the consumable resources each job (each array child) holds while it runs
+        content["consumableResourceProperties"] = dict(consumable)
     if stage.timeout:
         # One try per attempt. With retries the wrapper stops the try at `timeout` itself (where the
         # image has `timeout`), so the try is retried like any failure; Batch's limit, a little

@@ -34,6 +34,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from corral.backends.aws_batch import caps
 from corral.backends.aws_batch import payloads as pl
 from corral.backends.aws_batch.client import aws_errors, http_status, is_throttling
 from corral.backends.aws_batch.fair_share import DEFAULT_SHARE, FairShare
@@ -401,8 +402,10 @@ class Submitter:
         base_dir: Path | None = None,
         share_identifier: str = DEFAULT_SHARE,
         user_queues: Sequence[str] = (),
+        caps: Mapping[str, str] | None = None,
     ) -> None:
         self.api = api
+        self.caps = dict(caps or {})  # stage -> its consumable resource (max_parallel, caps.py)
         # the workflow's aws.instance_types: with `fargate` there, stages that fit go to Fargate
         self.instance_types = list(instance_types)
         self.store = store
@@ -471,8 +474,10 @@ class Submitter:
         runtime, the wrapper and the stage's job-wide variables."""
         job = self.job_stage(stage)  # (same resources as the stage: it only swaps image and secrets)
         fargate = on_fargate(stage.resources, self.instance_types)
+        cap = self.caps.get(stage.name)
         return pl.job_definition(
-            job, self.ctx, fargate=fargate, program=self.program_of(stage), env=table.definition_env
+            job, self.ctx, fargate=fargate, program=self.program_of(stage), env=table.definition_env,
+            consumable=caps.requirement(cap) if cap else None,
         )
 
     def _staged_uri(self, path: str) -> str:
