@@ -389,3 +389,32 @@ stages:
         rows = [table.row(t) for t in tasks]
         if not uses[s.name]:
             assert not any(tid in row for row in rows for tid in ids), s.name
+
+
+@pytest.mark.parametrize("attempt, skip, input_newer, ran", [
+    ("1", "1", False, False),  # outputs there, none older than an input: skipped, logged for the refresh
+    ("1", "1", True, True),  # an input newer than an output: the command runs
+    ("1", "", False, True),  # --force (no CORRAL_SKIP_DONE): runs
+    ("2", "1", False, True),  # a retry is never skipped (locally neither)
+])
+def test_wrapper_skips_a_task_whose_workspace_outputs_exist(
+    tmp_path: Path, attempt: str, skip: str, input_newer: bool, ran: bool
+) -> None:
+    wf = loads_workflow("name: w\nitems: [{s: a}]\nstages:\n  - {name: m, image: i, command: 'touch {workdir}/ran',"
+                        " inputs: ['workspace://{s}.in'], outputs: ['workspace://{s}.out']}\n")
+    stage = wf.stage("m")
+    assert pl.in_job_skip(stage)
+    (tmp_path / "a.in").write_text("in")
+    (tmp_path / "a.out").write_text("out")
+    old, new = 1_000_000_000, 1_000_000_100
+    os.utime(tmp_path / "a.in", (new, new) if input_newer else (old, old))
+    os.utime(tmp_path / "a.out", (old + 50, old + 50))
+    env = {"PATH": os.environ["PATH"], "CORRAL_TABLE": pl.encode_table(["a"]), "CORRAL_COLUMNS": "CORRAL_ITEM_s",
+           "CORRAL_FIELDS": "", "CORRAL_ARGV": f"/bin/sh -c 'touch {tmp_path}/ran'", "CORRAL_WRAPPER": pl.WRAPPER,
+           "CORRAL_WORKDIR": str(tmp_path), "CORRAL_RUN_ID": "r1", "AWS_BATCH_JOB_ID": "job-1:0",
+           "AWS_BATCH_JOB_ATTEMPT": attempt, "CORRAL_OUTPUTS": pl.outputs_words(stage),
+           "CORRAL_INPUTS": pl.inputs_words(stage), **({"CORRAL_SKIP_DONE": skip} if skip else {})}
+    out = subprocess.run(pl.BOOT_COMMAND, env=env, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert (tmp_path / "ran").exists() == ran
+    assert ("corral-skipped r1 job-1:0 " in out.stderr) == (not ran)

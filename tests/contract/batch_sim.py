@@ -96,12 +96,13 @@ class SimulatedBatch(BatchApi):
     """A BatchApi whose job states are simulated (see the module docstring)."""
 
     def __init__(self, client: Any, *, workdir: Path, timeout: float = 60.0, execute: bool = True,
-                 consumables: Any = None, workers: int = 8) -> None:
+                 consumables: Any = None, workers: int = 8, logs: Any = None) -> None:
         super().__init__(client, TokenBucket(rate=1e9))
         self.consumables = consumables  # batch_consumables.ConsumableResources (the strict layer's)
         self.registered: dict[str, dict[str, Any]] = {}  # job definition ARN -> RegisterJobDefinition kwargs
         self.peak: dict[str, int] = {}  # consumable resource -> the most held at once
         self.workers = workers
+        self.logs = logs  # a CloudWatch Logs client (moto's): each attempt's output is written there
         self._lock = threading.Lock()
         self.jobs: dict[str, Job] = {}
         self.children: dict[str, Child] = {}
@@ -299,7 +300,9 @@ class SimulatedBatch(BatchApi):
             proc = subprocess.run(command, env=env, cwd=self.workdir, capture_output=True, text=True,
                                   timeout=self.timeout)
             code = proc.returncode if proc.returncode >= 0 else 128 - proc.returncode
-            c.attempts.append({"container": {"exitCode": code, "logStreamName": f"corral/{c.job_id}"},
+            stream = f"corral/default/{c.job_id.replace(':', '-')}-{len(c.attempts) + 1}"
+            self._log(definition, stream, proc.stdout + proc.stderr)
+            c.attempts.append({"container": {"exitCode": code, "logStreamName": stream},
                                "startedAt": started, "stoppedAt": _ms(), "statusReason": EXITED,
                                "stderr": proc.stderr})
             if code == 0:
@@ -308,6 +311,23 @@ class SimulatedBatch(BatchApi):
             if len(c.attempts) >= max_attempts or _action(strategy, EXITED, "", code) == "EXIT":
                 c.status, c.status_reason, c.exit_code, c.stopped_at = "FAILED", EXITED, code, _ms()
                 return
+
+
+    def _log(self, definition: dict[str, Any], stream: str, text: str) -> None:
+        """An attempt's output in CloudWatch Logs, as the awslogs driver writes it (one event a line)."""
+        if self.logs is None or not text:
+            return
+        options = (definition.get("containerProperties", {}).get("logConfiguration") or {}).get("options") or {}
+        group = options.get("awslogs-group") or "/aws/batch/job"
+        with self._lock:
+            try:
+                self.logs.create_log_group(logGroupName=group)
+            except self.logs.exceptions.ResourceAlreadyExistsException:
+                pass
+            self.logs.create_log_stream(logGroupName=group, logStreamName=stream)
+            t = _ms()
+            self.logs.put_log_events(logGroupName=group, logStreamName=stream, logEvents=[
+                {"timestamp": t, "message": line} for line in text.splitlines() if line])
 
 
 class KilledSubmitter(BaseException):

@@ -111,6 +111,35 @@ stages:
     assert (out / "old.log").read_text() == "made\n" and (out / "new.log").read_text() == "made\n" * 2
 
 
+def test_workspace_outputs_that_exist_are_skipped_where_only_the_job_sees_them(
+    backend: Harness, tmp_path: Path, out: Path,
+) -> None:
+    """workspace:// outputs (EFS on AWS: the submitter cannot see them) are checked where the task
+    runs; a task whose outputs exist is SKIPPED, "outputs exist", on every backend."""
+    wf = _workflow(tmp_path, """
+name: wsskip
+items: [{s: old}, {s: new}]
+stages:
+  - {name: prep, command: "if [ {s} = old ]; then mkdir -p {workdir}/old && touch {workdir}/old/done; fi"}
+  - name: make
+    needs: [prep]
+    inputs: ["workspace://{s}/in"]
+    outputs: ["workspace://{s}/done"]
+    command: echo made >> OUT/{s}.log; mkdir -p {workdir}/{s}; touch {workdir}/{s}/done
+  - {name: use, needs: [make], command: "echo used >> OUT/{s}.use"}
+""", out)
+    run = backend.run(wf)
+    t = backend.tasks(run.run_id)
+    assert (t["make[old]"].state, t["make[old]"].reason, t["make[old]"].attempts) == (TaskState.SKIPPED, "outputs exist", 0)
+    assert t["make[new]"].state == TaskState.SUCCEEDED
+    assert t["use[old]"].state == t["use[new]"].state == TaskState.SUCCEEDED
+    assert not (out / "old.log").exists() and (out / "new.log").read_text() == "made\n"
+    assert run.state == RunState.SUCCEEDED
+    forced = backend.run(wf, force=True)
+    assert {x.state for x in backend.tasks(forced.run_id).values()} == {TaskState.SUCCEEDED}
+    assert (out / "old.log").read_text() == "made\n"
+
+
 # -- outputs missing after exit 0 -----------------------------------------------------------------
 def test_exit_zero_without_declared_outputs_is_a_failure_retried(backend: Harness, tmp_path: Path, out: Path) -> None:
     wf = _workflow(tmp_path, """

@@ -314,7 +314,8 @@ class AwsBatchBackend:
         to_submit = {tid for tid, t in records.items() if t.state == TaskState.PENDING}
         to_submit -= skip_done(plan, run, store, records, to_submit, options)
         staged = self._stage(plan, run, env, to_submit)
-        self._submitter(env, store, plan, staged).submit_round(plan, run, records, to_submit, 0)
+        skip = _skip_in_job(plan, run, options)
+        self._submitter(env, store, plan, staged, skip).submit_round(plan, run, records, to_submit, 0)
         if not to_submit:  # everything was skipped: the run has ended
             self._update_run_state(run, store, store.get_tasks(run.run_id))
         if options.wait:
@@ -362,7 +363,8 @@ class AwsBatchBackend:
         staged = self._stage(plan, run, env, to_submit)
         if run.state != RunState.RUNNING and to_submit:
             run.state = RunState.RUNNING
-        self._submitter(env, store, plan, staged).submit_round(plan, run, records, to_submit, round_)
+        skip = _skip_in_job(plan, run, options)
+        self._submitter(env, store, plan, staged, skip).submit_round(plan, run, records, to_submit, round_)
         if to_submit:
             store.save_run(run)
         if options.wait:
@@ -407,6 +409,7 @@ class AwsBatchBackend:
         if changed:
             self._count_attempts(changed, jobs)
             self._name_missing_outputs(run, store, changed)
+            self._skipped_in_job(run, tasks, changed)
             # Conditional: a record another process changed since we read it (a cleanup claim) stands.
             before = {t.task_id: t for t in tasks}
             written = store.update_tasks([(before[tid], new) for tid, new in changed.items()])
@@ -453,6 +456,33 @@ class AwsBatchBackend:
             job = described.get(t.external_id)
             if job is not None and job.get("attempts"):
                 changed[t.task_id] = t.replace(attempts=len(job["attempts"]))
+
+    def _skipped_in_job(self, run: RunRecord, tasks: list[TaskRecord], changed: dict[str, TaskRecord]) -> None:
+        """Tasks whose job found their outputs there and ran nothing (payloads.SKIP_MARK): SKIPPED,
+        "outputs exist", as locally. One FilterLogEvents (pages of matches) over the run's log group
+        when a child of such a stage has just succeeded, or the run is ending; each time it reads
+        every mark of the run so far, so a line CloudWatch indexed late is found next time."""
+        from corral.backends.aws_batch.logs import DEFAULT_LOG_GROUP, skip_marks
+
+        stages = set(run.options.get(OPTIONS_KEY, {}).get("skip_in_job") or [])
+        if not stages:
+            return
+        current = {t.task_id: changed.get(t.task_id, t) for t in tasks}
+        done = [t for t in current.values() if t.stage in stages and t.state == TaskState.SUCCEEDED]
+        newly = any(t.task_id in changed for t in done)
+        ending = all(t.state.terminal for t in current.values())
+        if not done or not (newly or ending):
+            return
+        group = run.options.get(OPTIONS_KEY, {}).get("log_group") or DEFAULT_LOG_GROUP
+        try:
+            marked = skip_marks(self.clients.logs, group, run.run_id, since_s=run.created_at)
+        except CorralError as exc:
+            self.say(f"run {run.run_id}: could not read which tasks found their outputs ({exc.one_line()}); "
+                     "they are recorded SUCCEEDED")
+            return
+        for t in done:
+            if t.external_id in marked:
+                changed[t.task_id] = t.replace(state=TaskState.SKIPPED, reason="outputs exist", attempts=0)
 
     @staticmethod
     def _name_missing_outputs(run: RunRecord, store: StateStore, changed: dict[str, TaskRecord]) -> None:
@@ -544,7 +574,8 @@ class AwsBatchBackend:
 
     # -- the workspace cleanup after a failed run ---------------------------------------------
     # -- helpers ------------------------------------------------------------------------------
-    def _submitter(self, env: Any, store: StateStore, plan: Plan, staged: dict[str, str] | None = None) -> Submitter:
+    def _submitter(self, env: Any, store: StateStore, plan: Plan, staged: dict[str, str] | None = None,
+                   skip_in_job: set[str] | None = None) -> Submitter:
         queues = Queues(env.job_queue, getattr(env, "gpu_job_queue", None), getattr(env, "fargate_job_queue", None))
         return Submitter(
             self.api, store, self._context(env, plan), queues,
@@ -554,7 +585,7 @@ class AwsBatchBackend:
             staged=staged, base_dir=plan.workflow.base_dir,
             share_identifier=getattr(self._aws(plan), "share_identifier", "corral"),
             user_queues=[q for q in [self._aws(plan).queue] if q],
-            caps=self._caps,
+            caps=self._caps, skip_in_job=skip_in_job or (),
         )
 
     def _s3_endpoint(self) -> str | None:
@@ -622,6 +653,20 @@ def skip_done(plan: Plan, run: RunRecord, store: StateStore, records: dict[str, 
             skipped.append(rec)
     store.save_tasks(skipped)
     return {t.task_id for t in skipped}
+
+
+def _skip_in_job(plan: Plan, run: RunRecord, options: RunOptions) -> set[str]:
+    """The stages whose jobs check skip-if-done themselves (their outputs are on the workspace,
+    which only a job sees: payloads.in_job_skip), unless forced; recorded for the refresh."""
+    from corral.reuse import forced_stages
+
+    stages: set[str] = set()
+    if not options.force:
+        forced = forced_stages(plan, options.force_stages)
+        stages = {s.name for s in plan.workflow.stages if pl.in_job_skip(s) and s.name not in forced}
+    opts = run.options.setdefault(OPTIONS_KEY, {})
+    opts["skip_in_job"] = sorted(set(opts.get("skip_in_job") or []) | stages)
+    return stages
 
 
 def _record_where(run: RunRecord, plan: Plan, env: Any) -> dict[str, Any]:

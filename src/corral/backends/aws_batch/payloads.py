@@ -110,8 +110,10 @@ for f in ${CORRAL_FIELDS:-}; do eval "export $f=\"\\$CORRAL_ITEM_$f\""; done
 if [ -n "${CORRAL_KEY_FROM:-}" ]; then eval "export CORRAL_ITEM_KEY=\"\\$$CORRAL_KEY_FROM\""; fi
 if [ -n "${CORRAL_INDEX_BASE:-}" ]; then export CORRAL_ITEM_INDEX=$((CORRAL_INDEX_BASE + i)); fi
 outs=${CORRAL_OUTPUTS:-}
+ins=${CORRAL_INPUTS:-}
+skip=${CORRAL_SKIP_DONE:-}
 eval "set -- $CORRAL_ARGV"
-unset CORRAL_ARGV CORRAL_COLUMNS CORRAL_FIELDS CORRAL_KEY_FROM CORRAL_INDEX_BASE CORRAL_OUTPUTS CORRAL_WRAPPER NL c f i row
+unset CORRAL_ARGV CORRAL_COLUMNS CORRAL_FIELDS CORRAL_KEY_FROM CORRAL_INDEX_BASE CORRAL_OUTPUTS CORRAL_INPUTS CORRAL_SKIP_DONE CORRAL_WRAPPER NL c f i row
 if [ -n "${CORRAL_WORKDIR:-}" ]; then mkdir -p "$CORRAL_WORKDIR" 2>/dev/null || true; fi
 if [ -n "${CORRAL_PROGRAM:-}" ]; then set -- /bin/sh -c "$CORRAL_PROGRAM" corral-program "$@"; fi
 r=${CORRAL_RETRIES:-0}
@@ -125,6 +127,24 @@ check_outputs() {
     shift 2
   done
 }
+newer_input() {
+  o=$1
+  eval "set -- $ins"
+  for x in "$@"; do if [ "$x" -nt "$o" ]; then return 0; fi; done
+  return 1
+}
+outputs_done() {
+  eval "set -- $outs"
+  while [ $# -gt 1 ]; do
+    if [ ! -e "$2" ]; then return 1; fi
+    if [ -n "$ins" ] && newer_input "$2"; then return 1; fi
+    shift 2
+  done
+}
+if [ -n "$skip" ] && [ -n "$outs" ] && [ "${AWS_BATCH_JOB_ATTEMPT:-1}" -eq 1 ] && outputs_done; then
+  echo "SKIP_MARK ${CORRAL_RUN_ID:-} ${AWS_BATCH_JOB_ID:-} (outputs exist: the command did not run)" >&2
+  exit 0
+fi
 "$@" &
 p=$!
 stop=
@@ -166,7 +186,14 @@ MAX_CHECKED_OUTPUTS = 50
 # last try exits the command's own code, which it does not. (Batch user guide, "Automated job
 # retries"; AWS_BATCH_JOB_ATTEMPT: "Batch job environment variables".)
 RETRY_EXIT = 250
-WRAPPER = WRAPPER.replace("OUTPUT_MISSING_BASE", str(OUTPUT_MISSING_BASE)).replace("RETRY_EXIT", str(RETRY_EXIT))
+# Skip-if-done in the job (issue 14), for a stage whose outputs only a job sees (workspace://, on
+# EFS): with CORRAL_SKIP_DONE in its overrides (not --force), the first attempt of a task whose
+# outputs all exist, none older than an input the job can see, exits 0 without running the command
+# and logs SKIP_MARK <run> <job id>; the refresh finds those lines (one FilterLogEvents) and records
+# the task SKIPPED, "outputs exist" (backend._skipped_in_job).
+SKIP_MARK = "corral-skipped"
+WRAPPER = (WRAPPER.replace("OUTPUT_MISSING_BASE", str(OUTPUT_MISSING_BASE)).replace("RETRY_EXIT", str(RETRY_EXIT))
+           .replace("SKIP_MARK", SKIP_MARK))
 
 
 def outputs_words(stage: Stage) -> str:
@@ -185,6 +212,31 @@ def outputs_words(stage: Stage) -> str:
             continue  # s3:// and remotes: the submitter checks them; relative paths mean nothing in a job
         words.append(f'{i} {text}"')
     return " ".join(words)
+
+def _path_word(uri: str) -> str | None:
+    """A path as the job sees it, as one sh word with ``${...}`` references (None: not in the job's reach)."""
+    from corral.plan import parse_template
+
+    if uri.startswith("workspace://"):
+        return '"${CORRAL_WORKDIR}/' + "".join(
+            _dq(v) if k == "text" else _reference(v) for k, v in parse_template(uri[len("workspace://"):])) + '"'
+    if uri.startswith("/"):
+        return '"' + "".join(_dq(v) if k == "text" else _reference(v) for k, v in parse_template(uri)) + '"'
+    return None
+
+
+def in_job_skip(stage: Stage) -> bool:
+    """True when skip-if-done is the job's to check: every output is one the job sees (workspace://
+    or an absolute path) and one at least is on the workspace, which the submitter cannot see."""
+    outs = stage.outputs
+    return (bool(outs) and len(outs) <= MAX_CHECKED_OUTPUTS and stage.kind not in ("transfer", "cleanup")
+            and all(_path_word(u) is not None for u in outs) and any(u.startswith("workspace://") for u in outs))
+
+
+def inputs_words(stage: Stage) -> str:
+    """``CORRAL_INPUTS``: the stage's inputs the job can see, as sh words (for the skip's age check)."""
+    return " ".join(w for u in stage.inputs if (w := _path_word(u)) is not None)
+
 
 # Per-task environment names: always in the table, even when a stage has a single task.
 PER_TASK_KEYS = ("CORRAL_TASK_ID", "CORRAL_ITEM_KEY", "CORRAL_ITEM_INDEX")
@@ -462,6 +514,8 @@ class StageTable:
         constant["CORRAL_FIELDS"] = " ".join(plain)
         if argv_of is None and (outs := outputs_words(stage)):
             constant["CORRAL_OUTPUTS"] = outs
+            if in_job_skip(stage) and (ins := inputs_words(stage)):
+                constant["CORRAL_INPUTS"] = ins
         self.env = constant
         self._per_row_argv = argv is None
 
