@@ -25,9 +25,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
-from botocore.exceptions import ClientError
-
 from batch_consumables import ConsumableResources  # (tests/: what moto lacks, answered in the layer)
+from botocore.exceptions import ClientError
 
 # -- limits (each with its source) -------------------------------------------------------------------
 # ECS RunTask API reference, `overrides`: "A total of 8192 characters are allowed for overrides. This

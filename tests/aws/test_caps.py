@@ -18,7 +18,7 @@ from corral.backends.aws_batch import caps
 from corral.backends.aws_batch import payloads as pl
 from corral.backends.aws_batch.backend import AwsBatchBackend
 from corral.backends.aws_batch.client import AwsClients
-from corral.backends.aws_batch.teardown import remove
+from corral.backends.aws_batch.provision import teardown as remove  # (not the submodule: it would shadow the package's teardown)
 from corral.backends.base import RunOptions
 from corral.plan import make_plan
 from corral.spec import loads_workflow
@@ -115,3 +115,31 @@ def test_names_are_safe_bounded_and_distinct() -> None:
     a, b = caps.resource_name("wf-20261202-abcdef", long_a), caps.resource_name("wf-20261202-abcdef", long_b)
     assert a != b and max(len(a), len(b)) <= caps.NAME_LIMIT and a.startswith("corral-cap-wf-20261202-abcdef-")
     assert all(ch.isalnum() or ch in "-_" for ch in a)
+
+
+def test_attempts_are_described_only_where_they_can_differ() -> None:
+    """The refresh describes children that just failed, and those that succeeded in a stage with
+    retries (retryStrategy.attempts > 1 + INFRA_RETRIES); a stage without retries costs nothing more."""
+    from corral.model import TaskRecord, TaskState
+
+    class Api:
+        def __init__(self) -> None:
+            self.asked: list[list[str]] = []
+
+        def describe_jobs(self, ids: list[str]) -> dict[str, dict[str, Any]]:
+            self.asked.append(list(ids))
+            return {i: {"attempts": [{}] * 3} for i in ids}
+
+    def rec(tid: str, ext: str, state: TaskState) -> TaskRecord:
+        return TaskRecord(run_id="r", task_id=tid, stage="s", item_key=tid, item_index=0, state=state,
+                          external_id=ext, attempts=1)
+
+    api = Api()
+    be = AwsBatchBackend(AwsClients(region="us-east-2"), api=api)  # type: ignore[arg-type]
+    plain = {"attempts": 1 + pl.INFRA_RETRIES}
+    retried = {"attempts": 1 + 2 + pl.INFRA_RETRIES}
+    changed = {"a": rec("a", "P:0", TaskState.SUCCEEDED), "b": rec("b", "P:1", TaskState.FAILED),
+               "c": rec("c", "Q:0", TaskState.SUCCEEDED), "d": rec("d", "Q:1", TaskState.RUNNING)}
+    be._count_attempts(changed, {"P": {"retryStrategy": plain}, "Q": {"retryStrategy": retried}})
+    assert api.asked == [["P:1", "Q:0"]]
+    assert (changed["a"].attempts, changed["b"].attempts, changed["c"].attempts, changed["d"].attempts) == (1, 3, 3, 1)

@@ -27,6 +27,7 @@ the backend's ``sleep`` is pointed at it, so ``--wait`` drives the simulated fle
 
 from __future__ import annotations
 
+import contextlib
 import fnmatch
 import os
 import subprocess
@@ -320,10 +321,8 @@ class SimulatedBatch(BatchApi):
         options = (definition.get("containerProperties", {}).get("logConfiguration") or {}).get("options") or {}
         group = options.get("awslogs-group") or "/aws/batch/job"
         with self._lock:
-            try:
+            with contextlib.suppress(self.logs.exceptions.ResourceAlreadyExistsException):
                 self.logs.create_log_group(logGroupName=group)
-            except self.logs.exceptions.ResourceAlreadyExistsException:
-                pass
             self.logs.create_log_stream(logGroupName=group, logStreamName=stream)
             t = _ms()
             self.logs.put_log_events(logGroupName=group, logStreamName=stream, logEvents=[

@@ -213,6 +213,7 @@ def outputs_words(stage: Stage) -> str:
         words.append(f'{i} {text}"')
     return " ".join(words)
 
+
 def _path_word(uri: str) -> str | None:
     """A path as the job sees it, as one sh word with ``${...}`` references (None: not in the job's reach)."""
     from corral.plan import parse_template
