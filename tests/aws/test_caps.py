@@ -18,7 +18,9 @@ from corral.backends.aws_batch import caps
 from corral.backends.aws_batch import payloads as pl
 from corral.backends.aws_batch.backend import AwsBatchBackend
 from corral.backends.aws_batch.client import AwsClients
-from corral.backends.aws_batch.provision import teardown as remove  # (not the submodule: it would shadow the package's teardown)
+from corral.backends.aws_batch.provision import (
+    teardown as remove,  # (not the submodule: it would shadow the package's teardown)
+)
 from corral.backends.base import RunOptions
 from corral.plan import make_plan
 from corral.spec import loads_workflow
