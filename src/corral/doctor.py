@@ -627,6 +627,16 @@ def _runnable(clients: AwsClients, queue_ces: dict[str, list[dict[str, Any]]], r
         waited = t_now - since if since else 0.0
         if waited <= after_s:
             continue
+        held = [e.get("consumableResource", "") for e in
+                (job.get("consumableResourceProperties") or {}).get("consumableResourceList") or []]
+        if held:  # a stage's max_parallel: its tasks wait RUNNABLE for their turn, by design
+            out.append(Finding(
+                "runnable", "info",
+                f"job {job.get('jobName', '')} ({job.get('jobId')}) in queue {qname}: {n} task(s) RUNNABLE, "
+                f"waiting for their turn under the stage's max_parallel (consumable resource {', '.join(held)})",
+                "nothing to fix: raise the stage's max_parallel for more at once", job.get("jobId", ""),
+            ))
+            continue
         why, fix = runnable_reason(job, queue_ces.get(qname, []))
         out.append(Finding(
             "runnable", "error",

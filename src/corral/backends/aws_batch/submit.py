@@ -34,6 +34,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from corral.backends.aws_batch import caps
 from corral.backends.aws_batch import payloads as pl
 from corral.backends.aws_batch.client import aws_errors, http_status, is_throttling
 from corral.backends.aws_batch.fair_share import DEFAULT_SHARE, FairShare
@@ -401,9 +402,14 @@ class Submitter:
         base_dir: Path | None = None,
         share_identifier: str = DEFAULT_SHARE,
         user_queues: Sequence[str] = (),
+        caps: Mapping[str, str] | None = None,
+        skip_in_job: Iterable[str] = (),
         rclone_image: str | None = None,
     ) -> None:
         self.api = api
+        # stages whose jobs check skip-if-done themselves (payloads.in_job_skip; not with --force)
+        self.skip_in_job = set(skip_in_job)
+        self.caps = dict(caps or {})  # stage -> its consumable resource (max_parallel, caps.py)
         # the workflow's aws.instance_types: with `fargate` there, stages that fit go to Fargate
         self.instance_types = list(instance_types)
         self.store = store
@@ -477,8 +483,10 @@ class Submitter:
         runtime, the wrapper and the stage's job-wide variables."""
         job = self.job_stage(stage)  # (same resources as the stage: it only swaps image and secrets)
         fargate = on_fargate(stage.resources, self.instance_types)
+        cap = self.caps.get(stage.name)
         return pl.job_definition(
-            job, self.ctx, fargate=fargate, program=self.program_of(stage), env=table.definition_env
+            job, self.ctx, fargate=fargate, program=self.program_of(stage), env=table.definition_env,
+            consumable=caps.requirement(cap) if cap else None,
         )
 
     def _staged_uri(self, path: str) -> str:
@@ -640,7 +648,7 @@ class Submitter:
                 deps = self._fan_in(deps, 1, name, image, queue, tags, fargate=fargate)
                 kwargs = pl.submit_kwargs(
                     job_name=name, job_queue=queue, job_definition=self.definition_arn(spec), size=1,
-                    table=pl.encode_table([tables[s].row(task)]), env=tables[s].override_env, depends_on=deps,
+                    table=pl.encode_table([tables[s].row(task)]), env=self._job_env(tables[s]), depends_on=deps,
                     tags=tags,
                 )
                 self._with_memory(kwargs, stage, [task.id], fargate)
@@ -665,9 +673,17 @@ class Submitter:
     def _chunk_env(self, table: pl.StageTable, first_index: int) -> dict[str, str]:
         """A chunk's override variables (besides its table): the stage's few override names, and
         the index of its first item when the round's items are consecutive."""
+        env = self._job_env(table)
         if "CORRAL_ITEM_INDEX" in table.columns or not self.contiguous:
-            return table.override_env
-        return {**table.override_env, "CORRAL_INDEX_BASE": str(first_index)}
+            return env
+        return {**env, "CORRAL_INDEX_BASE": str(first_index)}
+
+    def _job_env(self, table: pl.StageTable) -> dict[str, str]:
+        """A job's override variables: the stage's few names, and CORRAL_SKIP_DONE where its job
+        checks skip-if-done itself."""
+        if table.env.get("CORRAL_STAGE") in self.skip_in_job:
+            return {**table.override_env, "CORRAL_SKIP_DONE": "1"}
+        return table.override_env
 
     def _submit(self, kwargs: dict[str, Any], spec: pl.JobDefinitionSpec | None = None) -> str:
         kwargs = {**kwargs, **self.fair_share.submit_kwargs(kwargs["jobQueue"])}
