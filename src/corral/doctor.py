@@ -141,7 +141,7 @@ def check_state_db(home: Path) -> Finding:
 
 def check_interrupted(store: StateStore, *, limit: int = 50) -> list[Finding]:
     """Local runs whose scheduler is gone while they still read RUNNING (or already INTERRUPTED)."""
-    from corral.backends.local import scheduler_alive
+    from corral.backends.processes import scheduler_alive
 
     out = []
     host = socket.gethostname()

@@ -18,11 +18,12 @@ from corral import routes
 from corral.backends.aws_batch import compute, iam, network, storage
 from corral.backends.aws_batch.client import AwsClients
 from corral.backends.aws_batch.common import MANAGED_TAG, NAME, Ctx, content_hash
+from corral.backends.aws_batch.provisioned import Environment
 from corral.errors import ProvisionError
 from corral.instances import expand, is_fargate_entry, split_allowed
 
 if TYPE_CHECKING:  # pragma: no cover
-    from corral.backends.aws_batch.provision import Environment, Needs, ProvisionReport
+    from corral.backends.aws_batch.provisioned import Needs, ProvisionReport
     from corral.spec import AwsSettings
 
 DEFAULT_TABLE = f"{NAME}-state"
@@ -108,8 +109,6 @@ def queue_names(settings: AwsSettings, needs: Needs) -> dict[str, str]:
 
 def build_environment(clients: AwsClients, settings: AwsSettings, needs: Needs,
                       report: ProvisionReport) -> Environment:
-    from corral.backends.aws_batch.provision import Environment
-
     check_needs_fit(settings, needs)
     ctx = Ctx(clients=clients, report=report, tags=base_tags(settings))
     account = ctx.account

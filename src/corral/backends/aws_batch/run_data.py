@@ -105,7 +105,7 @@ def still_running(clients: AwsClients, run_id: str, *, table: str | None = None)
 def _access_point(clients: AwsClients, run_id: str, fs_id: str | None) -> tuple[str, str] | None:
     """(file system id, access point id) of the run's access point (tagged with the run)."""
     from corral.backends.aws_batch.common import Ctx
-    from corral.backends.aws_batch.provision import ProvisionReport
+    from corral.backends.aws_batch.provisioned import ProvisionReport
     from corral.backends.aws_batch.teardown import _managed_file_systems
 
     efs = clients.efs

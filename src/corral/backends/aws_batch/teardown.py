@@ -36,7 +36,7 @@ def remove(clients: AwsClients, *, run_id: str | None = None, everything: bool =
     ``run_id`` deregisters the run's job definitions: those tagged with the run, and those whose
     job or execution role is one of the run's own roles (each run has its own job role, so the
     content-named definitions that name it are the run's alone). ``everything`` deregisters all."""
-    from corral.backends.aws_batch.provision import ProvisionReport
+    from corral.backends.aws_batch.provisioned import ProvisionReport
 
     if not everything and not run_id:
         raise UsageError("nothing to tear down: say which", "use --all, or --run RUN_ID")
