@@ -338,11 +338,10 @@ def _task_size(job: dict[str, Any]) -> tuple[float, int, int]:
 
 
 def _types_hold(entries: Sequence[str], vcpus: float, mem: int, gpus: int) -> tuple[bool, bool]:
-    """(some allowed type holds it, the table knows any of the entries)."""
-    from corral.instances import expand
+    """(some allowed type holds it, the table knows any of the entries): the routes' fit rule."""
+    from corral.routes import holds
 
-    types = expand(list(entries))
-    return any(t.holds(vcpus, mem, gpus) for t in types), bool(types)
+    return holds(entries, vcpus, mem, gpus)
 
 
 def runnable_reason(job: dict[str, Any], ces: Sequence[dict[str, Any]]) -> tuple[str, str]:
@@ -489,9 +488,9 @@ def aws_checks(
     seen: set[str] = set()
     stages = list(plan.workflow.stages) if plan is not None else []
     # stages the backend sends to Fargate are not judged against the EC2 environments' types
-    from corral.instances import on_fargate
+    from corral.routes import route
 
-    ec2_stages = [s for s in stages if not on_fargate(s.resources, list(settings.instance_types))]
+    ec2_stages = [s for s in stages if not route(s.resources, list(settings.instance_types)).fargate]
     fargate_queues = {names.get("fargate"), str(opts.get("fargate_job_queue") or "").rsplit("/", 1)[-1]}
     for qname, envs in queue_ces.items():
         for c in envs:
@@ -505,11 +504,9 @@ def aws_checks(
 
     # -- stages with no environment at all: judge them against the workflow's allowed types
     if stages and not queue_ces:
-        from corral.instances import allowed_for
-
         for s in stages:
             out += _fit(s.name, s.resources, "aws.instance_types",
-                        allowed_for(s.resources, list(settings.instance_types)))
+                        route(s.resources, list(settings.instance_types)).entries)
 
     # -- stuck jobs
     out += _runnable(clients, queue_ces, run, tasks, runnable_after_s, clock)

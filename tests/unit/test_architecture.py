@@ -2,7 +2,8 @@
 
 - no import cycle among corral's modules;
 - boto3 clients are made, and AWS error codes read, only in :mod:`corral.aws_api`;
-- :mod:`corral.aws_api` sits below ``state/``, ``storage/``, ``recipes/`` and ``backends/``.
+- :mod:`corral.aws_api` sits below ``state/``, ``storage/``, ``recipes/`` and ``backends/``;
+- a stage's route is asked of ``corral.routes.route``.
 
 The import graph has an edge A → B for every ``import B`` / ``from B import x`` (and ``from P import
 m`` when ``P.m`` is a module) anywhere in A — at module level, in ``try``/``if`` blocks, in class
@@ -20,6 +21,7 @@ from __future__ import annotations
 
 import ast
 import graphlib
+import re
 from pathlib import Path
 
 import pytest
@@ -214,3 +216,18 @@ def test_the_client_finder_sees_what_it_looks_for() -> None:
                      "code = exc.response.get('Error', {}).get('Code')\nx = exc.response['Error']\n")
     assert sorted(line for line, _ in _calls(tree)) == [2, 3, 4, 5]
     assert _calls(ast.parse(PACKAGE.joinpath("aws_api.py").read_text(encoding="utf-8")))  # it is there
+
+
+_ROUTE_PIECES = re.compile(r"\b(?:on_fargate|allowed_for|fargate_size)\(")
+
+
+@pytest.mark.parametrize("name", [m for m in _modules() if m not in ("corral.routes", "corral.instances")])
+def test_a_stages_route_is_asked_of_routes(name: str) -> None:
+    """Platform, instance entries and Fargate size are decided in corral.routes.route, once."""
+    text = _modules()[name].read_text(encoding="utf-8")
+    found = [m.group(0) for m in _ROUTE_PIECES.finditer(text)]
+    assert not found, f"{name} recomputes a stage's route ({found}): use corral.routes.route(resources, allowed)"
+
+
+def test_the_text_checks_see_what_they_look_for() -> None:
+    assert _ROUTE_PIECES.search("if on_fargate(stage.resources, allowed):")

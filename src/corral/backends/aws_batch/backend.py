@@ -235,7 +235,7 @@ class AwsBatchBackend:
                         where=wf.stage_where(s.name, "secrets", name),
                     )
         try:
-            from corral.instances import check_fits
+            from corral.routes import check_fits
         except ImportError:  # pragma: no cover - provisioning's module
             return
         check_fits(plan, list(self._aws(plan).instance_types))

@@ -23,7 +23,7 @@ from corral.backends.aws_batch.environment import (
     queue_names,
 )
 from corral.backends.aws_batch.provisioned import Environment, Needs, ProvisionReport
-from corral.routes import disk_needs
+from corral.routes import disk_needs, route
 
 if TYPE_CHECKING:  # pragma: no cover
     from corral.plan import Plan
@@ -121,11 +121,9 @@ def needs_for(plan: Plan, run_id: str | None = None) -> Needs:
     needs.s3_read, needs.s3_write, needs.ecr_repositories = read, write, repos
     # Fargate only when asked for (`fargate` in aws.instance_types) and some stage fits it; the
     # stages that run there get their disk from Fargate's ephemeral storage, not a root volume.
-    from corral.instances import on_fargate
-
     allowed = list(settings.instance_types)
-    needs.fargate = any(on_fargate(s.resources, allowed) for s in stages)
-    ec2_disks = [s.resources.disk for s in stages if s.resources.disk and not on_fargate(s.resources, allowed)]
+    needs.fargate = any(route(s.resources, allowed).fargate for s in stages)
+    ec2_disks = [s.resources.disk for s in stages if s.resources.disk and not route(s.resources, allowed).fargate]
     needs.max_disk_gib = max(ec2_disks) if ec2_disks else None
     needs.disk_needs = disk_needs(((s.name, s.resources, len(plan.stage_tasks(s.name))) for s in stages), allowed)
     # {workdir} is the run's shared workspace: on AWS it lives on EFS, so using it needs EFS.

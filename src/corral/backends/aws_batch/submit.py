@@ -38,9 +38,9 @@ from corral.backends.aws_batch import payloads as pl
 from corral.backends.aws_batch.client import aws_errors, http_status, is_throttling
 from corral.backends.aws_batch.fair_share import DEFAULT_SHARE, FairShare
 from corral.errors import BackendError
-from corral.instances import on_fargate
 from corral.model import RunRecord, TaskRecord, TaskState
 from corral.plan import Plan, Task
+from corral.routes import Route, route
 from corral.spec import Stage
 from corral.state.base import StateStore
 
@@ -370,6 +370,10 @@ class Queues:
             return self.fargate
         return self.gpu if gpus and self.gpu else self.default
 
+    def for_route(self, route: Route) -> str:
+        """The queue of a stage's route (:attr:`corral.routes.Route.queue`)."""
+        return self.for_stage(route.gpus, fargate=route.fargate)
+
     def all(self) -> list[str]:
         """Every queue the run uses (jobs are looked for in each)."""
         return [q for q in (self.default, self.gpu, self.fargate) if q]
@@ -423,6 +427,10 @@ class Submitter:
         self.fair_share = FairShare(lambda **kw: api.call("describe_job_queues", "describe job queue", **kw),
                                     share_identifier, user_queues)
 
+    def route(self, stage: Stage) -> Route:
+        """Where the stage runs (queue, platform, requirements): :func:`corral.routes.route`."""
+        return route(stage.resources, self.instance_types)
+
     # -- transfer and cleanup stages ----------------------------------------------------------
     @staticmethod
     def runs_rclone(stage: Stage) -> bool:
@@ -470,7 +478,7 @@ class Submitter:
         """The job definition a stage's jobs run with (content-hashed name, see payloads): its
         runtime, the wrapper and the stage's job-wide variables."""
         job = self.job_stage(stage)  # (same resources as the stage: it only swaps image and secrets)
-        fargate = on_fargate(stage.resources, self.instance_types)
+        fargate = self.route(stage).fargate
         return pl.job_definition(
             job, self.ctx, fargate=fargate, program=self.program_of(stage), env=table.definition_env
         )
@@ -594,9 +602,10 @@ class Submitter:
         for s in plan.stage_order:
             stage = plan.workflow.stage(s)
             job = self.job_stage(stage)  # (same resources as the stage: it only swaps image and secrets)
-            fargate = on_fargate(stage.resources, self.instance_types)
+            rt = self.route(stage)
+            fargate = rt.fargate
             image = job.image or ""
-            queue = self.queues.for_stage(stage.resources.gpus, fargate=fargate)
+            queue = self.queues.for_route(rt)
             done: list[TaskRecord] = []
             if s not in tables:
                 continue  # nothing of this stage in the round
