@@ -444,7 +444,9 @@ def aws_checks(
     with aws_errors("describe AWS Batch queues and compute environments"):
         ces = _ce_index(batch)
         queues = _queues(batch)
-    opts = (run.options.get("aws_batch", {}) if run is not None else {}) or {}
+    from corral.backends.aws_batch.run_facts import RunFacts
+
+    facts = RunFacts.of(run) if run is not None else RunFacts()
     # the queues `corral aws setup` makes for this configuration (provisioning names them)
     needs = needs_for(plan) if plan is not None else Needs()
     names = queue_names(settings, needs)
@@ -454,9 +456,7 @@ def aws_checks(
         wanted.add(names["gpu"])
     if needs.fargate:
         wanted.add(names["fargate"])
-    for key in ("job_queue", "gpu_job_queue", "fargate_job_queue"):
-        if opts.get(key):
-            wanted.add(str(opts[key]).rsplit("/", 1)[-1])
+    wanted.update(facts.queue_names())
     by_name = {q["jobQueueName"]: q for q in queues if q.get("status") != "DELETED"}
     considered = [q for n, q in by_name.items() if n in wanted or _managed(q.get("tags"))]
 
@@ -491,14 +491,14 @@ def aws_checks(
     from corral.routes import route
 
     ec2_stages = [s for s in stages if not route(s.resources, list(settings.instance_types)).fargate]
-    fargate_queues = {names.get("fargate"), str(opts.get("fargate_job_queue") or "").rsplit("/", 1)[-1]}
+    fargate_queues = {names.get("fargate"), str(facts.fargate_job_queue or "").rsplit("/", 1)[-1]}
     for qname, envs in queue_ces.items():
         for c in envs:
             cname = c["computeEnvironmentName"]
             if cname in seen:
                 continue
             seen.add(cname)
-            gpu_q = qname == names["gpu"] or (opts.get("gpu_job_queue") or "").endswith("/" + qname)
+            gpu_q = qname == names["gpu"] or (facts.gpu_job_queue or "").endswith("/" + qname)
             fargate_q = qname in fargate_queues
             out += compute_environment_findings(c, [] if fargate_q else ec2_stages, gpu=gpu_q)
 

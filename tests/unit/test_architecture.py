@@ -3,7 +3,7 @@
 - no import cycle among corral's modules;
 - boto3 clients are made, and AWS error codes read, only in :mod:`corral.aws_api`;
 - :mod:`corral.aws_api` sits below ``state/``, ``storage/``, ``recipes/`` and ``backends/``;
-- a stage's route is asked of ``corral.routes.route``.
+- a run's AWS facts are read through ``RunFacts``, a stage's route through ``corral.routes.route``.
 
 The import graph has an edge A → B for every ``import B`` / ``from B import x`` (and ``from P import
 m`` when ``P.m`` is a module) anywhere in A — at module level, in ``try``/``if`` blocks, in class
@@ -218,7 +218,14 @@ def test_the_client_finder_sees_what_it_looks_for() -> None:
     assert _calls(ast.parse(PACKAGE.joinpath("aws_api.py").read_text(encoding="utf-8")))  # it is there
 
 
+_RAW_FACTS = re.compile(r"""options\s*(?:\.get|\.setdefault|\[)\s*\(?\s*(?:OPTIONS_KEY|["']aws_batch["'])""")
 _ROUTE_PIECES = re.compile(r"\b(?:on_fargate|allowed_for|fargate_size)\(")
+
+
+@pytest.mark.parametrize("name", [m for m in _modules() if m != "corral.backends.aws_batch.run_facts"])
+def test_a_runs_aws_facts_are_read_only_through_run_facts(name: str) -> None:
+    text = _modules()[name].read_text(encoding="utf-8")
+    assert not _RAW_FACTS.search(text), f"{name}: read run.options['aws_batch'] through RunFacts.of(run)"
 
 
 @pytest.mark.parametrize("name", [m for m in _modules() if m not in ("corral.routes", "corral.instances")])
@@ -230,4 +237,7 @@ def test_a_stages_route_is_asked_of_routes(name: str) -> None:
 
 
 def test_the_text_checks_see_what_they_look_for() -> None:
+    assert _RAW_FACTS.search('x = run.options.get(OPTIONS_KEY, {})')
+    assert _RAW_FACTS.search('run.options["aws_batch"]["round"]')
+    assert _RAW_FACTS.search("opts = run.options.setdefault(OPTIONS_KEY, {})")
     assert _ROUTE_PIECES.search("if on_fargate(stage.resources, allowed):")

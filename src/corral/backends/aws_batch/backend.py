@@ -1,15 +1,18 @@
 """``AwsBatchBackend``: the Backend protocol on AWS Batch (submit, refresh, cancel, logs, resume).
 
 ``start`` provisions what the plan needs (``provision.ensure_environment``), records where the run
-lives in ``run.options["aws_batch"]`` (region, queues, log group, round layout) so any machine that
-can read the state table can follow it, then submits array jobs (see ``submit``) and returns (or
-waits, with bounded polling, when ``options.wait``).
+lives (region, queues, log group, round layout: :class:`run_facts.RunFacts`, stored under
+the run options' ``aws_batch`` key) so any machine that can read the state table can follow it, then
+submits array jobs (see ``submit``) and returns (or waits, with bounded polling, when
+``options.wait``).
 
 ``refresh`` costs, for a run of arrays: one DescribeJobs per 100 parents that still have a task in
 flight (their ``statusSummary``), and ListJobs (pages of 1,000) only for a status whose count in
 the summary differs from what the store already records for that array (see ``status.children``):
 polling with nothing new costs the DescribeJobs alone; only the tasks that changed are written
-back (batched by the store).
+back (batched by the store). Children that just succeeded in a job that allows more than one
+attempt (every job: infrastructure retries) are described once more, 100 per call, for their
+attempt count (``_count_attempts``: ListJobs summaries carry none).
 """
 
 from __future__ import annotations
@@ -28,9 +31,10 @@ from corral.backends.aws_batch.client import AwsClients
 from corral.backends.aws_batch.final_cleanup import CLAIM_LEASE, FinalCleanup, cleanup_stages
 from corral.backends.aws_batch.logs import LogReader, log_group_of, stream_of
 from corral.backends.aws_batch.payloads import RESERVED_ENV_PREFIXES
+from corral.backends.aws_batch.run_facts import OPTIONS_KEY as OPTIONS_KEY  # (the old name, kept)
+from corral.backends.aws_batch.run_facts import RunFacts
 from corral.backends.aws_batch.status import CANCEL_REASON, apply_summary, children, task_state_of
 from corral.backends.aws_batch.submit import (
-    OPTIONS_KEY,
     BatchApi,
     Queues,
     Submitter,
@@ -192,13 +196,13 @@ class AwsBatchBackend:
         return ctx
 
     def _queues(self, run: RunRecord) -> Queues:
-        opts = run.options.get(OPTIONS_KEY, {})
-        if not opts.get("job_queue"):
+        facts = RunFacts.of(run)
+        if not facts.submitted:
             raise BackendError(
                 f"run {run.run_id} has no AWS Batch queue recorded (it was never submitted)",
                 f"`corral resume {run.run_id}` submits it",
             )
-        return Queues(opts["job_queue"], opts.get("gpu_job_queue"), opts.get("fargate_job_queue"))
+        return Queues(*facts.queues())
 
     # -- Backend protocol ---------------------------------------------------------------------
     def check(self, plan: Plan) -> None:
@@ -326,7 +330,7 @@ class AwsBatchBackend:
             self._resuming = False
         env = self.environment(plan, run.run_id)
         self._secrets = self._rclone_secrets(plan, run)
-        opts = _record_where(run, plan, env)
+        facts = _record_where(run, plan, env)
         queues = self._queues(run)
         tasks = self.refresh(run, store, final_cleanup=False)
         tasks, adopted = reconcile(
@@ -353,7 +357,7 @@ class AwsBatchBackend:
             # The tasks resubmitted write to the workspace again: its cleanup runs after them
             # (also when a cleanup already ran after the failures).
             to_submit |= {t.task_id for t in tasks if t.stage in cleanups and t.state.terminal}
-        round_ = int(opts.get("round", -1)) + 1 if "round" in opts else 0
+        round_ = facts.round + 1 if facts.round is not None else 0
         never_tried = {tid for tid in to_submit if records[tid].attempts == 0}
         to_submit -= skip_done(plan, run, store, records, never_tried, options)
         staged = self._stage(plan, run, env, to_submit)
@@ -481,7 +485,7 @@ class AwsBatchBackend:
 
     def _cancel(self, run: RunRecord, store: StateStore) -> None:
         tasks = store.get_tasks(run.run_id)
-        if OPTIONS_KEY in run.options and run.options[OPTIONS_KEY].get("job_queue"):
+        if RunFacts.of(run).submitted:
             queues = self._queues(run)
             tasks, _ = reconcile(
                 self.api, run, store, tasks, queues.all(), settle_polls=0, sleep=self.sleep,
@@ -508,7 +512,7 @@ class AwsBatchBackend:
             yield f"(task {task.label} has not been submitted yet: {task.state.value})"
             return
         job_id = task.external_id
-        default_group = run.options.get(OPTIONS_KEY, {}).get("log_group", "")
+        default_group = RunFacts.of(run).log_group or ""
         job = self.api.describe_jobs([job_id]).get(job_id)
         if job is None:
             raise UsageError(
@@ -622,26 +626,23 @@ def skip_done(plan: Plan, run: RunRecord, store: StateStore, records: dict[str, 
     return {t.task_id for t in skipped}
 
 
-def _record_where(run: RunRecord, plan: Plan, env: Any) -> dict[str, Any]:
-    """Record in ``run.options["aws_batch"]`` where the run lives, so any machine can follow it:
+def _record_where(run: RunRecord, plan: Plan, env: Any) -> RunFacts:
+    """Record in the run's :class:`RunFacts` where the run lives, so any machine can follow it:
     its queues (a queue missing from the record is filled in from ``env``; resume/cancel look for
     jobs in each), region, log group and state table, its cleanup stages (for the cleanup after a
     failure) and its EFS workspace with the roles that mount it (for ``corral aws teardown --run``).
     What is recorded already stays: a resume keeps the run's first answers."""
-    opts: dict[str, Any] = run.options.setdefault(OPTIONS_KEY, {})
-    for key in ("job_queue", "gpu_job_queue", "fargate_job_queue"):
-        opts[key] = opts.get(key) or getattr(env, key, None)
-    facts = {
-        "region": env.region,
-        "log_group": getattr(env, "log_group", "") or "",
-        "table": getattr(env, "table_name", "") or "",
-        "cleanup_stages": [s.name for s in plan.workflow.stages if s.kind == "cleanup"],
-        "efs_id": getattr(env, "efs_id", "") or "",
-        "efs_access_point": getattr(env, "efs_access_point", "") or "",
-        "job_role_arn": getattr(env, "job_role_arn", "") or "",
-        "execution_role_arn": getattr(env, "execution_role_arn", "") or "",
-        "assign_public_ip": plan.workflow.aws.assign_public_ip,
-    }
-    for key, value in facts.items():
-        opts.setdefault(key, value)
-    return opts
+    facts = RunFacts.of(run)
+    facts = facts.replace(**{key: getattr(facts, key) or getattr(env, key, None)
+                             for key in ("job_queue", "gpu_job_queue", "fargate_job_queue")})
+    return facts.with_defaults(
+        region=env.region,
+        log_group=getattr(env, "log_group", "") or "",
+        table=getattr(env, "table_name", "") or "",
+        cleanup_stages=tuple(s.name for s in plan.workflow.stages if s.kind == "cleanup"),
+        efs_id=getattr(env, "efs_id", "") or "",
+        efs_access_point=getattr(env, "efs_access_point", "") or "",
+        job_role_arn=getattr(env, "job_role_arn", "") or "",
+        execution_role_arn=getattr(env, "execution_role_arn", "") or "",
+        assign_public_ip=plan.workflow.aws.assign_public_ip,
+    ).save_to(run)

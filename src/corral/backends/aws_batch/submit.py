@@ -37,6 +37,8 @@ from typing import Any
 from corral.backends.aws_batch import payloads as pl
 from corral.backends.aws_batch.client import aws_errors, http_status, is_throttling
 from corral.backends.aws_batch.fair_share import DEFAULT_SHARE, FairShare
+from corral.backends.aws_batch.run_facts import OPTIONS_KEY as OPTIONS_KEY  # (the old name, kept)
+from corral.backends.aws_batch.run_facts import RunFacts
 from corral.errors import BackendError
 from corral.model import RunRecord, TaskRecord, TaskState
 from corral.plan import Plan, Task
@@ -44,7 +46,6 @@ from corral.routes import Route, route
 from corral.spec import Stage
 from corral.state.base import StateStore
 
-OPTIONS_KEY = "aws_batch"
 INTENT = "intent:"
 DEFAULT_RATE = 40.0  # calls per second, under Batch's 50 TPS shared by all its APIs
 DESCRIBE_CHUNK = 100
@@ -280,8 +281,7 @@ def expected_job(run: RunRecord, task: TaskRecord) -> Expected | None:
         return Expected(name, int(k), int(size))
     if ext or task.state != TaskState.PENDING:
         return None
-    opts = run.options.get(OPTIONS_KEY, {})
-    sizes: list[int] | None = opts.get("round0_chunks")
+    sizes = RunFacts.of(run).round0_chunks
     if sizes is None:
         return None
     if task.item_index is None:
@@ -570,13 +570,13 @@ class Submitter:
         starts = [sum(sizes[:c]) for c in range(len(sizes))]
 
         # 1. intent, before any SubmitJob
-        opts = run.options.setdefault(OPTIONS_KEY, {})
-        opts["round"] = round_
+        facts = RunFacts.of(run).replace(round=round_)
         if round_ == 0 and len(to_submit) == len(plan.tasks):
             # Every task, items 0..n-1 in order: the chunk sizes name every task's job and child.
-            opts["round0_chunks"] = sizes
+            facts.replace(round0_chunks=tuple(sizes)).save_to(run)
             self.store.save_run(run)
         else:
+            facts.save_to(run)
             self.store.save_run(run)
             intents = []
             for t in plan.tasks:

@@ -291,18 +291,18 @@ def _staged_roots(ctx: Ctx, run_id: str) -> list[tuple[str, str]]:
     the state table names, and ``<p>staged/<run>/`` under the top-level prefixes of corral's
     buckets (when the record is gone)."""
     from corral.backends.aws_batch.environment import DEFAULT_TABLE
-    from corral.backends.aws_batch.submit import OPTIONS_KEY
+    from corral.backends.aws_batch.run_facts import RunFacts
     from corral.errors import CorralError
     from corral.state.dynamodb import DynamoStore
     from corral.storage.uri import parse
 
     roots: list[tuple[str, str]] = []
     try:
-        recorded = DynamoStore(DEFAULT_TABLE, ctx.clients.dynamodb).get_run(run_id).options.get(OPTIONS_KEY, {})
+        recorded = RunFacts.of(DynamoStore(DEFAULT_TABLE, ctx.clients.dynamodb).get_run(run_id))
     except CorralError:
-        recorded = {}
-    if recorded.get("staged"):
-        loc = parse(recorded["staged"])
+        recorded = RunFacts()
+    if recorded.staged:
+        loc = parse(recorded.staged)
         roots.append((loc.bucket, loc.path))
     s3 = ctx.clients.s3
     for b in s3.list_buckets().get("Buckets", []):
