@@ -59,7 +59,7 @@ class FakeBatch(SimulatedBatch):
         self.region, self.account = region, account
         self.calls: list[tuple[str, dict[str, Any]]] = []
         self._by_name: dict[str, list[dict[str, Any]]] = {}
-        self._lock = threading.RLock()  # two watchers (threads) may share one Batch
+        self._seam_lock = threading.RLock()  # two watchers (threads) may share one Batch
 
     # -- what tests read ------------------------------------------------------------------------
     def ops(self) -> list[str]:
@@ -94,7 +94,7 @@ class FakeBatch(SimulatedBatch):
         return str(self.call("submit_job", f"submit job {kwargs['jobName']}", **kwargs)["jobId"])
 
     def call(self, op: str, action: str, **kwargs: Any) -> dict[str, Any]:
-        with self._lock:
+        with self._seam_lock:
             return self._call(op, action, **kwargs)
 
     def _call(self, op: str, action: str, **kwargs: Any) -> dict[str, Any]:

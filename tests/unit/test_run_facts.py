@@ -50,6 +50,11 @@ def test_runs_recorded_by_older_and_newer_corral() -> None:
     facts = RunFacts.from_dict(newer)
     assert dict(facts.other) == {"max_parallel": 8, "attempts_recorded": True}
     assert facts.to_dict() == newer
+    # a feature's own fact, without a field yet: by name, stored under its name
+    more = facts.replace(skip_in_job=["fetch"], round=3)
+    assert more.get("skip_in_job") == ["fetch"] and more.get("max_parallel") == 8 and more.get("round") == 3
+    assert more.get("nothing", "x") == "x" and RunFacts().get("log_group", "") == ""
+    assert more.to_dict() == {**newer, "round": 3, "skip_in_job": ["fetch"]}
 
 
 def test_save_to_writes_in_place_and_keeps_what_it_does_not_know(tmp_path: Path) -> None:

@@ -10,9 +10,8 @@ submits array jobs (see ``submit``) and returns (or waits, with bounded polling,
 flight (their ``statusSummary``), and ListJobs (pages of 1,000) only for a status whose count in
 the summary differs from what the store already records for that array (see ``status.children``):
 polling with nothing new costs the DescribeJobs alone; only the tasks that changed are written
-back (batched by the store). Children that just succeeded in a job that allows more than one
-attempt (every job: infrastructure retries) are described once more, 100 per call, for their
-attempt count (``_count_attempts``: ListJobs summaries carry none).
+back (batched by the store). Children that just ended may be described once more, 100 per
+call, for their attempt count (``_count_attempts``: ListJobs summaries carry none).
 """
 
 from __future__ import annotations

@@ -5,7 +5,9 @@ in the SQLite and DynamoDB stores alike — so runs recorded before this module 
 they always did, and keys this version does not know (written by a newer corral) are kept and
 written back as they were. :class:`RunFacts` is the one reader and writer of that object:
 ``RunFacts.of(run)`` reads it, ``facts.replace(...).save_to(run)`` writes it (in place: code that
-still holds the dict sees the change). A fact never recorded is ``None``.
+still holds the dict sees the change). A fact never recorded is ``None``. A feature that records
+a fact of its own before it has a field here uses ``facts.get("name")`` and
+``facts.replace(name=value)`` (kept in :attr:`RunFacts.other`, stored under its name).
 
 What is recorded, and who reads it:
 
@@ -95,8 +97,20 @@ class RunFacts:
         return self
 
     def replace(self, **changes: Any) -> RunFacts:
-        """These facts with ``changes`` set (and so written, None included)."""
-        return dataclasses.replace(self, **changes, present=self.present | frozenset(changes))
+        """These facts with ``changes`` set (and so written, None included). A key that is not one
+        of the fields above goes to :attr:`other`, as stored (a fact a feature records for itself)."""
+        known = {f.name for f in dataclasses.fields(self)} - {"other", "present"}
+        typed = {k: v for k, v in changes.items() if k in known}
+        extra = {k: v for k, v in changes.items() if k not in known}
+        other = {**self.other, **extra} if extra else self.other
+        return dataclasses.replace(self, **typed, other=other, present=self.present | frozenset(typed))
+
+    def get(self, key: str, default: Any = None) -> Any:
+        """A fact by its stored name: a field's value, else a key of :attr:`other`."""
+        if key in {f.name for f in dataclasses.fields(self)} - {"other", "present"}:
+            value = getattr(self, key)
+            return default if value is None else value
+        return self.other.get(key, default)
 
     def with_defaults(self, **defaults: Any) -> RunFacts:
         """These facts, with each of ``defaults`` filled in where nothing is recorded (a resume
