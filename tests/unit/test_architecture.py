@@ -218,14 +218,32 @@ def test_the_client_finder_sees_what_it_looks_for() -> None:
     assert _calls(ast.parse(PACKAGE.joinpath("aws_api.py").read_text(encoding="utf-8")))  # it is there
 
 
-_RAW_FACTS = re.compile(r"""options\s*(?:\.get|\.setdefault|\[)\s*\(?\s*(?:OPTIONS_KEY|["']aws_batch["'])""")
+def _is_facts_key(node: ast.AST) -> bool:
+    return (isinstance(node, ast.Constant) and node.value == "aws_batch") or (
+        isinstance(node, ast.Name) and node.id == "OPTIONS_KEY")
+
+
+def _raw_facts(tree: ast.AST) -> list[int]:
+    """Lines that read or write ``<x>.options["aws_batch"]`` (or ``OPTIONS_KEY``) as a raw dict."""
+    def is_options(n: ast.AST) -> bool:
+        return isinstance(n, ast.Attribute) and n.attr == "options"
+
+    out = []
+    for n in ast.walk(tree):
+        if isinstance(n, ast.Subscript) and is_options(n.value) and _is_facts_key(n.slice) or (isinstance(n, ast.Call) and isinstance(n.func, ast.Attribute) and is_options(n.func.value)
+              and n.args and _is_facts_key(n.args[0])) or isinstance(n, ast.Compare) and _is_facts_key(n.left) and any(is_options(c) for c in n.comparators):
+            out.append(n.lineno)
+    return out
+
+
 _ROUTE_PIECES = re.compile(r"\b(?:on_fargate|allowed_for|fargate_size)\(")
 
 
 @pytest.mark.parametrize("name", [m for m in _modules() if m != "corral.backends.aws_batch.run_facts"])
 def test_a_runs_aws_facts_are_read_only_through_run_facts(name: str) -> None:
-    text = _modules()[name].read_text(encoding="utf-8")
-    assert not _RAW_FACTS.search(text), f"{name}: read run.options['aws_batch'] through RunFacts.of(run)"
+    found = _raw_facts(ast.parse(_modules()[name].read_text(encoding="utf-8")))
+    assert not found, (f"{name}, lines {found}: read and write run.options['aws_batch'] through RunFacts "
+                       "(RunFacts.of(run).get('x') / .replace(x=...).save_to(run) for a fact without a field)")
 
 
 @pytest.mark.parametrize("name", [m for m in _modules() if m not in ("corral.routes", "corral.instances")])
@@ -237,7 +255,8 @@ def test_a_stages_route_is_asked_of_routes(name: str) -> None:
 
 
 def test_the_text_checks_see_what_they_look_for() -> None:
-    assert _RAW_FACTS.search('x = run.options.get(OPTIONS_KEY, {})')
-    assert _RAW_FACTS.search('run.options["aws_batch"]["round"]')
-    assert _RAW_FACTS.search("opts = run.options.setdefault(OPTIONS_KEY, {})")
+    found = _raw_facts(ast.parse('x = run.options.get(OPTIONS_KEY, {})\ny = run.options["aws_batch"]["round"]\n'
+                                 'opts = run.options.setdefault(OPTIONS_KEY, {})\nif OPTIONS_KEY in run.options: pass\n'
+                                 '"""run.options["aws_batch"] in a docstring"""\n'))
+    assert sorted(found) == [1, 2, 3, 4]
     assert _ROUTE_PIECES.search("if on_fargate(stage.resources, allowed):")

@@ -329,7 +329,7 @@ class AwsBatchBackend:
             self._resuming = False
         env = self.environment(plan, run.run_id)
         self._secrets = self._rclone_secrets(plan, run)
-        facts = _record_where(run, plan, env)
+        opts = _record_where(run, plan, env)
         queues = self._queues(run)
         tasks = self.refresh(run, store, final_cleanup=False)
         tasks, adopted = reconcile(
@@ -356,7 +356,7 @@ class AwsBatchBackend:
             # The tasks resubmitted write to the workspace again: its cleanup runs after them
             # (also when a cleanup already ran after the failures).
             to_submit |= {t.task_id for t in tasks if t.stage in cleanups and t.state.terminal}
-        round_ = facts.round + 1 if facts.round is not None else 0
+        round_ = opts.round + 1 if opts.round is not None else 0  # (opts: the run's RunFacts)
         never_tried = {tid for tid in to_submit if records[tid].attempts == 0}
         to_submit -= skip_done(plan, run, store, records, never_tried, options)
         staged = self._stage(plan, run, env, to_submit)
