@@ -236,7 +236,7 @@ def _raw_facts(tree: ast.AST) -> list[int]:
     return out
 
 
-_ROUTE_PIECES = re.compile(r"\b(?:on_fargate|allowed_for|fargate_size)\(")
+_ROUTE_PIECES = re.compile(r"\b(?:on_fargate|allowed_for)\(")
 
 
 @pytest.mark.parametrize("name", [m for m in _modules() if m != "corral.backends.aws_batch.run_facts"])
@@ -248,7 +248,7 @@ def test_a_runs_aws_facts_are_read_only_through_run_facts(name: str) -> None:
 
 @pytest.mark.parametrize("name", [m for m in _modules() if m not in ("corral.routes", "corral.instances")])
 def test_a_stages_route_is_asked_of_routes(name: str) -> None:
-    """Platform, instance entries and Fargate size are decided in corral.routes.route, once."""
+    """Platform and instance entries are decided in corral.routes.route, once."""
     text = _modules()[name].read_text(encoding="utf-8")
     found = [m.group(0) for m in _ROUTE_PIECES.finditer(text)]
     assert not found, f"{name} recomputes a stage's route ({found}): use corral.routes.route(resources, allowed)"
