@@ -67,6 +67,10 @@ def test_save_to_writes_in_place_and_keeps_what_it_does_not_know(tmp_path: Path)
     # first answers stay (a resume does not overwrite what the run recorded)
     again = RunFacts.of(run).with_defaults(job_queue="other", region="eu-west-1")
     assert again.job_queue == "q" and again.region == "eu-west-1"
+    live = RunFacts.stored(run)
+    assert live is held
+    live.setdefault("memory_retries", {})["s:1"] = 4096  # a feature's own, updated in place
+    assert RunFacts.of(run).get("memory_retries") == {"s:1": 4096}
     # and the stored form survives a store
     store = SqliteStore(tmp_path / "s.db")
     store.create_run(run, b"{}", [])

@@ -7,7 +7,9 @@ written back as they were. :class:`RunFacts` is the one reader and writer of tha
 ``RunFacts.of(run)`` reads it, ``facts.replace(...).save_to(run)`` writes it (in place: code that
 still holds the dict sees the change). A fact never recorded is ``None``. A feature that records
 a fact of its own before it has a field here uses ``facts.get("name")`` and
-``facts.replace(name=value)`` (kept in :attr:`RunFacts.other`, stored under its name).
+``facts.replace(name=value)`` (kept in :attr:`RunFacts.other`, stored under its name), or, to
+update it in place, :meth:`RunFacts.stored`; nothing else touches ``run.options["aws_batch"]``
+(``tests/unit/test_architecture.py`` checks).
 
 What is recorded, and who reads it:
 
@@ -89,6 +91,13 @@ class RunFacts:
     @classmethod
     def of(cls, run: RunRecord) -> RunFacts:
         return cls.from_dict(run.options.get(OPTIONS_KEY))
+
+    @staticmethod
+    def stored(run: RunRecord) -> dict[str, Any]:
+        """The stored object itself (made empty when missing), for a feature that keeps facts of its
+        own in it and updates them in place; the typed facts are read with :meth:`of`."""
+        stored: dict[str, Any] = run.options.setdefault(OPTIONS_KEY, {})
+        return stored
 
     def save_to(self, run: RunRecord) -> RunFacts:
         """Write into ``run.options`` (in place; the caller saves the run record)."""
