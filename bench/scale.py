@@ -82,8 +82,8 @@ elif what == "finish":
     tasks = [TaskRecord(run_id=rec.run_id, task_id=x.id, stage=x.stage.name, item_key=x.key, item_index=x.index)
              for x in p.tasks]
     store.create_run(rec, p.manifest(), tasks)
-    store.save_tasks([t.__class__(**{**t.__dict__, "state": TaskState.SUCCEEDED, "attempts": 1,
-                                     "exit_code": 0, "started_at": now, "ended_at": now + 1}) for t in tasks])
+    store.save_tasks([t.replace(state=TaskState.SUCCEEDED, attempts=1, exit_code=0, started_at=now,
+                                ended_at=now + 1 + (i % 7) / 10) for i, t in enumerate(tasks)])
     store.save_run(store.get_run(rec.run_id).replace(state=RunState.SUCCEEDED))
     print(rec.run_id, file=sys.stderr)
     n = len(tasks)
@@ -92,6 +92,9 @@ else:
 print(json.dumps({"s": time.perf_counter() - t, "n": n,
                   "mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
 """
+
+
+ONE_STAGE = 'stages:\n  - {name: noop, command: "true"}\n'
 
 
 def measure(args: list[str], env: dict[str, str], cwd: Path) -> tuple[float, float]:
@@ -119,6 +122,12 @@ def timed_cli(argv: list[str], env: dict[str, str], cwd: Path) -> tuple[float, f
     return wall, usage.ru_maxrss / 1024
 
 
+def _median(vs: list[tuple[float, float]]) -> tuple[float, float]:
+    import statistics
+
+    return statistics.median(v[0] for v in vs), statistics.median(v[1] for v in vs)
+
+
 def cell(v: tuple[float, float] | None) -> str:
     return "-" if v is None else f"{v[0]:.2f} s, {v[1]:.0f} MiB"
 
@@ -127,40 +136,103 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--sizes", default="1000,10000,100000")
     ap.add_argument("--run-sizes", default="1000", help="sizes to also run for real (no-op tasks, 2 workers)")
+    ap.add_argument("--run-stages", type=int, choices=(1, 3), default=3,
+                    help="stages of the real run: 3 (the workflow above) or 1 (one no-op stage)")
+    ap.add_argument("--compare", metavar="SRC", default=None,
+                    help="also measure with PYTHONPATH=SRC (e.g. /work/main/src) and print this/SRC ratios")
+    ap.add_argument("--repeat", type=int, default=1, help="rounds per measure (the median is shown)")
+    ap.add_argument("--only", default="", help="comma-separated substrings: measure only rows whose name has one")
     ap.add_argument("--dir", default=None)
     args = ap.parse_args()
+    load_before = os.getloadavg()
     sizes = [int(s) for s in args.sizes.split(",") if s]
     run_sizes = {int(s) for s in args.run_sizes.split(",") if s}
     rows: dict[str, dict[int, tuple[float, float] | None]] = {}
+    base_rows: dict[str, dict[int, tuple[float, float] | None]] = {}
+    only = [w for w in args.only.split(",") if w]
+    here = str(Path(__file__).resolve().parent.parent / "src")
 
     def put(name: str, n: int, v: tuple[float, float] | None) -> None:
         rows.setdefault(name, {})[n] = v
+
+    def wanted(name: str) -> bool:
+        return not only or any(w in name for w in only)
+
+    def both(name: str, n: int, fn: object, *a: object, env: dict[str, str]) -> None:
+        """Measure with this source (and with --compare's, right after: side by side)."""
+        if not wanted(name):
+            return
+        mine: list[tuple[float, float]] = []
+        base: list[tuple[float, float]] = []
+        for _ in range(args.repeat):  # alternating, so that both see the same machine
+            mine.append(fn(*a, {**env, "PYTHONPATH": here}))  # type: ignore[operator]
+            if args.compare:
+                base.append(fn(*a, {**env, "PYTHONPATH": args.compare}))  # type: ignore[operator]
+        put(name, n, _median(mine))
+        if base:
+            base_rows.setdefault(name, {})[n] = _median(base)
 
     with tempfile.TemporaryDirectory(dir=args.dir) as tmp:
         for n in sizes:
             folder = Path(tmp) / str(n)
             inline, table = make_inputs(folder, n)
             env = {**os.environ, "CORRAL_HOME": str(folder / "home")}
-            put("corral.plan(), inline list", n, measure(["plan", str(inline)], env, folder))
-            put("corral.plan(), CSV table", n, measure(["plan", str(table)], env, folder))
-            put("corral plan --json > /dev/null (CSV)", n, timed_cli(["plan", str(table), "--json"], env, folder))
-            res = subprocess.run([sys.executable, "-c", MEASURE, "finish", str(table)], env=env, cwd=folder,
-                                 capture_output=True, text=True, check=True)
+
+            def cli(argv: list[str], e: dict[str, str], cwd: Path = folder) -> tuple[float, float]:
+                return timed_cli(argv, e, cwd)
+
+            def child(argv: list[str], e: dict[str, str], cwd: Path = folder) -> tuple[float, float]:
+                return measure(argv, e, cwd)
+
+            both("corral.plan(), inline list", n, child, ["plan", str(inline)], env=env)
+            both("corral.plan(), CSV table", n, child, ["plan", str(table)], env=env)
+            both("corral plan --json > /dev/null (CSV)", n, cli, ["plan", str(table), "--json"], env=env)
+            res = subprocess.run([sys.executable, "-c", MEASURE, "finish", str(table)],
+                                 env={**env, "PYTHONPATH": here}, cwd=folder, capture_output=True, text=True,
+                                 check=True)
             run_id = res.stderr.strip().splitlines()[-1]
-            put("finished run: corral status", n, timed_cli(["status", run_id], env, folder))
-            put("finished run: status --json", n, timed_cli(["status", run_id, "--json"], env, folder))
-            put("finished run: status --tasks", n, timed_cli(["status", run_id, "--tasks"], env, folder))
-            put("finished run: corral resume (nothing to do)", n, timed_cli(["resume", run_id], env, folder))
-            put("finished run: plan reload (from_manifest)", n, measure(["reload", run_id], env, folder))
+            # the same stored run is read by both sources (the schema is the same; this one adds
+            # two indexes the first time it opens the database: done here, before any timing)
+            subprocess.run([sys.executable, "-m", "corral", "status", run_id], env={**env, "PYTHONPATH": here},
+                           cwd=folder, capture_output=True, check=True)
+            both("finished run: corral status", n, cli, ["status", run_id], env=env)
+            both("finished run: status --json", n, cli, ["status", run_id, "--json"], env=env)
+            both("finished run: status --tasks", n, cli, ["status", run_id, "--tasks"], env=env)
+            both("finished run: corral resume (nothing to do)", n, cli, ["resume", run_id], env=env)
+            both("finished run: plan reload (from_manifest)", n, child, ["reload", run_id], env=env)
             if n in run_sizes:
-                env["CORRAL_HOME"] = str(folder / "home-run")
-                put("corral run, no-op tasks, 2 workers", n,
-                    timed_cli(["run", str(table), "--max-parallel", "2"], env, folder))
+                wf = table
+                if args.run_stages == 1:
+                    wf = folder / "one.yaml"
+                    wf.write_text(f"name: one\nitems: {{table: items.csv}}\n{ONE_STAGE}")
+                for which, src in (("", here), (" base", args.compare)):
+                    if src is None or not wanted("corral run"):
+                        continue
+                    e = {**env, "CORRAL_HOME": str(folder / f"home-run{which.strip()}"), "PYTHONPATH": src}
+                    v = timed_cli(["run", str(wf), "--max-parallel", "2"], e, folder)
+                    name = f"corral run, no-op tasks ({args.run_stages} stage{'s' * (args.run_stages > 1)}), 2 workers"
+                    (base_rows if which else rows).setdefault(name, {})[n] = v
+    load_after = os.getloadavg()
     width = max(len(k) for k in rows)
     head = "".join(f"{f'{n:,} x 3':>24}" for n in sizes)
+    print(f"\nload average (1/5/15 min) before {' / '.join(f'{x:.1f}' for x in load_before)}, "
+          f"after {' / '.join(f'{x:.1f}' for x in load_after)} (2 cores)")
     print(f"\n{'measure':<{width}}{head}")
     for name, per in rows.items():
         print(f"{name:<{width}}" + "".join(f"{cell(per.get(n)):>24}" for n in sizes))
+    if args.compare:
+        print(f"\nthe same with PYTHONPATH={args.compare}, measured right after each of the above")
+        print(f"{'measure':<{width}}{head}")
+        for name, per in base_rows.items():
+            print(f"{name:<{width}}" + "".join(f"{cell(per.get(n)):>24}" for n in sizes))
+        print(f"\nthis source / {args.compare}: seconds (and peak memory) ratio, side by side")
+        print(f"{'measure':<{width}}{head}")
+        for name, per in rows.items():
+            cells = []
+            for n in sizes:
+                a, b = per.get(n), base_rows.get(name, {}).get(n)
+                cells.append("-" if not a or not b else f"{a[0] / max(b[0], 1e-3):.2f}x, {a[1] / max(b[1], 1e-3):.2f}x mem")
+            print(f"{name:<{width}}" + "".join(f"{c:>24}" for c in cells))
     if len(sizes) > 1:
         lo, hi = sizes[0], sizes[-1]
         print(f"\ngrowth {lo:,} -> {hi:,} items ({hi // lo}x the items): seconds ratio per measure")

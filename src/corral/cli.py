@@ -6,20 +6,16 @@ import importlib
 import os
 import sys
 import time
-import traceback
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
-from rich.console import Console, Group
-from rich.table import Table
-from rich.text import Text
 
 from corral import backends
 from corral.errors import CorralError
 from corral.jsonout import write_json
-from corral.lazy import LazyModule
+from corral.lazy import LazyModule, lazy_console
 from corral.units import format_duration, format_size_mib
 
 if TYPE_CHECKING:
@@ -29,18 +25,17 @@ if TYPE_CHECKING:
 # (pydantic) and the backends load on first use through these two module proxies.
 # mypy sees the modules themselves, so calls through the proxies stay type-checked.
 if TYPE_CHECKING:
-    from corral import api, cli_ops, model, runstate
+    from corral import api, model, runstate
 else:
     api = LazyModule("corral.api")
     runstate = LazyModule("corral.runstate")
     model = LazyModule("corral.model")
-    cli_ops = LazyModule("corral.cli_ops")
 
 EXTENSIONS = ["corral.cli_aws", "corral.cli_aws_jobs", "corral.cli_storage", "corral.cli_ops", "corral.cli_recipes"]
 
 # Off a terminal rich would cut every line at 80 columns (run ids, stage names): give it room.
-err = Console(stderr=True, highlight=False, width=None if sys.stderr.isatty() else 250)
-out = Console(highlight=False, soft_wrap=True)
+err = lazy_console(stderr=True, highlight=False, width=None if sys.stderr.isatty() else 250)
+out = lazy_console(highlight=False, soft_wrap=True)
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -71,30 +66,35 @@ def cli(ctx: click.Context, debug: bool, home: str | None) -> None:
 
 
 # -- helpers ------------------------------------------------------------------------------------
-def _stage_table(tasks: list[TaskRecord], title: str | None = None) -> Any:
+def _stage_table(summary: model.RunSummary, title: str | None = None) -> Any:
+    from rich.console import Group
+    from rich.table import Table
+    from rich.text import Text
+
     table = Table(show_edge=False, pad_edge=False)
     table.add_column("stage")
-    states = [s.value for s in model.TaskState if any(t.state == s for t in tasks)]
+    seen = {s for per in summary.stages.values() for s, n in per.items() if n}
+    states = [s.value for s in model.TaskState if s.value in seen]
     for s in states:
         table.add_column(s.lower().replace("_", " "), justify="right", style=STATE_STYLE.get(s, ""))
     table.add_column("total", justify="right")
     table.add_column("time (median / max)", justify="right")
-    for stage, per in model.summarize(tasks).items():
+    for stage, per in summary.stages.items():
+        t = summary.times.get(stage)
         table.add_row(stage, *[str(per.get(s, 0) or "") for s in states], str(sum(per.values())),
-                      cli_ops.stage_time(tasks, stage))
+                      f"{format_duration(t[0])} / {format_duration(t[1])}" if t else "-")
     if title is None:
         return table
     # The title on a line of its own: as a table title rich would wrap it to the table's width.
     return Group(Text(title, no_wrap=True, overflow="ignore"), table)
 
 
-def _failures(tasks: list[TaskRecord], limit: int = 10) -> list[str]:
+def _failures(summary: model.RunSummary, limit: int = 10) -> list[str]:
     lines = []
-    bad = [t for t in tasks if t.state in (model.TaskState.FAILED, model.TaskState.UPSTREAM_FAILED)]
-    for t in bad[:limit]:
+    for t in summary.failures[:limit]:
         lines.append(f"  {t.state.value.lower():<15} {t.label}  {t.task_id[:12]}  {t.reason}")
-    if len(bad) > limit:
-        lines.append(f"  … and {len(bad) - limit} more (`corral status RUN --tasks` lists them all)")
+    if summary.failed_total > limit:
+        lines.append(f"  … and {summary.failed_total - limit} more (`corral status RUN --tasks` lists them all)")
     return lines
 
 
@@ -149,7 +149,7 @@ class LiveProgress:
         self.enabled = err.is_terminal
         self.progress = Progress(
             TextColumn("{task.description:<18}"), BarColumn(), MofNCompleteColumn(),
-            TextColumn("{task.fields[detail]}"), TimeRemainingColumn(), console=err, transient=False,
+            TextColumn("{task.fields[detail]}"), TimeRemainingColumn(), console=getattr(err, "real", err), transient=False,
         )
         self.ids = {s: self.progress.add_task(s, total=None, detail="") for s in stages}
 
@@ -174,11 +174,11 @@ class LiveProgress:
             self.progress.update(self.ids[stage], total=total, completed=done, detail=", ".join(bits))
 
 
-def _report_end(run: RunRecord, tasks: list[TaskRecord]) -> int:
-    err.print(_stage_table(tasks, title=f"run {run.run_id}: {run.state.value.lower()}"))
-    for line in _failures(tasks):
+def _report_end(run: RunRecord, summary: model.RunSummary) -> int:
+    err.print(_stage_table(summary, title=f"run {run.run_id}: {run.state.value.lower()}"))
+    for line in _failures(summary):
         err.print(line, markup=False)
-    failed = any(t.state in (model.TaskState.FAILED, model.TaskState.UPSTREAM_FAILED) for t in tasks)
+    failed = summary.failed_total > 0
     if failed:
         flag = "" if run.backend == api.backends.DEFAULT else f" --backend {run.backend}"  # as the run was started
         err.print(f"hint: `corral logs {run.run_id} <task>{flag}` shows a task's output; "
@@ -186,23 +186,33 @@ def _report_end(run: RunRecord, tasks: list[TaskRecord]) -> int:
     return 1 if failed or run.state.value in ("FAILED", "CANCELLED", "INTERRUPTED") else 0
 
 
-def _note_workflow_changed(rec: RunRecord, plan: Any) -> None:
-    """`corral resume` runs the run as recorded; say so when its workflow file has changed since."""
+def _resume_plan(store: Any, rec: RunRecord) -> Any:
+    """The plan `corral resume` runs: the run's as recorded, built once. When the workflow file
+    still plans to exactly what the run recorded (the same manifest), that plan is the run's;
+    otherwise the recorded one is rebuilt from the manifest and a note says the file has changed."""
+    from corral.plan import Plan
+
+    manifest = store.load_manifest(rec.run_id)
     path = Path(rec.workflow_path) if rec.workflow_path else None
-    if path is None or not path.is_file():
-        return
-    try:
-        now_plan = api.plan(api.load_workflow(path))
-    except CorralError:
-        err.print(f"note: {path} has changed since run {rec.run_id} started (it no longer loads); resume runs "
-                  "the run as recorded", markup=False)
-        return
-    before = {t.id for t in plan.tasks}
-    changed = [n for n in now_plan.stage_order if {t.id for t in now_plan.stage_tasks(n)} - before]
-    if changed:
-        err.print(f"note: {path} has changed since run {rec.run_id} started (stages {', '.join(changed)}); "
-                  f"resume runs the run as recorded. To run the edit: `corral run {path}` (tasks that "
-                  "succeeded before and did not change are reused)", markup=False, soft_wrap=True)
+    now_plan = None
+    if path is not None and path.is_file():
+        try:
+            now_plan = api.plan(api.load_workflow(path))
+        except CorralError:
+            err.print(f"note: {path} has changed since run {rec.run_id} started (it no longer loads); resume runs "
+                      "the run as recorded", markup=False)
+        else:
+            if now_plan.records(manifest):
+                return now_plan
+    plan = Plan.from_manifest(manifest)
+    if now_plan is not None:
+        before = {t.id for t in plan.tasks}
+        changed = [n for n in now_plan.stage_order if {t.id for t in now_plan.stage_tasks(n)} - before]
+        if changed:
+            err.print(f"note: {path} has changed since run {rec.run_id} started (stages {', '.join(changed)}); "
+                      f"resume runs the run as recorded. To run the edit: `corral run {path}` (tasks that "
+                      "succeeded before and did not change are reused)", markup=False, soft_wrap=True)
+    return plan
 
 
 def _note_unused_flags(be: Any, given: dict[str, bool]) -> None:
@@ -245,12 +255,13 @@ def run(workflow: str, backend: str, max_parallel: int | None, runtime: str, for
     store = be.open_store(workflow=wf)
     with live:
         rec = api.run(wf, backend, store=store, options=opts, backend_impl=be, plan=p)
-    tasks = store.get_tasks(rec.run_id)
-    n_reused = sum(1 for t in tasks if t.state == model.TaskState.REUSED)
+    tasks = store.get_tasks(rec.run_id) if as_json else None  # else the store's summary: no second copy
+    summary = api.summary(store, rec.run_id, tasks)
+    n_reused = summary.counts[model.TaskState.REUSED.value]
     if n_reused:
         err.print(f"corral: {n_reused} task(s) reused: they succeeded in earlier runs of {wf.name} "
                   "(`--force-stage STAGE` or `--force` runs them again)", markup=False)
-    if as_json:
+    if tasks is not None:
         write_json(_run_json(rec, tasks))
     else:
         out.print(rec.run_id, markup=False)
@@ -262,7 +273,7 @@ def run(workflow: str, backend: str, max_parallel: int | None, runtime: str, for
                       "submitted by the first `corral status` (or --watch) that sees the run end",
                       markup=False, soft_wrap=True)
         return
-    sys.exit(_report_end(rec, tasks))
+    sys.exit(_report_end(rec, summary))
 
 
 @cli.command()
@@ -275,16 +286,16 @@ def resume(run_id: str, backend: str | None, max_parallel: int | None, runtime: 
     """Go on with RUN_ID: run only what has not succeeded (after a crash, failure or cancel)."""
     store = api.open_run_store(backend, run_id)
     rec = store.get_run(run_id)
-    plan = api.load_plan(store, run_id)
-    _note_workflow_changed(rec, plan)
+    plan = _resume_plan(store, rec)  # planned once; api.resume reads the task rows once, under the lease
     live = LiveProgress(plan.stage_order)
     opts = api.RunOptions(force=force, max_parallel=max_parallel, runtime=runtime, progress=live.update)  # type: ignore[arg-type]
-    todo = [t for t in store.get_tasks(run_id) if not t.state.ok]
-    err.print(f"corral: resuming {run_id}: {len(todo)} task(s) not done", markup=False)
+    counts = api.summary(store, run_id).counts
+    todo = sum(n for state, n in counts.items() if not model.TaskState(state).ok)
+    err.print(f"corral: resuming {run_id}: {todo} task(s) not done", markup=False)
     with live:
         rec = api.resume(run_id, store=store, options=opts, plan=plan)
     out.print(rec.run_id, markup=False)
-    sys.exit(_report_end(rec, store.get_tasks(run_id)))
+    sys.exit(_report_end(rec, api.summary(store, run_id)))
 
 
 @cli.command()
@@ -305,6 +316,8 @@ def status(run_id: str | None, backend: str | None, all_runs: bool, show_tasks: 
             write_json([{"run_id": r.run_id, "workflow": r.workflow_name, "backend": r.backend,
                          "state": r.state.value, "created_at": r.created_at} for r in runs])
             return
+        from rich.table import Table
+
         table = Table(show_edge=False, pad_edge=False)
         for c in ("run", "workflow", "backend", "state", "started"):
             table.add_column(c)
@@ -318,26 +331,37 @@ def status(run_id: str | None, backend: str | None, all_runs: bool, show_tasks: 
     if watch:
         from corral.cli_ops import watch_run
 
-        watch_run(be, rec, store, console=err, interval=interval,
+        watch_run(be, rec, store, console=getattr(err, "real", err), interval=interval,
                   show_cost=be.cost_basis == "actual")  # a local run has no AWS bill to show
         if not as_json:
             return
-    tasks = be.refresh(rec, store)
+    # A backend whose store is the truth (local) syncs without reading every task: the summary is
+    # aggregated by the store (a 100,000-item run answers in well under a second).
+    sync = getattr(be, "sync", None)
+    tasks: list[TaskRecord] | None = None
+    if sync is not None and not as_json and not show_tasks and be.cost_basis != "actual":
+        sync(rec, store)
+    else:
+        tasks = be.refresh(rec, store)
     rec = store.get_run(rec.run_id)
     if as_json:
+        assert tasks is not None
         write_json(_run_json(rec, tasks))
         return
-    err.print(_stage_table(tasks, title=f"run {rec.run_id} ({rec.workflow_name}, {rec.backend}): {rec.state.value.lower()}"))
+    summary = api.summary(store, rec.run_id, tasks)
+    err.print(_stage_table(summary, title=f"run {rec.run_id} ({rec.workflow_name}, {rec.backend}): {rec.state.value.lower()}"))
     if be.cost_basis == "actual":
         from corral.cost import status_cost_line
 
+        assert tasks is not None
         line = status_cost_line(store, rec.run_id, tasks)
         if line:
             err.print(line, markup=False)
     if show_tasks:
+        assert tasks is not None
         _print_task_list(tasks)
     else:
-        for line in _failures(tasks):
+        for line in _failures(summary):
             err.print(line, markup=False)
 
 
@@ -426,6 +450,8 @@ def plan(workflow: str, show_tasks: bool, as_json: bool, with_cost: bool, spot: 
             data["cost"] = dataclasses.asdict(estimate)
         write_json(data)
         return
+    from rich.table import Table
+
     table = Table(title=f"{wf.name}: {len(p.items)} items, {len(p.tasks)} tasks", title_justify="left",
                   show_edge=False, pad_edge=False)
     table.add_column("stage", no_wrap=True, min_width=max(len(n) for n in p.stage_order))  # names stay whole
@@ -469,6 +495,8 @@ def main(argv: list[str] | None = None) -> None:
         cli.main(args=argv, prog_name="corral", standalone_mode=False)
     except CorralError as exc:
         if debug:
+            import traceback
+
             traceback.print_exc()
         print(f"error: {exc.one_line()}", file=sys.stderr)
         if exc.hint:

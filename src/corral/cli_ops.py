@@ -11,21 +11,22 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import click
-from rich.console import Console
-from rich.table import Table
 
 from corral import backends
 from corral.errors import CorralError, UsageError
 from corral.jsonout import write_json
-from corral.lazy import LazyModule
+from corral.lazy import LazyModule, lazy_console
 
 if TYPE_CHECKING:  # mypy sees the module, so calls through the proxy stay type-checked
+    from rich.console import Console
+    from rich.table import Table
+
     from corral import api
 else:
     api = LazyModule("corral.api")  # imported when a command runs, not for `corral --help`
 
-err = Console(stderr=True, highlight=False)
-out = Console(highlight=False, soft_wrap=True)
+err = lazy_console(stderr=True, highlight=False)
+out = lazy_console(highlight=False, soft_wrap=True)
 
 LEVEL_STYLE = {"ok": "green", "info": "cyan", "warn": "yellow", "error": "red"}
 
@@ -45,6 +46,8 @@ def print_findings(findings: list[Any]) -> None:
 
 
 def estimate_table(est: Any) -> Table:
+    from rich.table import Table
+
     from corral.cost import usd
     from corral.units import format_duration
 
@@ -213,6 +216,7 @@ def status_view(run: Any, tasks: list[Any], *, cost: Any = None, max_failures: i
     with their reasons, then the cost so far (``cost``: a :class:`corral.cost.RunCost`)."""
     from rich.console import Group
     from rich.progress_bar import ProgressBar
+    from rich.table import Table
     from rich.text import Text
 
     from corral.cost import cost_line
@@ -265,7 +269,7 @@ def watch_run(backend: Any, run: Any, store: Any, *, console: Console | None = N
 
     from corral.cost import run_cost
 
-    console = console or err
+    console = console or getattr(err, "real", err)
     pause = sleep or time.sleep
     ceiling = max_interval if max_interval is not None else min(60.0, 10 * interval)
     delay = interval

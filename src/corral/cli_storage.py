@@ -18,13 +18,22 @@ import subprocess
 import sys
 import threading
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
 from corral.backends import NAMES as BACKEND_NAMES
 from corral.errors import StorageError, UsageError
-from corral.storage.uri import Location, parse
+
+if TYPE_CHECKING:
+    from corral.storage.uri import Location
+
+
+def parse(*args: Any, **kwargs: Any) -> Location:
+    """corral.storage.uri.parse, imported on first use (`corral --help` does not load storage)."""
+    from corral.storage.uri import parse as parse_uri
+
+    return parse_uri(*args, **kwargs)
 
 
 class RichProgress:

@@ -58,8 +58,13 @@ def _chunks(value: Any, level: int, indent: int) -> Iterator[str]:
         yield _leaf.encode(value)
 
 
+_SCALARS = frozenset({str, int, float, bool, type(None)})
+
+
 def _flat(value: Any) -> bool:
     """A value with no iterator one level down: written on one line in one encoder call."""
+    if type(value) is dict and all(type(v) in _SCALARS for v in value.values()):
+        return True  # a task row: no ABC checks per field (0.25 s of 30,000 rows)
     if isinstance(value, Mapping):
         return not any(isinstance(v, Iterator) for v in value.values())
     if isinstance(value, (list, tuple)):

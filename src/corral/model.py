@@ -68,7 +68,7 @@ class RunRecord:
         return dataclasses.replace(self, **changes)
 
 
-@dataclass
+@dataclass(slots=True)  # slots: a 100,000-item run holds 300,000 of these
 class TaskRecord:
     run_id: str
     task_id: str
@@ -98,7 +98,7 @@ class TaskRecord:
         return dataclasses.replace(self, **changes)
 
 
-@dataclass
+@dataclass(slots=True)  # slots: a 100,000-item run holds 300,000 of these
 class AttemptRecord:
     run_id: str
     task_id: str
@@ -132,3 +132,48 @@ def summarize(tasks: list[TaskRecord]) -> dict[str, dict[str, int]]:
         per = out.setdefault(t.stage, {})
         per[t.state.value] = per.get(t.state.value, 0) + 1
     return out
+
+
+FAILED_STATES = (TaskState.FAILED, TaskState.UPSTREAM_FAILED)
+
+
+@dataclass
+class RunSummary:
+    """What `corral status` and the end of `run`/`resume` print, without every task in memory:
+    counts per stage and state (stages in plan order), the median and longest duration of each
+    stage's ended tasks, and the first failures. A store that can aggregate (SQLite: GROUP BY over
+    an index) makes one directly; :meth:`of` makes the same from task records."""
+
+    stages: dict[str, dict[str, int]]  # stage -> state value -> count, stages in first-seen order
+    times: dict[str, tuple[float, float]]  # stage -> (median, max) seconds of its ended tasks
+    failures: list[TaskRecord]  # the first FAILED/UPSTREAM_FAILED tasks, in plan order
+    failed_total: int  # how many tasks are FAILED or UPSTREAM_FAILED
+
+    @property
+    def counts(self) -> dict[str, int]:
+        out = {s.value: 0 for s in TaskState}
+        for per in self.stages.values():
+            for state, n in per.items():
+                out[state] += n
+        return out
+
+    @property
+    def total(self) -> int:
+        return sum(sum(per.values()) for per in self.stages.values())
+
+    @classmethod
+    def of(cls, tasks: list[TaskRecord], max_failures: int = 10) -> RunSummary:
+        import statistics
+
+        durs: dict[str, list[float]] = {}
+        failures: list[TaskRecord] = []
+        failed_total = 0
+        for t in tasks:
+            if t.started_at is not None and t.ended_at is not None:
+                durs.setdefault(t.stage, []).append(t.ended_at - t.started_at)
+            if t.state in FAILED_STATES:
+                failed_total += 1
+                if len(failures) < max_failures:
+                    failures.append(t)
+        times = {s: (statistics.median(d), max(d)) for s, d in durs.items()}
+        return cls(stages=summarize(tasks), times=times, failures=failures, failed_total=failed_total)

@@ -146,6 +146,18 @@ def _scan(tokens: list[Any], *, render_values: Mapping[str, Any] | None = None
         if render_values is not None:
             out.append(x)
 
+    def open_dollar_paren(at: int) -> int:
+        """``tokens[at:at+2]`` is ``$(``: push ``$((`` arithmetic or a ``$(`` command; return the
+        index of the last token consumed."""
+        emit("(")
+        at += 1
+        if tokens[at + 1: at + 2] == ["("]:
+            emit("(")
+            stack.append(["arith", 0, False])
+            return at + 1
+        stack.append(["cmd", 0, True])
+        return at
+
     while i < n:
         tok = tokens[i]
         mode = stack[-1][0]
@@ -261,14 +273,7 @@ def _scan(tokens: list[Any], *, render_values: Mapping[str, Any] | None = None
             elif c == "`":
                 stack.append(["bt", 0, False])
             elif c == "$" and nxt == "(":
-                emit(nxt)
-                i += 1
-                if tokens[i + 1: i + 2] == ["("]:
-                    emit("(")
-                    i += 1
-                    stack.append(["arith", 0, False])
-                else:
-                    stack.append(["cmd", 0, True])
+                i = open_dollar_paren(i)
         else:  # cmd
             frame = stack[-1]
             if c == "\\" and nxt is not None and not isinstance(nxt, _Field):
@@ -291,14 +296,7 @@ def _scan(tokens: list[Any], *, render_values: Mapping[str, Any] | None = None
                 i += 1
                 stack.append(["dq", 0, False])
             elif c == "$" and nxt == "(":
-                emit(nxt)
-                i += 1
-                if tokens[i + 1: i + 2] == ["("]:
-                    emit("(")
-                    i += 1
-                    stack.append(["arith", 0, False])
-                else:
-                    stack.append(["cmd", 0, True])
+                i = open_dollar_paren(i)
                 word_start = True
                 i += 1
                 continue
@@ -604,8 +602,20 @@ class Plan:
             "base_dir": str(self.workflow.base_dir),
             "workflow": self.workflow.model_dump(mode="json", by_alias=True, exclude={"items"}),
             "items": self.items,
+            # which resources each stage set (the dump writes every field): locally an explicit
+            # memory is a limit, a default one is not, and a resumed run must mean the same
+            "resources_set": {s.name: sorted(s.resources.model_fields_set) for s in self.workflow.stages},
         }
         return json.dumps(data, separators=(",", ":")).encode()
+
+    def records(self, stored: bytes) -> bool:
+        """Whether ``stored`` (a run's manifest) is this plan's: the same bytes, or those a corral
+        wrote before manifests recorded ``resources_set`` (its last key)."""
+        mine = self.manifest()
+        if mine == stored:
+            return True
+        cut = mine.rfind(b',"resources_set":')
+        return cut > 0 and b'"resources_set"' not in stored and mine[:cut] + b"}" == stored
 
     def with_keys(self, recorded: Mapping[str, str]) -> Plan:
         """The plan with the item keys a run recorded for its tasks (task id → key): a manifest
@@ -631,6 +641,11 @@ class Plan:
         # is, without re-parsing it through the YAML loader that records positions (7 s for 60,000
         # tasks that way, for positions no error from this data would ever need).
         wf = from_located(Located(data=wf_raw, source=data["source"]), base_dir=Path(data["base_dir"]))
+        resources_set = data.get("resources_set")  # None: a manifest from before it was recorded
+        if resources_set is not None:
+            for st in wf.stages:
+                if st.name in resources_set:
+                    st.resources.__pydantic_fields_set__ = set(resources_set[st.name])
         return make_plan(wf)
 
 

@@ -58,6 +58,39 @@ class Harness:
     def backend(self) -> Any:
         raise NotImplementedError
 
+    # shared by the harnesses whose run is driven by a process of its own (local, Slurm)
+    def _spawn_run(self, wf: Path, options: str = "runtime='process'") -> subprocess.Popen[str]:
+        """``api.run(wf)`` on this backend in a child process, with the harness's store (the CLI's
+        store is $CORRAL_HOME/state.db: the harness points it at its own file)."""
+        code = ("import sys; from corral import api; from corral.backends.base import RunOptions; "
+                "from corral.state.sqlite import SqliteStore; "
+                f"api.run(sys.argv[1], {self.name!r}, store=SqliteStore(sys.argv[2]), options=RunOptions({options}))")
+        return subprocess.Popen([sys.executable, "-c", code, str(wf), str(self.tmp / f"{self.name}-state.db")],
+                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                                env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+
+    def _latest(self) -> str:
+        from helpers import wait_for
+
+        return wait_for(lambda: [r.run_id for r in self.store.list_runs(limit=1)], 20, "the run's record")[0]
+
+    def _kill_spawned_then_resume(self, proc: subprocess.Popen[str], killed: Callable[[], bool],
+                                  before_resume: Callable[[], None], within: float) -> tuple[str, RunRecord]:
+        """kill -9 the process driving the run once ``killed()`` holds (polled for ``within`` s),
+        then ``before_resume()`` and ``resume``."""
+        from helpers import wait_for
+
+        try:
+            wait_for(killed, within, "the moment to kill the process driving the run")
+            os.kill(proc.pid, signal.SIGKILL)
+            proc.wait(10)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+        run_id = self._latest()
+        before_resume()
+        return run_id, self.resume(run_id)
+
     def tasks(self, run_id: str) -> dict[str, TaskRecord]:
         return {t.label: t for t in self.store.get_tasks(run_id)}
 
@@ -82,40 +115,14 @@ class LocalHarness(Harness):
     def resume(self, run_id: str, **options: Any) -> RunRecord:
         return api.resume(run_id, store=self.store, options=self._opts(**options), backend_impl=self.backend())
 
-    def _spawn(self, wf: Path) -> subprocess.Popen[str]:
-        # The CLI's store is $CORRAL_HOME/state.db: point the harness's store there.
-        code = ("import sys; from corral import api; from corral.backends.base import RunOptions; "
-                "from corral.state.sqlite import SqliteStore; "
-                "api.run(sys.argv[1], 'local', store=SqliteStore(sys.argv[2]), options=RunOptions(runtime='process'))")
-        return subprocess.Popen([sys.executable, "-c", code, str(wf), str(self.tmp / f"{self.name}-state.db")],
-                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                                env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
-
-    def _latest(self) -> str:
-        from helpers import wait_for
-
-        return wait_for(lambda: [r.run_id for r in self.store.list_runs(limit=1)], 20, "the run's record")[0]
-
     def kill_then_resume(self, wf: Path, killed: Callable[[], bool], before_resume: Callable[[], None]
                          ) -> tuple[str, RunRecord]:
-        from helpers import wait_for
-
-        proc = self._spawn(wf)
-        try:
-            wait_for(killed, 30, "the moment to kill the scheduler")
-            os.kill(proc.pid, signal.SIGKILL)
-            proc.wait(10)
-        finally:
-            if proc.poll() is None:
-                proc.kill()
-        run_id = self._latest()
-        before_resume()
-        return run_id, self.resume(run_id)
+        return self._kill_spawned_then_resume(self._spawn_run(wf), killed, before_resume, within=30)
 
     def cancel_midway(self, wf: Path, ready: Callable[[], bool]) -> RunRecord:
         from helpers import wait_for
 
-        proc = self._spawn(wf)
+        proc = self._spawn_run(wf)
         try:
             wait_for(ready, 30, "the run to be midway")
             run_id = self._latest()

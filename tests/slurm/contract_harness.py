@@ -6,9 +6,6 @@ Kept here, beside the Slurm tests, so the suite needs one line to run on Slurm:
 
 from __future__ import annotations
 
-import os
-import signal
-import subprocess
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -54,33 +51,11 @@ class SlurmHarness(Harness):
     def resume(self, run_id: str, **options: Any) -> RunRecord:
         return api.resume(run_id, store=self.store, options=self._opts(**options), backend_impl=self.backend())
 
-    def _latest(self) -> str:
-        from helpers import wait_for
-
-        return wait_for(lambda: [r.run_id for r in self.store.list_runs(limit=1)], 20, "the run's record")[0]
-
     def kill_then_resume(self, wf: Path, killed: Callable[[], bool], before_resume: Callable[[], None]
                          ) -> tuple[str, RunRecord]:
         """The submitting `corral` (waiting on the run) dies; Slurm goes on; resume follows it."""
-        from helpers import wait_for
-
-        code = ("import sys; from corral import api; from corral.backends.base import RunOptions; "
-                "from corral.state.sqlite import SqliteStore; "
-                "api.run(sys.argv[1], 'slurm', store=SqliteStore(sys.argv[2]), "
-                "options=RunOptions(runtime='process', wait=True))")
-        proc = subprocess.Popen([sys.executable, "-c", code, str(wf), str(self.tmp / f"{self.name}-state.db")],
-                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                                env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
-        try:
-            wait_for(killed, 60, "the moment to kill the submitter")
-            os.kill(proc.pid, signal.SIGKILL)
-            proc.wait(10)
-        finally:
-            if proc.poll() is None:
-                proc.kill()
-        run_id = self._latest()
-        before_resume()
-        return run_id, self.resume(run_id)
+        proc = self._spawn_run(wf, "runtime='process', wait=True")
+        return self._kill_spawned_then_resume(proc, killed, before_resume, within=60)
 
     def cancel_midway(self, wf: Path, ready: Callable[[], bool]) -> RunRecord:
         from helpers import wait_for

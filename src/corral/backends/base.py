@@ -20,12 +20,14 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any, ClassVar, Literal, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, ClassVar, Literal, Protocol, runtime_checkable
 
 from corral.errors import UsageError
 from corral.model import AttemptRecord, RunRecord, TaskRecord
-from corral.plan import Plan
 from corral.state.base import StateStore
+
+if TYPE_CHECKING:  # the planner (pydantic) loads when a plan is made, not for `corral status`
+    from corral.plan import Plan
 
 ProgressFn = Callable[[list[TaskRecord]], None]
 
@@ -108,8 +110,11 @@ class Backend(Protocol):
         """Run (local) or submit (aws) every PENDING task of the run."""
         ...
 
-    def resume(self, plan: Plan, run: RunRecord, store: StateStore, options: RunOptions) -> None:
-        """Go on with a run: reconcile, then run or submit exactly what has not succeeded."""
+    def resume(self, plan: Plan, run: RunRecord, store: StateStore, options: RunOptions,
+               tasks: list[TaskRecord] | None = None) -> None:
+        """Go on with a run: reconcile, then run or submit exactly what has not succeeded.
+        ``tasks``: the run's task records as `api.resume` read them under the lease (a backend may
+        use them instead of reading every row again); None: read them."""
         ...
 
     def refresh(self, run: RunRecord, store: StateStore) -> list[TaskRecord]:

@@ -13,9 +13,13 @@ that have not succeeded. Ctrl-C / SIGTERM cancel cleanly: children are killed, s
 from __future__ import annotations
 
 import contextlib
+import functools
+import gc
 import heapq
 import os
+import re
 import selectors
+import shutil
 import signal
 import socket
 import sys
@@ -23,7 +27,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from corral import runstate, storage
 from corral.backends.base import OUTPUT_MISSING, RunOptions, chosen_attempt
@@ -31,9 +35,11 @@ from corral.backends.processes import process_alive, process_start_time, schedul
 from corral.backends.runtime import container_argv, detect_engine, require_engine
 from corral.errors import BackendError, CorralError, StorageError, UsageError
 from corral.model import AttemptRecord, RunRecord, RunState, TaskRecord, TaskState, now
-from corral.plan import Plan, Task, check_local_secrets
 from corral.state.base import StateStore
 from corral.state.lease import LeaseHeld
+
+if TYPE_CHECKING:  # the planner (pydantic) loads when a plan is made, not for `corral status`
+    from corral.plan import Plan, Task
 
 KILL_GRACE_S = 5.0
 LOG_TAIL_LINES = 2000  # `corral logs` shows at most the last lines of each stream...
@@ -199,6 +205,8 @@ class LocalBackend:
     # -- Backend protocol ---------------------------------------------------------------------
     def check(self, plan: Plan) -> None:
         storage.check_workflow(plan.workflow)  # transfers that can never work: no rclone, unknown remote
+        from corral.plan import check_local_secrets
+
         check_local_secrets(plan.workflow)  # env:/file: secrets exist before any task starts
         for s in plan.workflow.stages:
             r = s.resources
@@ -218,36 +226,51 @@ class LocalBackend:
     def start(self, plan: Plan, run: RunRecord, store: StateStore, options: RunOptions) -> None:
         self._execute(plan, run, store, options)
 
-    def resume(self, plan: Plan, run: RunRecord, store: StateStore, options: RunOptions) -> None:
+    def resume(self, plan: Plan, run: RunRecord, store: StateStore, options: RunOptions,
+               tasks: list[TaskRecord] | None = None) -> None:
         if run.pid != os.getpid() and scheduler_alive(run):
             if run.state == RunState.RUNNING:
                 raise UsageError(
                     f"run {run.run_id} is still running (scheduler pid {run.pid})",
                     f"wait for it, or stop it with `corral cancel {run.run_id}`",
                 )
-        self._reap_orphans(run, store)
-        tasks = store.get_tasks(run.run_id)
+        reaped = self._reap_orphans(run, store)
+        records = {t.task_id: t for t in (store.get_tasks(run.run_id) if tasks is None else tasks)}
+        records.update((t.task_id, t) for t in reaped)
+        first_attempts = {tid: t.attempts for tid, t in records.items()}
         reset = []
-        for t in tasks:
+        for t in records.values():
             if not t.state.ok:
                 # started_at too: a resumed task's time is its new attempts', not the gap since the run
                 reset.append(t.replace(state=TaskState.PENDING, reason="", exit_code=None, started_at=None,
                                        ended_at=None))
         store.save_tasks(reset)
-        self._execute(plan, run, store, options, first_attempts={t.task_id: t.attempts for t in tasks})
+        records.update((t.task_id, t) for t in reset)
+        if not reset:  # every task is done: record the run's end, as a scheduler with nothing to run would
+            runstate.reopen(store, run, pid=None)
+            runstate.end(store, run.run_id, list(records.values()), pid=None)
+            if options.progress is not None:
+                options.progress(list(records.values()))
+            return
+        self._execute(plan, run, store, options, first_attempts=first_attempts, records=records)
 
     def refresh(self, run: RunRecord, store: StateStore) -> list[TaskRecord]:
-        """The store is the truth locally. A run whose scheduler died is marked INTERRUPTED (read
-        from the store, never from the caller's possibly stale ``run``) and those of its tasks
-        still running past their timeout are stopped (:meth:`stop_overdue`); both under the run's
-        lease, skipped while another command holds it."""
+        """The store is the truth locally: :meth:`sync`, then the run's tasks as stored."""
+        self.sync(run, store)
+        return store.get_tasks(run.run_id)
+
+    def sync(self, run: RunRecord, store: StateStore) -> None:
+        """Bring the store up to date without reading every task (`corral status` then aggregates
+        in the store). A run whose scheduler died is marked INTERRUPTED (read from the store, never
+        from the caller's possibly stale ``run``) and those of its tasks still running past their
+        timeout are stopped (:meth:`stop_overdue`); both under the run's lease, skipped while
+        another command holds it."""
         live = run.state in (RunState.RUNNING, RunState.INTERRUPTED)
         if live and run.host == socket.gethostname() and not scheduler_alive(run):
             with contextlib.suppress(LeaseHeld), store.lease(run.run_id, "status", wait=0):
                 fresh = runstate.interrupt_if_dead(store, run, scheduler_alive)
                 if fresh.state in (RunState.RUNNING, RunState.INTERRUPTED) and not scheduler_alive(fresh):
                     self.stop_overdue(fresh, store)
-        return store.get_tasks(run.run_id)
 
     def stop_overdue(self, run: RunRecord, store: StateStore) -> int:
         """The reaper for a dead scheduler's tasks: kill (whole session and marked descendants)
@@ -261,7 +284,10 @@ class LocalBackend:
                 marker = task_marker(run.run_id, t.task_id)
                 if a.state != TaskState.RUNNING or not a.pid or not _proc_has_env(a.pid, marker[1]):
                     continue
-                plan = plan or Plan.from_manifest(store.load_manifest(run.run_id))
+                if plan is None:
+                    from corral.plan import Plan
+
+                    plan = Plan.from_manifest(store.load_manifest(run.run_id))
                 task = plan.by_id.get(t.task_id)
                 timeout = task.stage.timeout if task is not None else None
                 started = a.started_at or now()
@@ -381,8 +407,10 @@ class LocalBackend:
             self._said.add(msg)
             self._say(f"note: {msg}")
 
-    def _reap_orphans(self, run: RunRecord, store: StateStore) -> None:
-        """Kill attempts left running by a dead scheduler and record them as interrupted."""
+    def _reap_orphans(self, run: RunRecord, store: StateStore) -> list[TaskRecord]:
+        """Kill attempts left running by a dead scheduler and record them as interrupted; the task
+        records it rewrote (PENDING)."""
+        changed = []
         for t in store.get_tasks(run.run_id, [TaskState.RUNNING, TaskState.SUBMITTED]):
             for a in store.get_attempts(run.run_id, t.task_id):
                 if a.state != TaskState.RUNNING:
@@ -392,7 +420,9 @@ class LocalBackend:
                 store.save_attempt(
                     a.replace(state=TaskState.FAILED, reason="interrupted: the scheduler stopped", ended_at=now())
                 )
-            store.save_tasks([t.replace(state=TaskState.PENDING, reason="interrupted")])
+            changed.append(t.replace(state=TaskState.PENDING, reason="interrupted"))
+            store.save_tasks([changed[-1]])
+        return changed
 
     def _execute(
         self,
@@ -401,8 +431,9 @@ class LocalBackend:
         store: StateStore,
         options: RunOptions,
         first_attempts: dict[str, int] | None = None,
+        records: dict[str, TaskRecord] | None = None,
     ) -> None:
-        Scheduler(self, plan, run, store, options, first_attempts or {}).run()
+        Scheduler(self, plan, run, store, options, first_attempts or {}, records).run()
 
 
 def _wait_exit(pid: int, timeout: float) -> None:
@@ -437,6 +468,7 @@ class Scheduler:
         store: StateStore,
         options: RunOptions,
         first_attempts: dict[str, int],
+        records: dict[str, TaskRecord] | None = None,
     ) -> None:
         self.b = backend
         self.plan = plan
@@ -445,7 +477,8 @@ class Scheduler:
         self.options = options
         self.workdir = workspace_dir(backend.home, run.run_id)
         self.logdir = run_dir(backend.home, run.run_id) / "logs"
-        self.records = {t.task_id: t for t in store.get_tasks(run.run_id)}
+        # the run's records as stored (``records``: as the caller read and wrote them, under the lease)
+        self.records = records if records is not None else {t.task_id: t for t in store.get_tasks(run.run_id)}
         self.attempts_before = first_attempts  # attempts made before this (re)start
         self.order = {t.id: i for i, t in enumerate(plan.tasks)}
         self.dependents = plan.dependents()
@@ -462,6 +495,7 @@ class Scheduler:
 
         self.forced = forced_stages(plan, options.force_stages)  # --force-stage and what needs them
         self.last_progress = 0.0
+        self.progress_every = PROGRESS_EVERY_S
         self.dirty_tasks: dict[str, TaskRecord] = {}
         self.dirty_attempts: list[AttemptRecord] = []
         self.made_dirs: set[Path] = set()
@@ -496,10 +530,14 @@ class Scheduler:
         if any(s.timeout for s in self.plan.workflow.stages):
             self._start_watchdog()
         crashed = True
+        # What exists now (the plan, the records) lives as long as the run: the cyclic collector
+        # need not walk it again and again (a full collection over 300,000 tasks' objects).
+        gc.freeze()
         try:
             self._loop(rfd)
             crashed = False
         finally:
+            gc.unfreeze()
             os.chdir(old_cwd)
             for s, h in old_handlers.items():
                 signal.signal(s, h)
@@ -776,6 +814,8 @@ class Scheduler:
                     vcpus=vcpus, memory_mib=mem if _explicit_memory(task) else None,
                     gpus=task.stage.resources.gpus, shm_mib=task.stage.resources.shm,
                 )
+            else:
+                argv = _direct_argv(argv, env)  # `sh -c "prog arg"` without shell syntax: prog itself
         except (BackendError, StorageError) as exc:
             self._failed_start(task, number, started, out_path, err_path, exc.one_line(), retryable=False)
             return
@@ -992,9 +1032,12 @@ class Scheduler:
         if cb is None:
             return
         t = time.monotonic()
-        if force or t - self.last_progress >= PROGRESS_EVERY_S:
-            self.last_progress = t
+        if force or t - self.last_progress >= self.progress_every:
             cb(list(self.records.values()))
+            self.last_progress = done = time.monotonic()
+            # A callback that takes long (a summary of 300,000 records) is called less often: at
+            # most a tenth of the scheduler's time goes to it.
+            self.progress_every = max(PROGRESS_EVERY_S, 10 * (done - t))
 
 
 def tail_lines(
@@ -1071,6 +1114,61 @@ def _start_process(argv: list[str], env: dict[str, str], out_path: str, err_path
             os.close(fd_err)
     finally:
         os.close(fd_out)
+
+
+# A `sh -c` script that is one simple command: words of these characters only (no quotes, no $,
+# globs, redirections, operators, ~, # or newlines), so the shell would only split it on blanks.
+_SIMPLE_SCRIPT = re.compile(r"[A-Za-z0-9_./:@%+,=-]+(?:[ \t]+[A-Za-z0-9_./:@%+,=-]+)*")
+# dash's reserved words and builtins (a builtin and the program of that name differ: echo, kill,
+# printf, test...); `true`/`false` without arguments are the same either way.
+_SHELL_WORDS = frozenset((
+    "if", "then", "else", "elif", "fi", "case", "esac", "for", "while", "until", "do", "done", "in", "alias",
+    "bg", "cd", "command", "echo", "eval", "exec", "exit", "export", "fc", "fg", "getopts", "hash", "jobs",
+    "kill", "local", "printf", "pwd", "read", "readonly", "return", "set", "shift", "test", "times", "trap",
+    "type", "ulimit", "umask", "unalias", "unset", "wait", "true", "false",
+))
+
+
+def _direct_argv(argv: list[str], env: dict[str, str]) -> list[str]:
+    """``["/bin/sh", "-c", "prog a b"]`` -> ``["prog", "a", "b"]`` when the script is one
+    simple command the shell would only split on blanks and ``prog`` is a program found on the
+    task's PATH (an ELF binary or a ``#!`` script): one exec per task instead of two (dash execs
+    the last command of ``-c`` itself, so exit codes, signals and the process group are the same).
+    Anything else — shell syntax, a builtin, a program not found — still runs under ``/bin/sh -c``
+    (and a missing program gets the shell's "not found", exit 127)."""
+    if len(argv) != 3 or argv[0] != "/bin/sh" or argv[1] != "-c":
+        return argv
+    script = argv[2].strip(" \t")
+    if not _SIMPLE_SCRIPT.fullmatch(script):
+        return argv
+    words = script.split()
+    prog = words[0]
+    if prog in ("true", "false") and len(words) == 1:
+        pass
+    elif prog in _SHELL_WORDS or "=" in prog or "/" in prog:
+        return argv
+    search = env.get("PATH", os.defpath)
+    # posix_spawnp searches this process's PATH: the task's must be the same (else the shell looks)
+    if search != os.environ.get("PATH", os.defpath) or not _is_program(prog, search):
+        return argv
+    if "PWD" in env:  # the shell would have set it to the working directory (and exported it)
+        env["PWD"] = os.getcwd()
+    return words  # argv[0] as the shell passes it: the name as written
+
+
+@functools.lru_cache(maxsize=256)
+def _is_program(name: str, search: str) -> bool:
+    """``name`` is found on the PATH ``search`` (in an absolute folder) as an ELF binary or a
+    ``#!`` script (anything else the shell would run as a script itself)."""
+    found = shutil.which(name, path=search)
+    if found is None or not os.path.isabs(found):
+        return False
+    try:
+        with open(found, "rb") as fh:
+            head = fh.read(4)
+    except OSError:
+        return False
+    return head == b"\x7fELF" or head[:2] == b"#!"
 
 
 def _render(task: Task, text: str, run_id: str, workdir: str) -> str:

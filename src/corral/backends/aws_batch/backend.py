@@ -321,7 +321,10 @@ class AwsBatchBackend:
         if options.wait:
             self.wait(run, store, options)
 
-    def resume(self, plan: Plan, run: RunRecord, store: StateStore, options: RunOptions) -> None:
+    def resume(self, plan: Plan, run: RunRecord, store: StateStore, options: RunOptions,
+               tasks: list[TaskRecord] | None = None) -> None:
+        # ``tasks`` (the run's records, read under the lease) is for backends whose store is the
+        # truth; this one reconciles with its scheduler first, so it reads them itself.
         self._resuming = True
         try:
             self.check(plan)

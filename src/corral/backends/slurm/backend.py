@@ -201,7 +201,10 @@ class SlurmBackend:
         store.save_run(run)
         return run
 
-    def resume(self, plan: Plan, run: RunRecord, store: StateStore, options: RunOptions) -> None:
+    def resume(self, plan: Plan, run: RunRecord, store: StateStore, options: RunOptions,
+               tasks: list[TaskRecord] | None = None) -> None:
+        # ``tasks`` (the run's records, read under the lease) is for backends whose store is the
+        # truth; this one reconciles with its scheduler first, so it reads them itself.
         self.settings = plan.workflow.slurm
         run = store.get_run(run.run_id)
         if "slurm" not in run.options:  # the submitter died before its first sbatch
