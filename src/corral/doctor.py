@@ -268,7 +268,8 @@ def failure_checks(plan: Plan | None, tasks: Sequence[TaskRecord], run_id: str) 
                 f"{len(members)} task(s) of stage {stage!r} were killed for memory ({labels}): "
                 f"{sample.reason or f'exit code {sample.exit_code}'}",
                 f"raise resources.memory of stage {stage!r} (now {have}; try "
-                f"{(res.memory * 2) if res is not None else 'twice as much'} MiB), then `corral resume {run_id}`",
+                f"{(res.memory * 2) if res is not None else 'twice as much'} MiB), or let retries ask for more "
+                f"(resources.retry_memory: 2x), then `corral resume {run_id}`",
                 stage,
             ))
         elif kind == "image-pull":

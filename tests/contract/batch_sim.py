@@ -12,7 +12,13 @@ environment and ``AWS_BATCH_JOB_ARRAY_INDEX``, the way Batch would:
 - a failed attempt is retried while ``retryStrategy.attempts`` remain, unless the first matching
   ``evaluateOnExit`` rule says EXIT (Batch's documented order; no rule matching means RETRY);
 - TerminateJob fails every child not yet ended with the given reason (never retried);
-- an array parent is SUCCEEDED when all its children are, FAILED when all ended and one failed.
+- an array parent is SUCCEEDED when all its children are, FAILED when all ended and one failed;
+- each attempt runs in a memory cgroup of the job's MEMORY (the job definition's, or SubmitJob's
+  ``containerOverrides.resourceRequirements``), as ECS's container runtime does, where this machine
+  lets tests make one (corral.backends.memory_limit); ``CORRAL_OOM_EVENTS`` names its counter, the
+  file a container sees at ``/sys/fs/cgroup/memory.events``. An attempt the kernel killed there ends
+  with the container reason ``OutOfMemoryError: Container killed due to memory usage``, as ECS
+  reports it. Without such a cgroup nothing limits memory (``memory_enforced`` is False).
 
 Nothing steers moto's private internals. ``step()`` runs one wave (everything runnable now);
 the backend's ``sleep`` is pointed at it, so ``--wait`` drives the simulated fleet.
@@ -45,6 +51,7 @@ class Child:
     attempts: list[dict[str, Any]] = field(default_factory=list)
     started_at: int | None = None
     stopped_at: int | None = None
+    container_reason: str = ""
 
     def summary(self) -> dict[str, Any]:
         out: dict[str, Any] = {"jobId": self.job_id, "status": self.status, "createdAt": 0}
@@ -52,6 +59,8 @@ class Child:
             out["statusReason"] = self.status_reason
         if self.exit_code is not None:
             out["container"] = {"exitCode": self.exit_code}
+            if self.container_reason:
+                out["container"]["reason"] = self.container_reason
         if self.started_at:
             out["startedAt"] = self.started_at
         if self.stopped_at:
@@ -70,6 +79,7 @@ class Job:
     size: int  # 1: a plain job
     children: list[Child]
     created: int
+    memory_mib: int | None = None  # containerOverrides.resourceRequirements MEMORY, if any
 
     @property
     def status(self) -> str:
@@ -96,6 +106,11 @@ class SimulatedBatch(BatchApi):
         self.ran: list[tuple[str, int | None]] = []  # (job name, index) of every attempt run
         self.crash_after_submits: int | None = None  # kill -9 of the submitter after N SubmitJobs
         self.execute = execute  # False: every child succeeds at once without running (benchmarks)
+        from corral.backends import memory_limit
+
+        self.limiter = memory_limit.detect()
+        self.memory_enforced = self.limiter.hard
+        self.memory_of_runs: list[tuple[str, int | None, int]] = []  # (job name, index, MiB) of every attempt
 
     # -- the calls corral makes -----------------------------------------------------------------
     def submit_job(self, kwargs: Any) -> str:
@@ -124,8 +139,10 @@ class SimulatedBatch(BatchApi):
         size = int((kw.get("arrayProperties") or {}).get("size", 1))
         env = {e["name"]: e["value"] for e in (kw.get("containerOverrides") or {}).get("environment", [])}
         children = [Child(job_id, None)] if size == 1 else [Child(f"{job_id}:{k}", k) for k in range(size)]
+        mem = [int(r["value"]) for r in (kw.get("containerOverrides") or {}).get("resourceRequirements", [])
+               if r["type"] == "MEMORY"]
         job = Job(job_id, kw["jobName"], kw["jobQueue"], kw["jobDefinition"], env, list(kw.get("dependsOn") or []),
-                  size, children, len(self.jobs))
+                  size, children, len(self.jobs), mem[0] if mem else None)
         self.jobs[job_id] = job
         for c in children:
             self.children[c.job_id] = c
@@ -150,6 +167,8 @@ class SimulatedBatch(BatchApi):
             out = {**base, **c.summary(), "attempts": list(c.attempts)}
             if c.exit_code is not None:
                 out["container"] = {**base["container"], "exitCode": c.exit_code}
+                if c.container_reason:
+                    out["container"]["reason"] = c.container_reason
             return out
         base["retryStrategy"] = self._definition(job.definition).get("retryStrategy") or {"attempts": 1}
         counts: dict[str, int] = {}
@@ -241,9 +260,24 @@ class SimulatedBatch(BatchApi):
             started = _ms()
             c.status, c.started_at = "RUNNING", c.started_at or started
             self.ran.append((job.name, c.index))
-            proc = subprocess.run(command, env=env, cwd=self.workdir, capture_output=True, text=True,
-                                  timeout=self.timeout)
+            memory = job.memory_mib or next(int(r["value"]) for r in definition["containerProperties"][
+                "resourceRequirements"] if r["type"] == "MEMORY")
+            self.memory_of_runs.append((job.name, c.index, memory))
+            cgroup = self._cgroup(c, memory)
+            argv = list(command)
+            if cgroup is not None:
+                argv = cgroup.wrap(argv)
+                env["CORRAL_OOM_EVENTS"] = str(cgroup.path / (
+                    "memory.events" if cgroup.kind == "cgroup2" else "memory.oom_control"))
+            try:
+                proc = subprocess.run(argv, env=env, cwd=self.workdir, capture_output=True, text=True,
+                                      timeout=self.timeout)
+            finally:
+                oom_killed = cgroup is not None and cgroup.oom_killed()
+                if cgroup is not None:
+                    cgroup.remove()
             code = proc.returncode if proc.returncode >= 0 else 128 - proc.returncode
+            c.container_reason = "OutOfMemoryError: Container killed due to memory usage" if oom_killed and code else ""
             c.attempts.append({"container": {"exitCode": code, "logStreamName": f"corral/{c.job_id}"},
                                "startedAt": started, "stoppedAt": _ms(), "statusReason": EXITED,
                                "stderr": proc.stderr})
@@ -253,6 +287,15 @@ class SimulatedBatch(BatchApi):
             if len(c.attempts) >= max_attempts or _action(strategy, EXITED, "", code) == "EXIT":
                 c.status, c.status_reason, c.exit_code, c.stopped_at = "FAILED", EXITED, code, _ms()
                 return
+
+
+    def _cgroup(self, c: Child, memory: int) -> Any:
+        from corral.backends import memory_limit
+
+        if not self.memory_enforced:
+            return None
+        name = f"corral-sim-{os.getpid()}-{c.job_id.replace(':', '-')}-{len(c.attempts) + 1}"
+        return memory_limit.create(self.limiter, name, memory, None)
 
 
 class KilledSubmitter(BaseException):

@@ -380,3 +380,94 @@ stages:
         level += 1 if e == "start" else -1
         peak = max(peak, level)
     assert peak == 2
+
+
+# -- memory ---------------------------------------------------------------------------------------
+# `eat N` allocates and touches N MiB at once. Where a kernel memory cgroup holds the task (local;
+# the simulated Batch's container) that is a real out-of-memory kill. Where none does (the Slurm
+# test cluster: task/none), the harness says so and `eat` plays the kernel at the seam the wrapper
+# reads: it bumps the cgroup's oom_kill counter ($CORRAL_OOM_EVENTS) and SIGKILLs itself when the
+# job's --mem ($SLURM_MEM_PER_NODE) is below N.
+EAT = """#!/bin/sh
+if [ -n "${CORRAL_OOM_EVENTS:-}" ] && [ -n "${SLURM_MEM_PER_NODE:-}" ]; then
+  if [ "$SLURM_MEM_PER_NODE" -lt "$1" ]; then
+    # (written whole with a rename: a wrapper reading it meanwhile never sees it empty)
+    n=$(sed -n 's/^oom_kill //p' "$CORRAL_OOM_EVENTS"); echo "oom_kill $((${n:-0} + 1))" > "$CORRAL_OOM_EVENTS.$$"
+    mv -f "$CORRAL_OOM_EVENTS.$$" "$CORRAL_OOM_EVENTS"
+    kill -9 $$
+  fi
+  exit 0
+fi
+exec python3 -c "b = bytearray($1 * 2**20)"
+"""
+
+
+def test_an_oom_kill_is_recorded_as_such_and_retried_with_more_memory(
+        backend: Harness, tmp_path: Path, out: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    if not backend.memory_is_enforced():
+        if backend.name != "slurm":
+            pytest.skip("no memory cgroup can be made here: nothing would kill the burst")
+        backend.inject_oom_seam(monkeypatch)
+    eat = tmp_path / "eat.sh"
+    eat.write_text(EAT)
+    wf = _workflow(tmp_path, f"""
+name: oom
+items: [{{s: big}}, {{s: small}}]
+stages:
+  - name: eat
+    retries: 3
+    resources: {{memory: 100MiB, retry_memory: 3x}}
+    command: "echo x >> OUT/{{s}}.tries; if [ {{s}} = big ]; then sh {eat} 500; fi"
+  - name: after
+    needs: [eat]
+    command: echo {{s}} >> OUT/after.txt
+  - name: never
+    retries: 2
+    resources: {{memory: 100MiB, retry_memory: [200MiB]}}
+    command: "sh {eat} 500"
+""", out)
+    run = backend.run(wf)
+    t = backend.tasks(run.run_id)
+    # 100 MiB: killed; 300 MiB: killed; 900 MiB: enough — the same on every backend
+    assert (t["eat[big]"].state, t["eat[big]"].attempts) == (TaskState.SUCCEEDED, 3)
+    assert (out / "big.tries").read_text() == "x\n" * 3 and (out / "small.tries").read_text() == "x\n"
+    assert (t["eat[small]"].state, t["eat[small]"].attempts) == (TaskState.SUCCEEDED, 1)
+    assert sorted((out / "after.txt").read_text().split()) == ["big", "small"]  # the dependent ran once
+    # retry_memory's list ends at 200 MiB: killed there, not retried again with the same memory
+    for k in ("never[big]", "never[small]"):
+        assert (t[k].state, t[k].attempts) == (TaskState.FAILED, 2), (t[k].state, t[k].reason)
+        assert t[k].reason.startswith("out of memory (limit 200MiB)"), t[k].reason
+        assert t[k].reason.endswith("not retried: it already had the last size of retry_memory")
+    assert run.state == RunState.FAILED
+    if backend.name == "aws":
+        big = [m for name, k, m in backend.sim.memory_of_runs if "-eat-r" in name and k in (None, 0)]
+        assert big == [100, 300, 900]  # each retry of eat[big] a new job (its own round), with more memory
+
+
+def test_resume_after_oom_kills_goes_on_growing_the_memory(
+        backend: Harness, tmp_path: Path, out: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    if not backend.memory_is_enforced():
+        if backend.name != "slurm":
+            pytest.skip("no memory cgroup can be made here: nothing would kill the burst")
+        backend.inject_oom_seam(monkeypatch)
+    eat = tmp_path / "eat.sh"
+    eat.write_text(EAT)
+    wf = _workflow(tmp_path, f"""
+name: oom-resume
+items: [{{s: big}}]
+stages:
+  - name: eat
+    retries: 1
+    resources: {{memory: 100MiB, retry_memory: 3x}}
+    command: "echo x >> OUT/{{s}}.tries; sh {eat} 500"
+""", out)
+    run = backend.run(wf)
+    t = backend.tasks(run.run_id)["eat[big]"]
+    # 100 MiB then 300 MiB: both killed, and retries: 1 is spent
+    assert (t.state, t.attempts) == (TaskState.FAILED, 2) and run.state == RunState.FAILED
+    assert t.reason.startswith("out of memory (limit 300MiB)"), t.reason
+    again = backend.resume(run.run_id)
+    t = backend.tasks(run.run_id)["eat[big]"]
+    # resume goes on from the memory the last attempt was killed at: 900 MiB, enough
+    assert (again.state, t.state, t.attempts) == (RunState.SUCCEEDED, TaskState.SUCCEEDED, 3)
+    assert (out / "big.tries").read_text() == "x\n" * 3

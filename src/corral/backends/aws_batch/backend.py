@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from corral import runstate
+from corral.backends.aws_batch import memory as aws_memory
 from corral.backends.aws_batch import payloads as pl
 from corral.backends.aws_batch import staging
 from corral.backends.aws_batch.client import AwsClients
@@ -365,7 +366,10 @@ class AwsBatchBackend:
         staged = self._stage(plan, run, env, to_submit)
         if run.state != RunState.RUNNING and to_submit:
             run.state = RunState.RUNNING
-        self._submitter(env, store, plan, staged).submit_round(plan, run, records, to_submit, round_)
+        submitter = self._submitter(env, store, plan, staged)
+        submitter.memory = aws_memory.on_resume(plan, opts, [records[t] for t in to_submit],
+                                                list(self._aws(plan).instance_types))
+        submitter.submit_round(plan, run, records, to_submit, round_)
         if to_submit:
             store.save_run(run)
         if options.wait:
@@ -410,6 +414,9 @@ class AwsBatchBackend:
         if changed:
             self._count_attempts(changed, jobs)
             self._name_missing_outputs(run, store, changed)
+            aws_memory.count_attempts(run.options.get(OPTIONS_KEY, {}), changed)
+            if any(aws_memory.is_batch_oom(t) for t in changed.values()):
+                aws_memory.name_oom(run.options.get(OPTIONS_KEY, {}), _plan_of(store, run), changed)
             # Conditional: a record another process changed since we read it (a cleanup claim) stands.
             before = {t.task_id: t for t in tasks}
             written = store.update_tasks([(before[tid], new) for tid, new in changed.items()])
@@ -417,6 +424,7 @@ class AwsBatchBackend:
                 tasks = [changed.get(t.task_id, t) for t in tasks]
             else:
                 tasks = store.get_tasks(run.run_id)
+        tasks = self._retry_with_more_memory(run, store, tasks)
         self._update_run_state(run, store, tasks)
         if final_cleanup:
             try:
@@ -430,6 +438,34 @@ class AwsBatchBackend:
                          "a later refresh tries again")
                 tasks = store.get_tasks(run.run_id)
         return tasks
+
+    def _retry_with_more_memory(self, run: RunRecord, store: StateStore, tasks: list[TaskRecord]) -> list[TaskRecord]:
+        """Tasks killed for memory with tries left go in a new round, their jobs asking for more
+        (corral.backends.aws_batch.memory); called by the refresh, under the run's lease."""
+        from corral.backends import oom
+
+        if run.state != RunState.RUNNING or not any(
+                t.state == TaskState.FAILED and oom.is_oom(t.reason) and "not retried" not in t.reason for t in tasks):
+            return tasks
+        plan = _plan_of(store, run)
+        if plan is None:
+            return tasks
+        opts = run.options.setdefault(OPTIONS_KEY, {})
+        again, grown, finals = aws_memory.plan_retries(plan, opts, tasks, list(self._aws(plan).instance_types))
+        if finals:
+            store.save_tasks(finals)
+        if not again:
+            return store.get_tasks(run.run_id) if finals else tasks
+        env = self.environment(plan, run.run_id)
+        self._secrets = self._rclone_secrets(plan, run)
+        staged = self._stage(plan, run, env, again)
+        opts[aws_memory.KEY] = grown
+        records = {t.task_id: t for t in tasks}
+        submitter = self._submitter(env, store, plan, staged)
+        submitter.memory = {tid: int(grown[tid]["mib"]) for tid in again if tid in grown}
+        submitter.submit_round(plan, run, records, again, int(opts.get("round", 0)) + 1)
+        store.save_run(run)
+        return store.get_tasks(run.run_id)
 
     def _count_attempts(self, changed: dict[str, TaskRecord], parents: dict[str, dict[str, Any]]) -> None:
         """Attempts of array children that just ended, where their job allows more than one
@@ -592,6 +628,13 @@ class AwsBatchBackend:
                 return
             self.sleep(delay)
             delay = min(max_delay, delay * 1.5)
+
+
+def _plan_of(store: StateStore, run: RunRecord) -> Plan | None:
+    try:
+        return Plan.from_manifest(store.load_manifest(run.run_id))
+    except CorralError:
+        return None
 
 
 def skip_done(plan: Plan, run: RunRecord, store: StateStore, records: dict[str, TaskRecord], candidates: set[str],

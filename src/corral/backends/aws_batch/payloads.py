@@ -116,7 +116,8 @@ if [ -n "${CORRAL_WORKDIR:-}" ]; then mkdir -p "$CORRAL_WORKDIR" 2>/dev/null || 
 if [ -n "${CORRAL_PROGRAM:-}" ]; then set -- /bin/sh -c "$CORRAL_PROGRAM" corral-program "$@"; fi
 r=${CORRAL_RETRIES:-0}
 t=${CORRAL_TRY_TIMEOUT:-}
-unset CORRAL_PROGRAM CORRAL_RETRIES CORRAL_TRY_TIMEOUT
+ev=${CORRAL_OOM_EVENTS:-}
+unset CORRAL_PROGRAM CORRAL_RETRIES CORRAL_TRY_TIMEOUT CORRAL_OOM_EVENTS
 if [ -n "$t" ] && command -v timeout >/dev/null 2>&1; then set -- timeout -s TERM "$t" "$@"; fi
 if [ "$r" -eq 0 ] && [ -z "$outs" ]; then exec "$@"; fi
 check_outputs() {
@@ -126,9 +127,12 @@ check_outputs() {
     shift 2
   done
 }
+oo() { for f in $ev /sys/fs/cgroup/memory.events /sys/fs/cgroup/memory/memory.oom_control; do
+  if [ -r "$f" ]; then x=$(sed -n 's/^oom_kill //p' "$f"); echo "${x:-0}"; return 0; fi; done; echo 0; }
 n=0
 stop=
 while :; do
+  o=$(oo)
   "$@" &
   p=$!
   trap 'stop=1; kill -TERM "$p" 2>/dev/null || :' TERM INT HUP
@@ -139,6 +143,8 @@ while :; do
   if [ "$rc" -eq 0 ] && [ -n "$outs" ]; then check_outputs; rc=$?; fi
   set -e
   trap - TERM INT HUP
+  if [ "$rc" -eq 137 ] && [ "$(oo)" -gt "$o" ]; then
+    echo "corral: killed for memory (exit 137): not re-run with the same memory" >&2; exit 137; fi
   if [ "$rc" -eq 0 ] || [ -n "$stop" ] || [ "$n" -ge "$r" ]; then exit "$rc"; fi
   n=$((n + 1))
   echo "corral: the command exited $rc; retry $n of $r" >&2

@@ -424,6 +424,8 @@ class Submitter:
         self.staged = dict(staged or {})
         self.base_dir = base_dir
         # shareIdentifier on fair-share queues (fair_share.py)
+        # task id -> MiB its job asks for instead of the stage's (a resubmission after an OOM kill)
+        self.memory: dict[str, int] = {}
         self.fair_share = FairShare(lambda **kw: api.call("describe_job_queues", "describe job queue", **kw),
                                     share_identifier, user_queues)
 
@@ -627,6 +629,7 @@ class Submitter:
                         table=pl.encode_table(rows[s][a : a + n]), env=self._chunk_env(tables[s], U[a]),
                         depends_on=deps, tags=tags,
                     )
+                    self._with_memory(kwargs, stage, [t.id for t in members if t.id in to_submit], fargate)
                     job_id = self._submit(kwargs, spec)
                     result.submitted[name] = job_id
                     jobs[(s, c)] = (job_id, n)
@@ -645,6 +648,7 @@ class Submitter:
                     table=pl.encode_table([tables[s].row(task)]), env=tables[s].override_env, depends_on=deps,
                     tags=tags,
                 )
+                self._with_memory(kwargs, stage, [task.id], fargate)
                 job_id = self._submit(kwargs, spec)
                 result.submitted[name] = job_id
                 jobs[(s, None)] = (job_id, 1)
@@ -654,6 +658,14 @@ class Submitter:
             for rec in done:
                 records[rec.task_id] = rec
         return result
+
+    def _with_memory(self, kwargs: dict[str, Any], stage: Stage, task_ids: list[str], fargate: bool) -> None:
+        """A job's memory is fixed at SubmitJob: a task resubmitted for memory gets it as an override."""
+        mib = max((self.memory.get(t, 0) for t in task_ids), default=0)
+        if mib:
+            from corral.backends.aws_batch.memory import overrides
+
+            kwargs["containerOverrides"]["resourceRequirements"] = overrides(stage.resources, mib, fargate)
 
     def _chunk_env(self, table: pl.StageTable, first_index: int) -> dict[str, str]:
         """A chunk's override variables (besides its table): the stage's few override names, and
