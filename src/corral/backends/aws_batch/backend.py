@@ -367,7 +367,7 @@ class AwsBatchBackend:
         if run.state != RunState.RUNNING and to_submit:
             run.state = RunState.RUNNING
         submitter = self._submitter(env, store, plan, staged)
-        submitter.memory = aws_memory.on_resume(plan, opts, [records[t] for t in to_submit],
+        submitter.memory = aws_memory.on_resume(plan, RunFacts.stored(run), [records[t] for t in to_submit],
                                                 list(self._aws(plan).instance_types))
         submitter.submit_round(plan, run, records, to_submit, round_)
         if to_submit:
@@ -414,9 +414,9 @@ class AwsBatchBackend:
         if changed:
             self._count_attempts(changed, jobs)
             self._name_missing_outputs(run, store, changed)
-            aws_memory.count_attempts(run.options.get(OPTIONS_KEY, {}), changed)
+            aws_memory.count_attempts(RunFacts.of(run).to_dict(), changed)
             if any(aws_memory.is_batch_oom(t) for t in changed.values()):
-                aws_memory.name_oom(run.options.get(OPTIONS_KEY, {}), _plan_of(store, run), changed)
+                aws_memory.name_oom(RunFacts.of(run).to_dict(), _plan_of(store, run), changed)
             # Conditional: a record another process changed since we read it (a cleanup claim) stands.
             before = {t.task_id: t for t in tasks}
             written = store.update_tasks([(before[tid], new) for tid, new in changed.items()])
@@ -450,7 +450,7 @@ class AwsBatchBackend:
         plan = _plan_of(store, run)
         if plan is None:
             return tasks
-        opts = run.options.setdefault(OPTIONS_KEY, {})
+        opts = RunFacts.stored(run)  # (memory keeps its own facts here, updated in place)
         again, grown, finals = aws_memory.plan_retries(plan, opts, tasks, list(self._aws(plan).instance_types))
         if finals:
             store.save_tasks(finals)
