@@ -46,8 +46,11 @@ def _memory_mib() -> int:
 
 class SlurmCluster:
     def __init__(self, root: Path, *, max_array_size: int = 1001, cluster: str = "corraltest",
-                 accounting: bool = False, node: str = "node1") -> None:
+                 accounting: bool = False, node: str = "node1", memory_kill: bool = False) -> None:
         self.root = Path(root)
+        # slurmstepd samples each step's memory every second and kills a step past its --mem
+        # (JobAcctGatherParams=OverMemoryKill): the one memory enforcement Slurm has without cgroups
+        self.memory_kill = memory_kill
         self.accounting = accounting
         self.dbd_port = 0
         self.max_array_size = max_array_size
@@ -161,7 +164,9 @@ class SlurmCluster:
             "SlurmdPidFile": str(r / "run" / "slurmd-%n.pid"),
             "ProctrackType": "proctrack/linuxproc",
             "TaskPlugin": "task/none",
-            "JobAcctGatherType": "jobacct_gather/none",
+            "JobAcctGatherType": "jobacct_gather/linux" if self.memory_kill else "jobacct_gather/none",
+            "JobAcctGatherParams": "OverMemoryKill" if self.memory_kill else "",
+            "JobAcctGatherFrequency": "task=1" if self.memory_kill else "",
             "AccountingStorageType": "accounting_storage/slurmdbd" if self.accounting else "accounting_storage/none",
             "AccountingStorageHost": "localhost" if self.accounting else "",
             "AccountingStoragePort": str(self.dbd_port) if self.accounting else "",
@@ -279,7 +284,27 @@ class SlurmCluster:
         return "(no log)"
 
 
-_SHARED: dict[bool, SlurmCluster | ClusterUnavailable] = {}
+_SHARED: dict[object, SlurmCluster | ClusterUnavailable] = {}
+
+
+def memory_kill_cluster() -> SlurmCluster:
+    """A second cluster per test process whose slurmstepd kills a step past its --mem
+    (``memory_kill``). Raises ClusterUnavailable (cached)."""
+    got = _SHARED.get("memory_kill")
+    if got is None:
+        import atexit
+        import tempfile
+
+        root = Path(tempfile.mkdtemp(prefix="corral-slurm-mk-"))
+        try:
+            got = SlurmCluster(root, node="node3", memory_kill=True).start()
+            atexit.register(got.stop)
+        except ClusterUnavailable as exc:
+            got = exc
+        _SHARED["memory_kill"] = got
+    if isinstance(got, ClusterUnavailable):
+        raise got
+    return got
 
 
 def shared_cluster(accounting: bool = False) -> SlurmCluster:

@@ -457,6 +457,7 @@ def plan(workflow: str, show_tasks: bool, as_json: bool, with_cost: bool, spot: 
                 {"name": s.name, "per": s.per, "needs": s.needs, "kind": s.kind, "image": s.image,
                  "tasks": len(p.stage_tasks(s.name)), "vcpus": s.resources.vcpus,
                  "memory_mib": s.resources.memory, "gpus": s.resources.gpus, "disk_gib": s.resources.disk,
+                 "retry_memory": s.resources.model_dump(mode="json")["retry_memory"],
                  "retries": s.retries, "timeout_s": s.timeout}
                 for s in (p.workflow.stage(n) for n in p.stage_order)
             ],
@@ -482,7 +483,7 @@ def plan(workflow: str, show_tasks: bool, as_json: bool, with_cost: bool, spot: 
     for name in p.stage_order:
         s = p.workflow.stage(name)
         table.add_row(name, s.per, ", ".join(s.needs) or "-", str(len(p.stage_tasks(name))),
-                      f"{s.resources.vcpus:g}", format_size_mib(s.resources.memory), str(s.resources.gpus),
+                      f"{s.resources.vcpus:g}", _memory_cell(s.resources), str(s.resources.gpus),
                       str(s.retries), format_duration(s.timeout), s.image or "-")
     err.print(table)
     if estimate is not None:
@@ -539,3 +540,12 @@ def main(argv: list[str] | None = None) -> None:
     except BrokenPipeError:
         sys.exit(0)
 
+
+def _memory_cell(r: Any) -> str:
+    """``2GiB``, and how retries after an out-of-memory kill grow it (``2GiB (x2 on OOM)``)."""
+    grow = r.retry_memory
+    if grow is None:
+        return format_size_mib(r.memory)
+    if isinstance(grow, float):
+        return f"{format_size_mib(r.memory)} (x{grow:g} on OOM)"
+    return f"{format_size_mib(r.memory)} (then {', '.join(format_size_mib(m) for m in grow)} on OOM)"

@@ -268,7 +268,8 @@ def failure_checks(plan: Plan | None, tasks: Sequence[TaskRecord], run_id: str) 
                 f"{len(members)} task(s) of stage {stage!r} were killed for memory ({labels}): "
                 f"{sample.reason or f'exit code {sample.exit_code}'}",
                 f"raise resources.memory of stage {stage!r} (now {have}; try "
-                f"{(res.memory * 2) if res is not None else 'twice as much'} MiB), then `corral resume {run_id}`",
+                f"{(res.memory * 2) if res is not None else 'twice as much'} MiB), or let retries ask for more "
+                f"(resources.retry_memory: 2x), then `corral resume {run_id}`",
                 stage,
             ))
         elif kind == "image-pull":
@@ -625,6 +626,16 @@ def _runnable(clients: AwsClients, queue_ces: dict[str, list[dict[str, Any]]], r
         since = (job.get("createdAt") or 0) / 1000.0
         waited = t_now - since if since else 0.0
         if waited <= after_s:
+            continue
+        held = [e.get("consumableResource", "") for e in
+                (job.get("consumableResourceProperties") or {}).get("consumableResourceList") or []]
+        if held:  # a stage's max_parallel: its tasks wait RUNNABLE for their turn, by design
+            out.append(Finding(
+                "runnable", "info",
+                f"job {job.get('jobName', '')} ({job.get('jobId')}) in queue {qname}: {n} task(s) RUNNABLE, "
+                f"waiting for their turn under the stage's max_parallel (consumable resource {', '.join(held)})",
+                "nothing to fix: raise the stage's max_parallel for more at once", job.get("jobId", ""),
+            ))
             continue
         why, fix = runnable_reason(job, queue_ces.get(qname, []))
         out.append(Finding(

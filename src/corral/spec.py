@@ -17,6 +17,8 @@ from pydantic import (
     Field,
     PrivateAttr,
     ValidationError,
+    ValidationInfo,
+    field_serializer,
     field_validator,
     model_validator,
 )
@@ -116,6 +118,26 @@ def _shm_mib(v: object) -> int | None:
 
 
 ShmMiB = Annotated[int | None, BeforeValidator(_shm_mib)]
+
+MAX_RETRY_FACTOR = 16.0
+_FACTOR_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*[xX]\s*$")
+
+
+def _retry_memory(v: object) -> float | list[int] | None:
+    """``resources.retry_memory``: a factor (``2x``, ``1.5x``) or a list of sizes (``[8GiB, 16GiB]``),
+    the memory of the attempts after each out-of-memory kill. A bare number is refused: it could
+    mean a factor or MiB."""
+    if v is None:
+        return None
+    if isinstance(v, str) and (m := _FACTOR_RE.match(v)):
+        return float(m.group(1))
+    if isinstance(v, list) and v and not any(isinstance(x, bool) for x in v):
+        return [_memory_mib(x) for x in v]
+    raise ValueError(f"retry_memory {v!r} is neither a factor (write `2x`) nor a list of sizes "
+                     "(write [8GiB, 16GiB])")
+
+
+RetryMemory = Annotated[float | list[int] | None, BeforeValidator(_retry_memory)]
 Seconds = Annotated[float | None, BeforeValidator(_duration)]
 EnvValue = Annotated[str, BeforeValidator(_str_value)]
 
@@ -134,6 +156,30 @@ class Resources(Model):
     gpus: Count = Field(0, ge=0, le=MAX_GPUS)
     disk: DiskGiB = Field(None)
     shm: ShmMiB = Field(None)
+    # after an out-of-memory kill, the next attempt asks for more (see corral.backends.oom)
+    retry_memory: RetryMemory = Field(None)
+
+    @field_serializer("retry_memory")
+    def _retry_memory_text(self, v: float | list[int] | None) -> str | list[int] | None:
+        return f"{v:g}x" if isinstance(v, float) else v  # as written: a manifest reads back the same
+
+    @field_validator("retry_memory")
+    @classmethod
+    def _retry_memory_grows(cls, v: float | list[int] | None, info: ValidationInfo) -> float | list[int] | None:
+        if isinstance(v, float) and not 1.0 < v <= MAX_RETRY_FACTOR:
+            raise ValueError(f"retry_memory {v:g}x must be more than 1x and at most {MAX_RETRY_FACTOR:g}x")
+        if isinstance(v, list):
+            memory = info.data.get("memory")
+            before = memory if isinstance(memory, int) else 0
+            for size in v:
+                if size <= before:
+                    raise ValueError(f"retry_memory sizes must grow: {size}MiB is not more than "
+                                     f"{'memory' if before == memory else 'the size before it'} ({before}MiB)")
+                if size > MAX_MEMORY_MIB:
+                    raise ValueError(f"retry_memory size {size}MiB is more than any machine has "
+                                     f"({MAX_MEMORY_MIB}MiB)")
+                before = size
+        return v
 
     @field_validator("shm")
     @classmethod
@@ -219,6 +265,13 @@ class Stage(StageFields):
         if isinstance(v, list) and not v:
             raise ValueError("command is an empty list")
         return v
+
+    @model_validator(mode="after")
+    def _retry_memory_needs_retries(self) -> Stage:
+        if self.resources.retry_memory is not None and self.retries < 1:
+            raise ValueError("resources.retry_memory sets the memory of retries, and this stage has retries: 0: "
+                             "add `retries: N` (each out-of-memory retry is one of them)")
+        return self
 
     @model_validator(mode="after")
     def _kind(self) -> Stage:

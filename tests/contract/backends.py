@@ -94,6 +94,21 @@ class Harness:
     def tasks(self, run_id: str) -> dict[str, TaskRecord]:
         return {t.label: t for t in self.store.get_tasks(run_id)}
 
+    def memory_is_enforced(self) -> bool:
+        """A task that allocates past its memory is killed by a real kernel memory cgroup (local: the
+        task's own; aws: the simulated Batch's container cgroup). False: the scenario's command
+        plays the kernel's OOM kill at the seam the wrapper reads (:meth:`inject_oom_seam`)."""
+        from corral.backends import memory_limit
+
+        return memory_limit.detect().hard
+
+    def inject_oom_seam(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        """Where no kernel enforces memory: point the wrapper's OOM counter (``CORRAL_OOM_EVENTS``)
+        at a file the scenario's command bumps before it kills itself with SIGKILL."""
+        events = self.tmp / "oom_events"
+        events.write_text("oom_kill 0\n")
+        monkeypatch.setenv("CORRAL_OOM_EVENTS", str(events))
+
     def close(self) -> None:
         self.store.close()
 
@@ -153,7 +168,9 @@ class AwsHarness(Harness):
 
         self.clients = AwsClients()
         self.env = make_environment(self.clients)
-        self.sim = SimulatedBatch(self.clients.batch, workdir=tmp_path / "aws-container")
+        self.sim = SimulatedBatch(self.clients.batch, workdir=tmp_path / "aws-container",
+                                  consumables=request.getfixturevalue("strict_aws").consumables,
+                                  logs=self.clients.logs)
         self.said: list[str] = []
         self.runs: list[str] = []
 

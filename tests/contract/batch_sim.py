@@ -12,7 +12,20 @@ environment and ``AWS_BATCH_JOB_ARRAY_INDEX``, the way Batch would:
 - a failed attempt is retried while ``retryStrategy.attempts`` remain, unless the first matching
   ``evaluateOnExit`` rule says EXIT (Batch's documented order; no rule matching means RETRY);
 - TerminateJob fails every child not yet ended with the given reason (never retried);
-- an array parent is SUCCEEDED when all its children are, FAILED when all ended and one failed.
+- an array parent is SUCCEEDED when all its children are, FAILED when all ended and one failed;
+- each attempt runs in a memory cgroup of the job's MEMORY (the job definition's, or SubmitJob's
+  ``containerOverrides.resourceRequirements``), as ECS's container runtime does, where this machine
+  lets tests make one (corral.backends.memory_limit); ``CORRAL_OOM_EVENTS`` names its counter, the
+  file a container sees at ``/sys/fs/cgroup/memory.events``. An attempt the kernel killed there ends
+  with the container reason ``OutOfMemoryError: Container killed due to memory usage``, as ECS
+  reports it. Without such a cgroup nothing limits memory (``memory_enforced`` is False).
+- a job whose definition names consumable resources (``consumableResourceProperties``: a stage's
+  ``max_parallel``) starts only when the quantities are free, holds them until it ends and waits
+  RUNNABLE meanwhile (Batch user guide, "Specify the resources needed to run a job"); the
+  resources are the strict-AWS layer's (``tests/batch_consumables.py``), and the most ever held
+  at once is kept in ``peak``.
+
+The children of one wave run at the same time (threads, each its own process), as on a fleet.
 
 Nothing steers moto's private internals. ``step()`` runs one wave (everything runnable now);
 the backend's ``sleep`` is pointed at it, so ``--wait`` drives the simulated fleet.
@@ -20,10 +33,13 @@ the backend's ``sleep`` is pointed at it, so ``--wait`` drives the simulated fle
 
 from __future__ import annotations
 
+import contextlib
 import fnmatch
 import os
 import subprocess
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -45,6 +61,7 @@ class Child:
     attempts: list[dict[str, Any]] = field(default_factory=list)
     started_at: int | None = None
     stopped_at: int | None = None
+    container_reason: str = ""
 
     def summary(self) -> dict[str, Any]:
         out: dict[str, Any] = {"jobId": self.job_id, "status": self.status, "createdAt": 0}
@@ -52,6 +69,8 @@ class Child:
             out["statusReason"] = self.status_reason
         if self.exit_code is not None:
             out["container"] = {"exitCode": self.exit_code}
+            if self.container_reason:
+                out["container"]["reason"] = self.container_reason
         if self.started_at:
             out["startedAt"] = self.started_at
         if self.stopped_at:
@@ -70,6 +89,7 @@ class Job:
     size: int  # 1: a plain job
     children: list[Child]
     created: int
+    memory_mib: int | None = None  # containerOverrides.resourceRequirements MEMORY, if any
 
     @property
     def status(self) -> str:
@@ -86,8 +106,15 @@ class Job:
 class SimulatedBatch(BatchApi):
     """A BatchApi whose job states are simulated (see the module docstring)."""
 
-    def __init__(self, client: Any, *, workdir: Path, timeout: float = 60.0, execute: bool = True) -> None:
+    def __init__(self, client: Any, *, workdir: Path, timeout: float = 60.0, execute: bool = True,
+                 consumables: Any = None, workers: int = 8, logs: Any = None) -> None:
         super().__init__(client, TokenBucket(rate=1e9))
+        self.consumables = consumables  # batch_consumables.ConsumableResources (the strict layer's)
+        self.registered: dict[str, dict[str, Any]] = {}  # job definition ARN -> RegisterJobDefinition kwargs
+        self.peak: dict[str, int] = {}  # consumable resource -> the most held at once
+        self.workers = workers
+        self.logs = logs  # a CloudWatch Logs client (moto's): each attempt's output is written there
+        self._lock = threading.Lock()
         self.jobs: dict[str, Job] = {}
         self.children: dict[str, Child] = {}
         self.definitions: dict[str, dict[str, Any]] = {}
@@ -96,6 +123,11 @@ class SimulatedBatch(BatchApi):
         self.ran: list[tuple[str, int | None]] = []  # (job name, index) of every attempt run
         self.crash_after_submits: int | None = None  # kill -9 of the submitter after N SubmitJobs
         self.execute = execute  # False: every child succeeds at once without running (benchmarks)
+        from corral.backends import memory_limit
+
+        self.limiter = memory_limit.detect()
+        self.memory_enforced = self.limiter.hard
+        self.memory_of_runs: list[tuple[str, int | None, int]] = []  # (job name, index, MiB) of every attempt
 
     # -- the calls corral makes -----------------------------------------------------------------
     def submit_job(self, kwargs: Any) -> str:
@@ -111,6 +143,8 @@ class SimulatedBatch(BatchApi):
             self._terminate(kwargs["jobId"], kwargs.get("reason", ""))
             return {}
         result = super().call(op, action, **kwargs)  # the real request, to moto
+        if op == "register_job_definition":  # (moto keeps no consumableResourceProperties)
+            self.registered[result["jobDefinitionArn"]] = dict(kwargs)
         if op == "submit_job":
             self._record(kwargs, result["jobId"])
             if self.crash_after_submits is not None:
@@ -124,8 +158,10 @@ class SimulatedBatch(BatchApi):
         size = int((kw.get("arrayProperties") or {}).get("size", 1))
         env = {e["name"]: e["value"] for e in (kw.get("containerOverrides") or {}).get("environment", [])}
         children = [Child(job_id, None)] if size == 1 else [Child(f"{job_id}:{k}", k) for k in range(size)]
+        mem = [int(r["value"]) for r in (kw.get("containerOverrides") or {}).get("resourceRequirements", [])
+               if r["type"] == "MEMORY"]
         job = Job(job_id, kw["jobName"], kw["jobQueue"], kw["jobDefinition"], env, list(kw.get("dependsOn") or []),
-                  size, children, len(self.jobs))
+                  size, children, len(self.jobs), mem[0] if mem else None)
         self.jobs[job_id] = job
         for c in children:
             self.children[c.job_id] = c
@@ -150,6 +186,8 @@ class SimulatedBatch(BatchApi):
             out = {**base, **c.summary(), "attempts": list(c.attempts)}
             if c.exit_code is not None:
                 out["container"] = {**base["container"], "exitCode": c.exit_code}
+                if c.container_reason:
+                    out["container"]["reason"] = c.container_reason
             return out
         base["retryStrategy"] = self._definition(job.definition).get("retryStrategy") or {"attempts": 1}
         counts: dict[str, int] = {}
@@ -193,9 +231,47 @@ class SimulatedBatch(BatchApi):
                 if verdict == "failed":
                     c.status, c.status_reason, c.stopped_at = "FAILED", DEPENDENT_FAILED, _ms()
                 elif verdict == "ready":
-                    wave.append((job, c))
-        for job, c in wave:
+                    if self._take(job):
+                        wave.append((job, c))
+                    else:
+                        c.status = "RUNNABLE"  # waits for its consumable resources
+        if len(wave) <= 1 or not self.execute:
+            for job, c in wave:
+                self._run_holding(job, c)
+            return
+        with ThreadPoolExecutor(max_workers=self.workers) as pool:
+            for f in [pool.submit(self._run_holding, job, c) for job, c in wave]:
+                f.result()
+
+    def _needs(self, job: Job) -> list[tuple[str, int]]:
+        props = self.registered.get(job.definition, {}).get("consumableResourceProperties") or {}
+        return [(e["consumableResource"], int(e["quantity"])) for e in props.get("consumableResourceList") or []]
+
+    def _take(self, job: Job) -> bool:
+        """Take every consumable resource the job's definition names, or none."""
+        needs = self._needs(job)
+        if not needs:
+            return True
+        assert self.consumables is not None, "a job needs consumable resources: give the simulator the layer's"
+        taken: list[tuple[str, int]] = []
+        for name, q in needs:
+            if not self.consumables.take(name, q):
+                for n, k in taken:
+                    self.consumables.give_back(n, k)
+                return False
+            taken.append((name, q))
+        with self._lock:
+            for name, _ in needs:
+                r = self.consumables.get(name)
+                self.peak[name] = max(self.peak.get(name, 0), r.in_use)
+        return True
+
+    def _run_holding(self, job: Job, c: Child) -> None:
+        try:
             self._run(job, c)
+        finally:
+            for name, q in self._needs(job):
+                self.consumables.give_back(name, q)
 
     def drain(self, limit: int = 50) -> None:
         for _ in range(limit):
@@ -241,10 +317,27 @@ class SimulatedBatch(BatchApi):
             started = _ms()
             c.status, c.started_at = "RUNNING", c.started_at or started
             self.ran.append((job.name, c.index))
-            proc = subprocess.run(command, env=env, cwd=self.workdir, capture_output=True, text=True,
-                                  timeout=self.timeout)
+            memory = job.memory_mib or next(int(r["value"]) for r in definition["containerProperties"][
+                "resourceRequirements"] if r["type"] == "MEMORY")
+            self.memory_of_runs.append((job.name, c.index, memory))
+            cgroup = self._cgroup(c, memory)
+            argv = list(command)
+            if cgroup is not None:
+                argv = cgroup.wrap(argv)
+                env["CORRAL_OOM_EVENTS"] = str(cgroup.path / (
+                    "memory.events" if cgroup.kind == "cgroup2" else "memory.oom_control"))
+            try:
+                proc = subprocess.run(argv, env=env, cwd=self.workdir, capture_output=True, text=True,
+                                      timeout=self.timeout)
+            finally:
+                oom_killed = cgroup is not None and cgroup.oom_killed()
+                if cgroup is not None:
+                    cgroup.remove()
             code = proc.returncode if proc.returncode >= 0 else 128 - proc.returncode
-            c.attempts.append({"container": {"exitCode": code, "logStreamName": f"corral/{c.job_id}"},
+            c.container_reason = "OutOfMemoryError: Container killed due to memory usage" if oom_killed and code else ""
+            stream = f"corral/default/{c.job_id.replace(':', '-')}-{len(c.attempts) + 1}"
+            self._log(definition, stream, proc.stdout + proc.stderr)
+            c.attempts.append({"container": {"exitCode": code, "logStreamName": stream},
                                "startedAt": started, "stoppedAt": _ms(), "statusReason": EXITED,
                                "stderr": proc.stderr})
             if code == 0:
@@ -253,6 +346,29 @@ class SimulatedBatch(BatchApi):
             if len(c.attempts) >= max_attempts or _action(strategy, EXITED, "", code) == "EXIT":
                 c.status, c.status_reason, c.exit_code, c.stopped_at = "FAILED", EXITED, code, _ms()
                 return
+
+
+    def _cgroup(self, c: Child, memory: int) -> Any:
+        from corral.backends import memory_limit
+
+        if not self.memory_enforced:
+            return None
+        name = f"corral-sim-{os.getpid()}-{c.job_id.replace(':', '-')}-{len(c.attempts) + 1}"
+        return memory_limit.create(self.limiter, name, memory, None)
+
+    def _log(self, definition: dict[str, Any], stream: str, text: str) -> None:
+        """An attempt's output in CloudWatch Logs, as the awslogs driver writes it (one event a line)."""
+        if self.logs is None or not text:
+            return
+        options = (definition.get("containerProperties", {}).get("logConfiguration") or {}).get("options") or {}
+        group = options.get("awslogs-group") or "/aws/batch/job"
+        with self._lock:
+            with contextlib.suppress(self.logs.exceptions.ResourceAlreadyExistsException):
+                self.logs.create_log_group(logGroupName=group)
+            self.logs.create_log_stream(logGroupName=group, logStreamName=stream)
+            t = _ms()
+            self.logs.put_log_events(logGroupName=group, logStreamName=stream, logEvents=[
+                {"timestamp": t, "message": line} for line in text.splitlines() if line])
 
 
 class KilledSubmitter(BaseException):

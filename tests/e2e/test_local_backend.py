@@ -146,7 +146,7 @@ stages:
 """)
     run = corral.run(wf)
     (t,) = corral.status(run.run_id)
-    assert t.state == TaskState.FAILED and t.reason.startswith("memory limit exceeded"), t.reason
+    assert t.state == TaskState.FAILED and t.reason.startswith("out of memory (limit 64MiB)"), t.reason
 
 
 def test_outputs_that_exist_are_skipped_unless_forced(tmp_path: Path) -> None:

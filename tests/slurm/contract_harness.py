@@ -67,3 +67,6 @@ class SlurmHarness(Harness):
 
     def workspace(self, run: RunRecord) -> Path:
         return Path(self.backend().workspace(run))
+
+    def memory_is_enforced(self) -> bool:
+        return False  # the test cluster runs task/none: Slurm limits no memory here (tests/slurm_cluster.py)

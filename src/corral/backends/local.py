@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from corral import runstate, storage
+from corral.backends import memory_limit, oom
 from corral.backends.base import OUTPUT_MISSING, RunOptions, chosen_attempt
 from corral.backends.runtime import container_argv, detect_engine, require_engine
 from corral.errors import BackendError, CorralError, StorageError, UsageError
@@ -168,10 +169,12 @@ class _Running:
     pid: int
     pidfd: int | None
     deadline: float | None  # time.monotonic() at which the stage's timeout kills it
-    memory_limit_mib: int | None
+    memory_limit_mib: int | None  # the RSS sampler's limit (where no cgroup holds the task)
     vcpus: float
     memory_mib: int
     container_name: str | None = None
+    cgroup: memory_limit.TaskCgroup | None = None  # the kernel's hard limit (corral.backends.memory_limit)
+    limit_mib: int | None = None  # the memory limit this attempt ran under, whatever enforced it
     kill_reason: str = ""
     kill_at: float | None = None  # when (monotonic) to escalate SIGTERM -> SIGKILL
     started_mono: float = 0.0  # time.monotonic() at start: durations never go negative on a clock jump
@@ -219,7 +222,34 @@ class LocalBackend:
                  tasks: list[TaskRecord] | None, *, runnable_after_s: float) -> list[Any]:
         from corral.doctor import run_checks
 
-        return list(run_checks(store, run, plan)) if run is not None and store is not None else []
+        out: list[Any] = list(run_checks(store, run, plan)) if run is not None and store is not None else []
+        out += self._sweep_cgroups(store)
+        return out
+
+    def _sweep_cgroups(self, store: StateStore | None) -> list[Any]:
+        """Remove the memory cgroups of runs whose scheduler is gone (killed with ``kill -9``)."""
+        from corral.doctor import Finding
+
+        found: list[Any] = []
+        stale = memory_limit.stale_runs(self.home)
+        if not stale:
+            return found
+        if store is None:
+            from corral.state.sqlite import SqliteStore
+
+            store = SqliteStore(self.home / "state.db")
+        for run_id in stale:
+            try:
+                run = store.get_run(run_id)
+            except CorralError:
+                continue  # not a run this store knows: leave it
+            if scheduler_alive(run):
+                continue
+            removed = memory_limit.sweep(self.home, run_id)
+            if removed:
+                found.append(Finding("cgroups", "info", f"removed {len(removed)} memory cgroup(s) that run "
+                                     f"{run_id}'s scheduler left when it was killed", subject=run_id))
+        return found
 
     def __init__(
         self,
@@ -268,6 +298,7 @@ class LocalBackend:
                     f"wait for it, or stop it with `corral cancel {run.run_id}`",
                 )
         reaped = self._reap_orphans(run, store)
+        memory_limit.sweep(self.home, run.run_id)  # cgroups a killed scheduler left
         records = {t.task_id: t for t in (store.get_tasks(run.run_id) if tasks is None else tasks)}
         records.update((t.task_id, t) for t in reaped)
         first_attempts = {tid: t.attempts for tid, t in records.items()}
@@ -349,6 +380,7 @@ class LocalBackend:
         # No live scheduler: record the cancellation ourselves, as the run's one writer.
         with store.lease(run.run_id, "cancel"):
             self._reap_orphans(run, store)
+            memory_limit.sweep(self.home, run.run_id)
             changed = [
                 t.replace(state=TaskState.CANCELLED, reason="cancelled", ended_at=t.ended_at or now())
                 for t in store.get_tasks(run.run_id)
@@ -524,6 +556,10 @@ class Scheduler:
         self.free_vcpus = float(backend.vcpus)
         self.free_mem = backend.memory_mib
         self.max_parallel = options.max_parallel or backend.vcpus
+        self.memory_now: dict[str, int] = {}  # task id -> memory of its next attempt, after an OOM kill
+        self._resume_memory()
+        self.limiter = memory_limit.detect() if any(
+            "memory" in s.resources.model_fields_set for s in plan.workflow.stages) else memory_limit.Limiter("sampler")
         from corral.reuse import forced_stages
 
         self.forced = forced_stages(plan, options.force_stages)  # --force-stage and what needs them
@@ -543,6 +579,21 @@ class Scheduler:
             self.use_engine = engine
             if engine is None:
                 backend._note(f"no container engine answered ({why}): stages with an image run on the host")
+
+    def _resume_memory(self) -> None:
+        """On resume, a task last killed for memory goes on growing from there (not from
+        ``resources.memory``), as on the other backends."""
+        for tid, before in self.attempts_before.items():
+            task = self.plan.by_id.get(tid)
+            rec = self.records.get(tid)
+            if not before or task is None or rec is None or rec.state.terminal or not oom.grows(task.stage.resources):
+                continue
+            attempts = self.store.get_attempts(self.run_rec.run_id, tid)
+            if not attempts or not oom.is_oom(attempts[-1].reason):
+                continue
+            killed_at = oom.limit_of(attempts[-1].reason) or task.stage.resources.memory
+            more = oom.next_memory(task.stage.resources, killed_at, self.b.memory_mib)
+            self.memory_now[tid] = more or killed_at
 
     # -- main loop ----------------------------------------------------------------------------
     def run(self) -> None:
@@ -589,6 +640,7 @@ class Scheduler:
             else:
                 self._flush()
             self._stop_watchdog()
+            memory_limit.sweep(self.b.home, self.run_rec.run_id)  # the run's cgroup list (empty by now)
         runstate.end(self.store, self.run_rec.run_id, list(self.records.values()), cancelled=self.cancelled, pid=None)
         self._progress(force=True)
         # Everything is recorded (CANCELLED): now let Ctrl-C mean what it means to the caller, so
@@ -728,7 +780,7 @@ class Scheduler:
 
     def _next_timeout(self) -> float:
         t = time.monotonic()
-        candidates = [1.0 if any(r.memory_limit_mib for r in self.running.values()) else 30.0]
+        candidates = [memory_limit.SAMPLE_S if any(r.memory_limit_mib for r in self.running.values()) else 30.0]
         for r in self.running.values():
             if r.kill_at is not None:
                 candidates.append(r.kill_at - t)
@@ -759,7 +811,7 @@ class Scheduler:
                 self._resolved(tid)
                 continue
             vcpus = min(task.stage.resources.vcpus, float(self.b.vcpus))
-            mem = min(task.stage.resources.memory, self.b.memory_mib)
+            mem = min(self.memory_now.get(tid, task.stage.resources.memory), self.b.memory_mib)
             if self._stage_full(task):
                 deferred.append(entry)  # the stage's max_parallel is reached; other stages may start
                 self.unmet[tid] = 0
@@ -860,9 +912,18 @@ class Scheduler:
                               reason="", exit_code=None, ended_at=None))
         self.free_vcpus -= vcpus
         self.free_mem -= mem
+        limited = _explicit_memory(task) and container_name is None  # a container's engine limits it
+        cgroup = None
+        if limited and self.limiter.hard:
+            cgroup = memory_limit.create(self.limiter, memory_limit.cgroup_name(run_id, task.id, number), mem,
+                                         memory_limit.registry(self.b.home, run_id))
+            if cgroup is not None:
+                argv = cgroup.wrap(argv)
         try:
             pid = _start_process(argv, env, out_path, err_path, self.devnull)
         except OSError as exc:
+            if cgroup is not None:
+                cgroup.remove()
             self.free_vcpus += vcpus
             self.free_mem += mem
             what = exc.filename or "the command"
@@ -880,11 +941,11 @@ class Scheduler:
         self.dirty_attempts.append(attempt)
         if task.stage.timeout:
             self._tell_watchdog(f"start {pid} {mono + task.stage.timeout!r} {run_id} {task.id}")
-        limit = task.stage.resources.memory if _explicit_memory(task) and container_name is None else None
         self.running[pid] = _Running(
             task=task, attempt=attempt, pid=pid, pidfd=pidfd,
             deadline=mono + task.stage.timeout if task.stage.timeout else None, started_mono=mono,
-            memory_limit_mib=limit, vcpus=vcpus, memory_mib=mem, container_name=container_name,
+            memory_limit_mib=mem if limited and cgroup is None else None, vcpus=vcpus, memory_mib=mem,
+            container_name=container_name, cgroup=cgroup, limit_mib=mem if _explicit_memory(task) else None,
         )
 
     def _failed_start(
@@ -961,9 +1022,18 @@ class Scheduler:
         else:
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.killpg(pid, signal.SIGKILL)
+        oom_killed = False
+        if r.cgroup is not None:
+            oom_killed = code != 0 and r.cgroup.oom_killed()
+            r.cgroup.remove()  # what the task left in it goes too
         if r.kill_reason:
             state = TaskState.CANCELLED if r.kill_reason == "cancelled" else TaskState.FAILED
             reason = r.kill_reason
+        elif oom_killed and r.limit_mib:
+            state, reason = TaskState.FAILED, oom.reason(r.limit_mib, f"killed by the kernel (exit {_shell_code(code)})")
+        elif r.container_name and code == oom.EXIT_KILLED and r.limit_mib:
+            # the engine's --memory: its OOM kill is exit 137 (the engine alone knows for sure)
+            state, reason = TaskState.FAILED, oom.reason(r.limit_mib, "exit 137 under the engine's --memory")
         elif code == 0:
             state, reason = TaskState.SUCCEEDED, ""
             missing = self._missing_output(r.task)
@@ -984,6 +1054,17 @@ class Scheduler:
         retry = (
             retryable and attempt.state == TaskState.FAILED and made_here <= task.stage.retries and not self.cancelled
         )
+        if attempt.state == TaskState.FAILED and oom.is_oom(attempt.reason) and oom.grows(task.stage.resources):
+            killed_at = oom.limit_of(attempt.reason) or task.stage.resources.memory
+            more = oom.next_memory(task.stage.resources, killed_at, self.b.memory_mib)
+            if more is None:
+                retry = False  # the same memory would fail the same way
+                attempt = attempt.replace(reason=oom.final_reason(task.stage.resources, killed_at,
+                                                                  self.b.memory_mib, "this machine"))
+                self.dirty_attempts = [a if a.attempt != attempt.attempt or a.task_id != task.id else attempt
+                                       for a in self.dirty_attempts]
+            elif retry:
+                self.memory_now[task.id] = more
         self._set(rec.replace(
             state=TaskState.PENDING if retry else attempt.state,
             exit_code=attempt.exit_code,
@@ -1009,7 +1090,7 @@ class Scheduler:
             elif r.memory_limit_mib:
                 rss = group_rss_mib(r.pid)
                 if rss > r.memory_limit_mib:
-                    self._kill(r, f"memory limit exceeded ({rss} MiB > {r.memory_limit_mib} MiB)")
+                    self._kill(r, oom.reason(r.memory_limit_mib, f"resident memory reached {rss}MiB (sampled)"))
 
     def _kill(self, r: _Running, reason: str) -> None:
         r.kill_reason = reason
@@ -1018,7 +1099,7 @@ class Scheduler:
             import subprocess
 
             subprocess.run([self.use_engine.path, "kill", r.container_name], capture_output=True, timeout=30)
-        self._signal(r, signal.SIGTERM if "memory" not in reason else signal.SIGKILL)
+        self._signal(r, signal.SIGKILL if oom.is_oom(reason) else signal.SIGTERM)
 
     def _signal(self, r: _Running, sig: signal.Signals) -> None:
         """Timeout, cancel, memory: the task's whole session and its marked descendants."""
@@ -1040,6 +1121,8 @@ class Scheduler:
             self._signal(r, signal.SIGKILL)
             with contextlib.suppress(ChildProcessError):
                 os.waitpid(r.pid, 0)
+            if r.cgroup is not None:
+                r.cgroup.remove()
             if r.pidfd is not None:
                 os.close(r.pidfd)
             self.dirty_attempts.append(r.attempt.replace(
@@ -1117,6 +1200,11 @@ def _ended(r: _Running) -> float:
     """Wall-clock end of an attempt measured on the monotonic clock from its start (a clock jump
     neither shortens nor lengthens it, and never makes it negative)."""
     return (r.attempt.started_at or now()) + max(0.0, time.monotonic() - r.started_mono)
+
+
+def _shell_code(code: int) -> int:
+    """An exit status as a shell reports it (a signal N is 128 + N)."""
+    return 128 - code if code < 0 else code
 
 
 def _explicit_memory(task: Task) -> bool:

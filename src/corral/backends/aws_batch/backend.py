@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from corral import runstate
+from corral.backends.aws_batch import memory as aws_memory
 from corral.backends.aws_batch import payloads as pl
 from corral.backends.aws_batch import staging
 from corral.backends.aws_batch.client import AwsClients
@@ -139,6 +140,7 @@ class AwsBatchBackend:
         self._bucket = bucket or TokenBucket(clock=clock, sleep=sleep)
         self._api: BatchApi | None = api  # (tests give a BatchApi that plays Batch: the contract suite)
         self._secrets: dict[str, str] = {}
+        self._caps: dict[str, str] = {}  # stage -> its Batch consumable resource (max_parallel, caps.py)
         # On resume only the tasks to resubmit need their local sources (checked when staging them).
         self._resuming = False
 
@@ -204,14 +206,6 @@ class AwsBatchBackend:
     def check(self, plan: Plan) -> None:
         wf = plan.workflow
         for s in wf.stages:
-            if s.max_parallel is not None:
-                # Not silently ignored: a lab's cap (DANDI uploads, licences) must hold.
-                raise PlanError(
-                    f"stage {s.name!r} sets max_parallel, which the AWS backend does not enforce yet",
-                    "remove max_parallel for --backend aws (or cap the whole run with aws.max_vcpus); "
-                    "the local backend enforces it",
-                    where=wf.stage_where(s.name, "max_parallel"),
-                )
             if s.kind == "transfer":
                 self._check_transfer(plan, s, sources=not self._resuming)
             elif not s.image and not (s.kind == "cleanup" and s.command is None):
@@ -303,16 +297,26 @@ class AwsBatchBackend:
             restrict_readers(self.clients.secretsmanager, made[CONFIG_ENV], [reader])
         return made
 
+    def _ensure_caps(self, plan: Plan, run: RunRecord) -> dict[str, str]:
+        """A stage's ``max_parallel``, held by Batch itself: its consumable resource (:mod:`caps`)."""
+        from corral.backends.aws_batch import caps
+
+        if not caps.capped_stages(plan):
+            return {}
+        return caps.ensure(self.clients.batch, plan, run.run_id, tags=dict(self.settings.tags or {}), say=self.say)
+
     def start(self, plan: Plan, run: RunRecord, store: StateStore, options: RunOptions) -> None:
         self.check(plan)
         env = self.environment(plan, run.run_id)
         self._secrets = self._rclone_secrets(plan, run)
+        self._caps = self._ensure_caps(plan, run)
         _record_where(run, plan, env)
         records = {t.task_id: t for t in store.get_tasks(run.run_id)}
         to_submit = {tid for tid, t in records.items() if t.state == TaskState.PENDING}
         to_submit -= skip_done(plan, run, store, records, to_submit, options)
         staged = self._stage(plan, run, env, to_submit)
-        self._submitter(env, store, plan, staged).submit_round(plan, run, records, to_submit, 0)
+        skip = _skip_in_job(plan, run, options)
+        self._submitter(env, store, plan, staged, skip).submit_round(plan, run, records, to_submit, 0)
         if not to_submit:  # everything was skipped: the run has ended
             self._update_run_state(run, store, store.get_tasks(run.run_id))
         if options.wait:
@@ -329,6 +333,7 @@ class AwsBatchBackend:
             self._resuming = False
         env = self.environment(plan, run.run_id)
         self._secrets = self._rclone_secrets(plan, run)
+        self._caps = self._ensure_caps(plan, run)
         opts = _record_where(run, plan, env)
         queues = self._queues(run)
         tasks = self.refresh(run, store, final_cleanup=False)
@@ -362,7 +367,11 @@ class AwsBatchBackend:
         staged = self._stage(plan, run, env, to_submit)
         if run.state != RunState.RUNNING and to_submit:
             run.state = RunState.RUNNING
-        self._submitter(env, store, plan, staged).submit_round(plan, run, records, to_submit, round_)
+        skip = _skip_in_job(plan, run, options)
+        submitter = self._submitter(env, store, plan, staged, skip)
+        submitter.memory = aws_memory.on_resume(plan, opts, [records[t] for t in to_submit],
+                                                list(self._aws(plan).instance_types))
+        submitter.submit_round(plan, run, records, to_submit, round_)
         if to_submit:
             store.save_run(run)
         if options.wait:
@@ -405,8 +414,12 @@ class AwsBatchBackend:
                     for t in live:
                         apply_summary(t, job, changed)
         if changed:
-            self._count_attempts(changed, jobs)
+            self._count_attempts(changed, jobs, aws_memory.resubmitted(run.options.get(OPTIONS_KEY, {})))
             self._name_missing_outputs(run, store, changed)
+            self._skipped_in_job(run, tasks, changed)
+            aws_memory.count_attempts(run.options.get(OPTIONS_KEY, {}), changed)
+            if any(aws_memory.is_batch_oom(t) for t in changed.values()):
+                aws_memory.name_oom(run.options.get(OPTIONS_KEY, {}), _plan_of(store, run), changed)
             # Conditional: a record another process changed since we read it (a cleanup claim) stands.
             before = {t.task_id: t for t in tasks}
             written = store.update_tasks([(before[tid], new) for tid, new in changed.items()])
@@ -414,6 +427,7 @@ class AwsBatchBackend:
                 tasks = [changed.get(t.task_id, t) for t in tasks]
             else:
                 tasks = store.get_tasks(run.run_id)
+        tasks = self._retry_with_more_memory(run, store, tasks)
         self._update_run_state(run, store, tasks)
         if final_cleanup:
             try:
@@ -428,25 +442,52 @@ class AwsBatchBackend:
                 tasks = store.get_tasks(run.run_id)
         return tasks
 
-    def _count_attempts(self, changed: dict[str, TaskRecord], parents: dict[str, dict[str, Any]]) -> None:
-        """Attempts of array children that just ended, where their job allows more than one
-        (``retryStrategy.attempts`` in the parent's DescribeJobs, which AWS returns; moto does not).
+    def _retry_with_more_memory(self, run: RunRecord, store: StateStore, tasks: list[TaskRecord]) -> list[TaskRecord]:
+        """Tasks killed for memory with tries left go in a new round, their jobs asking for more
+        (corral.backends.aws_batch.memory); called by the refresh, under the run's lease."""
+        from corral.backends import oom
 
-        Every failure is retried while attempts remain (payloads.retry_strategy), so a FAILED child
-        used them all. A SUCCEEDED one may have needed 1..N: ListJobs summaries carry no attempts,
-        so those are described (100 per call, once: an ended child never changes) — ``attempts``
-        then means what it means locally."""
+        if run.state != RunState.RUNNING or not any(
+                t.state == TaskState.FAILED and oom.is_oom(t.reason) and "not retried" not in t.reason for t in tasks):
+            return tasks
+        plan = _plan_of(store, run)
+        if plan is None:
+            return tasks
+        opts = run.options.setdefault(OPTIONS_KEY, {})
+        again, grown, finals = aws_memory.plan_retries(plan, opts, tasks, list(self._aws(plan).instance_types))
+        if finals:
+            store.save_tasks(finals)
+        if not again:
+            return store.get_tasks(run.run_id) if finals else tasks
+        env = self.environment(plan, run.run_id)
+        self._secrets = self._rclone_secrets(plan, run)
+        staged = self._stage(plan, run, env, again)
+        opts[aws_memory.KEY] = grown
+        records = {t.task_id: t for t in tasks}
+        submitter = self._submitter(env, store, plan, staged)
+        submitter.memory = {tid: int(grown[tid]["mib"]) for tid in again if tid in grown}
+        submitter.submit_round(plan, run, records, again, int(opts.get("round", 0)) + 1)
+        store.save_run(run)
+        return store.get_tasks(run.run_id)
+
+    def _count_attempts(self, changed: dict[str, TaskRecord], parents: dict[str, dict[str, Any]],
+                        always: frozenset[str] | set[str] = frozenset()) -> None:
+        """Attempts of array children that just ended: each try of the command is one Batch
+        attempt (payloads.retry_strategy), so ``attempts`` means what it means locally.
+
+        ListJobs summaries carry no attempts, so the children that may have needed more than one
+        are described (100 per call, once: an ended child never changes): a FAILED child, and a
+        SUCCEEDED one of a stage with ``retries`` (its job allows more than ``1 + INFRA_RETRIES``
+        attempts: ``retryStrategy.attempts`` in the parent's DescribeJobs, which AWS returns and
+        moto does not). A child of a stage without retries that succeeded tried once (an attempt
+        lost to a spot reclaim shows in ``corral logs --attempt`` and the report's history)."""
         want: list[str] = []
         for t in changed.values():
             if ":" not in t.external_id or t.state not in (TaskState.SUCCEEDED, TaskState.FAILED):
                 continue
             allowed = int(((parents.get(parent_of(t.external_id)) or {}).get("retryStrategy") or {})
                           .get("attempts") or 1)
-            if allowed <= 1:
-                continue
-            if t.state == TaskState.FAILED:
-                changed[t.task_id] = t.replace(attempts=allowed)
-            else:
+            if allowed > 1 + pl.INFRA_RETRIES or (allowed > 1 and t.state == TaskState.FAILED) or t.task_id in always:
                 want.append(t.external_id)
         if not want:
             return
@@ -455,6 +496,33 @@ class AwsBatchBackend:
             job = described.get(t.external_id)
             if job is not None and job.get("attempts"):
                 changed[t.task_id] = t.replace(attempts=len(job["attempts"]))
+
+    def _skipped_in_job(self, run: RunRecord, tasks: list[TaskRecord], changed: dict[str, TaskRecord]) -> None:
+        """Tasks whose job found their outputs there and ran nothing (payloads.SKIP_MARK): SKIPPED,
+        "outputs exist", as locally. One FilterLogEvents (pages of matches) over the run's log group
+        when a child of such a stage has just succeeded, or the run is ending; each time it reads
+        every mark of the run so far, so a line CloudWatch indexed late is found next time."""
+        from corral.backends.aws_batch.logs import DEFAULT_LOG_GROUP, skip_marks
+
+        stages = set(run.options.get(OPTIONS_KEY, {}).get("skip_in_job") or [])
+        if not stages:
+            return
+        current = {t.task_id: changed.get(t.task_id, t) for t in tasks}
+        done = [t for t in current.values() if t.stage in stages and t.state == TaskState.SUCCEEDED]
+        newly = any(t.task_id in changed for t in done)
+        ending = all(t.state.terminal for t in current.values())
+        if not done or not (newly or ending):
+            return
+        group = run.options.get(OPTIONS_KEY, {}).get("log_group") or DEFAULT_LOG_GROUP
+        try:
+            marked = skip_marks(self.clients.logs, group, run.run_id, since_s=run.created_at)
+        except CorralError as exc:
+            self.say(f"run {run.run_id}: could not read which tasks found their outputs ({exc.one_line()}); "
+                     "they are recorded SUCCEEDED")
+            return
+        for t in done:
+            if t.external_id in marked:
+                changed[t.task_id] = t.replace(state=TaskState.SKIPPED, reason="outputs exist", attempts=0)
 
     @staticmethod
     def _name_missing_outputs(run: RunRecord, store: StateStore, changed: dict[str, TaskRecord]) -> None:
@@ -546,7 +614,8 @@ class AwsBatchBackend:
 
     # -- the workspace cleanup after a failed run ---------------------------------------------
     # -- helpers ------------------------------------------------------------------------------
-    def _submitter(self, env: Any, store: StateStore, plan: Plan, staged: dict[str, str] | None = None) -> Submitter:
+    def _submitter(self, env: Any, store: StateStore, plan: Plan, staged: dict[str, str] | None = None,
+                   skip_in_job: set[str] | None = None) -> Submitter:
         queues = Queues(env.job_queue, getattr(env, "gpu_job_queue", None), getattr(env, "fargate_job_queue", None))
         return Submitter(
             self.api, store, self._context(env, plan), queues,
@@ -556,6 +625,7 @@ class AwsBatchBackend:
             staged=staged, base_dir=plan.workflow.base_dir,
             share_identifier=getattr(self._aws(plan), "share_identifier", "corral"),
             user_queues=[q for q in [self._aws(plan).queue] if q],
+            caps=self._caps, skip_in_job=skip_in_job or (),
         )
 
     def _s3_endpoint(self) -> str | None:
@@ -591,6 +661,13 @@ class AwsBatchBackend:
             delay = min(max_delay, delay * 1.5)
 
 
+def _plan_of(store: StateStore, run: RunRecord) -> Plan | None:
+    try:
+        return Plan.from_manifest(store.load_manifest(run.run_id))
+    except CorralError:
+        return None
+
+
 def skip_done(plan: Plan, run: RunRecord, store: StateStore, records: dict[str, TaskRecord], candidates: set[str],
               options: RunOptions) -> set[str]:
     """Skip-if-done before submission, as locally: a task whose declared outputs all exist where
@@ -623,6 +700,20 @@ def skip_done(plan: Plan, run: RunRecord, store: StateStore, records: dict[str, 
             skipped.append(rec)
     store.save_tasks(skipped)
     return {t.task_id for t in skipped}
+
+
+def _skip_in_job(plan: Plan, run: RunRecord, options: RunOptions) -> set[str]:
+    """The stages whose jobs check skip-if-done themselves (their outputs are on the workspace,
+    which only a job sees: payloads.in_job_skip), unless forced; recorded for the refresh."""
+    from corral.reuse import forced_stages
+
+    stages: set[str] = set()
+    if not options.force:
+        forced = forced_stages(plan, options.force_stages)
+        stages = {s.name for s in plan.workflow.stages if pl.in_job_skip(s) and s.name not in forced}
+    opts = run.options.setdefault(OPTIONS_KEY, {})
+    opts["skip_in_job"] = sorted(set(opts.get("skip_in_job") or []) | stages)
+    return stages
 
 
 def _record_where(run: RunRecord, plan: Plan, env: Any) -> dict[str, Any]:

@@ -34,6 +34,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from corral.backends.aws_batch import caps
 from corral.backends.aws_batch import payloads as pl
 from corral.backends.aws_batch.client import aws_errors, http_status, is_throttling
 from corral.backends.aws_batch.fair_share import DEFAULT_SHARE, FairShare
@@ -401,8 +402,13 @@ class Submitter:
         base_dir: Path | None = None,
         share_identifier: str = DEFAULT_SHARE,
         user_queues: Sequence[str] = (),
+        caps: Mapping[str, str] | None = None,
+        skip_in_job: Iterable[str] = (),
     ) -> None:
         self.api = api
+        # stages whose jobs check skip-if-done themselves (payloads.in_job_skip; not with --force)
+        self.skip_in_job = set(skip_in_job)
+        self.caps = dict(caps or {})  # stage -> its consumable resource (max_parallel, caps.py)
         # the workflow's aws.instance_types: with `fargate` there, stages that fit go to Fargate
         self.instance_types = list(instance_types)
         self.store = store
@@ -420,6 +426,8 @@ class Submitter:
         self.staged = dict(staged or {})
         self.base_dir = base_dir
         # shareIdentifier on fair-share queues (fair_share.py)
+        # task id -> MiB its job asks for instead of the stage's (a resubmission after an OOM kill)
+        self.memory: dict[str, int] = {}
         self.fair_share = FairShare(lambda **kw: api.call("describe_job_queues", "describe job queue", **kw),
                                     share_identifier, user_queues)
 
@@ -471,8 +479,10 @@ class Submitter:
         runtime, the wrapper and the stage's job-wide variables."""
         job = self.job_stage(stage)  # (same resources as the stage: it only swaps image and secrets)
         fargate = on_fargate(stage.resources, self.instance_types)
+        cap = self.caps.get(stage.name)
         return pl.job_definition(
-            job, self.ctx, fargate=fargate, program=self.program_of(stage), env=table.definition_env
+            job, self.ctx, fargate=fargate, program=self.program_of(stage), env=table.definition_env,
+            consumable=caps.requirement(cap) if cap else None,
         )
 
     def _staged_uri(self, path: str) -> str:
@@ -618,6 +628,7 @@ class Submitter:
                         table=pl.encode_table(rows[s][a : a + n]), env=self._chunk_env(tables[s], U[a]),
                         depends_on=deps, tags=tags,
                     )
+                    self._with_memory(kwargs, stage, [t.id for t in members if t.id in to_submit], fargate)
                     job_id = self._submit(kwargs, spec)
                     result.submitted[name] = job_id
                     jobs[(s, c)] = (job_id, n)
@@ -633,9 +644,10 @@ class Submitter:
                 deps = self._fan_in(deps, 1, name, image, queue, tags, fargate=fargate)
                 kwargs = pl.submit_kwargs(
                     job_name=name, job_queue=queue, job_definition=self.definition_arn(spec), size=1,
-                    table=pl.encode_table([tables[s].row(task)]), env=tables[s].override_env, depends_on=deps,
+                    table=pl.encode_table([tables[s].row(task)]), env=self._job_env(tables[s]), depends_on=deps,
                     tags=tags,
                 )
+                self._with_memory(kwargs, stage, [task.id], fargate)
                 job_id = self._submit(kwargs, spec)
                 result.submitted[name] = job_id
                 jobs[(s, None)] = (job_id, 1)
@@ -646,12 +658,28 @@ class Submitter:
                 records[rec.task_id] = rec
         return result
 
+    def _with_memory(self, kwargs: dict[str, Any], stage: Stage, task_ids: list[str], fargate: bool) -> None:
+        """A job's memory is fixed at SubmitJob: a task resubmitted for memory gets it as an override."""
+        mib = max((self.memory.get(t, 0) for t in task_ids), default=0)
+        if mib:
+            from corral.backends.aws_batch.memory import overrides
+
+            kwargs["containerOverrides"]["resourceRequirements"] = overrides(stage.resources, mib, fargate)
+
     def _chunk_env(self, table: pl.StageTable, first_index: int) -> dict[str, str]:
         """A chunk's override variables (besides its table): the stage's few override names, and
         the index of its first item when the round's items are consecutive."""
+        env = self._job_env(table)
         if "CORRAL_ITEM_INDEX" in table.columns or not self.contiguous:
-            return table.override_env
-        return {**table.override_env, "CORRAL_INDEX_BASE": str(first_index)}
+            return env
+        return {**env, "CORRAL_INDEX_BASE": str(first_index)}
+
+    def _job_env(self, table: pl.StageTable) -> dict[str, str]:
+        """A job's override variables: the stage's few names, and CORRAL_SKIP_DONE where its job
+        checks skip-if-done itself."""
+        if table.env.get("CORRAL_STAGE") in self.skip_in_job:
+            return {**table.override_env, "CORRAL_SKIP_DONE": "1"}
+        return table.override_env
 
     def _submit(self, kwargs: dict[str, Any], spec: pl.JobDefinitionSpec | None = None) -> str:
         kwargs = {**kwargs, **self.fair_share.submit_kwargs(kwargs["jobQueue"])}

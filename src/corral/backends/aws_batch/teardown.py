@@ -53,6 +53,7 @@ def remove(clients: AwsClients, *, run_id: str | None = None, everything: bool =
                 )
         if run_id:
             _job_definitions(ctx, run_id, _run_role_arns(ctx, run_id))
+            _consumable_resources(ctx, run_id)
             if keep_access_point:
                 _kept(ctx, "efs-access-point", f"of run {run_id}", keep_access_point)
             else:
@@ -65,6 +66,7 @@ def remove(clients: AwsClients, *, run_id: str | None = None, everything: bool =
             _queues(ctx)
             _compute_environments(ctx)
             _job_definitions(ctx, None)
+            _consumable_resources(ctx, None)
             _launch_templates(ctx)
             if purge:
                 _file_systems(ctx)
@@ -176,6 +178,17 @@ def _job_definitions(ctx: Ctx, run_id: str | None, run_roles: frozenset[str] = f
             if is_managed(jd.get("tags"), run_id) or (run_id is not None and roles & run_roles):
                 batch.deregister_job_definition(jobDefinition=jd["jobDefinitionArn"])
                 _deleted(ctx, "job-definition", f"{jd['jobDefinitionName']}:{jd['revision']}")
+
+
+def _consumable_resources(ctx: Ctx, run_id: str | None) -> None:
+    """The runs' max_parallel caps (caps.py): the run's, or all of corral's; kept while jobs hold one."""
+    from corral.backends.aws_batch import caps
+
+    deleted, kept = caps.remove(ctx.clients.batch, run_id)
+    for name in deleted:
+        _deleted(ctx, "consumable-resource", name)
+    for what in kept:
+        ctx.report.kept.append(f"consumable-resource {what}")
 
 
 def _launch_templates(ctx: Ctx) -> None:

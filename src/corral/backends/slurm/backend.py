@@ -50,7 +50,7 @@ ACTIVE = {"PENDING", "RUNNING", "CONFIGURING", "COMPLETING", "SUSPENDED", "REQUE
           "REQUEUE_FED", "RESIZING", "SIGNALING", "STAGE_OUT", "STOPPED"}
 ENDED_REASONS = {
     "TIMEOUT": "timed out (the job reached its --time limit)",
-    "OUT_OF_MEMORY": "out of memory (the job went past --mem)",
+    "OUT_OF_MEMORY": "out of memory (the job went past --mem)",  # with the limit: _ended_reason
     "NODE_FAIL": "the node running it failed",
     "BOOT_FAIL": "the node could not boot",
     "PREEMPTED": "preempted by a job of higher priority",
@@ -169,7 +169,7 @@ class SlurmBackend:
                 raise SpecError(f"slurm.stages: {name!r} is not a stage of the workflow",
                                 f"stages are: {', '.join(sorted(names))}", where=wf.where("slurm", "stages", name,
                                                                                        key=True))
-        check_fit(plan, settings, self.client)
+        self.memory_bounds = check_fit(plan, settings, self.client)
         for s in wf.stages:
             script.secret_exports(s)  # refuse secret references that cannot be read on a node
             for ref in s.secrets.values():
@@ -193,9 +193,11 @@ class SlurmBackend:
             (folder / sub).mkdir(parents=True, exist_ok=True)
         (folder / "slurm" / "wrapper.sh").write_text(script.WRAPPER)
         storage.prepare_workspace(self.workspace(run.run_id))
-        state = {
+        state: dict[str, Any] = {
             "dir": str(folder), "accounting": self.client.accounting, "max_array": self.client.max_array_size,
             "round": 0, "arrays": [], "runtime": options.runtime, "force": options.force,
+            # stage -> the largest --mem a node of its partition holds (retry_memory's bound)
+            "memory_bounds": getattr(self, "memory_bounds", {}),
         }
         run = run.replace(options={**run.options, "slurm": state})
         store.save_run(run)
@@ -222,6 +224,8 @@ class SlurmBackend:
             raise UsageError(
                 f"run {run.run_id} still has {len(live)} task(s) queued or running in Slurm",
                 f"resume when they have ended (`corral status {run.run_id} --watch`), or `corral cancel` it first")
+        if redo:
+            run = self._resume_memory(run, store, redo)
         store.save_tasks([t.replace(state=TaskState.PENDING, reason="", exit_code=None, ended_at=None)
                           for t in redo if t.state != TaskState.PENDING])
         if redo:
@@ -234,6 +238,8 @@ class SlurmBackend:
         tasks = store.get_tasks(run.run_id)
         active = [t for t in tasks if not t.state.terminal and t.external_id]
         if not active:
+            if run.state == RunState.RUNNING and self._retry_with_more_memory(run, store, tasks):
+                return store.get_tasks(run.run_id)
             self._settle(run, store, tasks)
             return store.get_tasks(run.run_id) if run.state == RunState.RUNNING else tasks
         rows = self._query([t.external_id.split("_")[0] for t in active], run)
@@ -251,6 +257,8 @@ class SlurmBackend:
         if changed:
             store.save_tasks(changed)
         tasks = [by_id[t.task_id] for t in tasks]
+        if run.state == RunState.RUNNING and self._retry_with_more_memory(run, store, tasks):
+            return store.get_tasks(run.run_id)
         self._settle(run, store, tasks)
         return tasks
 
@@ -259,6 +267,7 @@ class SlurmBackend:
         if run.state != RunState.RUNNING:
             return  # an ended run keeps its state (only `resume` changes it)
         self.refresh(run, store)  # what ended before the cancel keeps its own state
+        run = store.get_run(run.run_id)  # (a refresh may have resubmitted after an OOM kill)
         tasks = store.get_tasks(run.run_id)
         jobs = sorted({a["job"] for a in run.options.get("slurm", {}).get("arrays", []) if a.get("job")})
         self.client.scancel(jobs)
@@ -345,9 +354,12 @@ class SlurmBackend:
                 idx = sorted(indices[(name, c)])
                 rows = [script.PADDING_ROW] * (idx[-1] + 1)
                 mapping: dict[str, int] = {}
+                grown = state.get("memory", {})  # task id -> {mib, tries}: resubmitted after an OOM kill
+                mem = max([grown.get(t.id, {}).get("mib", stage.resources.memory) for t in run_here])
                 for t in run_here:
                     k = script.chunk_of(t.index, size)[1]
-                    rows[k] = self._row(plan, run_id, workdir, t, records[t.id].attempts, engine)
+                    rows[k] = self._row(plan, run_id, workdir, t, records[t.id].attempts, engine, mem,
+                                        grown.get(t.id, {}).get("tries"))
                     mapping[t.id] = k
                 dependency = self._dependency(plan, stage, run_here, job_of, records)
                 jname = script.job_name(run_id, name, round_no, c)
@@ -358,7 +370,7 @@ class SlurmBackend:
                 opts = script.sbatch_options(
                     stage, self.settings, job_name=jname,
                     array=script.array_spec(idx, getattr(stage, "max_parallel", None) or options.max_parallel),
-                    log_dir=str(log_dir), chdir=str(plan.workflow.base_dir))
+                    log_dir=str(log_dir), chdir=str(plan.workflow.base_dir), memory_mib=mem)
                 path = folder / "slurm" / "scripts" / f"{jname}.sh"
                 path.write_text(script.batch_script(opts, str(folder / "slurm" / "wrapper.sh"), str(table),
                                                     str(self._records_dir(run_id))))
@@ -415,7 +427,8 @@ class SlurmBackend:
         store.save_tasks(skipped)
         return to_run
 
-    def _row(self, plan: Plan, run_id: str, workdir: str, task: Task, attempts: int, engine: Engine | None) -> str:
+    def _row(self, plan: Plan, run_id: str, workdir: str, task: Task, attempts: int, engine: Engine | None,
+             memory_mib: int | None = None, tries: int | None = None) -> str:
         env = task.env(run_id, workdir)
         stage = task.stage
         if stage.kind == "transfer":
@@ -439,7 +452,8 @@ class SlurmBackend:
                 loc = storage.parse(uri, workdir=workdir, base_dir=plan.workflow.base_dir)
                 if loc.kind == "local":
                     outputs.append((loc.path, uri))  # remote outputs: checked when the refresh sees success
-        return script.row(task, env, argv, attempts_before=attempts, tries=stage.retries + 1, outputs=outputs)
+        return script.row(task, env, argv, attempts_before=attempts, tries=tries or stage.retries + 1,
+                          outputs=outputs, memory_mib=memory_mib)
 
     def _dependency(self, plan: Plan, stage: Any, tasks: list[Task], job_of: dict[str, str],
                     records: dict[str, TaskRecord]) -> str:
@@ -538,7 +552,8 @@ class SlurmBackend:
             elif row is None:
                 return t  # not (or no longer) listed and nothing recorded: decide on a later refresh
             else:
-                new = t.replace(state=TaskState.FAILED, reason=ENDED_REASONS.get(slurm_state or "",
+                new = t.replace(state=TaskState.FAILED, reason=self._oom_why(run, store, t) if slurm_state ==
+                                "OUT_OF_MEMORY" else ENDED_REASONS.get(slurm_state or "",
                                 f"ended in Slurm state {slurm_state} before it ran"), ended_at=now())
         elif last["state"] == "FAILED":
             new = t.replace(state=TaskState.FAILED, exit_code=last.get("exit_code"), reason=last.get("reason", ""),
@@ -546,17 +561,135 @@ class SlurmBackend:
         elif row is None and accounting:
             new = t.replace(state=TaskState.RUNNING)  # not in the accounting database yet: decide later
         else:  # a try started and its job ended without a final record
-            if slurm_state == "CANCELLED":
+            said = slurm_memory_kill(f"{base}.err") if slurm_state != "RUNNING" else ""
+            if said:  # slurmstepd killed the whole step for memory (OverMemoryKill, or its cgroup)
+                new = t.replace(state=TaskState.FAILED, reason=self._oom_why(run, store, t, said), ended_at=now())
+            elif slurm_state == "CANCELLED":
                 new = t.replace(state=TaskState.CANCELLED, reason="cancelled in Slurm", ended_at=now())
             else:
-                why = ENDED_REASONS.get(slurm_state or "", f"the job ended ({slurm_state or 'gone from squeue'}) "
-                                        "without recording an exit")
+                why = self._oom_why(run, store, t) if slurm_state == "OUT_OF_MEMORY" else ENDED_REASONS.get(
+                    slurm_state or "", f"the job ended ({slurm_state or 'gone from squeue'}) without recording an exit")
                 new = t.replace(state=TaskState.FAILED, reason=why, ended_at=now())
             if new_attempts:
                 new_attempts[-1] = new_attempts[-1].replace(state=new.state, reason=new.reason, ended_at=now())
+            else:  # its RUNNING record was stored by an earlier refresh: it ends here
+                stored = store.get_attempts(run.run_id, t.task_id)
+                if stored and stored[-1].state == TaskState.RUNNING:
+                    new_attempts.append(stored[-1].replace(state=new.state, reason=new.reason, ended_at=now()))
         for a in new_attempts:
             store.save_attempt(a)
         return new.replace(attempts=attempts, started_at=started)
+
+    def _resume_memory(self, run: RunRecord, store: StateStore, redo: list[TaskRecord]) -> RunRecord:
+        """A task last killed for memory resumes with more (retry_memory), with its whole ``retries``."""
+        from corral.backends import oom
+
+        state = dict(run.options.get("slurm", {}))
+        grown: dict[str, Any] = dict(state.get("memory", {}))
+        if not grown and not any(oom.is_oom(t.reason) for t in redo):
+            return run
+        plan = _plan(store, run)
+        bounds = state.get("memory_bounds", {})
+        for t in redo:
+            task = plan.by_id.get(t.task_id) if plan is not None else None
+            if task is not None and oom.is_oom(t.reason) and oom.grows(task.stage.resources):
+                killed_at = oom.limit_of(t.reason) or task.stage.resources.memory
+                more = oom.next_memory(task.stage.resources, killed_at, bounds.get(t.stage))
+                grown[t.task_id] = {"mib": more or killed_at}
+            elif t.task_id in grown:
+                grown[t.task_id] = {"mib": grown[t.task_id]["mib"]}  # a fresh budget of tries
+        state["memory"] = grown
+        run = run.replace(options={**run.options, "slurm": state})
+        store.save_run(run)
+        return run
+
+    def _oom_why(self, run: RunRecord, store: StateStore, t: TaskRecord,
+                 said: str = "Slurm ended the job OUT_OF_MEMORY") -> str:
+        """The reason of a job Slurm ended for memory (OUT_OF_MEMORY; its cgroup's limit, or OverMemoryKill)."""
+        from corral.backends import oom
+
+        mib = run.options.get("slurm", {}).get("memory", {}).get(t.task_id, {}).get("mib")
+        if mib is None:
+            plan = _plan(store, run)
+            task = plan.by_id.get(t.task_id) if plan is not None else None
+            mib = task.stage.resources.memory if task is not None else None
+        return oom.reason(mib, said) if mib else ENDED_REASONS["OUT_OF_MEMORY"]
+
+    def _retry_with_more_memory(self, run: RunRecord, store: StateStore, tasks: list[TaskRecord]) -> bool:
+        """Tasks the kernel killed for memory, with ``retry_memory`` and tries left: resubmitted (a new
+        sbatch, ``--mem`` grown, bounded by the partition's largest node) with what needs them, which
+        Slurm cancelled (``--kill-on-invalid-dep``). Done by whichever corral refreshes the run first
+        (``run``'s wait, ``status``, ``resume``), under the run's lease, re-reading the records: once.
+        True when something was resubmitted."""
+        from corral.backends import oom
+        from corral.backends.base import RunOptions as _Options
+        from corral.state.lease import LeaseHeld
+
+        if not any(t.state == TaskState.FAILED and oom.is_oom(t.reason) for t in tasks):
+            return False
+        plan = _plan(store, run)
+        if plan is None:
+            return False
+        try:
+            with store.lease(run.run_id, "memory-retry", wait=0):
+                return self._regrow(plan, store.get_run(run.run_id), store, _Options)
+        except LeaseHeld:
+            return False
+
+    def _regrow(self, plan: Plan, run: RunRecord, store: StateStore, options_type: Any) -> bool:
+        from corral.backends import oom
+
+        state = dict(run.options.get("slurm", {}))
+        grown: dict[str, Any] = dict(state.get("memory", {}))
+        bounds = state.get("memory_bounds", {})
+        tasks = {t.task_id: t for t in store.get_tasks(run.run_id)}
+        recs = read_records(self._records_dir(run.run_id), set(tasks))
+        redo: set[str] = set()
+        finals: list[TaskRecord] = []
+        for t in tasks.values():
+            task = plan.by_id.get(t.task_id)
+            if task is None or t.state != TaskState.FAILED or not oom.is_oom(t.reason) or not oom.grows(
+                    task.stage.resources) or "not retried" in t.reason:
+                continue
+            res = task.stage.resources
+            killed_at = oom.limit_of(t.reason) or grown.get(t.task_id, {}).get("mib") or res.memory
+            entry = dict(grown.get(t.task_id, {}))
+            if "base" not in entry:  # the attempts before the submission whose try was killed
+                entry["base"] = t.attempts - sum(1 for r in recs.get(t.task_id, []) if r.get("job") == t.external_id)
+            left = task.stage.retries + 1 - (t.attempts - int(entry["base"]))
+            if left <= 0:
+                continue
+            more = oom.next_memory(res, killed_at, bounds.get(t.stage))
+            if more is None:
+                why = oom.final_reason(res, killed_at, bounds.get(t.stage), "a node of its partition")
+                finals.append(t.replace(reason=why))
+                continue
+            grown[t.task_id] = {**entry, "mib": more, "tries": left}
+            redo.add(t.task_id)
+        store.save_tasks(finals)
+        if not redo:
+            return False
+        # what needs them (Slurm cancels it: its dependency can never be satisfied) runs again too
+        dependents = plan.dependents()
+        stack, again = list(redo), set(redo)
+        while stack:
+            for d in dependents[stack.pop()]:
+                if d not in again and not tasks[d].state.ok:
+                    again.add(d)
+                    stack.append(d)
+        doomed = [tasks[d].external_id for d in again - redo if tasks[d].external_id and not tasks[d].state.terminal]
+        if doomed:
+            self.client.scancel(doomed)
+        store.save_tasks([tasks[d].replace(state=TaskState.PENDING, external_id="", exit_code=None, ended_at=None,
+                                           reason=f"retrying after: {tasks[d].reason}" if d in redo else "")
+                          for d in sorted(again)])
+        state["memory"] = grown
+        run = run.replace(options={**run.options, "slurm": state})
+        store.save_run(run)
+        self.settings = plan.workflow.slurm
+        self._submit_round(plan, run, store, options_type(runtime=state.get("runtime", "auto"),
+                                                          force=bool(state.get("force"))))
+        return True
 
     def _settle(self, run: RunRecord, store: StateStore, tasks: list[TaskRecord]) -> None:
         runstate.end(store, run.run_id, tasks)  # only a RUNNING run ends; an ended one keeps its state
@@ -644,6 +777,28 @@ def _remote_output_missing(store: StateStore, run: RunRecord, t: TaskRecord, wor
     return ""
 
 
+# What slurmstepd writes to a job's stderr when it kills a step for memory: OverMemoryKill's sampler
+# ("StepId=1.batch exceeded memory limit (…), being killed", "Exceeded job memory limit") and the
+# cgroup task plugin ("Detected 1 oom-kill event(s) in StepId=…").
+_SLURM_OOM = ("exceeded job memory limit", "exceeded memory limit", "oom-kill event")
+
+
+def slurm_memory_kill(err_path: str) -> str:
+    """slurmstepd's own line saying it killed the step for memory, from the end of the job's
+    stderr, or ""."""
+    try:
+        with open(err_path, "rb") as fh:
+            size = fh.seek(0, os.SEEK_END)
+            fh.seek(max(0, size - 65536))
+            tail = fh.read().decode(errors="replace").splitlines()
+    except OSError:
+        return ""
+    for line in reversed(tail):
+        if line.startswith("slurmstepd") and any(k in line.lower() for k in _SLURM_OOM):
+            return line.split("error: ", 1)[-1].strip()[:200]
+    return ""
+
+
 def read_records(folder: Path, task_ids: set[str]) -> dict[str, list[dict[str, Any]]]:
     """The attempt records of these tasks (one directory listing), oldest attempt first."""
     out: dict[str, list[dict[str, Any]]] = {}
@@ -676,8 +831,11 @@ def _job_from_records(folder: Path, tasks: dict[str, int]) -> str:
 
 
 # -- fit: refuse before submitting what no partition can hold -----------------------------------
-def check_fit(plan: Plan, settings: SlurmSettings, client: SlurmClient) -> None:
+def check_fit(plan: Plan, settings: SlurmSettings, client: SlurmClient) -> dict[str, int]:
+    """Refuse a stage no node of its partition holds; returns, for stages with ``retry_memory``, the
+    largest memory (MiB) a node of their partition has: how far their memory may grow."""
     wf: Workflow = plan.workflow
+    bounds: dict[str, int] = {}
     text = client.run(["sinfo", "--noheader", "-o", "%R|%a|%c|%m|%G|%l|%d|%P"])
     parts: dict[str, list[dict[str, Any]]] = {}
     default = ""
@@ -716,6 +874,8 @@ def check_fit(plan: Plan, settings: SlurmSettings, client: SlurmClient) -> None:
                     f"(largest: {largest} {unit})",
                     "lower resources." + fieldname + " or choose another partition in slurm.partition",
                     where=wf.stage_where(s.name, "resources", fieldname))
+        if r.retry_memory is not None and all(g["mem"] is not None for g in groups):
+            bounds[s.name] = max(g["mem"] for g in groups)
         if s.timeout:
             need_min = -(-int((s.timeout + 10) * (s.retries + 1)) // 60)
             if not any(g["time"] is None or g["time"] >= need_min for g in groups):
@@ -724,6 +884,7 @@ def check_fit(plan: Plan, settings: SlurmSettings, client: SlurmClient) -> None:
                     f"stage {s.name!r}: timeout × tries needs {need_min} min; partition {pname!r} allows "
                     f"{longest} min", "lower timeout or retries, or choose a partition with a longer MaxTime",
                     where=wf.stage_where(s.name, "timeout"))
+    return bounds
 
 
 def _int(text: str) -> int | None:

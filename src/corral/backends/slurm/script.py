@@ -32,9 +32,11 @@ import shlex
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
+from corral.backends.oom import OOM_COUNTER_SH
 from corral.errors import BackendError
 from corral.plan import Task
 from corral.spec import SlurmSettings, Stage
+from corral.units import format_size_mib
 
 PADDING_ROW = "-"
 SAFE = re.compile(r"^[A-Za-z0-9_@%+=:,./-]+$")
@@ -76,11 +78,13 @@ _c_missing() {  # the first declared output (local path _c_oN, as written _c_uN)
   return 1
 }
 trap _c_term TERM INT
+OOM_COUNTER_SH
 if [ -n "${CORRAL_WORKDIR:-}" ]; then mkdir -p "$CORRAL_WORKDIR" 2>/dev/null || true; fi
 while [ "$_c_a" -lt "$((_c_b + _c_n))" ]; do
   _c_a=$((_c_a + 1))
   _c_start=$(_c_now)
   _c_write "$_c_a" RUNNING null "" "$_c_start" null
+  _c_oom0=$(_c_ooms)
   echo "corral: attempt $_c_a of ${CORRAL_STAGE}[${CORRAL_ITEM_KEY}] (task $_c_t) on $_c_host" >&2
   if [ -n "${_c_to:-}" ] && command -v timeout >/dev/null 2>&1; then
     timeout -k 5 "$_c_to" "$@" < /dev/null &
@@ -104,11 +108,19 @@ while [ "$_c_a" -lt "$((_c_b + _c_n))" ]; do
     _c_write "$_c_a" SUCCEEDED 0 "" "$_c_start" "$(_c_now)"
     exit 0
   fi
+  if [ "$_c_code" -eq 137 ] && [ "$(_c_ooms)" -gt "$_c_oom0" ]; then
+    # the kernel killed it for memory: with retry_memory (_c_g) no try at this --mem; corral resubmits with more
+    _c_why="out of memory (limit ${_c_m:-?}): killed by the kernel (exit 137)"
+    echo "corral: $_c_why" >&2
+    if [ -n "${_c_g:-}" ]; then _c_write "$_c_a" FAILED 137 "$_c_why" "$_c_start" "$(_c_now)" final; exit 137; fi
+    _c_write "$_c_a" FAILED 137 "$_c_why" "$_c_start" "$(_c_now)"
+    continue
+  fi
   if [ "$_c_code" -gt 128 ]; then _c_why="killed by signal $((_c_code - 128))"; else _c_why="exit code $_c_code"; fi
   _c_write "$_c_a" FAILED "$_c_code" "$_c_why" "$_c_start" "$(_c_now)"
 done
 exit "$_c_code"
-"""
+""".replace("OOM_COUNTER_SH\n", OOM_COUNTER_SH)
 
 
 def sh_word(value: str) -> str:
@@ -138,10 +150,14 @@ def secret_exports(stage: Stage) -> list[str]:
 
 
 def row(task: Task, env: Mapping[str, str], argv: Sequence[str], *, attempts_before: int, tries: int,
-        outputs: Sequence[tuple[str, str]] = ()) -> str:
-    """``outputs``: (local path, output as declared and rendered) the wrapper checks after exit 0."""
+        outputs: Sequence[tuple[str, str]] = (), memory_mib: int | None = None) -> str:
+    """``outputs``: (local path, output as declared and rendered) the wrapper checks after exit 0.
+    ``memory_mib``: the job's ``--mem`` (named in an out-of-memory reason); with ``retry_memory`` the
+    wrapper stops at an out-of-memory kill (``_c_g``) and corral resubmits the task with more."""
     timeout = f" _c_to={math.ceil(task.stage.timeout)}" if task.stage.timeout else ""
-    parts = [f"_c_t={task.id} _c_b={attempts_before} _c_n={tries}{timeout}"]
+    mem = format_size_mib(memory_mib or task.stage.resources.memory)
+    grow = " _c_g=1" if task.stage.resources.retry_memory is not None else ""
+    parts = [f"_c_t={task.id} _c_b={attempts_before} _c_n={tries}{timeout} _c_m={mem}{grow}"]
     if outputs:
         parts.append(f"_c_on={len(outputs)}")
         for i, (path, shown) in enumerate(outputs, 1):
@@ -208,8 +224,9 @@ def placement(stage: Stage, settings: SlurmSettings) -> Placement:
 
 
 def sbatch_options(stage: Stage, settings: SlurmSettings, *, job_name: str, array: str, log_dir: str,
-                   chdir: str) -> list[str]:
-    """The ``#SBATCH`` options of one array (dependencies go on the command line)."""
+                   chdir: str, memory_mib: int | None = None) -> list[str]:
+    """The ``#SBATCH`` options of one array (dependencies go on the command line); ``memory_mib``:
+    ``--mem`` when it is not the stage's (a resubmission after an out-of-memory kill)."""
     r = stage.resources
     p = placement(stage, settings)
     opts = [
@@ -217,7 +234,7 @@ def sbatch_options(stage: Stage, settings: SlurmSettings, *, job_name: str, arra
         f"--array={array}",
         "--ntasks=1",
         f"--cpus-per-task={max(1, math.ceil(r.vcpus))}",
-        f"--mem={r.memory}M",
+        f"--mem={memory_mib or r.memory}M",
         f"--output={log_dir}/%A_%a.out",
         f"--error={log_dir}/%A_%a.err",
         f"--chdir={chdir}",
