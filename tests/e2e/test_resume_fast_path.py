@@ -192,3 +192,15 @@ def test_which_item_sources_are_fingerprinted(tmp_path: Path) -> None:
     assert files("{bids: ds}") is None
     assert inputs.fingerprint(loads_workflow(
         "name: w\nitems: [{n: 1}]\nstages:\n  - {name: s, command: \"true\"}\n")) is None  # no file
+
+
+def test_the_python_api_records_the_fingerprint_too(tmp_path: Path) -> None:
+    (tmp_path / "sessions.csv").write_text("session\ns1\ns2\n")
+    wf = write_workflow(tmp_path, TABLE_WORKFLOW)
+    run = api.run(str(wf))
+    recorded = run.options[inputs.KEY]
+    assert recorded["tasks"] == 4 and [Path(f["path"]).name for f in recorded["files"]] == ["workflow.yaml",
+                                                                                           "sessions.csv"]
+    assert inputs.unchanged(run, 4) and not inputs.unchanged(run, 5)
+    got = _resume(run.run_id, cwd=tmp_path)
+    assert got["code"] == 0 and not got["planned"] and "nothing to resume" in got["stderr"]
