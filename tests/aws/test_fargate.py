@@ -25,9 +25,9 @@ from corral.backends.aws_batch.client import AwsClients
 from corral.backends.aws_batch.provision import ensure_environment, needs_for
 from corral.backends.base import RunOptions
 from corral.errors import PlanError
-from corral.instances import check_fits
 from corral.model import RunState, TaskState
 from corral.plan import make_plan
+from corral.routes import check_fits
 from corral.spec import Stage, loads_workflow
 from corral.state.sqlite import SqliteStore
 

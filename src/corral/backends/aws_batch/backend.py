@@ -1,15 +1,17 @@
 """``AwsBatchBackend``: the Backend protocol on AWS Batch (submit, refresh, cancel, logs, resume).
 
 ``start`` provisions what the plan needs (``provision.ensure_environment``), records where the run
-lives in ``run.options["aws_batch"]`` (region, queues, log group, round layout) so any machine that
-can read the state table can follow it, then submits array jobs (see ``submit``) and returns (or
-waits, with bounded polling, when ``options.wait``).
+lives (region, queues, log group, round layout: :class:`run_facts.RunFacts`, stored under
+the run options' ``aws_batch`` key) so any machine that can read the state table can follow it, then
+submits array jobs (see ``submit``) and returns (or waits, with bounded polling, when
+``options.wait``).
 
 ``refresh`` costs, for a run of arrays: one DescribeJobs per 100 parents that still have a task in
 flight (their ``statusSummary``), and ListJobs (pages of 1,000) only for a status whose count in
 the summary differs from what the store already records for that array (see ``status.children``):
 polling with nothing new costs the DescribeJobs alone; only the tasks that changed are written
-back (batched by the store).
+back (batched by the store). Children that just ended may be described once more, 100 per
+call, for their attempt count (``_count_attempts``: ListJobs summaries carry none).
 """
 
 from __future__ import annotations
@@ -29,9 +31,10 @@ from corral.backends.aws_batch.client import AwsClients
 from corral.backends.aws_batch.final_cleanup import CLAIM_LEASE, FinalCleanup, cleanup_stages
 from corral.backends.aws_batch.logs import LogReader, log_group_of, stream_of
 from corral.backends.aws_batch.payloads import RESERVED_ENV_PREFIXES
+from corral.backends.aws_batch.run_facts import OPTIONS_KEY as OPTIONS_KEY  # (the old name, kept)
+from corral.backends.aws_batch.run_facts import RunFacts
 from corral.backends.aws_batch.status import CANCEL_REASON, apply_summary, children, task_state_of
 from corral.backends.aws_batch.submit import (
-    OPTIONS_KEY,
     BatchApi,
     Queues,
     Submitter,
@@ -195,13 +198,13 @@ class AwsBatchBackend:
         return ctx
 
     def _queues(self, run: RunRecord) -> Queues:
-        opts = run.options.get(OPTIONS_KEY, {})
-        if not opts.get("job_queue"):
+        facts = RunFacts.of(run)
+        if not facts.submitted:
             raise BackendError(
                 f"run {run.run_id} has no AWS Batch queue recorded (it was never submitted)",
                 f"`corral resume {run.run_id}` submits it",
             )
-        return Queues(opts["job_queue"], opts.get("gpu_job_queue"), opts.get("fargate_job_queue"))
+        return Queues(*facts.queues())
 
     # -- Backend protocol ---------------------------------------------------------------------
     def check(self, plan: Plan) -> None:
@@ -230,7 +233,7 @@ class AwsBatchBackend:
                         where=wf.stage_where(s.name, "secrets", name),
                     )
         try:
-            from corral.instances import check_fits
+            from corral.routes import check_fits
         except ImportError:  # pragma: no cover - provisioning's module
             return
         check_fits(plan, list(self._aws(plan).instance_types))
@@ -373,7 +376,7 @@ class AwsBatchBackend:
             # The tasks resubmitted write to the workspace again: its cleanup runs after them
             # (also when a cleanup already ran after the failures).
             to_submit |= {t.task_id for t in tasks if t.stage in cleanups and t.state.terminal}
-        round_ = int(opts.get("round", -1)) + 1 if "round" in opts else 0
+        round_ = opts.round + 1 if opts.round is not None else 0  # (opts: the run's RunFacts)
         never_tried = {tid for tid in to_submit if records[tid].attempts == 0}
         to_submit -= skip_done(plan, run, store, records, never_tried, options)
         staged = self._stage(plan, run, env, to_submit)
@@ -381,7 +384,7 @@ class AwsBatchBackend:
             run.state = RunState.RUNNING
         skip = _skip_in_job(plan, run, options)
         submitter = self._submitter(env, store, plan, staged, skip)
-        submitter.memory = aws_memory.on_resume(plan, opts, [records[t] for t in to_submit],
+        submitter.memory = aws_memory.on_resume(plan, RunFacts.stored(run), [records[t] for t in to_submit],
                                                 list(self._aws(plan).instance_types))
         submitter.submit_round(plan, run, records, to_submit, round_)
         if to_submit:
@@ -426,12 +429,12 @@ class AwsBatchBackend:
                     for t in live:
                         apply_summary(t, job, changed)
         if changed:
-            self._count_attempts(changed, jobs, aws_memory.resubmitted(run.options.get(OPTIONS_KEY, {})))
+            self._count_attempts(changed, jobs, aws_memory.resubmitted(RunFacts.of(run).to_dict()))
             self._name_missing_outputs(run, store, changed)
             self._skipped_in_job(run, tasks, changed)
-            aws_memory.count_attempts(run.options.get(OPTIONS_KEY, {}), changed)
+            aws_memory.count_attempts(RunFacts.of(run).to_dict(), changed)
             if any(aws_memory.is_batch_oom(t) for t in changed.values()):
-                aws_memory.name_oom(run.options.get(OPTIONS_KEY, {}), _plan_of(store, run), changed)
+                aws_memory.name_oom(RunFacts.of(run).to_dict(), _plan_of(store, run), changed)
             # Conditional: a record another process changed since we read it (a cleanup claim) stands.
             before = {t.task_id: t for t in tasks}
             written = store.update_tasks([(before[tid], new) for tid, new in changed.items()])
@@ -465,7 +468,7 @@ class AwsBatchBackend:
         plan = _plan_of(store, run)
         if plan is None:
             return tasks
-        opts = run.options.setdefault(OPTIONS_KEY, {})
+        opts = RunFacts.stored(run)  # (memory keeps its own facts here, updated in place)
         again, grown, finals = aws_memory.plan_retries(plan, opts, tasks, list(self._aws(plan).instance_types))
         if finals:
             store.save_tasks(finals)
@@ -516,7 +519,7 @@ class AwsBatchBackend:
         every mark of the run so far, so a line CloudWatch indexed late is found next time."""
         from corral.backends.aws_batch.logs import DEFAULT_LOG_GROUP, skip_marks
 
-        stages = set(run.options.get(OPTIONS_KEY, {}).get("skip_in_job") or [])
+        stages = set(RunFacts.of(run).get("skip_in_job") or [])
         if not stages:
             return
         current = {t.task_id: changed.get(t.task_id, t) for t in tasks}
@@ -525,7 +528,7 @@ class AwsBatchBackend:
         ending = all(t.state.terminal for t in current.values())
         if not done or not (newly or ending):
             return
-        group = run.options.get(OPTIONS_KEY, {}).get("log_group") or DEFAULT_LOG_GROUP
+        group = RunFacts.of(run).log_group or DEFAULT_LOG_GROUP
         try:
             marked = skip_marks(self.clients.logs, group, run.run_id, since_s=run.created_at)
         except CorralError as exc:
@@ -564,7 +567,7 @@ class AwsBatchBackend:
 
     def _cancel(self, run: RunRecord, store: StateStore) -> None:
         tasks = store.get_tasks(run.run_id)
-        if OPTIONS_KEY in run.options and run.options[OPTIONS_KEY].get("job_queue"):
+        if RunFacts.of(run).submitted:
             queues = self._queues(run)
             tasks, _ = reconcile(
                 self.api, run, store, tasks, queues.all(), settle_polls=0, sleep=self.sleep,
@@ -591,7 +594,7 @@ class AwsBatchBackend:
             yield f"(task {task.label} has not been submitted yet: {task.state.value})"
             return
         job_id = task.external_id
-        default_group = run.options.get(OPTIONS_KEY, {}).get("log_group", "")
+        default_group = RunFacts.of(run).log_group or ""
         job = self.api.describe_jobs([job_id]).get(job_id)
         if job is None:
             raise UsageError(
@@ -724,31 +727,28 @@ def _skip_in_job(plan: Plan, run: RunRecord, options: RunOptions) -> set[str]:
     if not options.force:
         forced = forced_stages(plan, options.force_stages)
         stages = {s.name for s in plan.workflow.stages if pl.in_job_skip(s) and s.name not in forced}
-    opts = run.options.setdefault(OPTIONS_KEY, {})
+    opts = RunFacts.stored(run)
     opts["skip_in_job"] = sorted(set(opts.get("skip_in_job") or []) | stages)
     return stages
 
 
-def _record_where(run: RunRecord, plan: Plan, env: Any) -> dict[str, Any]:
-    """Record in ``run.options["aws_batch"]`` where the run lives, so any machine can follow it:
+def _record_where(run: RunRecord, plan: Plan, env: Any) -> RunFacts:
+    """Record in the run's :class:`RunFacts` where the run lives, so any machine can follow it:
     its queues (a queue missing from the record is filled in from ``env``; resume/cancel look for
     jobs in each), region, log group and state table, its cleanup stages (for the cleanup after a
     failure) and its EFS workspace with the roles that mount it (for ``corral aws teardown --run``).
     What is recorded already stays: a resume keeps the run's first answers."""
-    opts: dict[str, Any] = run.options.setdefault(OPTIONS_KEY, {})
-    for key in ("job_queue", "gpu_job_queue", "fargate_job_queue"):
-        opts[key] = opts.get(key) or getattr(env, key, None)
-    facts = {
-        "region": env.region,
-        "log_group": getattr(env, "log_group", "") or "",
-        "table": getattr(env, "table_name", "") or "",
-        "cleanup_stages": [s.name for s in plan.workflow.stages if s.kind == "cleanup"],
-        "efs_id": getattr(env, "efs_id", "") or "",
-        "efs_access_point": getattr(env, "efs_access_point", "") or "",
-        "job_role_arn": getattr(env, "job_role_arn", "") or "",
-        "execution_role_arn": getattr(env, "execution_role_arn", "") or "",
-        "assign_public_ip": plan.workflow.aws.assign_public_ip,
-    }
-    for key, value in facts.items():
-        opts.setdefault(key, value)
-    return opts
+    facts = RunFacts.of(run)
+    facts = facts.replace(**{key: getattr(facts, key) or getattr(env, key, None)
+                             for key in ("job_queue", "gpu_job_queue", "fargate_job_queue")})
+    return facts.with_defaults(
+        region=env.region,
+        log_group=getattr(env, "log_group", "") or "",
+        table=getattr(env, "table_name", "") or "",
+        cleanup_stages=tuple(s.name for s in plan.workflow.stages if s.kind == "cleanup"),
+        efs_id=getattr(env, "efs_id", "") or "",
+        efs_access_point=getattr(env, "efs_access_point", "") or "",
+        job_role_arn=getattr(env, "job_role_arn", "") or "",
+        execution_role_arn=getattr(env, "execution_role_arn", "") or "",
+        assign_public_ip=plan.workflow.aws.assign_public_ip,
+    ).save_to(run)

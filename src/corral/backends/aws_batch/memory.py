@@ -110,10 +110,10 @@ def bound_mib(resources: Resources, instance_types: list[str]) -> int | None:
         _fargate_memories,
         expand,
         is_fargate_entry,
-        on_fargate,
     )
+    from corral.routes import route
 
-    if on_fargate(resources, instance_types):  # its jobs stay on the Fargate queue: Fargate's largest
+    if route(resources, instance_types).fargate:  # its jobs stay on the Fargate queue: Fargate's largest
         return max(max(_fargate_memories(v)) for v in FARGATE_SIZES if v >= resources.vcpus)
     ec2 = [e for e in instance_types if not is_fargate_entry(e)]
     best = 0

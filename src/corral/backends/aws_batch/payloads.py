@@ -644,15 +644,15 @@ def image_uri(image: str, ctx: JobContext) -> str:
 
 def fargate_requirements(stage: Stage) -> list[dict[str, str]]:
     """VCPU/MEMORY of the smallest Fargate size holding the stage (``"0.25"``/``"512"`` and up)."""
-    from corral.instances import fargate_size
+    from corral.routes import requirements_for
 
-    size = fargate_size(stage.resources)
-    if size is None:
+    requirements = requirements_for(stage.resources, fargate=True)
+    if requirements is None:
         raise PlanError(
             f"stage {stage.name!r} does not fit Fargate (GPUs, over 16 vCPUs / 120 GiB, or over 200 GiB of disk)",
             "this is a corral bug: such a stage goes to the EC2 queue; report it with the workflow",
         )
-    return [{"type": "VCPU", "value": f"{size[0]:g}"}, {"type": "MEMORY", "value": str(size[1])}]
+    return requirements
 
 
 def fargate_properties(ctx: JobContext, disk_gib: int | None = None) -> dict[str, Any]:
@@ -701,12 +701,9 @@ def job_definition(
         _require_execution_role(ctx, f"stage {stage.name!r}")
         requirements = fargate_requirements(stage)
     else:
-        requirements = [
-            {"type": "VCPU", "value": str(max(1, math.ceil(res.vcpus)))},
-            {"type": "MEMORY", "value": str(int(res.memory))},
-        ]
-        if res.gpus:
-            requirements.append({"type": "GPU", "value": str(res.gpus)})
+        from corral.routes import requirements_for
+
+        requirements = requirements_for(res, fargate=False) or []  # (what the stage's route asks for)
     container: dict[str, Any] = {
         "image": image_uri(stage.image, ctx),
         "command": ["/bin/sh", "-c", WRAPPER],
