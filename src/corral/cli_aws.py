@@ -183,7 +183,7 @@ def teardown(region: str | None, profile: str | None, everything: bool, run_id: 
     if everything and not force:
         from corral.backends.aws_batch.common import Ctx
         from corral.backends.aws_batch.provision import ProvisionReport
-        from corral.backends.aws_batch.teardown import jobs_in_flight
+        from corral.backends.aws_batch.removal import jobs_in_flight
 
         busy = jobs_in_flight(Ctx(clients=clients, report=ProvisionReport(), tags={}))
         if busy:

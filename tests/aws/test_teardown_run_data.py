@@ -17,8 +17,8 @@ from corral.backends.aws_batch import payloads as pl
 from corral.backends.aws_batch.backend import AwsBatchBackend
 from corral.backends.aws_batch.client import AwsClients
 from corral.backends.aws_batch.rclone_image import ensure_rclone_image
+from corral.backends.aws_batch.removal import remove
 from corral.backends.aws_batch.run_data import remove_run_data
-from corral.backends.aws_batch.teardown import remove
 from corral.backends.base import RunOptions
 from corral.plan import make_plan
 from corral.spec import loads_workflow

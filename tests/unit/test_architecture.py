@@ -148,7 +148,7 @@ def test_the_graph_sees_real_imports() -> None:
     assert "corral.backends.aws_batch.payloads" in g["corral.backends.aws_batch.submit"]  # `from P import m`
     assert "corral.backends" in g["corral.doctor"]  # importing corral.backends.x runs corral.backends first
     assert "corral.plan" in g["corral.backends.aws_batch.payloads"]  # at module level and inside functions
-    assert "corral.backends.aws_batch.teardown" in g["corral.backends.aws_batch.provision"]  # only in a function
+    assert "corral.backends.aws_batch.removal" in g["corral.backends.aws_batch.provision"]  # only in a function
     assert "corral.spec" not in g["corral.routes"]  # imported only under TYPE_CHECKING
     assert "corral.backends.aws_batch" not in g["corral.backends.aws_batch.submit"]  # its own package
 
@@ -260,3 +260,21 @@ def test_the_text_checks_see_what_they_look_for() -> None:
                                  '"""run.options["aws_batch"] in a docstring"""\n'))
     assert sorted(found) == [1, 2, 3, 4]
     assert _ROUTE_PIECES.search("if on_fargate(stage.resources, allowed):")
+
+
+def test_no_submodule_shadows_what_its_package_exports() -> None:
+    """Importing a submodule sets it as an attribute of its package: a package that also exports a
+    function of that name (``corral.backends.aws_batch.teardown``) would lose it to whichever test
+    or user imported the submodule first."""
+    import importlib
+    import pkgutil
+
+    import corral
+
+    for info in pkgutil.walk_packages(corral.__path__, "corral."):
+        if not info.ispkg:
+            continue
+        pkg = importlib.import_module(info.name)
+        exported = set(getattr(pkg, "__all__", ()))
+        subs = {m.name for m in pkgutil.iter_modules(pkg.__path__)}
+        assert not exported & subs, f"{info.name} exports {sorted(exported & subs)}, also the names of its submodules"

@@ -158,7 +158,7 @@ def teardown(
     A bucket or ECR repository that still holds data, the state table and the EFS file system are
     kept (and reported) unless ``purge``; ``everything`` refuses while jobs are in flight unless ``force``.
     """
-    from corral.backends.aws_batch.teardown import remove
+    from corral.backends.aws_batch.removal import remove
 
     return remove(clients, run_id=run_id, everything=everything, purge=purge, keep_access_point=keep_access_point,
                   force=force)

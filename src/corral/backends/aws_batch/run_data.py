@@ -107,7 +107,7 @@ def _access_point(clients: AwsClients, run_id: str, fs_id: str | None) -> tuple[
     """(file system id, access point id) of the run's access point (tagged with the run)."""
     from corral.backends.aws_batch.common import Ctx
     from corral.backends.aws_batch.provisioned import ProvisionReport
-    from corral.backends.aws_batch.teardown import _managed_file_systems
+    from corral.backends.aws_batch.removal import _managed_file_systems
 
     efs = clients.efs
     fs_ids = [fs_id] if fs_id else [
