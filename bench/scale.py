@@ -76,9 +76,15 @@ elif what == "finish":
     p = api.plan(wf)
     store = api.open_store("local")
     now = time.time()
+    try:  # the fingerprint `corral run` records (corral.inputs), where this corral has one
+        from corral import inputs
+        fp = inputs.fingerprint(wf)
+        opts = {inputs.KEY: {**fp, "tasks": len(p.tasks)}} if fp else {}
+    except ImportError:
+        opts = {}
     rec = RunRecord(run_id="bench-" + str(len(p.tasks)), workflow_name=wf.name, backend="local", created_at=now,
                     state=RunState.RUNNING, workflow_path=wf.source, base_dir=str(wf.base_dir),
-                    host=socket.gethostname())
+                    host=socket.gethostname(), options=opts)
     tasks = [TaskRecord(run_id=rec.run_id, task_id=x.id, stage=x.stage.name, item_key=x.key, item_index=x.index)
              for x in p.tasks]
     store.create_run(rec, p.manifest(), tasks)

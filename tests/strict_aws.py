@@ -25,6 +25,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
+from batch_consumables import ConsumableResources  # (tests/: what moto lacks, answered in the layer)
 from botocore.exceptions import ClientError
 
 # -- limits (each with its source) -------------------------------------------------------------------
@@ -126,6 +127,8 @@ class StrictAws:
         self.largest_overrides = 0
         self.largest_submit = 0
         self._create_client: Callable[..., Any] | None = None
+        # Batch consumable resources (max_parallel): moto has none; the layer answers them
+        self.consumables = ConsumableResources(region=region or "us-east-2")
 
     # -- installation --------------------------------------------------------------------------
     @contextmanager
@@ -165,6 +168,8 @@ class StrictAws:
             events.register(f"before-parameter-build.{service}", before, unique_id=f"strict-before-{id(self)}")
         if service == "batch":
             events.register("after-call.batch", self._remember, unique_id=f"strict-after-{id(self)}")
+            events.register("before-call.batch", self.consumables.before_call,
+                            unique_id=f"strict-consumables-{id(self)}")
 
     def _refuse(self, operation: str, code: str, message: str) -> None:
         with self._lock:
@@ -177,10 +182,29 @@ class StrictAws:
             self._check_tags(op, params["tags"])
         if op == "SubmitJob":
             self._check_submit(params)
+            self._check_consumables(op, params.get("consumableResourcePropertiesOverride"))
         elif op == "RegisterJobDefinition":
             self._check_register(params)
+            self._check_consumables(op, params.get("consumableResourceProperties"))
         elif op in ("CreateComputeEnvironment", "UpdateComputeEnvironment"):
             self._check_compute_environment(op, params)
+
+    def _check_consumables(self, op: str, props: Mapping[str, Any] | None) -> None:
+        """Batch user guide, "Specify the resources needed to run a job": a job definition (or a
+        SubmitJob override) names resources "you created" and the quantity each job needs. The
+        layer refuses a resource that does not exist and a quantity under 1 (AWS's exact answer
+        to either is not documented: see STRICT.md)."""
+        if props is None:
+            return
+        entries = props.get("consumableResourceList")
+        if not entries:
+            self._refuse(op, "ClientException", "consumableResourceProperties.consumableResourceList is required")
+        for e in entries or []:
+            ref = str(e.get("consumableResource", ""))
+            if self.consumables.get(ref) is None:
+                self._refuse(op, "ClientException", f"consumable resource {ref or '(none)'} does not exist")
+            if int(e.get("quantity") or 0) < 1:
+                self._refuse(op, "ClientException", f"consumable resource {ref}: quantity must be at least 1")
 
     def _check_tags(self, op: str, tags: Mapping[str, str]) -> None:
         if len(tags) > MAX_TAGS:

@@ -77,12 +77,18 @@ def run(
     """Plan the workflow, record the run and all its tasks, then run (local) or submit (aws).
     ``plan``: the workflow's plan when the caller has made it already (items are resolved once:
     a BIDS listing on S3 or a NeuroConv spec is read one time per run)."""
-    from corral import reuse
+    from corral import inputs, reuse
     from corral.plan import make_plan
     from corral.spec import Workflow
 
     wf = workflow if isinstance(workflow, Workflow) else load_workflow(workflow)
+    # the files the plan reads, fingerprinted before it reads them when it is made here
+    fingerprint = inputs.fingerprint(wf) if plan is None else None
     p = plan if plan is not None else make_plan(wf)
+    if plan is not None:
+        fingerprint = inputs.fingerprint(wf)
+    if fingerprint is not None:
+        fingerprint["tasks"] = len(p.tasks)
     be = backend_impl or get_backend(backend, wf)
     be.check(p)
     store = store or be.open_store(workflow=wf)
@@ -90,7 +96,7 @@ def run(
     rec = RunRecord(
         run_id=new_run_id(wf.name), workflow_name=wf.name, backend=be.name, created_at=now(),
         state=RunState.RUNNING, workflow_path=wf.source, base_dir=str(wf.base_dir), host=socket.gethostname(),
-        options=be.run_options(wf),
+        options={**be.run_options(wf), **({inputs.KEY: fingerprint} if fingerprint else {})},
     )
     reused = {} if options.force or not options.reuse else reuse.reusable(
         p, store, backend=be.name, force_stages=options.force_stages)

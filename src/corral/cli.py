@@ -215,6 +215,22 @@ def _resume_plan(store: Any, rec: RunRecord) -> Any:
     return plan
 
 
+def _finished_unchanged(store: Any, rec: RunRecord) -> model.RunSummary | None:
+    """The run's summary when `corral resume` has nothing to do and nothing to say: the run ended
+    SUCCEEDED, every task it planned is recorded and done (SUCCEEDED, SKIPPED or REUSED), and the
+    workflow file and the tables its items come from hold the bytes they held when it was recorded
+    (:mod:`corral.inputs`). None otherwise: the full path then plans, notes a changed workflow and
+    runs what is left."""
+    from corral import inputs
+
+    if rec.state != model.RunState.SUCCEEDED or inputs.KEY not in rec.options:
+        return None
+    summary = api.summary(store, rec.run_id)
+    if not all(model.TaskState(state).ok for state, n in summary.counts.items() if n):
+        return None
+    return summary if inputs.unchanged(rec, summary.total) else None
+
+
 def _note_unused_flags(be: Any, given: dict[str, bool]) -> None:
     """One note per flag given that this backend does not honour (e.g. --wait locally)."""
     for flag, used in given.items():
@@ -286,6 +302,12 @@ def resume(run_id: str, backend: str | None, max_parallel: int | None, runtime: 
     """Go on with RUN_ID: run only what has not succeeded (after a crash, failure or cancel)."""
     store = api.open_run_store(backend, run_id)
     rec = store.get_run(run_id)
+    done = None if force else _finished_unchanged(store, rec)
+    if done is not None:  # nothing to run, and the file plans to what the run recorded: no plan needed
+        err.print(f"corral: nothing to resume: every task of {run_id} is done, and {rec.workflow_path} (with "
+                  "the tables its items come from) has not changed since the run", markup=False)
+        out.print(rec.run_id, markup=False)
+        sys.exit(_report_end(rec, done))
     plan = _resume_plan(store, rec)  # planned once; api.resume reads the task rows once, under the lease
     live = LiveProgress(plan.stage_order)
     opts = api.RunOptions(force=force, max_parallel=max_parallel, runtime=runtime, progress=live.update)  # type: ignore[arg-type]

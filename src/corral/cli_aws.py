@@ -54,7 +54,7 @@ def _settings_for(workflow: str | None, **overrides: Any) -> tuple[Any, Any]:
         plan = make_plan(wf)
         settings = wf.aws
         needs = needs_for(plan)
-        from corral.instances import check_fits
+        from corral.routes import check_fits
 
         check_fits(plan, list(settings.instance_types))
     else:

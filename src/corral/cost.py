@@ -64,15 +64,20 @@ from corral.instances import (
     FARGATE_USD_VCPU_HOUR,
     MAX_ROOT_VOLUME_GIB,
     InstanceType,
-    allowed_for,
     expand,
     fargate_instance,
     load_instance_types,
-    on_fargate,
     table_info,
 )
 from corral.model import AttemptRecord, RunRecord, TaskRecord, TaskState, now
-from corral.routes import disk_needs, root_volume_gib, scratch_per_instance_gib, tasks_per_instance
+from corral.routes import (
+    disk_needs,
+    ec2_vcpus,
+    root_volume_gib,
+    route,
+    scratch_per_instance_gib,
+    tasks_per_instance,
+)
 from corral.units import parse_duration
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -122,14 +127,15 @@ def place(resources: Resources, allowed: Sequence[str], *, spot: bool, tasks: in
     A stage the AWS backend sends to Fargate (``fargate`` allowed and the task fits it) is priced
     as one Fargate task of its rounded-up size (``instances.fargate_usd_hour``).
     """
-    if on_fargate(resources, list(allowed)):
+    rt = route(resources, allowed)
+    if rt.fargate:
         it = fargate_instance(resources)
         if it is not None:
             return Placement(it, 1, spot)
     best: Placement | None = None
     best_key: tuple[float, float, str] | None = None
-    for it in expand(allowed_for(resources, list(allowed))):
-        n = tasks_per_instance(it, resources.vcpus, resources.memory, resources.gpus)
+    for it in expand(list(rt.entries)):
+        n = tasks_per_instance(it, rt.vcpus, rt.memory_mib, rt.gpus)  # what Batch packs by
         if n == 0:
             continue
         if tasks is not None:
@@ -146,7 +152,8 @@ def placement_on(instance_type: str, resources: Resources, *, spot: bool) -> Pla
     it = load_instance_types().get(instance_type)
     if it is None:
         return None
-    return Placement(it, max(1, tasks_per_instance(it, resources.vcpus, resources.memory, resources.gpus)), spot)
+    vcpus = ec2_vcpus(resources.vcpus)  # what Batch packed it by
+    return Placement(it, max(1, tasks_per_instance(it, vcpus, resources.memory, resources.gpus)), spot)
 
 
 # -- durations --------------------------------------------------------------------------------
@@ -228,7 +235,7 @@ def _stage_estimate(stage: Stage, n_tasks: int, allowed: Sequence[str], spot: bo
     p = place(r, allowed, spot=spot, tasks=n_tasks)
     secs, source = duration
     if p is None:
-        entries = allowed_for(r, list(allowed))
+        entries = route(r, allowed).entries
         return StageEstimate(
             stage=stage.name, tasks=n_tasks, vcpus=r.vcpus, memory_mib=r.memory, gpus=r.gpus, instance_type=None,
             tasks_per_instance=0, usd_per_instance_hour=0.0, usd_per_task_hour=0.0, duration_s=secs,

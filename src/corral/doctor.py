@@ -141,7 +141,7 @@ def check_state_db(home: Path) -> Finding:
 
 def check_interrupted(store: StateStore, *, limit: int = 50) -> list[Finding]:
     """Local runs whose scheduler is gone while they still read RUNNING (or already INTERRUPTED)."""
-    from corral.backends.local import scheduler_alive
+    from corral.backends.processes import scheduler_alive
 
     out = []
     host = socket.gethostname()
@@ -339,11 +339,10 @@ def _task_size(job: dict[str, Any]) -> tuple[float, int, int]:
 
 
 def _types_hold(entries: Sequence[str], vcpus: float, mem: int, gpus: int) -> tuple[bool, bool]:
-    """(some allowed type holds it, the table knows any of the entries)."""
-    from corral.instances import expand
+    """(some allowed type holds it, the table knows any of the entries): the routes' fit rule."""
+    from corral.routes import holds
 
-    types = expand(list(entries))
-    return any(t.holds(vcpus, mem, gpus) for t in types), bool(types)
+    return holds(entries, vcpus, mem, gpus)
 
 
 def runnable_reason(job: dict[str, Any], ces: Sequence[dict[str, Any]]) -> tuple[str, str]:
@@ -446,7 +445,9 @@ def aws_checks(
     with aws_errors("describe AWS Batch queues and compute environments"):
         ces = _ce_index(batch)
         queues = _queues(batch)
-    opts = (run.options.get("aws_batch", {}) if run is not None else {}) or {}
+    from corral.backends.aws_batch.run_facts import RunFacts
+
+    facts = RunFacts.of(run) if run is not None else RunFacts()
     # the queues `corral aws setup` makes for this configuration (provisioning names them)
     needs = needs_for(plan) if plan is not None else Needs()
     names = queue_names(settings, needs)
@@ -456,9 +457,7 @@ def aws_checks(
         wanted.add(names["gpu"])
     if needs.fargate:
         wanted.add(names["fargate"])
-    for key in ("job_queue", "gpu_job_queue", "fargate_job_queue"):
-        if opts.get(key):
-            wanted.add(str(opts[key]).rsplit("/", 1)[-1])
+    wanted.update(facts.queue_names())
     by_name = {q["jobQueueName"]: q for q in queues if q.get("status") != "DELETED"}
     considered = [q for n, q in by_name.items() if n in wanted or _managed(q.get("tags"))]
 
@@ -490,27 +489,25 @@ def aws_checks(
     seen: set[str] = set()
     stages = list(plan.workflow.stages) if plan is not None else []
     # stages the backend sends to Fargate are not judged against the EC2 environments' types
-    from corral.instances import on_fargate
+    from corral.routes import route
 
-    ec2_stages = [s for s in stages if not on_fargate(s.resources, list(settings.instance_types))]
-    fargate_queues = {names.get("fargate"), str(opts.get("fargate_job_queue") or "").rsplit("/", 1)[-1]}
+    ec2_stages = [s for s in stages if not route(s.resources, list(settings.instance_types)).fargate]
+    fargate_queues = {names.get("fargate"), str(facts.fargate_job_queue or "").rsplit("/", 1)[-1]}
     for qname, envs in queue_ces.items():
         for c in envs:
             cname = c["computeEnvironmentName"]
             if cname in seen:
                 continue
             seen.add(cname)
-            gpu_q = qname == names["gpu"] or (opts.get("gpu_job_queue") or "").endswith("/" + qname)
+            gpu_q = qname == names["gpu"] or (facts.gpu_job_queue or "").endswith("/" + qname)
             fargate_q = qname in fargate_queues
             out += compute_environment_findings(c, [] if fargate_q else ec2_stages, gpu=gpu_q)
 
     # -- stages with no environment at all: judge them against the workflow's allowed types
     if stages and not queue_ces:
-        from corral.instances import allowed_for
-
         for s in stages:
             out += _fit(s.name, s.resources, "aws.instance_types",
-                        allowed_for(s.resources, list(settings.instance_types)))
+                        route(s.resources, list(settings.instance_types)).entries)
 
     # -- stuck jobs
     out += _runnable(clients, queue_ces, run, tasks, runnable_after_s, clock)
@@ -626,6 +623,16 @@ def _runnable(clients: AwsClients, queue_ces: dict[str, list[dict[str, Any]]], r
         since = (job.get("createdAt") or 0) / 1000.0
         waited = t_now - since if since else 0.0
         if waited <= after_s:
+            continue
+        held = [e.get("consumableResource", "") for e in
+                (job.get("consumableResourceProperties") or {}).get("consumableResourceList") or []]
+        if held:  # a stage's max_parallel: its tasks wait RUNNABLE for their turn, by design
+            out.append(Finding(
+                "runnable", "info",
+                f"job {job.get('jobName', '')} ({job.get('jobId')}) in queue {qname}: {n} task(s) RUNNABLE, "
+                f"waiting for their turn under the stage's max_parallel (consumable resource {', '.join(held)})",
+                "nothing to fix: raise the stage's max_parallel for more at once", job.get("jobId", ""),
+            ))
             continue
         why, fix = runnable_reason(job, queue_ces.get(qname, []))
         out.append(Finding(

@@ -24,7 +24,6 @@ from typing import TYPE_CHECKING, Any
 from corral.errors import PlanError
 
 if TYPE_CHECKING:  # pragma: no cover
-    from corral.plan import Plan
     from corral.spec import Resources
 
 # What AWS Batch launches for its keyword instance types (see the module docstring).
@@ -313,72 +312,3 @@ def allowed_for(resources: Resources, allowed: list[str]) -> list[str]:
     """The entries of ``allowed`` a task of these resources is routed to (GPU or CPU environment)."""
     cpu, gpu = split_allowed(allowed)
     return gpu if resources.gpus > 0 else cpu
-
-
-def _largest(types: list[InstanceType]) -> str:
-    if not types:
-        return "none known"
-    by_cpu = max(types, key=lambda t: (t.vcpus, t.memory_mib))
-    by_mem = max(types, key=lambda t: (t.memory_mib, t.vcpus))
-    by_gpu = max(types, key=lambda t: (t.gpus, t.memory_mib))
-    parts = [by_cpu.describe()]
-    if by_mem.name != by_cpu.name:
-        parts.append(by_mem.describe())
-    if by_gpu.gpus and by_gpu.name not in (by_cpu.name, by_mem.name):
-        parts.append(by_gpu.describe())
-    return "; ".join(parts)
-
-
-def check_fits(plan: Plan, allowed: list[str]) -> None:
-    """Refuse, before anything is submitted, a stage that no allowed instance type can hold.
-
-    GPU stages are checked against the GPU entries of ``allowed`` (or the default GPU families),
-    others against its CPU entries (or ``optimal``), as the AWS backend routes them. The error
-    names the stage, the file:line of its resources, and the largest instance allowed. With
-    ``fargate`` in ``allowed``, a stage that fits Fargate runs there (nothing more to check); when
-    ``allowed`` is only ``fargate``, a stage that does not fit Fargate is refused.
-    """
-    wf = plan.workflow
-    seen: set[str] = set()
-    only_fargate = fargate_only(allowed)
-    for stage in wf.stages:
-        if stage.name in seen:
-            continue
-        seen.add(stage.name)
-        r = stage.resources
-        if on_fargate(r, allowed):
-            continue
-        if only_fargate:
-            raise PlanError(f"stage {stage.name!r} {_fargate_misfit(r)}; aws.instance_types is only `fargate`",
-                            "lower the stage's resources to fit Fargate, or add EC2 instance types to "
-                            "aws.instance_types (e.g. [optimal, fargate]) so it runs on EC2",
-                            where=wf.stage_where(stage.name, "resources", _fargate_field(r)))
-        if r.disk is not None and r.disk > MAX_ROOT_VOLUME_GIB:
-            raise PlanError(
-                f"stage {stage.name!r} asks for {r.disk} GiB of disk; the largest root volume (gp3) is "
-                f"{MAX_ROOT_VOLUME_GIB} GiB",
-                "lower resources.disk, or stream data from S3/EFS instead of staging it on local disk",
-                where=wf.stage_where(stage.name, "resources"),
-            )
-        entries = allowed_for(r, allowed)
-        types = expand(entries)
-        if not types:
-            # Only names the snapshot does not know: AWS will judge them; nothing to check here.
-            continue
-        if any(t.holds(r.vcpus, r.memory, r.gpus) for t in types):
-            continue
-        ask = f"{r.vcpus:g} vCPUs, {r.memory} MiB" + (f", {r.gpus} GPUs" if r.gpus else "")
-        pool = "GPU instance type" if r.gpus else "instance type"
-        if r.gpus and not any(t.gpus >= r.gpus for t in types):
-            hint = (f"ask for at most {max(t.gpus for t in types)} GPUs, or allow larger GPU families "
-                    "in aws.instance_types (e.g. p4d, p5)")
-        else:
-            hint = ("lower resources (vcpus/memory), or allow larger instance types in aws.instance_types; "
-                    f"ECS keeps {ecs_reserved_mib(max(t.memory_mib for t in types))} MiB or more of each "
-                    "instance's memory for itself")
-        raise PlanError(
-            f"stage {stage.name!r} asks for {ask}, more than any allowed {pool} can hold "
-            f"({', '.join(entries)}); the largest: {_largest(types)}",
-            hint,
-            where=wf.stage_where(stage.name, "resources"),
-        )

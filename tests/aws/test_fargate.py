@@ -25,9 +25,9 @@ from corral.backends.aws_batch.client import AwsClients
 from corral.backends.aws_batch.provision import ensure_environment, needs_for
 from corral.backends.base import RunOptions
 from corral.errors import PlanError
-from corral.instances import check_fits
 from corral.model import RunState, TaskState
 from corral.plan import make_plan
+from corral.routes import check_fits
 from corral.spec import Stage, loads_workflow
 from corral.state.sqlite import SqliteStore
 
@@ -106,7 +106,7 @@ def test_mixed_workflow_sends_what_fits_to_fargate(aws: str) -> None:
     assert cp["volumes"] == [] and cp["mountPoints"] == []  # no EFS asked for
     rules = fd["retryStrategy"]["evaluateOnExit"]
     assert rules[0]["onStatusReason"] == "Your Spot Task was interrupted*"
-    assert not any("Host EC2" in str(r) for r in rules) and fd["retryStrategy"]["attempts"] == 3
+    assert not any("Host EC2" in str(r) for r in rules) and fd["retryStrategy"]["attempts"] == 1 + 2 + 2
     rd = _definition(clients, report["jobDefinition"])
     assert rd["platformCapabilities"] == ["FARGATE"] and "ephemeralStorage" not in rd["containerProperties"]
     assert rd["containerProperties"]["resourceRequirements"] == [{"type": "VCPU", "value": "1"},

@@ -237,19 +237,22 @@ stages:
     assert cp["resourceRequirements"] == [
         {"type": "VCPU", "value": "2"}, {"type": "MEMORY", "value": "3072"}, {"type": "GPU", "value": "1"}
     ]
-    # the attempt holds the command's 1 + 3 tries of 10 s each (the wrapper re-runs the command)
-    assert kw["timeout"] == {"attemptDurationSeconds": 70}
+    # one try per attempt: Batch's limit is the try's timeout, a little after the wrapper's own
+    assert kw["timeout"] == {"attemptDurationSeconds": 60}
     rs = kw["retryStrategy"]
-    assert rs["attempts"] == 1 + pl.INFRA_RETRIES and len(rs["evaluateOnExit"]) <= 5
+    assert rs["attempts"] == 1 + 3 + pl.INFRA_RETRIES and len(rs["evaluateOnExit"]) <= 5
     assert rs["evaluateOnExit"][0] == {"onStatusReason": "Host EC2*", "action": "RETRY"}
-    # the task's own failure was already retried by the wrapper, as locally: Batch does not re-run it
+    # Batch retries the command only when the wrapper asks (RETRY_EXIT); its last try's own code ends the job
+    codes = [r.get("onExitCode") for r in rs["evaluateOnExit"]]
+    assert codes.index(str(pl.RETRY_EXIT)) < codes.index("*")
     assert {"onExitCode": "*", "action": "EXIT"} in rs["evaluateOnExit"]
     assert cp["secrets"] == [
         {"name": "TOKEN", "valueFrom": "arn:aws:secretsmanager:eu-west-1:111122223333:secret:dandi-key"}
     ]
     assert {e["name"]: e["value"] for e in cp["environment"]} == {"CORRAL_RETRIES": "3", "CORRAL_TRY_TIMEOUT": "10"}
     # retries: 0 still retries spot reclaims and image pulls (a separate bound), never the command
-    assert c.kwargs["retryStrategy"] == pl.retry_strategy(0) == rs
+    assert c.kwargs["retryStrategy"] == pl.retry_strategy(0) and pl.retry_strategy(0)["attempts"] == 1 + pl.INFRA_RETRIES
+    assert pl.retry_strategy(9)["attempts"] == 10  # Batch's most
     assert "environment" not in c.kwargs["containerProperties"]
 
 
@@ -263,19 +266,44 @@ def _counting_command(tmp_path: Path, fail_times: int) -> str:
 @pytest.mark.parametrize("retries, fail_times, want_rc, want_runs", [
     (0, 1, 3, 1), (2, 2, 0, 3), (2, 5, 3, 3), (1, 0, 0, 1),
 ])
-def test_wrapper_reruns_a_failed_command_retries_times(
+def test_batch_reruns_a_failed_command_retries_times(
     tmp_path: Path, retries: int, fail_times: int, want_rc: int, want_runs: int
 ) -> None:
-    """`retries: N` on AWS: the wrapper re-runs the failing command N times inside the attempt, as
-    the local backend does (Batch's own attempts are kept for infrastructure failures)."""
+    """`retries: N` on AWS: each try is one Batch attempt. The wrapper asks for another
+    (RETRY_EXIT) while AWS_BATCH_JOB_ATTEMPT <= N; the job definition's retry strategy, played
+    here as Batch does (first matching rule), retries exactly those: the command runs as many
+    times as locally, and the last try's own exit code is the job's."""
+    import fnmatch
+
     cmd = _counting_command(tmp_path, fail_times)
-    env = {"PATH": os.environ["PATH"], "CORRAL_TABLE": pl.encode_table(["x"]), "CORRAL_COLUMNS": "X",
-           "CORRAL_FIELDS": "", "CORRAL_ARGV": " ".join(pl.sh_quote(a) for a in ["/bin/sh", "-c", cmd]),
-           "CORRAL_WRAPPER": pl.WRAPPER, **({"CORRAL_RETRIES": str(retries)} if retries else {})}
-    out = subprocess.run(pl.BOOT_COMMAND, env=env, capture_output=True, text=True, timeout=60)
-    assert out.returncode == want_rc, out.stderr
+    strategy = pl.retry_strategy(retries)
+    codes, stderr = [], ""
+    while True:
+        env = {"PATH": os.environ["PATH"], "CORRAL_TABLE": pl.encode_table(["x"]), "CORRAL_COLUMNS": "X",
+               "CORRAL_FIELDS": "", "CORRAL_ARGV": " ".join(pl.sh_quote(a) for a in ["/bin/sh", "-c", cmd]),
+               "CORRAL_WRAPPER": pl.WRAPPER, "AWS_BATCH_JOB_ATTEMPT": str(len(codes) + 1),
+               **({"CORRAL_RETRIES": str(retries)} if retries else {})}
+        out = subprocess.run(pl.BOOT_COMMAND, env=env, capture_output=True, text=True, timeout=60)
+        codes.append(out.returncode)
+        stderr += out.stderr
+        if out.returncode == 0 or len(codes) >= strategy["attempts"]:
+            break
+        rule = next(r for r in strategy["evaluateOnExit"]
+                    if "onExitCode" in r and fnmatch.fnmatchcase(str(out.returncode), r["onExitCode"]))
+        if rule["action"] == "EXIT":
+            break
+    assert codes[-1] == want_rc, stderr
+    assert codes[:-1] == [pl.RETRY_EXIT] * (want_runs - 1)
     assert int((tmp_path / "count").read_text()) == want_runs
-    assert out.stderr.count("corral: the command exited 3; retry") == want_runs - 1
+    assert stderr.count("corral: the command exited 3; retry") == want_runs - 1
+
+
+def test_a_command_exiting_corrals_retry_code_on_its_last_try_is_not_retried(tmp_path: Path) -> None:
+    env = {"PATH": os.environ["PATH"], "CORRAL_TABLE": pl.encode_table(["x"]), "CORRAL_COLUMNS": "X",
+           "CORRAL_FIELDS": "", "CORRAL_ARGV": f"/bin/sh -c 'exit {pl.RETRY_EXIT}'", "CORRAL_WRAPPER": pl.WRAPPER,
+           "AWS_BATCH_JOB_ATTEMPT": "1"}
+    out = subprocess.run(pl.BOOT_COMMAND, env=env, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 1 and "recorded as 1" in out.stderr
 
 
 def test_wrapper_runs_the_program_of_the_job_definition_with_the_rows_argv(tmp_path: Path) -> None:
@@ -361,3 +389,32 @@ stages:
         rows = [table.row(t) for t in tasks]
         if not uses[s.name]:
             assert not any(tid in row for row in rows for tid in ids), s.name
+
+
+@pytest.mark.parametrize("attempt, skip, input_newer, ran", [
+    ("1", "1", False, False),  # outputs there, none older than an input: skipped, logged for the refresh
+    ("1", "1", True, True),  # an input newer than an output: the command runs
+    ("1", "", False, True),  # --force (no CORRAL_SKIP_DONE): runs
+    ("2", "1", False, True),  # a retry is never skipped (locally neither)
+])
+def test_wrapper_skips_a_task_whose_workspace_outputs_exist(
+    tmp_path: Path, attempt: str, skip: str, input_newer: bool, ran: bool
+) -> None:
+    wf = loads_workflow("name: w\nitems: [{s: a}]\nstages:\n  - {name: m, image: i, command: 'touch {workdir}/ran',"
+                        " inputs: ['workspace://{s}.in'], outputs: ['workspace://{s}.out']}\n")
+    stage = wf.stage("m")
+    assert pl.in_job_skip(stage)
+    (tmp_path / "a.in").write_text("in")
+    (tmp_path / "a.out").write_text("out")
+    old, new = 1_000_000_000, 1_000_000_100
+    os.utime(tmp_path / "a.in", (new, new) if input_newer else (old, old))
+    os.utime(tmp_path / "a.out", (old + 50, old + 50))
+    env = {"PATH": os.environ["PATH"], "CORRAL_TABLE": pl.encode_table(["a"]), "CORRAL_COLUMNS": "CORRAL_ITEM_s",
+           "CORRAL_FIELDS": "", "CORRAL_ARGV": f"/bin/sh -c 'touch {tmp_path}/ran'", "CORRAL_WRAPPER": pl.WRAPPER,
+           "CORRAL_WORKDIR": str(tmp_path), "CORRAL_RUN_ID": "r1", "AWS_BATCH_JOB_ID": "job-1:0",
+           "AWS_BATCH_JOB_ATTEMPT": attempt, "CORRAL_OUTPUTS": pl.outputs_words(stage),
+           "CORRAL_INPUTS": pl.inputs_words(stage), **({"CORRAL_SKIP_DONE": skip} if skip else {})}
+    out = subprocess.run(pl.BOOT_COMMAND, env=env, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert (tmp_path / "ran").exists() == ran
+    assert ("corral-skipped r1 job-1:0 " in out.stderr) == (not ran)

@@ -11,8 +11,8 @@ from corral.backends.aws_batch import AwsClients, Needs, ProvisionReport, ensure
 from corral.backends.aws_batch.compute import root_volume_gib
 from corral.backends.aws_batch.iam import check_policy_is_narrow
 from corral.errors import PlanError, ProvisionError, SpecError
-from corral.instances import check_fits
 from corral.plan import make_plan
+from corral.routes import check_fits
 from corral.spec import AwsSettings, loads_workflow
 
 pytestmark = pytest.mark.aws

@@ -1,16 +1,24 @@
-"""Status refresh against moto: 10,000 items in few arrays, and a refresh that lists only what may
-have changed (nothing new = one DescribeJobs) yet always agrees with a full listing of every child."""
+"""Status refresh of 10,000 items in few arrays: a refresh lists only what may have changed (nothing
+new = one DescribeJobs) yet always agrees with a full listing of every child.
+
+The refresh tests play Batch at the seam corral owns (``BatchApi``) with the in-memory
+:class:`fake_batch.FakeBatch`: 10,000 children are steered in microseconds and every call the
+refresh makes is counted there. The clients given to the backend refuse any request (no call
+may go around the seam). The chunking test at the end sends its SubmitJobs to moto, under the
+strict-AWS layer.
+"""
 
 from __future__ import annotations
 
 import collections
-import datetime
+import math
 import random
 from pathlib import Path
 from typing import Any
 
 import pytest
-from test_backend_support import CallCounter, make_environment, moto_batch_backend, record_run
+from fake_batch import ACCOUNT, REGION, FakeBatch
+from test_backend_support import FakeEnvironment, make_environment, record_run
 
 from corral.backends.aws_batch.backend import AwsBatchBackend, task_state_of
 from corral.backends.aws_batch.client import AwsClients
@@ -20,11 +28,10 @@ from corral.plan import Plan, make_plan
 from corral.spec import loads_workflow
 from corral.state.sqlite import SqliteStore
 
-pytestmark = pytest.mark.aws
-
 # The bench's refresh workflow and items (bench/aws_submit.py): one stage, 10,000 items.
 ONE_STAGE = "name: wide\ndefaults: {image: busybox}\nstages:\n  - {name: work, command: 'work {session}'}\n"
 STATUSES = ["SUBMITTED", "PENDING", "RUNNABLE", "STARTING", "RUNNING", "SUCCEEDED", "FAILED"]
+EXITED = "Essential container in task exited"
 _PLANS: dict[int, Plan] = {}
 
 
@@ -33,25 +40,6 @@ def _plan(n: int) -> Plan:
         items = [{"session": f"ses-{i:05d}", "subject": f"sub-{i % 97:03d}"} for i in range(n)]
         _PLANS[n] = make_plan(loads_workflow(ONE_STAGE), items=items)
     return _PLANS[n]
-
-
-def _steer(job: Any, status: str, reason: str | None = None, exit_code: int | None = None) -> None:
-    job.status = status
-    job.job_stopped = status in ("SUCCEEDED", "FAILED")
-    job.job_stopped_at = datetime.datetime.now() if job.job_stopped else None
-    job.job_stopped_reason = reason if job.job_stopped else None
-    job.exit_code = exit_code if job.job_stopped else None
-
-
-class _ListCalls:
-    """The arrayJobId and jobStatus of every ListJobs call."""
-
-    def __init__(self, clients: AwsClients) -> None:
-        self.calls: list[tuple[str, str]] = []
-        clients.register_hook("provide-client-params.batch.ListJobs", self._hook)
-
-    def _hook(self, params: dict[str, Any], **kw: Any) -> None:
-        self.calls.append((params.get("arrayJobId", ""), params.get("jobStatus", "")))
 
 
 class _CountingStore(SqliteStore):
@@ -68,12 +56,26 @@ class _CountingStore(SqliteStore):
         return super().update_tasks(pairs)
 
 
-def _full_listing(clients: AwsClients, parents: list[str]) -> dict[str, TaskState]:
+def offline_clients() -> AwsClients:
+    """Clients that refuse every request (before anything is sent): all of Batch is behind the seam."""
+    import boto3
+
+    session = boto3.Session(aws_access_key_id="testing", aws_secret_access_key="testing", region_name=REGION)
+    clients = AwsClients(region=REGION, endpoint_url="http://127.0.0.1:9", session=session)
+
+    def refuse(model: Any, **kw: Any) -> None:
+        raise AssertionError(f"{model.service_model.service_name} {model.name} went around the Batch seam")
+
+    clients.register_hook("before-call.*.*", refuse)
+    return clients
+
+
+def _full_listing(fake: FakeBatch, parents: list[str]) -> dict[str, TaskState]:
     """Every child's state from ListJobs of every status of every array: no inference at all."""
     out: dict[str, TaskState] = {}
     for p in parents:
         for status in STATUSES:
-            for s in clients.batch.list_jobs(arrayJobId=p, jobStatus=status)["jobSummaryList"]:
+            for s in fake.list_jobs("list", arrayJobId=p, jobStatus=status):
                 out[s["jobId"]] = task_state_of(s["status"], s.get("statusReason", "") or "")
     return out
 
@@ -82,101 +84,122 @@ def _states(tasks: list[TaskRecord]) -> dict[str, TaskState]:
     return {t.external_id: t.state for t in tasks}
 
 
-def _start(clients: AwsClients, env: Any, n: int, store: SqliteStore) -> tuple[AwsBatchBackend, Any, list[str]]:
+def _start(n: int, store: SqliteStore) -> tuple[AwsBatchBackend, Any, list[str], FakeBatch]:
+    fake = FakeBatch()
+    env = FakeEnvironment(region=REGION, account_id=ACCOUNT, job_queue=fake.queue_arn("test-queue"),
+                          job_role_arn=f"arn:aws:iam::{ACCOUNT}:role/job",
+                          execution_role_arn=f"arn:aws:iam::{ACCOUNT}:role/exec")
     plan = _plan(n)
     run = record_run(store, plan)
-    be = AwsBatchBackend(clients, environment=env, sleep=lambda s: None)
+    be = AwsBatchBackend(offline_clients(), environment=env, sleep=lambda s: None, api=fake)
     be.start(plan, run, store, RunOptions(wait=False))
     parents = sorted({t.external_id.split(":")[0] for t in store.get_tasks(run.run_id)})
-    return be, run, parents
+    return be, run, parents, fake
 
 
-def test_ten_thousand_items_in_few_arrays_and_refresh_lists_only_what_changed(aws: str, tmp_path: Path) -> None:
-    clients = AwsClients()
-    env = make_environment(clients)
+def _check_describes(fake: FakeBatch, before: dict[str, TaskState], after: list[TaskRecord]) -> int:
+    """The DescribeJobs calls of one refresh: the array parents in one call (≤ 100 of them), then
+    only children that just ended, each once, 100 per call — those whose attempts the refresh
+    counts (ListJobs summaries carry none; which ones depends on the stage's retries, and AWS,
+    unlike moto, returns the ``retryStrategy`` that tells). Returns the children described."""
+    described = [kw["jobs"] for op, kw in fake.calls if op == "describe_jobs"]
+    assert described and all(":" not in i for i in described[0]), "the parents first, in one call"
+    kids = [i for ids in described[1:] for i in ids]
+    assert all(":" in i for i in kids)
+    ended = {t.external_id for t in after if t.state.terminal and not before[t.external_id].terminal}
+    assert len(kids) == len(set(kids)) and set(kids) <= ended
+    assert len(described) - 1 == math.ceil(len(kids) / 100)
+    return len(kids)
+
+
+def _recorded(store: SqliteStore, run: Any) -> dict[str, TaskState]:
+    return {t.external_id: t.state for t in store.get_tasks(run.run_id)}
+
+
+def test_ten_thousand_items_in_few_arrays_and_refresh_lists_only_what_changed(tmp_path: Path) -> None:
     store = _CountingStore(tmp_path / "s.db")
-    be, run, parents = _start(clients, env, 10_000, store)
+    be, run, parents, fake = _start(10_000, store)
     # No task ids in the rows (the stage does not use {task}): 10,000 items need few arrays, even
-    # with every array's overrides under ECS's 8,192 characters (the strict-AWS layer checks each).
+    # with every array's overrides under ECS's 8,192 characters (the fake refuses a SubmitJob over).
     assert 2 <= len(parents) <= 10, len(parents)
-    jobs = moto_batch_backend()._jobs
-    children = {p: jobs[p]._child_jobs for p in parents}
+    children = {p: fake.jobs[p].children for p in parents}
     assert sum(len(c) for c in children.values()) == 10_000
+    assert fake.count("submit_job") == len(parents)
 
     # Mid-run at its worst: failed, running and succeeded children in every array.
     for p in parents:
-        jobs[p].status = "RUNNING"
         for i, child in enumerate(children[p]):
             if i % 10 == 0:
-                _steer(child, "FAILED", "Essential container in task exited", 1)
+                fake.steer(child, "FAILED", EXITED, 1)
             elif i % 20 == 1:
-                _steer(child, "RUNNING")
+                fake.steer(child, "RUNNING")
             elif i % 20 == 3:
-                _steer(child, "RUNNABLE")
+                fake.steer(child, "RUNNABLE")
             else:
-                _steer(child, "SUCCEEDED", exit_code=0)
-    counter = CallCounter(clients)
-    lists = _ListCalls(clients)
+                fake.steer(child, "SUCCEEDED", exit_code=0)
+    fake.reset_calls()
+    before = _recorded(store, run)
     got = be.refresh(store.get_run(run.run_id), store)
     # FAILED, RUNNING and the waiting ones listed per array, SUCCEEDED inferred.
-    assert counter.count("batch") == 1 + 3 * len(parents) <= 31, counter.calls
-    assert _states(got) == _full_listing(clients, parents)
+    assert fake.count("list_jobs") == 3 * len(parents) <= 30, fake.ops()
+    assert {(kw["arrayJobId"], kw["jobStatus"]) for op, kw in fake.calls if op == "list_jobs"} == {
+        (p, s) for p in parents for s in ("FAILED", "RUNNING", "RUNNABLE")}
+    _check_describes(fake, before, got)
+    assert len(fake.calls) == fake.count("list_jobs") + fake.count("describe_jobs")
+    assert _states(got) == _full_listing(fake, parents)
 
     # Nothing changed: one DescribeJobs for the (≤ 100) parents, no ListJobs, nothing written.
-    counter.reset()
+    fake.reset_calls()
     store.saved = 0
     again = be.refresh(store.get_run(run.run_id), store)
-    assert counter.calls == [("batch", "DescribeJobs")]
+    assert fake.ops() == ["describe_jobs"]
     assert store.saved == 0 and _states(again) == _states(got)
 
     # New failures (and a start) in the first array only: only that array is listed.
     first = parents[0]
     moved = [c for i, c in enumerate(children[first]) if i % 20 == 1][:7]
     for c in moved:
-        _steer(c, "FAILED", "Essential container in task exited", 2)
-    _steer(next(c for i, c in enumerate(children[first]) if i % 20 == 3), "RUNNING")
-    counter.reset()
-    lists.calls.clear()
+        fake.steer(c, "FAILED", EXITED, 2)
+    fake.steer(next(c for i, c in enumerate(children[first]) if i % 20 == 3), "RUNNING")
+    fake.reset_calls()
     store.saved = 0
+    before = _recorded(store, run)
     got = be.refresh(store.get_run(run.run_id), store)
-    assert lists.calls and {p for p, _ in lists.calls} == {first}, lists.calls
-    assert counter.count("batch", "DescribeJobs") == 1
+    lists = [kw["arrayJobId"] for op, kw in fake.calls if op == "list_jobs"]
+    assert lists and set(lists) == {first}, fake.calls
+    _check_describes(fake, before, got)
     assert store.saved == len(moved) + 1  # only the tasks that changed are written
-    assert _states(got) == _full_listing(clients, parents)
+    assert _states(got) == _full_listing(fake, parents)
 
     # Everything ends: arrays all succeeded cost no ListJobs; the rest list only their new changes.
     for p in parents:
         for c in children[p]:
-            if c.status != "FAILED":
-                _steer(c, "SUCCEEDED", exit_code=0)
-        jobs[p].status = "FAILED"
-    counter.reset()
+            if c.status not in ("FAILED", "SUCCEEDED"):
+                fake.steer(c, "SUCCEEDED", exit_code=0)
+        assert fake.jobs[p].status == "FAILED"
+    fake.reset_calls()
+    before = _recorded(store, run)
     got = be.refresh(store.get_run(run.run_id), store)
     # No new failure and nothing running or waiting: the new successes are inferred from the counts.
-    assert counter.calls == [("batch", "DescribeJobs")]
-    assert _states(got) == _full_listing(clients, parents)
-    counter.reset()
+    assert fake.count("list_jobs") == 0
+    _check_describes(fake, before, got)
+    assert _states(got) == _full_listing(fake, parents)
+    fake.reset_calls()
     assert _states(be.refresh(store.get_run(run.run_id), store)) == _states(got)
-    assert counter.calls == []  # every task has ended: nothing to ask Batch
+    assert fake.calls == []  # every task has ended: nothing to ask Batch
 
 
 @pytest.mark.parametrize("seed", range(3))
-def test_incremental_refresh_agrees_with_a_full_listing(aws: str, tmp_path: Path, seed: int) -> None:
+def test_incremental_refresh_agrees_with_a_full_listing(tmp_path: Path, seed: int) -> None:
     """Random progress between refreshes (children start, fail, succeed, wait; terminal ones stay):
     after each refresh the recorded states equal a listing of every child, and a refresh that
     ignores what is known (all tasks reset to SUBMITTED) gives the same states."""
     rng = random.Random(seed)
-    clients = AwsClients()
-    env = make_environment(clients)
     store = SqliteStore(tmp_path / "s.db")
-    be, run, parents = _start(clients, env, 10_000, store)
-    jobs = moto_batch_backend()._jobs
-    kids = [c for p in parents for c in jobs[p]._child_jobs]
-    for p in parents:
-        jobs[p].status = "RUNNING"
+    be, run, parents, fake = _start(10_000, store)
+    kids = [c for p in parents for c in fake.jobs[p].children]
     for c in kids:
-        _steer(c, "RUNNABLE")
-    lists = _ListCalls(clients)
+        fake.steer(c, "RUNNABLE")
     fresh = _CountingStore(tmp_path / "fresh.db")
     fresh_run = record_run(fresh, _plan(10_000))
     for step in range(6):
@@ -188,19 +211,19 @@ def test_incremental_refresh_agrees_with_a_full_listing(aws: str, tmp_path: Path
             nxt = {"RUNNABLE": ["STARTING", "RUNNING", "FAILED"], "STARTING": ["RUNNING"],
                    "RUNNING": ["SUCCEEDED", "SUCCEEDED", "FAILED"]}[c.status]
             status = rng.choice(nxt)
-            reason = rng.choice(["Essential container in task exited", "Dependent Job failed",
-                                 "cancelled by corral"]) if status == "FAILED" else None
-            _steer(c, status, reason, 1 if status == "FAILED" else 0 if status == "SUCCEEDED" else None)
-        lists.calls.clear()
+            reason = rng.choice([EXITED, "Dependent Job failed", "cancelled by corral"]) if status == "FAILED" else None
+            fake.steer(c, status, reason, 1 if status == "FAILED" else 0 if status == "SUCCEEDED" else None)
+        fake.reset_calls()
         got = be.refresh(store.get_run(run.run_id), store)
-        assert {p for p, _ in lists.calls} <= moving  # arrays with no news are not listed
-        truth = _full_listing(clients, parents)
+        assert {kw["arrayJobId"] for op, kw in fake.calls if op == "list_jobs"} <= moving  # no news: not listed
+        truth = _full_listing(fake, parents)
         assert _states(got) == truth, f"step {step}"
         # The same answer from nothing known: every task in flight, refreshed in another store.
         fresh.save_tasks([t.replace(state=TaskState.SUBMITTED) for t in got])
         assert _states(be.refresh(fresh.get_run(fresh_run.run_id), fresh)) == truth
 
 
+@pytest.mark.aws
 def test_one_chunking_when_only_some_stages_carry_task_ids(aws: str, tmp_path: Path) -> None:
     """A stage using {task} has bigger rows: the shared chunking follows it, every SubmitJob stays
     under 30 KiB, and child k is the same item in both stages."""

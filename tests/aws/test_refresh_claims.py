@@ -8,14 +8,60 @@ from __future__ import annotations
 import threading
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import pytest
-from test_cleanup_after_failure import CLEANUP_STAGE, RUN, _backend, _jobs, _start_and_fail
+from fake_batch import ACCOUNT, REGION, FakeBatch
+from test_backend_support import FakeEnvironment, record_run
+from test_refresh import offline_clients
 
+from corral.backends.aws_batch import payloads as pl
+from corral.backends.aws_batch.backend import AwsBatchBackend
+from corral.backends.base import RunOptions
 from corral.model import TaskRecord
+from corral.plan import CLEANUP_STAGE, make_plan
+from corral.spec import loads_workflow
 from corral.state.sqlite import SqliteStore
 
-pytestmark = pytest.mark.aws
+# The run of test_cleanup_after_failure, played at the Batch seam by FakeBatch (no moto).
+WF = """
+name: ws
+cleanup: true
+defaults: {image: busybox}
+stages:
+  - {name: fetch, command: "fetch {session} {workdir}"}
+  - {name: convert, needs: [fetch], command: "convert {session}"}
+"""
+RUN = "run-1"
+PREFIX = f"corral-{RUN}-{CLEANUP_STAGE}-"
+EXITED = "Essential container in task exited"
+
+
+def _backend(fake: FakeBatch, env: Any, said: list[str]) -> AwsBatchBackend:
+    return AwsBatchBackend(offline_clients(), environment=env, sleep=lambda s: None, say=said.append,
+                           wall_clock=lambda: 1_800_000_000.0, api=fake)
+
+
+def _start_and_fail(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[FakeBatch, Any, SqliteStore]:
+    """A run on an "EFS" workspace whose fetch of item 1 fails: Batch fails the convert child and
+    the dependent cleanup job; everything else succeeded."""
+    monkeypatch.setattr(pl, "EFS_MOUNT", str(tmp_path / "efs"))
+    fake = FakeBatch()
+    env = FakeEnvironment(region=REGION, account_id=ACCOUNT, job_queue=fake.queue_arn("test-queue"),
+                          job_role_arn=f"arn:aws:iam::{ACCOUNT}:role/job",
+                          execution_role_arn=f"arn:aws:iam::{ACCOUNT}:role/exec",
+                          efs_id="fs-12345678", efs_access_point="fsap-12345678")
+    plan = make_plan(loads_workflow(WF), items=[{"session": f"s{i}"} for i in range(3)])
+    store = SqliteStore(tmp_path / "s.db")
+    run = record_run(store, plan, RUN)
+    _backend(fake, env, []).start(plan, run, store, RunOptions(wait=False))
+    ext = {(t.stage, t.item_index): t.external_id for t in store.get_tasks(RUN)}
+    for e in ext.values():
+        fake.steer(fake.children[e], "SUCCEEDED", exit_code=0)
+    fake.steer(fake.children[ext[("fetch", 1)]], "FAILED", EXITED, 1)
+    fake.steer(fake.children[ext[("convert", 1)]], "FAILED", "Dependent Job failed")
+    fake.steer(fake.children[ext[(CLEANUP_STAGE, None)]], "FAILED", "Dependent Job failed")
+    return fake, env, store
 
 
 class _SlowWatcher(SqliteStore):
@@ -40,10 +86,8 @@ class _SlowWatcher(SqliteStore):
         return super().update_tasks(pairs)
 
 
-def test_a_slow_watcher_does_not_overwrite_the_cleanup_claim(
-    aws: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    env, _plan, store, _ext = _start_and_fail(tmp_path, monkeypatch)
+def test_a_slow_watcher_does_not_overwrite_the_cleanup_claim(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    fake, env, store = _start_and_fail(tmp_path, monkeypatch)
     reached, go = threading.Event(), threading.Event()
     said: list[str] = []
     errors: list[BaseException] = []
@@ -51,7 +95,7 @@ def test_a_slow_watcher_does_not_overwrite_the_cleanup_claim(
     def slow() -> None:
         try:
             s = _SlowWatcher(tmp_path / "s.db", reached, go)
-            _backend(env, said).refresh(s.get_run(RUN), s)
+            _backend(fake, env, said).refresh(s.get_run(RUN), s)
         except BaseException as exc:  # pragma: no cover - reported below
             errors.append(exc)
 
@@ -59,11 +103,13 @@ def test_a_slow_watcher_does_not_overwrite_the_cleanup_claim(
     t.start()
     assert reached.wait(timeout=60)
     fast = SqliteStore(tmp_path / "s.db")
-    _backend(env, said).refresh(fast.get_run(RUN), fast)  # claims and submits the cleanup
-    assert len(_jobs()) == 2
+    _backend(fake, env, said).refresh(fast.get_run(RUN), fast)  # claims and submits the cleanup
+    assert len(fake.parents(PREFIX)) == 2
     go.set()
     t.join(timeout=60)
     assert not errors, errors
-    assert len(_jobs()) == 2 and len(said) == 1  # the original and exactly one resubmission
+    cleanups = fake.parents(PREFIX)  # in submission order
+    assert len(cleanups) == 2 and len(said) == 1  # the original and exactly one resubmission
+    assert not cleanups[1].depends_on and cleanups[1].name.startswith(cleanups[0].name + "-f")
     (cleanup,) = [t for t in store.get_tasks(RUN) if t.stage == CLEANUP_STAGE]
-    assert cleanup.external_id == _jobs()[1].job_id
+    assert cleanup.external_id == cleanups[1].job_id

@@ -230,3 +230,36 @@ def test_clients_made_by_corral_are_covered(aws: str, queue: str) -> None:
     jd = _definition(batch)
     _refused(lambda: batch.submit_job(jobName="j", jobQueue=queue, jobDefinition=jd, arrayProperties={"size": 1}),
              "ClientException", "between 2 and 10000")
+
+
+# -- consumable resources (max_parallel): answered by the layer, moto has none ----------------------
+def test_consumable_resources_as_the_batch_api_reference_describes(batch: Any, queue: str) -> None:
+    arn = batch.create_consumable_resource(consumableResourceName="cap", totalQuantity=2)["consumableResourceArn"]
+    assert arn.endswith(":consumable-resource/cap")
+    _refused(lambda: batch.create_consumable_resource(consumableResourceName="cap", totalQuantity=2),
+             "ClientException", "already exists")  # unique at the account level
+    _refused(lambda: batch.create_consumable_resource(consumableResourceName="neg", totalQuantity=-1),
+             "ClientException", "non-negative")
+    _refused(lambda: batch.create_consumable_resource(consumableResourceName="odd", resourceType="SOMETIMES"),
+             "ClientException", "resourceType")
+    _refused(lambda: batch.update_consumable_resource(consumableResource="cap", operation="DOUBLE", quantity=1),
+             "ClientException", "SET, ADD or REMOVE")
+    assert batch.update_consumable_resource(consumableResource="cap", operation="ADD", quantity=3)["totalQuantity"] == 5
+    d = batch.describe_consumable_resource(consumableResource=arn)
+    assert (d["totalQuantity"], d["inUseQuantity"], d["resourceType"]) == (5, 0, "REPLENISHABLE")
+    listed = batch.list_consumable_resources(filters=[{"name": "CONSUMABLE_RESOURCE_NAME", "values": ["CA*"]}])
+    assert [r["consumableResourceName"] for r in listed["consumableResources"]] == ["cap"]  # case-insensitive prefix
+
+    # a job definition (or a SubmitJob override) may name only resources that exist, 1 or more of each
+    _refused(lambda: _definition(batch, consumableResourceProperties={
+        "consumableResourceList": [{"consumableResource": "nope", "quantity": 1}]}), "ClientException", "does not exist")
+    _refused(lambda: _definition(batch, consumableResourceProperties={
+        "consumableResourceList": [{"consumableResource": "cap", "quantity": 0}]}), "ClientException", "at least 1")
+    jd = _definition(batch, consumableResourceProperties={
+        "consumableResourceList": [{"consumableResource": "cap", "quantity": 1}]})
+    _refused(lambda: batch.submit_job(jobName="j", jobQueue=queue, jobDefinition=jd,
+                                      consumableResourcePropertiesOverride={"consumableResourceList": [
+                                          {"consumableResource": "gone", "quantity": 1}]}),
+             "ClientException", "does not exist")
+    batch.delete_consumable_resource(consumableResource="cap")
+    _refused(lambda: batch.delete_consumable_resource(consumableResource="cap"), "ClientException", "not found")

@@ -168,7 +168,9 @@ class AwsHarness(Harness):
 
         self.clients = AwsClients()
         self.env = make_environment(self.clients)
-        self.sim = SimulatedBatch(self.clients.batch, workdir=tmp_path / "aws-container")
+        self.sim = SimulatedBatch(self.clients.batch, workdir=tmp_path / "aws-container",
+                                  consumables=request.getfixturevalue("strict_aws").consumables,
+                                  logs=self.clients.logs)
         self.said: list[str] = []
         self.runs: list[str] = []
 

@@ -19,6 +19,13 @@ environment and ``AWS_BATCH_JOB_ARRAY_INDEX``, the way Batch would:
   file a container sees at ``/sys/fs/cgroup/memory.events``. An attempt the kernel killed there ends
   with the container reason ``OutOfMemoryError: Container killed due to memory usage``, as ECS
   reports it. Without such a cgroup nothing limits memory (``memory_enforced`` is False).
+- a job whose definition names consumable resources (``consumableResourceProperties``: a stage's
+  ``max_parallel``) starts only when the quantities are free, holds them until it ends and waits
+  RUNNABLE meanwhile (Batch user guide, "Specify the resources needed to run a job"); the
+  resources are the strict-AWS layer's (``tests/batch_consumables.py``), and the most ever held
+  at once is kept in ``peak``.
+
+The children of one wave run at the same time (threads, each its own process), as on a fleet.
 
 Nothing steers moto's private internals. ``step()`` runs one wave (everything runnable now);
 the backend's ``sleep`` is pointed at it, so ``--wait`` drives the simulated fleet.
@@ -26,10 +33,13 @@ the backend's ``sleep`` is pointed at it, so ``--wait`` drives the simulated fle
 
 from __future__ import annotations
 
+import contextlib
 import fnmatch
 import os
 import subprocess
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -96,8 +106,15 @@ class Job:
 class SimulatedBatch(BatchApi):
     """A BatchApi whose job states are simulated (see the module docstring)."""
 
-    def __init__(self, client: Any, *, workdir: Path, timeout: float = 60.0, execute: bool = True) -> None:
+    def __init__(self, client: Any, *, workdir: Path, timeout: float = 60.0, execute: bool = True,
+                 consumables: Any = None, workers: int = 8, logs: Any = None) -> None:
         super().__init__(client, TokenBucket(rate=1e9))
+        self.consumables = consumables  # batch_consumables.ConsumableResources (the strict layer's)
+        self.registered: dict[str, dict[str, Any]] = {}  # job definition ARN -> RegisterJobDefinition kwargs
+        self.peak: dict[str, int] = {}  # consumable resource -> the most held at once
+        self.workers = workers
+        self.logs = logs  # a CloudWatch Logs client (moto's): each attempt's output is written there
+        self._lock = threading.Lock()
         self.jobs: dict[str, Job] = {}
         self.children: dict[str, Child] = {}
         self.definitions: dict[str, dict[str, Any]] = {}
@@ -126,6 +143,8 @@ class SimulatedBatch(BatchApi):
             self._terminate(kwargs["jobId"], kwargs.get("reason", ""))
             return {}
         result = super().call(op, action, **kwargs)  # the real request, to moto
+        if op == "register_job_definition":  # (moto keeps no consumableResourceProperties)
+            self.registered[result["jobDefinitionArn"]] = dict(kwargs)
         if op == "submit_job":
             self._record(kwargs, result["jobId"])
             if self.crash_after_submits is not None:
@@ -212,9 +231,47 @@ class SimulatedBatch(BatchApi):
                 if verdict == "failed":
                     c.status, c.status_reason, c.stopped_at = "FAILED", DEPENDENT_FAILED, _ms()
                 elif verdict == "ready":
-                    wave.append((job, c))
-        for job, c in wave:
+                    if self._take(job):
+                        wave.append((job, c))
+                    else:
+                        c.status = "RUNNABLE"  # waits for its consumable resources
+        if len(wave) <= 1 or not self.execute:
+            for job, c in wave:
+                self._run_holding(job, c)
+            return
+        with ThreadPoolExecutor(max_workers=self.workers) as pool:
+            for f in [pool.submit(self._run_holding, job, c) for job, c in wave]:
+                f.result()
+
+    def _needs(self, job: Job) -> list[tuple[str, int]]:
+        props = self.registered.get(job.definition, {}).get("consumableResourceProperties") or {}
+        return [(e["consumableResource"], int(e["quantity"])) for e in props.get("consumableResourceList") or []]
+
+    def _take(self, job: Job) -> bool:
+        """Take every consumable resource the job's definition names, or none."""
+        needs = self._needs(job)
+        if not needs:
+            return True
+        assert self.consumables is not None, "a job needs consumable resources: give the simulator the layer's"
+        taken: list[tuple[str, int]] = []
+        for name, q in needs:
+            if not self.consumables.take(name, q):
+                for n, k in taken:
+                    self.consumables.give_back(n, k)
+                return False
+            taken.append((name, q))
+        with self._lock:
+            for name, _ in needs:
+                r = self.consumables.get(name)
+                self.peak[name] = max(self.peak.get(name, 0), r.in_use)
+        return True
+
+    def _run_holding(self, job: Job, c: Child) -> None:
+        try:
             self._run(job, c)
+        finally:
+            for name, q in self._needs(job):
+                self.consumables.give_back(name, q)
 
     def drain(self, limit: int = 50) -> None:
         for _ in range(limit):
@@ -278,7 +335,9 @@ class SimulatedBatch(BatchApi):
                     cgroup.remove()
             code = proc.returncode if proc.returncode >= 0 else 128 - proc.returncode
             c.container_reason = "OutOfMemoryError: Container killed due to memory usage" if oom_killed and code else ""
-            c.attempts.append({"container": {"exitCode": code, "logStreamName": f"corral/{c.job_id}"},
+            stream = f"corral/default/{c.job_id.replace(':', '-')}-{len(c.attempts) + 1}"
+            self._log(definition, stream, proc.stdout + proc.stderr)
+            c.attempts.append({"container": {"exitCode": code, "logStreamName": stream},
                                "startedAt": started, "stoppedAt": _ms(), "statusReason": EXITED,
                                "stderr": proc.stderr})
             if code == 0:
@@ -296,6 +355,20 @@ class SimulatedBatch(BatchApi):
             return None
         name = f"corral-sim-{os.getpid()}-{c.job_id.replace(':', '-')}-{len(c.attempts) + 1}"
         return memory_limit.create(self.limiter, name, memory, None)
+
+    def _log(self, definition: dict[str, Any], stream: str, text: str) -> None:
+        """An attempt's output in CloudWatch Logs, as the awslogs driver writes it (one event a line)."""
+        if self.logs is None or not text:
+            return
+        options = (definition.get("containerProperties", {}).get("logConfiguration") or {}).get("options") or {}
+        group = options.get("awslogs-group") or "/aws/batch/job"
+        with self._lock:
+            with contextlib.suppress(self.logs.exceptions.ResourceAlreadyExistsException):
+                self.logs.create_log_group(logGroupName=group)
+            self.logs.create_log_stream(logGroupName=group, logStreamName=stream)
+            t = _ms()
+            self.logs.put_log_events(logGroupName=group, logStreamName=stream, logEvents=[
+                {"timestamp": t, "message": line} for line in text.splitlines() if line])
 
 
 class KilledSubmitter(BaseException):

@@ -277,6 +277,22 @@ def test_runnable_children_of_pending_array_parents_are_found_without_a_run() ->
     assert all("spot capacity" in f.message for f in found)
 
 
+def test_children_waiting_for_their_turn_under_max_parallel_are_not_stuck() -> None:
+    now = 1_000_000.0
+    old = int((now - 7200) * 1000)
+    cap = {"consumableResourceList": [{"consumableResource": "corral-cap-r-upload", "quantity": 1}]}
+    fake = _FakeBatch([{**job(), "jobId": "arr", "status": "RUNNING", "createdAt": old,
+                        "arrayProperties": {"size": 500, "statusSummary": {"RUNNING": 20, "RUNNABLE": 480}},
+                        "consumableResourceProperties": cap}])
+    clients = type("C", (), {"batch": fake})()
+    run = RunRecord(run_id="r", workflow_name="doc", backend="aws", created_at=1.0)
+    tasks = [TaskRecord(run_id="r", task_id="t0", stage="upload", item_key="0", item_index=0,
+                        state=TaskState.SUBMITTED, external_id="arr:0")]
+    found = dr._runnable(clients, {"corral": [ce("c")]}, run, tasks, 1800, lambda: now)  # type: ignore[arg-type]
+    assert [(f.check, f.level) for f in found] == [("runnable", "info")]
+    assert "max_parallel" in found[0].message and "corral-cap-r-upload" in found[0].message
+
+
 # -- AWS, against moto ----------------------------------------------------------------------------
 @pytest.mark.aws
 def test_doctor_finds_what_was_broken_on_purpose(aws: str, tmp_path: Path) -> None:

@@ -262,7 +262,9 @@ def test_without_neuroconv_it_says_once_what_was_not_checked(tmp_path: Path, mon
     from corral.recipes import neuroconv_check
 
     monkeypatch.setattr(neuroconv_check, "neuroconv_version", lambda: None)
-    monkeypatch.setattr(nc, "_SAID", set())
+    from corral import notes
+
+    monkeypatch.setattr(notes, "_SAID", set())
     conv = conversion(session("a/s1.dat", "s1") + session("a/s2.dat", "s2")).replace("sex: F", "sex: female")
     wf = write(tmp_path, conv)
     assert len(plan_of(wf).items) == 2  # not checked here: NeuroConv will refuse it when the task runs

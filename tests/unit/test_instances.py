@@ -10,7 +10,6 @@ import pytest
 from corral import instances
 from corral.errors import PlanError
 from corral.instances import (
-    check_fits,
     ecs_reserved_mib,
     expand,
     fitting,
@@ -19,6 +18,7 @@ from corral.instances import (
     table_info,
 )
 from corral.plan import make_plan
+from corral.routes import check_fits
 from corral.spec import Resources, loads_workflow
 
 

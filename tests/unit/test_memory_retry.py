@@ -104,8 +104,13 @@ def test_the_aws_wrapper_still_reruns_a_sigkill_that_was_not_for_memory(tmp_path
     env = _oom_env(tmp_path, 2)
     env["CORRAL_OOM_EVENTS"] = str(tmp_path / "elsewhere")  # the counter never grows
     (tmp_path / "elsewhere").write_text("oom_kill 0\n")
+    env["AWS_BATCH_JOB_ATTEMPT"] = "1"
     out = subprocess.run(pl.BOOT_COMMAND, env=env, capture_output=True, text=True, timeout=60)
-    assert out.returncode == 137 and (tmp_path / "count").read_text().strip() == "3"
+    # each try is one Batch attempt: a kill that was not for memory asks Batch for the next one
+    assert out.returncode == pl.RETRY_EXIT and (tmp_path / "count").read_text().strip() == "1", out.stderr
+    env["AWS_BATCH_JOB_ATTEMPT"] = "3"  # the last try ends the job with the command's own code
+    out = subprocess.run(pl.BOOT_COMMAND, env=env, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 137 and (tmp_path / "count").read_text().strip() == "2", out.stderr
 
 
 def test_batch_oom_reasons_become_every_backends_reason() -> None:

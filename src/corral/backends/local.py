@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING, Any
 from corral import runstate, storage
 from corral.backends import memory_limit, oom
 from corral.backends.base import OUTPUT_MISSING, RunOptions, chosen_attempt
+from corral.backends.processes import process_alive, process_start_time, scheduler_alive
 from corral.backends.runtime import container_argv, detect_engine, require_engine
 from corral.errors import BackendError, CorralError, StorageError, UsageError
 from corral.model import AttemptRecord, RunRecord, RunState, TaskRecord, TaskState, now
@@ -68,40 +69,6 @@ def run_dir(home: Path, run_id: str) -> Path:
 
 def workspace_dir(home: Path, run_id: str) -> Path:
     return run_dir(home, run_id) / "workspace"
-
-
-def process_alive(pid: int | None) -> bool:
-    """Running (a zombie, exited but not yet reaped by its parent, counts as gone)."""
-    if not pid:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        pass
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-        return stat[stat.rindex(")") + 2] not in "ZX"
-    except (OSError, ValueError, IndexError):
-        return True
-
-
-def process_start_time(pid: int) -> str:
-    """The kernel's start time of a process (clock ticks since boot): with the pid, an identity."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-        return stat[stat.rindex(")") + 2 :].split()[19]
-    except (OSError, ValueError, IndexError):
-        return ""
-
-
-def scheduler_alive(run: RunRecord) -> bool:
-    """Is the scheduler that recorded this run still running (same host, same process)?"""
-    if not run.pid or run.host != socket.gethostname() or not process_alive(run.pid):
-        return False
-    started = run.options.get("scheduler_start", "")
-    return bool(started) and process_start_time(run.pid) == started
 
 
 def _proc_has_env(pid: int, needle: bytes) -> bool:

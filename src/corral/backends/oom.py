@@ -22,9 +22,12 @@ from __future__ import annotations
 
 import math
 import re
+from typing import TYPE_CHECKING
 
-from corral.spec import Resources
 from corral.units import format_size_mib
+
+if TYPE_CHECKING:  # `corral status` imports this module and needs no workflow models
+    from corral.spec import Resources
 
 PREFIX = "out of memory"
 _LIMIT_RE = re.compile(r"out of memory \(limit (\d+(?:\.\d+)?)(MiB|GiB)")

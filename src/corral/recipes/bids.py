@@ -47,7 +47,7 @@ from functools import cache
 from pathlib import Path
 from typing import Any
 
-from corral.errors import SpecError, did_you_mean
+from corral.errors import CorralError, SpecError, did_you_mean
 from corral.sources import Item, SourceContext, _check_unknown, _filter, register_source
 
 MAX_FILES_LISTED = 100
@@ -200,15 +200,10 @@ def read_description_local(root: Path) -> dict[str, Any] | None:
 
 
 def s3_client(anonymous: bool = False) -> Any:
-    """An S3 client (boto3 imported here only). Honours AWS_ENDPOINT_URL / AWS_PROFILE / region as boto3 does."""
-    import boto3
-    from botocore import UNSIGNED
-    from botocore.config import Config
+    """An S3 client (boto3 imported then only). Honours AWS_ENDPOINT_URL / AWS_PROFILE / region as boto3 does."""
+    from corral.aws_api import default_client
 
-    config = Config(retries={"mode": "adaptive", "max_attempts": 10})
-    if anonymous:
-        config = config.merge(Config(signature_version=UNSIGNED))
-    return boto3.client("s3", config=config)
+    return default_client("s3", anonymous=anonymous, needed_for="reading s3:// BIDS datasets")
 
 
 def list_s3(client: Any, bucket: str, prefix: str, subjects: list[str] | None,
@@ -432,9 +427,11 @@ def _list_s3_or_error(
 ) -> tuple[Listing, dict[str, Any] | None]:
     try:
         client = s3_client(anonymous)
-    except ImportError:
-        raise ctx.error("reading s3:// BIDS datasets needs boto3", "pip install 'corral[aws]'", "bids") from None
+    except CorralError as exc:  # no boto3
+        raise ctx.error(exc.message, exc.hint or "pip install 'corral[aws]'", "bids") from None
     from botocore.exceptions import BotoCoreError, ClientError, NoCredentialsError
+
+    from corral.aws_api import error_code
 
     try:
         listing, _ = list_s3(client, bucket, prefix, subjects, rules)
@@ -445,7 +442,7 @@ def _list_s3_or_error(
             "bids",
         ) from None
     except ClientError as exc:
-        code = exc.response.get("Error", {}).get("Code", "")
+        code = error_code(exc)
         if code == "NoSuchBucket":
             raise ctx.error(f"bucket {bucket!r} does not exist", "check the s3:// URI", "bids") from None
         if code in ("AccessDenied", "AllAccessDisabled", "InvalidAccessKeyId", "SignatureDoesNotMatch"):

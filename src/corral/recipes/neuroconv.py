@@ -53,7 +53,6 @@ import hashlib
 import json
 import posixpath
 import re
-import sys
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -61,6 +60,7 @@ from typing import Any
 import yaml
 
 from corral.errors import SpecError, did_you_mean
+from corral.notes import say_once
 from corral.sources import Item, SourceContext, _check_unknown, _filter, register_source
 from corral.yamlpos import Located, load_text
 
@@ -436,15 +436,6 @@ def check_uploads(located: Located, sessions: list[dict[str, Any]]) -> list[str]
     return paths
 
 
-# -- notes said once -----------------------------------------------------------------------------
-_SAID: set[str] = set()
-
-
-def say_once(message: str) -> None:
-    """A note on stderr, once per process (not an error: the plan goes on)."""
-    if message not in _SAID:
-        _SAID.add(message)
-        sys.stderr.write(f"corral: note: {message}\n")
 
 
 @register_source("neuroconv")

@@ -123,7 +123,7 @@ def _check_interfaces(located: Located, sessions: list[dict[str, Any]]) -> None:
         try:
             cls = getattr(module, cls_name, None)
         except ImportError as exc:  # a lazily imported interface whose dependencies are missing here
-            from corral.recipes.neuroconv import say_once
+            from corral.notes import say_once
 
             say_once(f"could not import NeuroConv's {cls_name} here ({exc}); its source_data is checked when "
                      "the task runs")
@@ -146,7 +146,7 @@ def _check_interfaces(located: Located, sessions: list[dict[str, Any]]) -> None:
                 try:
                     validators[name] = Draft7Validator(classes[name].get_source_schema())
                 except Exception as exc:  # noqa: BLE001 - an interface whose optional dependencies are missing
-                    from corral.recipes.neuroconv import say_once
+                    from corral.notes import say_once
 
                     say_once(f"could not read the source schema of {classes[name].__name__} here "
                              f"({type(exc).__name__}: {exc}); its source_data is checked when the task runs")

@@ -537,15 +537,13 @@ class _StoreErrors:
             return
         if not isinstance(exc, (ClientError, BotoCoreError)):
             return
-        from corral.backends.aws_batch.client import translate
+        from corral.aws_api import error_code, translate
         from corral.errors import CredentialsError
 
         err = translate(exc, f"{self.action} in DynamoDB table {self.table}")
         if isinstance(err, CredentialsError):
             raise err from exc
-        response = getattr(exc, "response", None) or {}  # connection errors carry response=None
-        code = response.get("Error", {}).get("Code", "") if isinstance(response, dict) else ""
-        if code == "ResourceNotFoundException":
+        if error_code(exc) == "ResourceNotFoundException":  # ('' for connection errors: no response)
             raise StateError(
                 f"DynamoDB table {self.table} does not exist (while trying to {self.action})",
                 "run `corral aws setup` (it creates the state table) or check the region",

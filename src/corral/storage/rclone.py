@@ -332,14 +332,11 @@ def _aws_credentials_env(args: list[str], env: dict[str, str]) -> None:
     """Resolve AWS credentials (SSO, profiles…) the way boto3 does, for rclone's child only."""
     if "AWS_ACCESS_KEY_ID" in env or not any(a.startswith(":s3") for a in args):
         return
-    try:
-        import boto3
-    except ImportError:
+    from corral.aws_api import frozen_credentials
+
+    frozen = frozen_credentials()
+    if frozen is None:
         return
-    creds = boto3.Session().get_credentials()
-    if creds is None:
-        return
-    frozen = creds.get_frozen_credentials()
     env["AWS_ACCESS_KEY_ID"] = frozen.access_key
     env["AWS_SECRET_ACCESS_KEY"] = frozen.secret_key
     if frozen.token:

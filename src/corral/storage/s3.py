@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any, Protocol
 
+from corral.aws_api import default_client, error_code
 from corral.errors import CredentialsError, StorageError
 
 MiB = 2**20
@@ -51,18 +52,8 @@ class CountingProgress:
 
 def s3_client(*, region: str | None = None, endpoint_url: str | None = None, profile: str | None = None) -> Any:
     """A default S3 client: the standard credential chain, adaptive retries."""
-    try:
-        import boto3
-        from botocore.config import Config
-    except ImportError:
-        raise StorageError(
-            "s3:// paths need boto3, which is not installed", "pip install 'corral[aws]'"
-        ) from None
-    session = boto3.session.Session(profile_name=profile)
-    return session.client(
-        "s3", region_name=region, endpoint_url=endpoint_url,
-        config=Config(retries={"mode": "adaptive", "max_attempts": 10}),
-    )
+    return default_client("s3", region=region, endpoint_url=endpoint_url, profile=profile,
+                          needed_for="s3:// paths", error=StorageError)
 
 
 def transfer_config(
@@ -89,10 +80,8 @@ def _error(exc: BaseException, uri: str, action: str) -> StorageError | Credenti
         return CredentialsError(
             f"cannot {action} {uri}: no AWS credentials", "run `aws configure` (or `aws sso login`), or set AWS_PROFILE"
         )
-    code = ""
     client_error = exc if isinstance(exc, ClientError) else exc.__cause__
-    if isinstance(client_error, ClientError):
-        code = str(client_error.response.get("Error", {}).get("Code", ""))
+    code = error_code(client_error) if isinstance(client_error, ClientError) else ""
     hints = {
         "NoSuchBucket": "check the bucket name (and that it is in this account/region)",
         "NoSuchKey": "check the key with `aws s3 ls`",
@@ -197,7 +186,7 @@ def head(client: Any, bucket: str, key: str) -> dict[str, Any] | None:
     try:
         return dict(client.head_object(Bucket=bucket, Key=key))
     except ClientError as exc:
-        if str(exc.response.get("Error", {}).get("Code")) in ("404", "NoSuchKey", "NotFound"):
+        if error_code(exc) in ("404", "NoSuchKey", "NotFound"):
             return None
         raise _error(exc, _uri(bucket, key), "read") from None
     except Exception as exc:

@@ -28,6 +28,7 @@ import json
 from collections.abc import Iterable, Mapping
 from typing import Any
 
+from corral.aws_api import error_code
 from corral.errors import ProvisionError
 
 MANAGED_TAG = "corral:managed"
@@ -39,14 +40,9 @@ def secret_name(run_id: str, purpose: str = "rclone", *, prefix: str = PREFIX) -
     return f"{prefix}/{run_id}/{purpose}"
 
 
-def _code(exc: BaseException) -> str:
-    resp = getattr(exc, "response", None)
-    return str(resp.get("Error", {}).get("Code", "")) if isinstance(resp, dict) else ""
-
-
 def _fail(action: str, name: str, exc: BaseException, *, ssm: bool = False) -> ProvisionError:
     """A one-line error for a failed Secrets Manager (or, ``ssm``, Parameter Store) call."""
-    code = _code(exc) or type(exc).__name__
+    code = error_code(exc) or type(exc).__name__
     what, service, actions = (
         ("SSM parameter", "SSM Parameter Store",
          "ssm:PutParameter/AddTagsToResource/DeleteParameter(s)/DescribeParameters") if ssm
@@ -76,7 +72,7 @@ def create_secret(
     try:
         return str(sm.create_secret(**kwargs)["ARN"])
     except Exception as exc:
-        if _code(exc) != "ResourceExistsException":
+        if error_code(exc) != "ResourceExistsException":
             raise _fail("create", name, exc) from None
     try:
         desc = sm.describe_secret(SecretId=name)
@@ -110,7 +106,7 @@ def _delete_where(sm: Any, run_id: str | None) -> list[str]:
                     try:
                         sm.delete_secret(SecretId=s["ARN"], ForceDeleteWithoutRecovery=True)
                     except Exception as exc:
-                        if _code(exc) != "ResourceNotFoundException":
+                        if error_code(exc) != "ResourceNotFoundException":
                             raise
                     deleted.append(str(s["Name"]))
     except ProvisionError:
@@ -200,7 +196,7 @@ def create_parameter(
     try:
         ssm.put_parameter(**common, Tags=[{"Key": k, "Value": v} for k, v in sorted(all_tags.items())])
     except Exception as exc:
-        if _code(exc) != "ParameterAlreadyExists":
+        if error_code(exc) != "ParameterAlreadyExists":
             raise _fail("create", name, exc, ssm=True) from None
         try:
             have = _param_tags(ssm, name)
@@ -235,7 +231,7 @@ def delete_parameters(ssm: Any, run_id: str | None, *, prefix: str = PREFIX) -> 
                 try:
                     ssm.delete_parameter(Name=name)
                 except Exception as exc:
-                    if _code(exc) != "ParameterNotFound":
+                    if error_code(exc) != "ParameterNotFound":
                         raise
                 deleted.append(name)
     except Exception as exc:

@@ -1,6 +1,6 @@
 """AWS Batch backend: provisioning (``provision``), clients (``client``), ECR images (``ecr``).
 
-The only place boto3 clients are made is :class:`~corral.backends.aws_batch.client.AwsClients`.
+The only place boto3 clients are made is :class:`corral.aws_api.AwsClients` (re-exported by ``client``).
 """
 
 from corral.backends.aws_batch.client import AwsClients, aws_errors

@@ -1,15 +1,17 @@
 """``AwsBatchBackend``: the Backend protocol on AWS Batch (submit, refresh, cancel, logs, resume).
 
 ``start`` provisions what the plan needs (``provision.ensure_environment``), records where the run
-lives in ``run.options["aws_batch"]`` (region, queues, log group, round layout) so any machine that
-can read the state table can follow it, then submits array jobs (see ``submit``) and returns (or
-waits, with bounded polling, when ``options.wait``).
+lives (region, queues, log group, round layout: :class:`run_facts.RunFacts`, stored under
+the run options' ``aws_batch`` key) so any machine that can read the state table can follow it, then
+submits array jobs (see ``submit``) and returns (or waits, with bounded polling, when
+``options.wait``).
 
 ``refresh`` costs, for a run of arrays: one DescribeJobs per 100 parents that still have a task in
 flight (their ``statusSummary``), and ListJobs (pages of 1,000) only for a status whose count in
 the summary differs from what the store already records for that array (see ``status.children``):
 polling with nothing new costs the DescribeJobs alone; only the tasks that changed are written
-back (batched by the store).
+back (batched by the store). Children that just ended may be described once more, 100 per
+call, for their attempt count (``_count_attempts``: ListJobs summaries carry none).
 """
 
 from __future__ import annotations
@@ -29,9 +31,10 @@ from corral.backends.aws_batch.client import AwsClients
 from corral.backends.aws_batch.final_cleanup import CLAIM_LEASE, FinalCleanup, cleanup_stages
 from corral.backends.aws_batch.logs import LogReader, log_group_of, stream_of
 from corral.backends.aws_batch.payloads import RESERVED_ENV_PREFIXES
+from corral.backends.aws_batch.run_facts import OPTIONS_KEY as OPTIONS_KEY  # (the old name, kept)
+from corral.backends.aws_batch.run_facts import RunFacts
 from corral.backends.aws_batch.status import CANCEL_REASON, apply_summary, children, task_state_of
 from corral.backends.aws_batch.submit import (
-    OPTIONS_KEY,
     BatchApi,
     Queues,
     Submitter,
@@ -140,6 +143,7 @@ class AwsBatchBackend:
         self._bucket = bucket or TokenBucket(clock=clock, sleep=sleep)
         self._api: BatchApi | None = api  # (tests give a BatchApi that plays Batch: the contract suite)
         self._secrets: dict[str, str] = {}
+        self._caps: dict[str, str] = {}  # stage -> its Batch consumable resource (max_parallel, caps.py)
         # On resume only the tasks to resubmit need their local sources (checked when staging them).
         self._resuming = False
 
@@ -193,26 +197,18 @@ class AwsBatchBackend:
         return ctx
 
     def _queues(self, run: RunRecord) -> Queues:
-        opts = run.options.get(OPTIONS_KEY, {})
-        if not opts.get("job_queue"):
+        facts = RunFacts.of(run)
+        if not facts.submitted:
             raise BackendError(
                 f"run {run.run_id} has no AWS Batch queue recorded (it was never submitted)",
                 f"`corral resume {run.run_id}` submits it",
             )
-        return Queues(opts["job_queue"], opts.get("gpu_job_queue"), opts.get("fargate_job_queue"))
+        return Queues(*facts.queues())
 
     # -- Backend protocol ---------------------------------------------------------------------
     def check(self, plan: Plan) -> None:
         wf = plan.workflow
         for s in wf.stages:
-            if s.max_parallel is not None:
-                # Not silently ignored: a lab's cap (DANDI uploads, licences) must hold.
-                raise PlanError(
-                    f"stage {s.name!r} sets max_parallel, which the AWS backend does not enforce yet",
-                    "remove max_parallel for --backend aws (or cap the whole run with aws.max_vcpus); "
-                    "the local backend enforces it",
-                    where=wf.stage_where(s.name, "max_parallel"),
-                )
             if s.kind == "transfer":
                 self._check_transfer(plan, s, sources=not self._resuming)
             elif not s.image and not (s.kind == "cleanup" and s.command is None):
@@ -236,7 +232,7 @@ class AwsBatchBackend:
                         where=wf.stage_where(s.name, "secrets", name),
                     )
         try:
-            from corral.instances import check_fits
+            from corral.routes import check_fits
         except ImportError:  # pragma: no cover - provisioning's module
             return
         check_fits(plan, list(self._aws(plan).instance_types))
@@ -304,16 +300,26 @@ class AwsBatchBackend:
             restrict_readers(self.clients.secretsmanager, made[CONFIG_ENV], [reader])
         return made
 
+    def _ensure_caps(self, plan: Plan, run: RunRecord) -> dict[str, str]:
+        """A stage's ``max_parallel``, held by Batch itself: its consumable resource (:mod:`caps`)."""
+        from corral.backends.aws_batch import caps
+
+        if not caps.capped_stages(plan):
+            return {}
+        return caps.ensure(self.clients.batch, plan, run.run_id, tags=dict(self.settings.tags or {}), say=self.say)
+
     def start(self, plan: Plan, run: RunRecord, store: StateStore, options: RunOptions) -> None:
         self.check(plan)
         env = self.environment(plan, run.run_id)
         self._secrets = self._rclone_secrets(plan, run)
+        self._caps = self._ensure_caps(plan, run)
         _record_where(run, plan, env)
         records = {t.task_id: t for t in store.get_tasks(run.run_id)}
         to_submit = {tid for tid, t in records.items() if t.state == TaskState.PENDING}
         to_submit -= skip_done(plan, run, store, records, to_submit, options)
         staged = self._stage(plan, run, env, to_submit)
-        self._submitter(env, store, plan, staged).submit_round(plan, run, records, to_submit, 0)
+        skip = _skip_in_job(plan, run, options)
+        self._submitter(env, store, plan, staged, skip).submit_round(plan, run, records, to_submit, 0)
         if not to_submit:  # everything was skipped: the run has ended
             self._update_run_state(run, store, store.get_tasks(run.run_id))
         if options.wait:
@@ -330,6 +336,7 @@ class AwsBatchBackend:
             self._resuming = False
         env = self.environment(plan, run.run_id)
         self._secrets = self._rclone_secrets(plan, run)
+        self._caps = self._ensure_caps(plan, run)
         opts = _record_where(run, plan, env)
         queues = self._queues(run)
         tasks = self.refresh(run, store, final_cleanup=False)
@@ -357,14 +364,15 @@ class AwsBatchBackend:
             # The tasks resubmitted write to the workspace again: its cleanup runs after them
             # (also when a cleanup already ran after the failures).
             to_submit |= {t.task_id for t in tasks if t.stage in cleanups and t.state.terminal}
-        round_ = int(opts.get("round", -1)) + 1 if "round" in opts else 0
+        round_ = opts.round + 1 if opts.round is not None else 0  # (opts: the run's RunFacts)
         never_tried = {tid for tid in to_submit if records[tid].attempts == 0}
         to_submit -= skip_done(plan, run, store, records, never_tried, options)
         staged = self._stage(plan, run, env, to_submit)
         if run.state != RunState.RUNNING and to_submit:
             run.state = RunState.RUNNING
-        submitter = self._submitter(env, store, plan, staged)
-        submitter.memory = aws_memory.on_resume(plan, opts, [records[t] for t in to_submit],
+        skip = _skip_in_job(plan, run, options)
+        submitter = self._submitter(env, store, plan, staged, skip)
+        submitter.memory = aws_memory.on_resume(plan, RunFacts.stored(run), [records[t] for t in to_submit],
                                                 list(self._aws(plan).instance_types))
         submitter.submit_round(plan, run, records, to_submit, round_)
         if to_submit:
@@ -409,11 +417,12 @@ class AwsBatchBackend:
                     for t in live:
                         apply_summary(t, job, changed)
         if changed:
-            self._count_attempts(changed, jobs)
+            self._count_attempts(changed, jobs, aws_memory.resubmitted(RunFacts.of(run).to_dict()))
             self._name_missing_outputs(run, store, changed)
-            aws_memory.count_attempts(run.options.get(OPTIONS_KEY, {}), changed)
+            self._skipped_in_job(run, tasks, changed)
+            aws_memory.count_attempts(RunFacts.of(run).to_dict(), changed)
             if any(aws_memory.is_batch_oom(t) for t in changed.values()):
-                aws_memory.name_oom(run.options.get(OPTIONS_KEY, {}), _plan_of(store, run), changed)
+                aws_memory.name_oom(RunFacts.of(run).to_dict(), _plan_of(store, run), changed)
             # Conditional: a record another process changed since we read it (a cleanup claim) stands.
             before = {t.task_id: t for t in tasks}
             written = store.update_tasks([(before[tid], new) for tid, new in changed.items()])
@@ -447,7 +456,7 @@ class AwsBatchBackend:
         plan = _plan_of(store, run)
         if plan is None:
             return tasks
-        opts = run.options.setdefault(OPTIONS_KEY, {})
+        opts = RunFacts.stored(run)  # (memory keeps its own facts here, updated in place)
         again, grown, finals = aws_memory.plan_retries(plan, opts, tasks, list(self._aws(plan).instance_types))
         if finals:
             store.save_tasks(finals)
@@ -464,25 +473,24 @@ class AwsBatchBackend:
         store.save_run(run)
         return store.get_tasks(run.run_id)
 
-    def _count_attempts(self, changed: dict[str, TaskRecord], parents: dict[str, dict[str, Any]]) -> None:
-        """Attempts of array children that just ended, where their job allows more than one
-        (``retryStrategy.attempts`` in the parent's DescribeJobs, which AWS returns; moto does not).
+    def _count_attempts(self, changed: dict[str, TaskRecord], parents: dict[str, dict[str, Any]],
+                        always: frozenset[str] | set[str] = frozenset()) -> None:
+        """Attempts of array children that just ended: each try of the command is one Batch
+        attempt (payloads.retry_strategy), so ``attempts`` means what it means locally.
 
-        Every failure is retried while attempts remain (payloads.retry_strategy), so a FAILED child
-        used them all. A SUCCEEDED one may have needed 1..N: ListJobs summaries carry no attempts,
-        so those are described (100 per call, once: an ended child never changes) — ``attempts``
-        then means what it means locally."""
+        ListJobs summaries carry no attempts, so the children that may have needed more than one
+        are described (100 per call, once: an ended child never changes): a FAILED child, and a
+        SUCCEEDED one of a stage with ``retries`` (its job allows more than ``1 + INFRA_RETRIES``
+        attempts: ``retryStrategy.attempts`` in the parent's DescribeJobs, which AWS returns and
+        moto does not). A child of a stage without retries that succeeded tried once (an attempt
+        lost to a spot reclaim shows in ``corral logs --attempt`` and the report's history)."""
         want: list[str] = []
         for t in changed.values():
             if ":" not in t.external_id or t.state not in (TaskState.SUCCEEDED, TaskState.FAILED):
                 continue
             allowed = int(((parents.get(parent_of(t.external_id)) or {}).get("retryStrategy") or {})
                           .get("attempts") or 1)
-            if allowed <= 1:
-                continue
-            if t.state == TaskState.FAILED:
-                changed[t.task_id] = t.replace(attempts=allowed)
-            else:
+            if allowed > 1 + pl.INFRA_RETRIES or (allowed > 1 and t.state == TaskState.FAILED) or t.task_id in always:
                 want.append(t.external_id)
         if not want:
             return
@@ -491,6 +499,33 @@ class AwsBatchBackend:
             job = described.get(t.external_id)
             if job is not None and job.get("attempts"):
                 changed[t.task_id] = t.replace(attempts=len(job["attempts"]))
+
+    def _skipped_in_job(self, run: RunRecord, tasks: list[TaskRecord], changed: dict[str, TaskRecord]) -> None:
+        """Tasks whose job found their outputs there and ran nothing (payloads.SKIP_MARK): SKIPPED,
+        "outputs exist", as locally. One FilterLogEvents (pages of matches) over the run's log group
+        when a child of such a stage has just succeeded, or the run is ending; each time it reads
+        every mark of the run so far, so a line CloudWatch indexed late is found next time."""
+        from corral.backends.aws_batch.logs import DEFAULT_LOG_GROUP, skip_marks
+
+        stages = set(RunFacts.of(run).get("skip_in_job") or [])
+        if not stages:
+            return
+        current = {t.task_id: changed.get(t.task_id, t) for t in tasks}
+        done = [t for t in current.values() if t.stage in stages and t.state == TaskState.SUCCEEDED]
+        newly = any(t.task_id in changed for t in done)
+        ending = all(t.state.terminal for t in current.values())
+        if not done or not (newly or ending):
+            return
+        group = RunFacts.of(run).log_group or DEFAULT_LOG_GROUP
+        try:
+            marked = skip_marks(self.clients.logs, group, run.run_id, since_s=run.created_at)
+        except CorralError as exc:
+            self.say(f"run {run.run_id}: could not read which tasks found their outputs ({exc.one_line()}); "
+                     "they are recorded SUCCEEDED")
+            return
+        for t in done:
+            if t.external_id in marked:
+                changed[t.task_id] = t.replace(state=TaskState.SKIPPED, reason="outputs exist", attempts=0)
 
     @staticmethod
     def _name_missing_outputs(run: RunRecord, store: StateStore, changed: dict[str, TaskRecord]) -> None:
@@ -520,7 +555,7 @@ class AwsBatchBackend:
 
     def _cancel(self, run: RunRecord, store: StateStore) -> None:
         tasks = store.get_tasks(run.run_id)
-        if OPTIONS_KEY in run.options and run.options[OPTIONS_KEY].get("job_queue"):
+        if RunFacts.of(run).submitted:
             queues = self._queues(run)
             tasks, _ = reconcile(
                 self.api, run, store, tasks, queues.all(), settle_polls=0, sleep=self.sleep,
@@ -547,7 +582,7 @@ class AwsBatchBackend:
             yield f"(task {task.label} has not been submitted yet: {task.state.value})"
             return
         job_id = task.external_id
-        default_group = run.options.get(OPTIONS_KEY, {}).get("log_group", "")
+        default_group = RunFacts.of(run).log_group or ""
         job = self.api.describe_jobs([job_id]).get(job_id)
         if job is None:
             raise UsageError(
@@ -582,7 +617,8 @@ class AwsBatchBackend:
 
     # -- the workspace cleanup after a failed run ---------------------------------------------
     # -- helpers ------------------------------------------------------------------------------
-    def _submitter(self, env: Any, store: StateStore, plan: Plan, staged: dict[str, str] | None = None) -> Submitter:
+    def _submitter(self, env: Any, store: StateStore, plan: Plan, staged: dict[str, str] | None = None,
+                   skip_in_job: set[str] | None = None) -> Submitter:
         queues = Queues(env.job_queue, getattr(env, "gpu_job_queue", None), getattr(env, "fargate_job_queue", None))
         return Submitter(
             self.api, store, self._context(env, plan), queues,
@@ -592,6 +628,7 @@ class AwsBatchBackend:
             staged=staged, base_dir=plan.workflow.base_dir,
             share_identifier=getattr(self._aws(plan), "share_identifier", "corral"),
             user_queues=[q for q in [self._aws(plan).queue] if q],
+            caps=self._caps, skip_in_job=skip_in_job or (),
         )
 
     def _s3_endpoint(self) -> str | None:
@@ -668,26 +705,37 @@ def skip_done(plan: Plan, run: RunRecord, store: StateStore, records: dict[str, 
     return {t.task_id for t in skipped}
 
 
-def _record_where(run: RunRecord, plan: Plan, env: Any) -> dict[str, Any]:
-    """Record in ``run.options["aws_batch"]`` where the run lives, so any machine can follow it:
+def _skip_in_job(plan: Plan, run: RunRecord, options: RunOptions) -> set[str]:
+    """The stages whose jobs check skip-if-done themselves (their outputs are on the workspace,
+    which only a job sees: payloads.in_job_skip), unless forced; recorded for the refresh."""
+    from corral.reuse import forced_stages
+
+    stages: set[str] = set()
+    if not options.force:
+        forced = forced_stages(plan, options.force_stages)
+        stages = {s.name for s in plan.workflow.stages if pl.in_job_skip(s) and s.name not in forced}
+    opts = RunFacts.stored(run)
+    opts["skip_in_job"] = sorted(set(opts.get("skip_in_job") or []) | stages)
+    return stages
+
+
+def _record_where(run: RunRecord, plan: Plan, env: Any) -> RunFacts:
+    """Record in the run's :class:`RunFacts` where the run lives, so any machine can follow it:
     its queues (a queue missing from the record is filled in from ``env``; resume/cancel look for
     jobs in each), region, log group and state table, its cleanup stages (for the cleanup after a
     failure) and its EFS workspace with the roles that mount it (for ``corral aws teardown --run``).
     What is recorded already stays: a resume keeps the run's first answers."""
-    opts: dict[str, Any] = run.options.setdefault(OPTIONS_KEY, {})
-    for key in ("job_queue", "gpu_job_queue", "fargate_job_queue"):
-        opts[key] = opts.get(key) or getattr(env, key, None)
-    facts = {
-        "region": env.region,
-        "log_group": getattr(env, "log_group", "") or "",
-        "table": getattr(env, "table_name", "") or "",
-        "cleanup_stages": [s.name for s in plan.workflow.stages if s.kind == "cleanup"],
-        "efs_id": getattr(env, "efs_id", "") or "",
-        "efs_access_point": getattr(env, "efs_access_point", "") or "",
-        "job_role_arn": getattr(env, "job_role_arn", "") or "",
-        "execution_role_arn": getattr(env, "execution_role_arn", "") or "",
-        "assign_public_ip": plan.workflow.aws.assign_public_ip,
-    }
-    for key, value in facts.items():
-        opts.setdefault(key, value)
-    return opts
+    facts = RunFacts.of(run)
+    facts = facts.replace(**{key: getattr(facts, key) or getattr(env, key, None)
+                             for key in ("job_queue", "gpu_job_queue", "fargate_job_queue")})
+    return facts.with_defaults(
+        region=env.region,
+        log_group=getattr(env, "log_group", "") or "",
+        table=getattr(env, "table_name", "") or "",
+        cleanup_stages=tuple(s.name for s in plan.workflow.stages if s.kind == "cleanup"),
+        efs_id=getattr(env, "efs_id", "") or "",
+        efs_access_point=getattr(env, "efs_access_point", "") or "",
+        job_role_arn=getattr(env, "job_role_arn", "") or "",
+        execution_role_arn=getattr(env, "execution_role_arn", "") or "",
+        assign_public_ip=plan.workflow.aws.assign_public_ip,
+    ).save_to(run)

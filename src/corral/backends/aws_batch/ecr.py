@@ -131,7 +131,7 @@ def ensure_repository(clients: AwsClients, name: str, *, immutable: bool = False
                       keep_untagged: int = DEFAULT_KEEP_UNTAGGED, tags: dict[str, str] | None = None,
                       report: Any = None) -> str:
     """Find or create the repository (see module docstring); return its URI."""
-    from corral.backends.aws_batch.provision import ProvisionReport
+    from corral.backends.aws_batch.provisioned import ProvisionReport
 
     if not _REPO_RE.match(name) or not 2 <= len(name) <= 256:
         raise UsageError(f"{name!r} is not a valid ECR repository name",

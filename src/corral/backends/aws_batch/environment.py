@@ -18,11 +18,12 @@ from corral import routes
 from corral.backends.aws_batch import compute, iam, network, storage
 from corral.backends.aws_batch.client import AwsClients
 from corral.backends.aws_batch.common import MANAGED_TAG, NAME, Ctx, content_hash
+from corral.backends.aws_batch.provisioned import Environment
 from corral.errors import ProvisionError
 from corral.instances import expand, is_fargate_entry, split_allowed
 
 if TYPE_CHECKING:  # pragma: no cover
-    from corral.backends.aws_batch.provision import Environment, Needs, ProvisionReport
+    from corral.backends.aws_batch.provisioned import Needs, ProvisionReport
     from corral.spec import AwsSettings
 
 DEFAULT_TABLE = f"{NAME}-state"
@@ -39,18 +40,21 @@ def base_tags(settings: AwsSettings) -> dict[str, str]:
 
 
 def check_needs_fit(settings: AwsSettings, needs: Needs) -> None:
-    """Refuse needs that no allowed instance type (or the vCPU cap) can ever satisfy."""
+    """Refuse needs that no allowed instance type (or the vCPU cap) can ever satisfy. Needs made
+    by hand (``setup --vcpus``, the drop-in ``submit_job``) name only the largest vCPUs, memory and
+    GPUs of any task, maybe of different tasks, so each is judged alone — with the routes' one fit
+    rule (:func:`corral.routes.holds`); a plan's stages are judged whole by ``routes.check_fits``."""
     cpu_entries, gpu_entries = split_allowed(list(settings.instance_types))
     cpu_types = expand(cpu_entries)
     if cpu_types and not needs.gpu:
-        if not any(t.vcpus >= needs.max_vcpus_per_task for t in cpu_types):
+        if not routes.holds(cpu_entries, needs.max_vcpus_per_task, 0)[0]:
             top = max(cpu_types, key=lambda t: t.vcpus)
             raise ProvisionError(
                 f"a task asks for {needs.max_vcpus_per_task:g} vCPUs; the largest allowed instance "
                 f"({', '.join(cpu_entries)}) is {top.describe()}",
                 "lower resources.vcpus or allow larger instance types in aws.instance_types",
             )
-        if not any(t.usable_memory_mib >= needs.max_memory_mib for t in cpu_types):
+        if not routes.holds(cpu_entries, 0, needs.max_memory_mib)[0]:
             top = max(cpu_types, key=lambda t: t.memory_mib)
             raise ProvisionError(
                 f"a task asks for {needs.max_memory_mib} MiB of memory; the largest allowed instance "
@@ -60,7 +64,7 @@ def check_needs_fit(settings: AwsSettings, needs: Needs) -> None:
     if needs.gpu:
         gpu_types = expand(gpu_entries)
         want = max(1, needs.max_gpus_per_task)
-        if gpu_types and not any(t.gpus >= want for t in gpu_types):
+        if gpu_types and not routes.holds(gpu_entries, 0, 0, want)[0]:
             top = max(gpu_types, key=lambda t: t.gpus)
             raise ProvisionError(
                 f"a task asks for {want} GPUs; the allowed GPU instances ({', '.join(gpu_entries)}) have at "
@@ -108,8 +112,6 @@ def queue_names(settings: AwsSettings, needs: Needs) -> dict[str, str]:
 
 def build_environment(clients: AwsClients, settings: AwsSettings, needs: Needs,
                       report: ProvisionReport) -> Environment:
-    from corral.backends.aws_batch.provision import Environment
-
     check_needs_fit(settings, needs)
     ctx = Ctx(clients=clients, report=report, tags=base_tags(settings))
     account = ctx.account

@@ -14,9 +14,10 @@ from collections.abc import Callable
 from typing import Any
 
 from corral.backends.aws_batch.payloads import RESERVED_ENV_PREFIXES
+from corral.backends.aws_batch.run_facts import OPTIONS_KEY as OPTIONS_KEY  # (the old name, kept)
+from corral.backends.aws_batch.run_facts import RunFacts
 from corral.backends.aws_batch.submit import (
     INTENT,
-    OPTIONS_KEY,
     BatchApi,
     Queues,
     find_run_jobs,
@@ -68,7 +69,7 @@ class FinalCleanup:
         ):
             return tasks
         fresh = store.get_run(run.run_id)
-        if fresh.state != RunState.FAILED or not fresh.options.get(OPTIONS_KEY, {}).get("job_queue"):
+        if fresh.state != RunState.FAILED or not RunFacts.of(fresh).submitted:
             return tasks
         changed: dict[str, TaskRecord] = {}
         found: dict[str, list[dict[str, Any]]] | None = None
@@ -111,7 +112,7 @@ class FinalCleanup:
                          "removes the workspace")
                 return gone
             return None
-        round_ = int(run.options.get(OPTIONS_KEY, {}).get("round", 0))
+        round_ = RunFacts.of(run).round or 0
         name = f"{job_name(run.run_id, t.stage, round_, None)}-f{int(self.wall_clock())}"
         claim = t.replace(
             state=TaskState.PENDING, external_id=f"{INTENT}{name}:0:1", exit_code=None, ended_at=None,
@@ -131,7 +132,8 @@ class FinalCleanup:
 
 def cleanup_stages(run: RunRecord) -> set[str]:
     """The run's cleanup stages (recorded at submission; older runs: the ``cleanup: true`` stage)."""
-    return set(run.options.get(OPTIONS_KEY, {}).get("cleanup_stages", [CLEANUP_STAGE]))
+    recorded = RunFacts.of(run).cleanup_stages
+    return set(recorded if recorded is not None else [CLEANUP_STAGE])
 
 
 def claim_of(t: TaskRecord) -> tuple[str, float] | None:

@@ -31,6 +31,37 @@ def stream_of(job: dict[str, Any], attempt: int | None) -> str:
     return str(job.get("container", {}).get("logStreamName", "") or "")
 
 
+def skip_marks(logs_client: Any, group: str, run_id: str, *, since_s: float | None = None) -> set[str]:
+    """Job ids whose wrapper logged that it found its outputs and ran nothing (payloads.SKIP_MARK),
+    for one run: FilterLogEvents over the group with the run's phrase, every page."""
+    from corral.backends.aws_batch.payloads import SKIP_MARK
+
+    phrase = f"{SKIP_MARK} {run_id} "
+    kwargs: dict[str, Any] = {"logGroupName": group, "filterPattern": f'"{phrase.strip()}"'}
+    if since_s:
+        kwargs["startTime"] = int(since_s * 1000)
+    out: set[str] = set()
+    with aws_errors(f"read which tasks of run {run_id} found their outputs (CloudWatch Logs {group})"):
+        while True:
+            try:
+                page = logs_client.filter_log_events(**kwargs)
+            except Exception as exc:
+                if is_not_found(exc):
+                    return out  # no log group yet: nothing logged
+                raise
+            for e in page.get("events", []):
+                msg = str(e.get("message", ""))
+                at = msg.find(phrase)
+                if at >= 0:
+                    words = msg[at + len(phrase):].split()
+                    if words:
+                        out.add(words[0])
+            token = page.get("nextToken")
+            if not token or token == kwargs.get("nextToken"):
+                return out
+            kwargs["nextToken"] = token
+
+
 def log_group_of(job: dict[str, Any], default: str) -> str:
     options = job.get("container", {}).get("logConfiguration", {}).get("options", {}) or {}
     return str(options.get("awslogs-group") or default or DEFAULT_LOG_GROUP)

@@ -63,12 +63,20 @@ def name_oom(opts: dict[str, Any], plan: Plan | None, changed: dict[str, TaskRec
 
 
 def count_attempts(opts: dict[str, Any], changed: dict[str, TaskRecord]) -> None:
-    """A task resubmitted after an out-of-memory kill: its attempts are those before plus one per job."""
+    """A task resubmitted after an out-of-memory kill: its attempts are those of its earlier jobs
+    (``base``) plus this job's Batch attempts (each try one attempt; the refresh describes the
+    children of resubmitted tasks, see :func:`resubmitted`)."""
     grown = opts.get(KEY, {})
     for tid, t in list(changed.items()):
         entry = grown.get(tid)
         if entry and t.state != TaskState.SUBMITTED:
-            changed[tid] = t.replace(attempts=int(entry.get("base", 0)) + int(entry.get("jobs", 1)))
+            changed[tid] = t.replace(attempts=int(entry.get("base", 0)) + max(int(t.attempts), 1))
+
+
+def resubmitted(opts: dict[str, Any]) -> set[str]:
+    """Task ids resubmitted for memory: the refresh describes their children when they end, so
+    :func:`count_attempts` adds this job's own attempts, not a count carried from the last job."""
+    return set(opts.get(KEY, {}))
 
 
 def on_resume(plan: Plan, opts: dict[str, Any], tasks: list[TaskRecord], instance_types: list[str]) -> dict[str, int]:
@@ -88,7 +96,7 @@ def on_resume(plan: Plan, opts: dict[str, Any], tasks: list[TaskRecord], instanc
             mib = int(grown[t.task_id]["mib"])
         else:
             continue
-        grown[t.task_id] = {"mib": mib, "base": t.attempts, "jobs": 1}
+        grown[t.task_id] = {"mib": mib, "base": t.attempts, "from": t.attempts, "jobs": 1}
         out[t.task_id] = mib
     if out:
         opts[KEY] = grown
@@ -102,10 +110,10 @@ def bound_mib(resources: Resources, instance_types: list[str]) -> int | None:
         _fargate_memories,
         expand,
         is_fargate_entry,
-        on_fargate,
     )
+    from corral.routes import route
 
-    if on_fargate(resources, instance_types):  # its jobs stay on the Fargate queue: Fargate's largest
+    if route(resources, instance_types).fargate:  # its jobs stay on the Fargate queue: Fargate's largest
         return max(max(_fargate_memories(v)) for v in FARGATE_SIZES if v >= resources.vcpus)
     ec2 = [e for e in instance_types if not is_fargate_entry(e)]
     best = 0
@@ -144,11 +152,9 @@ def plan_retries(plan: Plan, opts: dict[str, Any], tasks: list[TaskRecord],
             continue
         res = task.stage.resources
         entry = dict(grown.get(t.task_id, {}))
-        # Batch counts attempts per job (a FAILED child counts its job's allowed attempts), so the
-        # attempts of a task resubmitted for memory are its jobs since the first kill (`base` 0)
-        entry.setdefault("base", 0)
-        entry.setdefault("jobs", 1)  # the jobs of this task since (each one attempt of the command)
-        if int(entry["jobs"]) >= task.stage.retries + 1:
+        # each try is one Batch attempt, so t.attempts counts every try so far (count_attempts adds
+        # the earlier jobs'); the budget is the stage's retries, as on every backend
+        if int(t.attempts) - int(entry.get("from", 0)) >= task.stage.retries + 1:  # `from`: a resume's fresh budget
             continue
         killed_at = oom.limit_of(t.reason) or res.memory
         if oom.grows(res):
@@ -159,7 +165,7 @@ def plan_retries(plan: Plan, opts: dict[str, Any], tasks: list[TaskRecord],
                 continue
         else:
             more = killed_at  # retried like any failure: the same memory, in a new job
-        grown[t.task_id] = {**entry, "mib": more, "jobs": int(entry["jobs"]) + 1}
+        grown[t.task_id] = {**entry, "mib": more, "base": int(t.attempts), "jobs": int(entry.get("jobs", 1)) + 1}
         redo.add(t.task_id)
     if not redo:
         return set(), grown, finals

@@ -110,8 +110,10 @@ for f in ${CORRAL_FIELDS:-}; do eval "export $f=\"\\$CORRAL_ITEM_$f\""; done
 if [ -n "${CORRAL_KEY_FROM:-}" ]; then eval "export CORRAL_ITEM_KEY=\"\\$$CORRAL_KEY_FROM\""; fi
 if [ -n "${CORRAL_INDEX_BASE:-}" ]; then export CORRAL_ITEM_INDEX=$((CORRAL_INDEX_BASE + i)); fi
 outs=${CORRAL_OUTPUTS:-}
+ins=${CORRAL_INPUTS:-}
+skip=${CORRAL_SKIP_DONE:-}
 eval "set -- $CORRAL_ARGV"
-unset CORRAL_ARGV CORRAL_COLUMNS CORRAL_FIELDS CORRAL_KEY_FROM CORRAL_INDEX_BASE CORRAL_OUTPUTS CORRAL_WRAPPER NL c f i row
+unset CORRAL_ARGV CORRAL_COLUMNS CORRAL_FIELDS CORRAL_KEY_FROM CORRAL_INDEX_BASE CORRAL_OUTPUTS CORRAL_INPUTS CORRAL_SKIP_DONE CORRAL_WRAPPER NL c f i row
 if [ -n "${CORRAL_WORKDIR:-}" ]; then mkdir -p "$CORRAL_WORKDIR" 2>/dev/null || true; fi
 if [ -n "${CORRAL_PROGRAM:-}" ]; then set -- /bin/sh -c "$CORRAL_PROGRAM" corral-program "$@"; fi
 r=${CORRAL_RETRIES:-0}
@@ -119,7 +121,6 @@ t=${CORRAL_TRY_TIMEOUT:-}
 ev=${CORRAL_OOM_EVENTS:-}
 unset CORRAL_PROGRAM CORRAL_RETRIES CORRAL_TRY_TIMEOUT CORRAL_OOM_EVENTS
 if [ -n "$t" ] && command -v timeout >/dev/null 2>&1; then set -- timeout -s TERM "$t" "$@"; fi
-if [ "$r" -eq 0 ] && [ -z "$outs" ]; then exec "$@"; fi
 check_outputs() {
   eval "set -- $outs"
   while [ $# -gt 1 ]; do
@@ -129,26 +130,44 @@ check_outputs() {
 }
 oo() { for f in $ev /sys/fs/cgroup/memory.events /sys/fs/cgroup/memory/memory.oom_control; do
   if [ -r "$f" ]; then x=$(sed -n 's/^oom_kill //p' "$f"); echo "${x:-0}"; return 0; fi; done; echo 0; }
-n=0
+newer_input() {
+  o=$1
+  eval "set -- $ins"
+  for x in "$@"; do if [ "$x" -nt "$o" ]; then return 0; fi; done
+  return 1
+}
+outputs_done() {
+  eval "set -- $outs"
+  while [ $# -gt 1 ]; do
+    if [ ! -e "$2" ]; then return 1; fi
+    if [ -n "$ins" ] && newer_input "$2"; then return 1; fi
+    shift 2
+  done
+}
+if [ -n "$skip" ] && [ -n "$outs" ] && [ "${AWS_BATCH_JOB_ATTEMPT:-1}" -eq 1 ] && outputs_done; then
+  echo "SKIP_MARK ${CORRAL_RUN_ID:-} ${AWS_BATCH_JOB_ID:-} (outputs exist: the command did not run)" >&2
+  exit 0
+fi
+oom0=$(oo)
+"$@" &
+p=$!
 stop=
-while :; do
-  o=$(oo)
-  "$@" &
-  p=$!
-  trap 'stop=1; kill -TERM "$p" 2>/dev/null || :' TERM INT HUP
-  set +e
-  wait "$p"
-  rc=$?
-  while kill -0 "$p" 2>/dev/null; do wait "$p"; rc=$?; done
-  if [ "$rc" -eq 0 ] && [ -n "$outs" ]; then check_outputs; rc=$?; fi
-  set -e
-  trap - TERM INT HUP
-  if [ "$rc" -eq 137 ] && [ "$(oo)" -gt "$o" ]; then
-    echo "corral: killed for memory (exit 137): not re-run with the same memory" >&2; exit 137; fi
-  if [ "$rc" -eq 0 ] || [ -n "$stop" ] || [ "$n" -ge "$r" ]; then exit "$rc"; fi
-  n=$((n + 1))
-  echo "corral: the command exited $rc; retry $n of $r" >&2
-done
+trap 'stop=1; kill -TERM "$p" 2>/dev/null || :' TERM INT HUP
+set +e
+wait "$p"
+rc=$?
+while kill -0 "$p" 2>/dev/null; do wait "$p"; rc=$?; done
+if [ "$rc" -eq 0 ] && [ -n "$outs" ]; then check_outputs; rc=$?; fi
+set -e
+if [ "$rc" -eq 137 ] && [ "$(oo)" -gt "$oom0" ]; then
+  echo "corral: killed for memory (exit 137): not re-run with the same memory" >&2; exit 137; fi
+a=${AWS_BATCH_JOB_ATTEMPT:-1}
+if [ "$rc" -ne 0 ] && [ -z "$stop" ] && [ "$a" -le "$r" ]; then
+  echo "corral: the command exited $rc; retry $a of $r" >&2
+  exit RETRY_EXIT
+fi
+if [ "$rc" -eq RETRY_EXIT ]; then echo "corral: the command exited RETRY_EXIT (corral's retry code): recorded as 1" >&2; rc=1; fi
+exit "$rc"
 """
 
 BARRIER_COMMAND = ["/bin/sh", "-c", ":"]
@@ -167,7 +186,20 @@ def wrapper(program: str | None = None) -> str:
 # (A command that itself exits 200..249 in a stage with outputs is reported the same way.)
 OUTPUT_MISSING_BASE = 200
 MAX_CHECKED_OUTPUTS = 50
-WRAPPER = WRAPPER.replace("OUTPUT_MISSING_BASE", str(OUTPUT_MISSING_BASE))
+# `retries: N` (issue 14): each try of the command is one Batch attempt, so Batch keeps each try's
+# exit code, times and log stream and corral records the same attempts as locally. A try that
+# fails while AWS_BATCH_JOB_ATTEMPT <= N exits RETRY_EXIT, which the retry strategy retries; the
+# last try exits the command's own code, which it does not. (Batch user guide, "Automated job
+# retries"; AWS_BATCH_JOB_ATTEMPT: "Batch job environment variables".)
+RETRY_EXIT = 250
+# Skip-if-done in the job (issue 14), for a stage whose outputs only a job sees (workspace://, on
+# EFS): with CORRAL_SKIP_DONE in its overrides (not --force), the first attempt of a task whose
+# outputs all exist, none older than an input the job can see, exits 0 without running the command
+# and logs SKIP_MARK <run> <job id>; the refresh finds those lines (one FilterLogEvents) and records
+# the task SKIPPED, "outputs exist" (backend._skipped_in_job).
+SKIP_MARK = "corral-skipped"
+WRAPPER = (WRAPPER.replace("OUTPUT_MISSING_BASE", str(OUTPUT_MISSING_BASE)).replace("RETRY_EXIT", str(RETRY_EXIT))
+           .replace("SKIP_MARK", SKIP_MARK))
 
 
 def outputs_words(stage: Stage) -> str:
@@ -186,6 +218,32 @@ def outputs_words(stage: Stage) -> str:
             continue  # s3:// and remotes: the submitter checks them; relative paths mean nothing in a job
         words.append(f'{i} {text}"')
     return " ".join(words)
+
+
+def _path_word(uri: str) -> str | None:
+    """A path as the job sees it, as one sh word with ``${...}`` references (None: not in the job's reach)."""
+    from corral.plan import parse_template
+
+    if uri.startswith("workspace://"):
+        return '"${CORRAL_WORKDIR}/' + "".join(
+            _dq(v) if k == "text" else _reference(v) for k, v in parse_template(uri[len("workspace://"):])) + '"'
+    if uri.startswith("/"):
+        return '"' + "".join(_dq(v) if k == "text" else _reference(v) for k, v in parse_template(uri)) + '"'
+    return None
+
+
+def in_job_skip(stage: Stage) -> bool:
+    """True when skip-if-done is the job's to check: every output is one the job sees (workspace://
+    or an absolute path) and one at least is on the workspace, which the submitter cannot see."""
+    outs = stage.outputs
+    return (bool(outs) and len(outs) <= MAX_CHECKED_OUTPUTS and stage.kind not in ("transfer", "cleanup")
+            and all(_path_word(u) is not None for u in outs) and any(u.startswith("workspace://") for u in outs))
+
+
+def inputs_words(stage: Stage) -> str:
+    """``CORRAL_INPUTS``: the stage's inputs the job can see, as sh words (for the skip's age check)."""
+    return " ".join(w for u in stage.inputs if (w := _path_word(u)) is not None)
+
 
 # Per-task environment names: always in the table, even when a stage has a single task.
 PER_TASK_KEYS = ("CORRAL_TASK_ID", "CORRAL_ITEM_KEY", "CORRAL_ITEM_INDEX")
@@ -463,6 +521,8 @@ class StageTable:
         constant["CORRAL_FIELDS"] = " ".join(plain)
         if argv_of is None and (outs := outputs_words(stage)):
             constant["CORRAL_OUTPUTS"] = outs
+            if in_job_skip(stage) and (ins := inputs_words(stage)):
+                constant["CORRAL_INPUTS"] = ins
         self.env = constant
         self._per_row_argv = argv is None
 
@@ -533,28 +593,29 @@ FARGATE_SPOT_REASON = "Your Spot Task was interrupted*"
 
 # Infrastructure failures retried whatever `retries` says, up to this many extra attempts: a spot
 # reclaim or instance failure (EC2 "Host EC2 ..."), a Fargate Spot interruption, an image pull that
-# failed. A failing command is re-run by the wrapper inside the attempt (CORRAL_RETRIES), so
-# Batch's single attempt counter (1-10) only counts what the command could not cause.
+# failed. A failing command is retried by Batch too, but only while the wrapper asks for it
+# (RETRY_EXIT: attempt number <= `retries`), so `retries: N` runs a failing command 1 + N times, as
+# locally; an attempt lost to the infrastructure counts among them. Batch allows 1-10 attempts.
 INFRA_RETRIES = 2
 
 
 def retry_strategy(retries: int, *, fargate: bool = False) -> dict[str, Any]:
-    """Batch's retryStrategy: ``1 + INFRA_RETRIES`` attempts, retried only on infrastructure
-    failures (at most 5 rules, first match wins); the command's own failure ends the attempt's
-    job — the wrapper already re-ran it ``retries`` times. ``retries`` is not needed here: it
-    travels in the job definition's environment."""
-    del retries
+    """Batch's retryStrategy: ``1 + retries + INFRA_RETRIES`` attempts (at most 10), at most 5
+    rules, first match wins: infrastructure failures and the wrapper's RETRY_EXIT are retried;
+    any other exit code (the command's last try) and any other reason end the job."""
     reclaim = (
         {"onStatusReason": FARGATE_SPOT_REASON, "action": "RETRY"} if fargate
         else {"onStatusReason": "Host EC2*", "action": "RETRY"}  # spot reclaim, instance failure
     )
     return {
-        "attempts": 1 + INFRA_RETRIES,
+        "attempts": min(MAX_ATTEMPTS, 1 + retries + INFRA_RETRIES),
         "evaluateOnExit": [
             reclaim,
-            {"onStatusReason": "CannotPullContainerError*", "action": "RETRY"},
+            # ECS puts the pull error in the container's reason ("CannotPullContainerError: ..."),
+            # Batch's statusReason then says "Task failed to start" (nextflow-io/nextflow#5099).
             {"onReason": "CannotPullContainerError*", "action": "RETRY"},
-            {"onExitCode": "*", "action": "EXIT"},  # the command's own failure (after its own retries)
+            {"onExitCode": str(RETRY_EXIT), "action": "RETRY"},  # the wrapper: retries remain
+            {"onExitCode": "*", "action": "EXIT"},  # the command's own failure, on its last try
             {"onStatusReason": "*", "action": "EXIT"},
         ],
     }
@@ -589,15 +650,15 @@ def image_uri(image: str, ctx: JobContext) -> str:
 
 def fargate_requirements(stage: Stage) -> list[dict[str, str]]:
     """VCPU/MEMORY of the smallest Fargate size holding the stage (``"0.25"``/``"512"`` and up)."""
-    from corral.instances import fargate_size
+    from corral.routes import requirements_for
 
-    size = fargate_size(stage.resources)
-    if size is None:
+    requirements = requirements_for(stage.resources, fargate=True)
+    if requirements is None:
         raise PlanError(
             f"stage {stage.name!r} does not fit Fargate (GPUs, over 16 vCPUs / 120 GiB, or over 200 GiB of disk)",
             "this is a corral bug: such a stage goes to the EC2 queue; report it with the workflow",
         )
-    return [{"type": "VCPU", "value": f"{size[0]:g}"}, {"type": "MEMORY", "value": str(size[1])}]
+    return requirements
 
 
 def fargate_properties(ctx: JobContext, disk_gib: int | None = None) -> dict[str, Any]:
@@ -623,7 +684,7 @@ def _require_execution_role(ctx: JobContext, what: str) -> None:
 
 def job_definition(
     stage: Stage, ctx: JobContext, *, fargate: bool = False, program: str | None = None,
-    env: Mapping[str, str] | None = None,
+    env: Mapping[str, str] | None = None, consumable: Mapping[str, Any] | None = None,
 ) -> JobDefinitionSpec:
     """RegisterJobDefinition kwargs for a stage's runtime, named from a hash of their content.
 
@@ -634,7 +695,8 @@ def job_definition(
     ``env``: the stage's job-wide variables (:attr:`StageTable.definition_env`); then the wrapper
     travels in the environment too (``CORRAL_WRAPPER``) and the command is :data:`BOOT_COMMAND`, so
     ECS's override of each task holds only the job's rows and a few names. Without ``env`` the
-    command is the wrapper itself."""
+    command is the wrapper itself. ``consumable``: the job definition's
+    ``consumableResourceProperties`` (a stage's ``max_parallel``, :mod:`caps`)."""
     if not stage.image:
         raise PlanError(
             f"stage {stage.name!r} has no image; AWS Batch runs every task in a container",
@@ -645,12 +707,9 @@ def job_definition(
         _require_execution_role(ctx, f"stage {stage.name!r}")
         requirements = fargate_requirements(stage)
     else:
-        requirements = [
-            {"type": "VCPU", "value": str(max(1, math.ceil(res.vcpus)))},
-            {"type": "MEMORY", "value": str(int(res.memory))},
-        ]
-        if res.gpus:
-            requirements.append({"type": "GPU", "value": str(res.gpus)})
+        from corral.routes import requirements_for
+
+        requirements = requirements_for(res, fargate=False) or []  # (what the stage's route asks for)
     container: dict[str, Any] = {
         "image": image_uri(stage.image, ctx),
         "command": ["/bin/sh", "-c", WRAPPER],
@@ -704,11 +763,15 @@ def job_definition(
         "containerProperties": container,
         "retryStrategy": retry_strategy(stage.retries, fargate=fargate),
     }
+    if consumable:
+        # max_parallel (caps.py): the consumable resources each job (each array child) holds while it runs
+        content["consumableResourceProperties"] = dict(consumable)
     if stage.timeout:
-        # An attempt holds the command's tries (each stopped at `timeout` by the wrapper where the
-        # image has `timeout`), so Batch's limit is their sum, with a little room for the wrapper.
-        tries = 1 + stage.retries
-        content["timeout"] = {"attemptDurationSeconds": max(MIN_TIMEOUT, math.ceil(stage.timeout) * tries + 10 * (tries - 1))}
+        # One try per attempt. With retries the wrapper stops the try at `timeout` itself (where the
+        # image has `timeout`), so the try is retried like any failure; Batch's limit, a little
+        # later, is the backstop (a job Batch stops for it is not retried).
+        slack = 10 if stage.retries else 0
+        content["timeout"] = {"attemptDurationSeconds": max(MIN_TIMEOUT, math.ceil(stage.timeout) + slack)}
     name = _content_name(content)
     kwargs = {
         "jobDefinitionName": name,

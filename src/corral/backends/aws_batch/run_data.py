@@ -19,7 +19,8 @@ from typing import Any
 from corral.backends.aws_batch import payloads as pl
 from corral.backends.aws_batch.client import AwsClients, aws_errors
 from corral.backends.aws_batch.common import RUN_TAG, is_managed
-from corral.backends.aws_batch.submit import OPTIONS_KEY, run_prefix
+from corral.backends.aws_batch.run_facts import RunFacts
+from corral.backends.aws_batch.submit import run_prefix
 from corral.backends.aws_batch.waiting import Poller
 from corral.errors import ProvisionError, StateError
 from corral.model import RunRecord, RunState
@@ -105,7 +106,7 @@ def still_running(clients: AwsClients, run_id: str, *, table: str | None = None)
 def _access_point(clients: AwsClients, run_id: str, fs_id: str | None) -> tuple[str, str] | None:
     """(file system id, access point id) of the run's access point (tagged with the run)."""
     from corral.backends.aws_batch.common import Ctx
-    from corral.backends.aws_batch.provision import ProvisionReport
+    from corral.backends.aws_batch.provisioned import ProvisionReport
     from corral.backends.aws_batch.teardown import _managed_file_systems
 
     efs = clients.efs
@@ -147,29 +148,29 @@ def remove_run_data(
     if run is None:
         return DataOutcome("skipped", f"no record of run {run_id} in the state table or the local store: "
                                       "its EFS data, if any, is not removed")
-    opts = run.options.get(OPTIONS_KEY, {})
+    facts = RunFacts.of(run)
     with aws_errors(f"find the EFS workspace of run {run_id}"):
-        found = _access_point(clients, run_id, opts.get("efs_id") or None)
+        found = _access_point(clients, run_id, facts.efs_id or None)
     if found is None:
         return DataOutcome("skipped", f"run {run_id} has no EFS workspace (no access point tagged with it: "
                                       "it used none, or it was torn down already): no data to remove")
     fs_id, ap = found
-    queue = opts.get("job_queue")
+    queue = facts.job_queue
     if not queue:
         return DataOutcome("failed", f"run {run_id} has no job queue recorded to run the data removal in",
                            access_point=ap)
-    job_role, exec_role = opts.get("job_role_arn", ""), opts.get("execution_role_arn", "")
+    job_role, exec_role = facts.job_role_arn or "", facts.execution_role_arn or ""
     if not job_role:
         with aws_errors("find the job roles of the run's workspace"):
             job_role, exec_role = _roles_mounting(clients, ap)
     ctx = pl.JobContext(
         region=clients.region, account_id=clients.account_id(), partition=clients.partition(),
-        job_role_arn=job_role, execution_role_arn=exec_role, log_group=opts.get("log_group", "") or "",
+        job_role_arn=job_role, execution_role_arn=exec_role, log_group=facts.log_group or "",
         efs_id=fs_id, efs_access_point=ap, tags={"corral:managed": "true", RUN_TAG: run_id},
-        assign_public_ip=bool(opts.get("assign_public_ip", True)),
+        assign_public_ip=facts.assign_public_ip is not False,
     )
     # A Fargate-only run has no EC2 queue: its default queue is the Fargate one.
-    fargate = bool(opts.get("fargate_job_queue")) and opts.get("fargate_job_queue") == queue
+    fargate = bool(facts.fargate_job_queue) and facts.fargate_job_queue == queue
     from corral.spec import Stage
     from corral.storage.aws import cleanup_container_argv, job_stage
 

@@ -9,7 +9,7 @@ import threading
 from pathlib import Path
 from typing import Any
 
-from corral.backends.aws_batch.submit import OPTIONS_KEY
+from corral.backends.aws_batch.run_facts import RunFacts
 from corral.errors import PlanError
 from corral.model import RunRecord
 from corral.plan import Plan
@@ -112,6 +112,5 @@ def stage_local_sources(
         sent = progress.total - before
         print(f"corral: staged {path} ({label}) → {staged[path]}"
               f" ({'unchanged, not sent again' if sent == 0 else f'{sent} bytes sent'})", file=sys.stderr)
-    opts = run.options.setdefault(OPTIONS_KEY, {})
-    opts["staged"] = staged_root(bucket=bucket, prefix=prefix, run_id=run.run_id)
+    RunFacts.of(run).replace(staged=staged_root(bucket=bucket, prefix=prefix, run_id=run.run_id)).save_to(run)
     return staged

@@ -124,13 +124,14 @@ def apply_summary(t: TaskRecord, s: dict[str, Any], changed: dict[str, TaskRecor
         attempts = max(t.attempts, 1)
     else:
         attempts = t.attempts
-    new = t.replace(
-        state=state,
-        reason=reason if state not in (TaskState.SUCCEEDED, TaskState.SUBMITTED, TaskState.RUNNING) else "",
-        exit_code=exit_code if exit_code is not None else t.exit_code,
-        started_at=_seconds(s.get("startedAt")) or t.started_at,
-        ended_at=_seconds(s.get("stoppedAt")) if state.terminal else None,
-        attempts=attempts,
-    )
-    if new != t:
-        changed[t.task_id] = new
+    fields = {
+        "state": state,
+        "reason": reason if state not in (TaskState.SUCCEEDED, TaskState.SUBMITTED, TaskState.RUNNING) else "",
+        "exit_code": exit_code if exit_code is not None else t.exit_code,
+        "started_at": _seconds(s.get("startedAt")) or t.started_at,
+        "ended_at": _seconds(s.get("stoppedAt")) if state.terminal else None,
+        "attempts": attempts,
+    }
+    # (a refresh applies a summary to every live task of 10,000: copy only those that change)
+    if any(getattr(t, k) != v for k, v in fields.items()):
+        changed[t.task_id] = t.replace(**fields)

@@ -34,17 +34,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from corral.backends.aws_batch import caps
 from corral.backends.aws_batch import payloads as pl
 from corral.backends.aws_batch.client import aws_errors, http_status, is_throttling
 from corral.backends.aws_batch.fair_share import DEFAULT_SHARE, FairShare
+from corral.backends.aws_batch.run_facts import OPTIONS_KEY as OPTIONS_KEY  # (the old name, kept)
+from corral.backends.aws_batch.run_facts import RunFacts
 from corral.errors import BackendError
-from corral.instances import on_fargate
 from corral.model import RunRecord, TaskRecord, TaskState
 from corral.plan import Plan, Task
+from corral.routes import Route, route
 from corral.spec import Stage
 from corral.state.base import StateStore
 
-OPTIONS_KEY = "aws_batch"
 INTENT = "intent:"
 DEFAULT_RATE = 40.0  # calls per second, under Batch's 50 TPS shared by all its APIs
 DESCRIBE_CHUNK = 100
@@ -280,8 +282,7 @@ def expected_job(run: RunRecord, task: TaskRecord) -> Expected | None:
         return Expected(name, int(k), int(size))
     if ext or task.state != TaskState.PENDING:
         return None
-    opts = run.options.get(OPTIONS_KEY, {})
-    sizes: list[int] | None = opts.get("round0_chunks")
+    sizes = RunFacts.of(run).round0_chunks
     if sizes is None:
         return None
     if task.item_index is None:
@@ -370,6 +371,10 @@ class Queues:
             return self.fargate
         return self.gpu if gpus and self.gpu else self.default
 
+    def for_route(self, route: Route) -> str:
+        """The queue of a stage's route (:attr:`corral.routes.Route.queue`)."""
+        return self.for_stage(route.gpus, fargate=route.fargate)
+
     def all(self) -> list[str]:
         """Every queue the run uses (jobs are looked for in each)."""
         return [q for q in (self.default, self.gpu, self.fargate) if q]
@@ -401,8 +406,13 @@ class Submitter:
         base_dir: Path | None = None,
         share_identifier: str = DEFAULT_SHARE,
         user_queues: Sequence[str] = (),
+        caps: Mapping[str, str] | None = None,
+        skip_in_job: Iterable[str] = (),
     ) -> None:
         self.api = api
+        # stages whose jobs check skip-if-done themselves (payloads.in_job_skip; not with --force)
+        self.skip_in_job = set(skip_in_job)
+        self.caps = dict(caps or {})  # stage -> its consumable resource (max_parallel, caps.py)
         # the workflow's aws.instance_types: with `fargate` there, stages that fit go to Fargate
         self.instance_types = list(instance_types)
         self.store = store
@@ -424,6 +434,10 @@ class Submitter:
         self.memory: dict[str, int] = {}
         self.fair_share = FairShare(lambda **kw: api.call("describe_job_queues", "describe job queue", **kw),
                                     share_identifier, user_queues)
+
+    def route(self, stage: Stage) -> Route:
+        """Where the stage runs (queue, platform, requirements): :func:`corral.routes.route`."""
+        return route(stage.resources, self.instance_types)
 
     # -- transfer and cleanup stages ----------------------------------------------------------
     @staticmethod
@@ -472,9 +486,11 @@ class Submitter:
         """The job definition a stage's jobs run with (content-hashed name, see payloads): its
         runtime, the wrapper and the stage's job-wide variables."""
         job = self.job_stage(stage)  # (same resources as the stage: it only swaps image and secrets)
-        fargate = on_fargate(stage.resources, self.instance_types)
+        fargate = self.route(stage).fargate
+        cap = self.caps.get(stage.name)
         return pl.job_definition(
-            job, self.ctx, fargate=fargate, program=self.program_of(stage), env=table.definition_env
+            job, self.ctx, fargate=fargate, program=self.program_of(stage), env=table.definition_env,
+            consumable=caps.requirement(cap) if cap else None,
         )
 
     def _staged_uri(self, path: str) -> str:
@@ -564,13 +580,13 @@ class Submitter:
         starts = [sum(sizes[:c]) for c in range(len(sizes))]
 
         # 1. intent, before any SubmitJob
-        opts = run.options.setdefault(OPTIONS_KEY, {})
-        opts["round"] = round_
+        facts = RunFacts.of(run).replace(round=round_)
         if round_ == 0 and len(to_submit) == len(plan.tasks):
             # Every task, items 0..n-1 in order: the chunk sizes name every task's job and child.
-            opts["round0_chunks"] = sizes
+            facts.replace(round0_chunks=tuple(sizes)).save_to(run)
             self.store.save_run(run)
         else:
+            facts.save_to(run)
             self.store.save_run(run)
             intents = []
             for t in plan.tasks:
@@ -596,9 +612,10 @@ class Submitter:
         for s in plan.stage_order:
             stage = plan.workflow.stage(s)
             job = self.job_stage(stage)  # (same resources as the stage: it only swaps image and secrets)
-            fargate = on_fargate(stage.resources, self.instance_types)
+            rt = self.route(stage)
+            fargate = rt.fargate
             image = job.image or ""
-            queue = self.queues.for_stage(stage.resources.gpus, fargate=fargate)
+            queue = self.queues.for_route(rt)
             done: list[TaskRecord] = []
             if s not in tables:
                 continue  # nothing of this stage in the round
@@ -636,7 +653,7 @@ class Submitter:
                 deps = self._fan_in(deps, 1, name, image, queue, tags, fargate=fargate)
                 kwargs = pl.submit_kwargs(
                     job_name=name, job_queue=queue, job_definition=self.definition_arn(spec), size=1,
-                    table=pl.encode_table([tables[s].row(task)]), env=tables[s].override_env, depends_on=deps,
+                    table=pl.encode_table([tables[s].row(task)]), env=self._job_env(tables[s]), depends_on=deps,
                     tags=tags,
                 )
                 self._with_memory(kwargs, stage, [task.id], fargate)
@@ -661,9 +678,17 @@ class Submitter:
     def _chunk_env(self, table: pl.StageTable, first_index: int) -> dict[str, str]:
         """A chunk's override variables (besides its table): the stage's few override names, and
         the index of its first item when the round's items are consecutive."""
+        env = self._job_env(table)
         if "CORRAL_ITEM_INDEX" in table.columns or not self.contiguous:
-            return table.override_env
-        return {**table.override_env, "CORRAL_INDEX_BASE": str(first_index)}
+            return env
+        return {**env, "CORRAL_INDEX_BASE": str(first_index)}
+
+    def _job_env(self, table: pl.StageTable) -> dict[str, str]:
+        """A job's override variables: the stage's few names, and CORRAL_SKIP_DONE where its job
+        checks skip-if-done itself."""
+        if table.env.get("CORRAL_STAGE") in self.skip_in_job:
+            return {**table.override_env, "CORRAL_SKIP_DONE": "1"}
+        return table.override_env
 
     def _submit(self, kwargs: dict[str, Any], spec: pl.JobDefinitionSpec | None = None) -> str:
         kwargs = {**kwargs, **self.fair_share.submit_kwargs(kwargs["jobQueue"])}

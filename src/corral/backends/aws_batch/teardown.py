@@ -36,7 +36,7 @@ def remove(clients: AwsClients, *, run_id: str | None = None, everything: bool =
     ``run_id`` deregisters the run's job definitions: those tagged with the run, and those whose
     job or execution role is one of the run's own roles (each run has its own job role, so the
     content-named definitions that name it are the run's alone). ``everything`` deregisters all."""
-    from corral.backends.aws_batch.provision import ProvisionReport
+    from corral.backends.aws_batch.provisioned import ProvisionReport
 
     if not everything and not run_id:
         raise UsageError("nothing to tear down: say which", "use --all, or --run RUN_ID")
@@ -53,6 +53,7 @@ def remove(clients: AwsClients, *, run_id: str | None = None, everything: bool =
                 )
         if run_id:
             _job_definitions(ctx, run_id, _run_role_arns(ctx, run_id))
+            _consumable_resources(ctx, run_id)
             if keep_access_point:
                 _kept(ctx, "efs-access-point", f"of run {run_id}", keep_access_point)
             else:
@@ -65,6 +66,7 @@ def remove(clients: AwsClients, *, run_id: str | None = None, everything: bool =
             _queues(ctx)
             _compute_environments(ctx)
             _job_definitions(ctx, None)
+            _consumable_resources(ctx, None)
             _launch_templates(ctx)
             if purge:
                 _file_systems(ctx)
@@ -176,6 +178,17 @@ def _job_definitions(ctx: Ctx, run_id: str | None, run_roles: frozenset[str] = f
             if is_managed(jd.get("tags"), run_id) or (run_id is not None and roles & run_roles):
                 batch.deregister_job_definition(jobDefinition=jd["jobDefinitionArn"])
                 _deleted(ctx, "job-definition", f"{jd['jobDefinitionName']}:{jd['revision']}")
+
+
+def _consumable_resources(ctx: Ctx, run_id: str | None) -> None:
+    """The runs' max_parallel caps (caps.py): the run's, or all of corral's; kept while jobs hold one."""
+    from corral.backends.aws_batch import caps
+
+    deleted, kept = caps.remove(ctx.clients.batch, run_id)
+    for name in deleted:
+        _deleted(ctx, "consumable-resource", name)
+    for what in kept:
+        ctx.report.kept.append(f"consumable-resource {what}")
 
 
 def _launch_templates(ctx: Ctx) -> None:
@@ -291,18 +304,18 @@ def _staged_roots(ctx: Ctx, run_id: str) -> list[tuple[str, str]]:
     the state table names, and ``<p>staged/<run>/`` under the top-level prefixes of corral's
     buckets (when the record is gone)."""
     from corral.backends.aws_batch.environment import DEFAULT_TABLE
-    from corral.backends.aws_batch.submit import OPTIONS_KEY
+    from corral.backends.aws_batch.run_facts import RunFacts
     from corral.errors import CorralError
     from corral.state.dynamodb import DynamoStore
     from corral.storage.uri import parse
 
     roots: list[tuple[str, str]] = []
     try:
-        recorded = DynamoStore(DEFAULT_TABLE, ctx.clients.dynamodb).get_run(run_id).options.get(OPTIONS_KEY, {})
+        recorded = RunFacts.of(DynamoStore(DEFAULT_TABLE, ctx.clients.dynamodb).get_run(run_id))
     except CorralError:
-        recorded = {}
-    if recorded.get("staged"):
-        loc = parse(recorded["staged"])
+        recorded = RunFacts()
+    if recorded.staged:
+        loc = parse(recorded.staged)
         roots.append((loc.bucket, loc.path))
     s3 = ctx.clients.s3
     for b in s3.list_buckets().get("Buckets", []):
