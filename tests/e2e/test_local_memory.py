@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -34,6 +35,23 @@ def _attempts(run_id: str, task_id: str) -> list[tuple[str, int | None, str]]:
 def _leftover_cgroups(run_id: str) -> list[str]:
     assert LIMITER.parent is not None
     return [p.name for p in LIMITER.parent.iterdir() if p.name.startswith(f"corral-{run_id}-")]
+
+
+def _kill_9_once_started(tmp_path: Path, wf: Path, while_running: Callable[[str], None] = lambda run_id: None) -> str:
+    """`corral run wf` in a child process, killed with -9 once its task touched ``started``
+    (``while_running(run_id)`` first); returns the run id."""
+    proc = subprocess.Popen(corral_cmd("run", str(wf)), cwd=tmp_path, env=os.environ.copy(),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_for(lambda: (tmp_path / "started").exists(), 30, "the task to start")
+        (run,) = SqliteStore(corral_home() / "state.db").list_runs()
+        while_running(run.run_id)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(10)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    return run.run_id
 
 
 @hard
@@ -121,21 +139,13 @@ stages:
     resources: {memory: 64MiB}
     command: "if [ -e again ]; then exit 0; fi; touch started; sleep 60"
 """)
-    proc = subprocess.Popen(corral_cmd("run", str(wf)), cwd=tmp_path, env=os.environ.copy(),
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        wait_for(lambda: (tmp_path / "started").exists(), 30, "the task to start")
-        store = SqliteStore(corral_home() / "state.db")
-        (run,) = store.list_runs()
-        assert len(_leftover_cgroups(run.run_id)) == 1  # the task runs in its cgroup
-        proc.send_signal(signal.SIGKILL)
-        proc.wait(10)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-    assert len(_leftover_cgroups(run.run_id)) == 1  # kill -9: nobody removed it
+    def one_cgroup(run_id: str) -> None:
+        assert len(_leftover_cgroups(run_id)) == 1  # the task runs in its cgroup
+
+    run_id = _kill_9_once_started(tmp_path, wf, one_cgroup)
+    assert len(_leftover_cgroups(run_id)) == 1  # kill -9: nobody removed it
     (tmp_path / "again").touch()
-    run = api.resume(run.run_id)
+    run = api.resume(run_id)
     assert run.state == RunState.SUCCEEDED
     assert _leftover_cgroups(run.run_id) == []
 
@@ -168,18 +178,9 @@ stages:
     resources: {memory: 64MiB}
     command: "touch started; sleep 60"
 """)
-    proc = subprocess.Popen(corral_cmd("run", str(wf)), cwd=tmp_path, env=os.environ.copy(),
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        wait_for(lambda: (tmp_path / "started").exists(), 30, "the task to start")
-        proc.send_signal(signal.SIGKILL)
-        proc.wait(10)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-    (run,) = SqliteStore(corral_home() / "state.db").list_runs()
-    assert len(_leftover_cgroups(run.run_id)) == 1
+    run_id = _kill_9_once_started(tmp_path, wf)
+    assert len(_leftover_cgroups(run_id)) == 1
     doctor = subprocess.run(corral_cmd("doctor", "--json"), cwd=tmp_path, capture_output=True, text=True,
                             timeout=120)
     assert "removed 1 memory cgroup(s)" in doctor.stdout, doctor.stdout + doctor.stderr
-    assert _leftover_cgroups(run.run_id) == []  # and the task it held is gone with it
+    assert _leftover_cgroups(run_id) == []  # and the task it held is gone with it
