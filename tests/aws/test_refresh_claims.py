@@ -46,6 +46,9 @@ def _start_and_fail(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[Fa
     """A run on an "EFS" workspace whose fetch of item 1 fails: Batch fails the convert child and
     the dependent cleanup job; everything else succeeded."""
     monkeypatch.setattr(pl, "EFS_MOUNT", str(tmp_path / "efs"))
+    # the cleanup job runs in the rclone image: name one, so start() copies none into ECR (the fake
+    # Batch seam answers Batch alone; tests/aws/test_rclone_image.py tests the copy)
+    monkeypatch.setenv("CORRAL_RCLONE_IMAGE", "registry.example/corral-test/rclone:1")
     fake = FakeBatch()
     env = FakeEnvironment(region=REGION, account_id=ACCOUNT, job_queue=fake.queue_arn("test-queue"),
                           job_role_arn=f"arn:aws:iam::{ACCOUNT}:role/job",
