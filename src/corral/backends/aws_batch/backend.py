@@ -429,12 +429,13 @@ class AwsBatchBackend:
                     for t in live:
                         apply_summary(t, job, changed)
         if changed:
-            self._count_attempts(changed, jobs, aws_memory.resubmitted(RunFacts.of(run).to_dict()))
+            facts = RunFacts.of(run).to_dict()  # read once: nothing below changes the run's facts
+            self._count_attempts(changed, jobs, aws_memory.resubmitted(facts))
             self._name_missing_outputs(run, store, changed)
             self._skipped_in_job(run, tasks, changed)
-            aws_memory.count_attempts(RunFacts.of(run).to_dict(), changed)
+            aws_memory.count_attempts(facts, changed)
             if any(aws_memory.is_batch_oom(t) for t in changed.values()):
-                aws_memory.name_oom(RunFacts.of(run).to_dict(), _plan_of(store, run), changed)
+                aws_memory.name_oom(facts, _plan_of(store, run), changed)
             # Conditional: a record another process changed since we read it (a cleanup claim) stands.
             before = {t.task_id: t for t in tasks}
             written = store.update_tasks([(before[tid], new) for tid, new in changed.items()])
