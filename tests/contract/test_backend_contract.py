@@ -446,14 +446,21 @@ exec python3 -c "b = bytearray($1 * 2**20)"
 """
 
 
-def test_an_oom_kill_is_recorded_as_such_and_retried_with_more_memory(
-        backend: Harness, tmp_path: Path, out: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def _memory_eater(backend: Harness, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """:data:`EAT` as a script, where this backend's memory is enforced, or a kill is injected at
+    its seam (the Slurm test cluster enforces none); skips where neither holds."""
     if not backend.memory_is_enforced():
         if backend.name != "slurm":
             pytest.skip("no memory cgroup can be made here: nothing would kill the burst")
         backend.inject_oom_seam(monkeypatch)
     eat = tmp_path / "eat.sh"
     eat.write_text(EAT)
+    return eat
+
+
+def test_an_oom_kill_is_recorded_as_such_and_retried_with_more_memory(
+        backend: Harness, tmp_path: Path, out: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    eat = _memory_eater(backend, tmp_path, monkeypatch)
     wf = _workflow(tmp_path, f"""
 name: oom
 items: [{{s: big}}, {{s: small}}]
@@ -490,12 +497,7 @@ stages:
 
 def test_resume_after_oom_kills_goes_on_growing_the_memory(
         backend: Harness, tmp_path: Path, out: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    if not backend.memory_is_enforced():
-        if backend.name != "slurm":
-            pytest.skip("no memory cgroup can be made here: nothing would kill the burst")
-        backend.inject_oom_seam(monkeypatch)
-    eat = tmp_path / "eat.sh"
-    eat.write_text(EAT)
+    eat = _memory_eater(backend, tmp_path, monkeypatch)
     wf = _workflow(tmp_path, f"""
 name: oom-resume
 items: [{{s: big}}]
