@@ -318,12 +318,19 @@ class AwsBatchBackend:
             return None
         return ensure_rclone_image(self.clients, log=lambda m: print(f"corral: {m}", file=sys.stderr))
 
-    def start(self, plan: Plan, run: RunRecord, store: StateStore, options: RunOptions) -> None:
-        self.check(plan)
+    def _prepare_round(self, plan: Plan, run: RunRecord) -> Any:
+        """What every round of submission needs, the same for start, resume and a retry with more
+        memory: the environment, the rclone image, the rclone secrets and the stages' caps (so a
+        resubmitted job has the same definition as its first one)."""
         env = self.environment(plan, run.run_id)
         self._rclone_image = self._rclone_image_for(plan)
         self._secrets = self._rclone_secrets(plan, run)
         self._caps = self._ensure_caps(plan, run)
+        return env
+
+    def start(self, plan: Plan, run: RunRecord, store: StateStore, options: RunOptions) -> None:
+        self.check(plan)
+        env = self._prepare_round(plan, run)
         _record_where(run, plan, env)
         records = {t.task_id: t for t in store.get_tasks(run.run_id)}
         to_submit = {tid for tid, t in records.items() if t.state == TaskState.PENDING}
@@ -345,10 +352,7 @@ class AwsBatchBackend:
             self.check(plan)
         finally:
             self._resuming = False
-        env = self.environment(plan, run.run_id)
-        self._rclone_image = self._rclone_image_for(plan)
-        self._secrets = self._rclone_secrets(plan, run)
-        self._caps = self._ensure_caps(plan, run)
+        env = self._prepare_round(plan, run)
         opts = _record_where(run, plan, env)
         queues = self._queues(run)
         tasks = self.refresh(run, store, final_cleanup=False)
@@ -475,8 +479,7 @@ class AwsBatchBackend:
             store.save_tasks(finals)
         if not again:
             return store.get_tasks(run.run_id) if finals else tasks
-        env = self.environment(plan, run.run_id)
-        self._secrets = self._rclone_secrets(plan, run)
+        env = self._prepare_round(plan, run)
         staged = self._stage(plan, run, env, again)
         opts[aws_memory.KEY] = grown
         records = {t.task_id: t for t in tasks}
